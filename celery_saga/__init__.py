@@ -1,0 +1,60 @@
+"""celery_saga: sagas on Celery.
+
+A saga is a business transaction made of steps, each an ordinary Celery task
+paired with a compensating task. When a step fails, the steps already done
+are compensated in reverse order. A record in Redis is the source of truth.
+"""
+
+from __future__ import annotations
+
+from .app import enable
+from .errors import (
+    IdempotencyConflict,
+    SagaCompensated,
+    SagaDataError,
+    SagaDefinitionError,
+    SagaError,
+    SagaFailed,
+    SagaNotFound,
+    SagaRecordCorrupt,
+    SagaStoreUnavailable,
+    StepResultNotSerializable,
+)
+from .result import SagaResult
+from .saga import Saga, parallel
+from .state import CompensationStatus, SagaState, SagaStatus, StepRecord, StepStatus
+from .step import StepContext, current_step, saga_step, step
+
+__version__ = "0.1.0"
+
+__all__ = [
+    # Defining sagas
+    "Saga",
+    "parallel",
+    "saga_step",
+    "step",
+    # Inside a step
+    "current_step",
+    "StepContext",
+    # Running and inspecting
+    "SagaResult",
+    "SagaState",
+    "SagaStatus",
+    "StepRecord",
+    "StepStatus",
+    "CompensationStatus",
+    # Participant services
+    "enable",
+    # Errors
+    "SagaError",
+    "SagaDefinitionError",
+    "SagaDataError",
+    "SagaCompensated",
+    "SagaFailed",
+    "IdempotencyConflict",
+    "SagaStoreUnavailable",
+    "SagaNotFound",
+    "SagaRecordCorrupt",
+    "StepResultNotSerializable",
+    "__version__",
+]

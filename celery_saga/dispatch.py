@@ -1,0 +1,188 @@
+"""Publishing saga messages, and acting on what a transition decided.
+
+Whoever makes a transition publishes what it calls for: the last step of a
+stage publishes the next stage, the step that fails publishes the first
+compensations. Publishing happens after the transition, so it is
+at-least-once: a redelivered copy of a message re-drives what its first copy
+may not have published (``redrive``), and receivers de-duplicate.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import OrderedDict
+from typing import Any
+
+from celery import Celery
+
+from .plan import Plan, StepSpec
+from .state import data_before
+from .store.base import SagaStore, Transition
+
+__all__ = ["Headers", "publish_step", "react", "redrive"]
+
+logger = logging.getLogger("celery_saga")
+
+FINISHED = frozenset({"COMPLETED", "COMPENSATED", "FAILED"})
+
+
+class Headers:
+    """Names of the message headers that carry the saga context."""
+
+    ID = "saga_id"
+    NAME = "saga_name"
+    STEP = "saga_step"
+    GEN = "saga_gen"
+    UNDO = "saga_undo"
+    BOUND = "saga_bound"
+    BACKOFF = "saga_backoff"
+
+
+def task_id(saga_id: str, step: str, undo: bool = False) -> str:
+    """Deterministic Celery task id: duplicates of one message share it, and Flower finds it by saga id."""
+    return f"{saga_id}:{step}:undo" if undo else f"{saga_id}:{step}"
+
+
+_PLANS: OrderedDict[str, Plan] = OrderedDict()
+
+
+def cached_plan(digest: str, load: Any) -> Plan:
+    """Plans by digest; workers decode each plan once, not once per step."""
+    plan = _PLANS.get(digest)
+    if plan is None:
+        plan = Plan.from_json(load())
+        _PLANS[digest] = plan
+        if len(_PLANS) > 512:
+            _PLANS.popitem(last=False)
+    return plan
+
+
+def publish_step(app: Celery, saga_id: str, saga_name: str, gen: str, spec: StepSpec, data: dict[str, Any]) -> None:
+    """Send one forward step as the user's own task, with the saga context in its headers."""
+    app.send_task(
+        spec.task,
+        args=(),
+        kwargs=data,
+        task_id=task_id(saga_id, spec.name),
+        root_id=saga_id,
+        headers={
+            Headers.ID: saga_id,
+            Headers.NAME: saga_name,
+            Headers.STEP: spec.name,
+            Headers.GEN: gen,
+            Headers.UNDO: 0,
+            Headers.BOUND: spec.bound,
+        },
+        # The saga record holds every result; a result-backend write per step
+        # would only cost a round trip.
+        ignore_result=True,
+        serializer="json",
+        **spec.options,
+    )
+
+
+def publish_compensation(
+    app: Celery, saga_id: str, raw: dict[str, str], plan: Plan, step: str, countdown: float | None = None
+) -> None:
+    spec = plan.step(step)
+    assert spec.compensation is not None
+    kwargs = data_before(plan, raw, spec.stage, json.loads(raw["kwargs"]))
+    kwargs.update(spec.bound)
+    result_raw = raw.get(f"r:{step}") if raw.get(f"s:{step}") == "COMPLETED" else None
+    kwargs["step_result"] = json.loads(result_raw) if result_raw is not None else None
+    settings = json.loads(raw.get("settings") or "{}")
+    app.send_task(
+        spec.compensation,
+        args=(),
+        kwargs=kwargs,
+        task_id=task_id(saga_id, step, undo=True),
+        root_id=saga_id,
+        countdown=countdown,
+        headers={
+            Headers.ID: saga_id,
+            Headers.NAME: raw.get("name", ""),
+            Headers.STEP: step,
+            Headers.GEN: raw.get("gen", ""),
+            Headers.UNDO: 1,
+            Headers.BACKOFF: [
+                settings.get("compensation_retry_backoff", 1.0),
+                settings.get("compensation_retry_backoff_max", 600.0),
+            ],
+        },
+        ignore_result=True,
+        serializer="json",
+    )
+
+
+def send_callback(app: Celery, store: SagaStore, saga_id: str, name: str, gen: str, which: str, sig_json: str) -> None:
+    """Send on_complete / on_failure with the saga id first; its task id makes a resend a duplicate."""
+    if not sig_json:
+        return
+    sig = app.signature(json.loads(sig_json))
+    sig.apply_async(args=(saga_id,), task_id=f"{saga_id}:{which}", root_id=saga_id)
+    store.step("cbsent", saga_id, gen, name)
+
+
+def react(
+    app: Celery,
+    store: SagaStore,
+    saga_id: str,
+    name: str,
+    gen: str,
+    t: Transition,
+    data: dict[str, Any] | None = None,
+) -> None:
+    """Publish what transition ``t`` calls for. ``data`` is the data of the stage that just ended."""
+    if t.tag == "next":
+        digest, k, results = t.extra[0], int(t.extra[1]), t.extra[2:]
+        plan = cached_plan(digest, lambda: store.load(saga_id)["plan"])
+        merged = dict(data or {})
+        for result_raw in results:
+            result = json.loads(result_raw)
+            if isinstance(result, dict):
+                merged.update(result)
+        for spec in plan.stages[k]:
+            publish_step(app, saga_id, name, gen, spec, merged)
+        return
+    if t.tag == "completed":
+        if t.extra and t.extra[0]:
+            send_callback(app, store, saga_id, name, gen, "on_complete", t.extra[0])
+        return
+    if t.tag in ("compensate", "fenced", "gaveup", "retry"):
+        due = t.extra[1:] if t.tag == "retry" else t.extra
+        ended = bool(t.changed_from) and t.status in FINISHED
+        if not due and not ended:
+            return
+        raw = store.load(saga_id)
+        plan = cached_plan(raw["ph"], lambda: raw["plan"])
+        for step in due:
+            publish_compensation(app, saga_id, raw, plan, step)
+        if ended:
+            send_callback(app, store, saga_id, name, gen, "on_failure", raw.get("cb_fail", ""))
+
+
+def redrive(app: Celery, store: SagaStore, saga_id: str) -> None:
+    """Re-publish whatever the record says was dispatched, for a copy whose first run may have died.
+
+    Receivers skip copies of a step that is already running or done, so a
+    needless re-publish costs a message, never a second effect.
+    """
+    raw = store.load(saga_id)
+    plan = cached_plan(raw["ph"], lambda: raw["plan"])
+    status, name, gen = raw["status"], raw.get("name", ""), raw.get("gen", "")
+    if status in ("PENDING", "RUNNING"):
+        k = int(raw.get("stage", "0"))
+        data = data_before(plan, raw, k, json.loads(raw["kwargs"]))
+        for spec in plan.stages[k]:
+            if raw.get(f"s:{spec.name}") == "DISPATCHED":
+                publish_step(app, saga_id, name, gen, spec, data)
+    elif status == "COMPENSATING":
+        for spec in plan.steps:
+            if raw.get(f"cs:{spec.name}") == "DISPATCHED":
+                publish_compensation(app, saga_id, raw, plan, spec.name)
+    elif raw.get("cbs") != "1":
+        which, cb = (
+            ("on_complete", raw.get("cb_ok", "")) if status == "COMPLETED" else ("on_failure", raw.get("cb_fail", ""))
+        )
+        send_callback(app, store, saga_id, name, gen, which, cb)

@@ -1,0 +1,135 @@
+"""Errors raised by celery_saga.
+
+Every error derives from one root, so ``except SagaError`` catches them all::
+
+    SagaError
+    ├── SagaDefinitionError      a saga or step is defined wrongly; fix the code
+    │   └── SagaDataError        start data that JSON cannot hold (also a TypeError)
+    ├── SagaCompensated          get(): the saga was rolled back
+    ├── SagaFailed               get(): compensation gave up
+    ├── IdempotencyConflict      same idempotency key, different kwargs
+    ├── SagaStoreUnavailable     the saga store (Redis) cannot be reached
+    ├── SagaNotFound             no record: never started, or expired
+    ├── SagaRecordCorrupt        a record exists but cannot be read
+    └── StepResultNotSerializable a step returned something JSON cannot hold
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "IdempotencyConflict",
+    "SagaCompensated",
+    "SagaDataError",
+    "SagaDefinitionError",
+    "SagaError",
+    "SagaFailed",
+    "SagaNotFound",
+    "SagaRecordCorrupt",
+    "SagaStoreUnavailable",
+    "StepResultNotSerializable",
+]
+
+
+class SagaError(Exception):
+    """Root of every error raised by celery_saga."""
+
+
+class SagaDefinitionError(SagaError):
+    """A saga, step or setting is defined wrongly. The message says how to fix it."""
+
+
+class SagaDataError(SagaDefinitionError, TypeError):
+    """Data given to a saga cannot be used: not JSON-serializable, or positional. Nothing was written."""
+
+
+class SagaCompensated(SagaError):
+    """The saga was rolled back: every completed step was compensated.
+
+    Attributes:
+        saga_id: The saga.
+        step: The step whose failure started the rollback.
+        error: That step's error, as recorded (``"ExcType: message"``).
+        reason: Why the saga was rolled back: ``"failure"``.
+    """
+
+    def __init__(self, saga_id: str, step: str | None, error: str | None, reason: str = "failure") -> None:
+        self.saga_id = saga_id
+        self.step = step
+        self.error = error
+        self.reason = reason
+        super().__init__(f"saga {saga_id} was compensated after step {step!r} ended in {reason}: {error}")
+
+
+class SagaFailed(SagaError):
+    """Compensation gave up: some effects may not have been undone.
+
+    Attributes:
+        saga_id: The saga.
+        step: The step whose failure started the rollback.
+        error: That step's error.
+        gave_up: Steps whose compensation gave up, with their last error.
+    """
+
+    def __init__(self, saga_id: str, step: str | None, error: str | None, gave_up: dict[str, str | None]) -> None:
+        self.saga_id = saga_id
+        self.step = step
+        self.error = error
+        self.gave_up = gave_up
+        names = ", ".join(sorted(gave_up)) or "?"
+        super().__init__(
+            f"saga {saga_id} FAILED: compensation gave up for {names} "
+            f"after step {step!r} failed ({error}); the effects of those steps may remain"
+        )
+
+
+class IdempotencyConflict(SagaError):
+    """The idempotency key is already used by this saga with different kwargs."""
+
+    def __init__(self, saga_name: str, key: str, saga_id: str) -> None:
+        self.saga_name = saga_name
+        self.key = key
+        self.saga_id = saga_id
+        super().__init__(
+            f"idempotency key {key!r} of saga {saga_name!r} was already used with different kwargs "
+            f"(saga {saga_id}); use a new key, or start with the same kwargs to get the existing saga"
+        )
+
+
+class SagaStoreUnavailable(SagaError):
+    """The saga store cannot be reached. ``url`` has its password masked."""
+
+    def __init__(self, url: str, cause: BaseException | None = None) -> None:
+        self.url = url
+        detail = f": {type(cause).__name__}: {cause}" if cause is not None else ""
+        super().__init__(
+            f"saga store {url} is unreachable{detail}; check that Redis runs and that "
+            f"saga_redis_url (or the broker URL) points at it"
+        )
+
+
+class SagaNotFound(SagaError):
+    """No saga record has this id: it was never started, or it expired after retention."""
+
+    def __init__(self, saga_id: str, where: str = "") -> None:
+        self.saga_id = saga_id
+        suffix = f" in {where}" if where else ""
+        super().__init__(f"saga {saga_id} not found or expired{suffix}")
+
+
+class SagaRecordCorrupt(SagaError):
+    """A saga record exists but cannot be parsed."""
+
+    def __init__(self, saga_id: str, detail: str) -> None:
+        self.saga_id = saga_id
+        super().__init__(f"saga record {saga_id} is corrupt: {detail}; inspect it with `celery saga show`")
+
+
+class StepResultNotSerializable(SagaError, TypeError):
+    """A step returned a value that cannot be serialized as JSON."""
+
+    def __init__(self, step: str, cause: BaseException) -> None:
+        self.step = step
+        super().__init__(
+            f"step {step!r} returned a value that cannot be serialized as JSON ({cause}); "
+            f"return JSON types only (dict, list, str, int, float, bool, None)"
+        )

@@ -1,0 +1,101 @@
+"""The plan of a saga: its stages and steps, as stored in every saga record.
+
+The plan travels with the record so that any worker, even one without the
+saga's code, can dispatch the next stage or compensate a step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["Plan", "StepSpec"]
+
+# Step names end up in Celery task ids ("<saga_id>:<step>") and in the
+# flat stage list the Lua scripts split on "," and ";".
+FORBIDDEN_IN_STEP_NAMES = frozenset(" \t\r\n:;,")
+
+
+@dataclass(frozen=True)
+class StepSpec:
+    """One step of a saga.
+
+    Attributes:
+        name: The step name, unique in its saga.
+        task: Celery task name of the forward action.
+        compensation: Task name of the compensation, or None for nothing to undo.
+        compensate_on_failure: Compensate this step even when it failed itself.
+        bound: Keyword arguments bound in the step's signature; they override saga data.
+        options: Publish options (queue, routing_key, exchange, priority).
+        stage: Index of the stage this step belongs to.
+    """
+
+    name: str
+    task: str
+    compensation: str | None
+    compensate_on_failure: bool = False
+    bound: dict[str, Any] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)
+    stage: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "task": self.task,
+            "compensation": self.compensation,
+            "compensate_on_failure": self.compensate_on_failure,
+            "bound": self.bound,
+            "options": self.options,
+        }
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Stages of steps: one step per stage runs in sequence, several run in parallel."""
+
+    stages: tuple[tuple[StepSpec, ...], ...]
+
+    @property
+    def steps(self) -> tuple[StepSpec, ...]:
+        return tuple(s for stage in self.stages for s in stage)
+
+    def step(self, name: str) -> StepSpec:
+        for s in self.steps:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+    def to_json(self) -> str:
+        return json.dumps([[s.to_json() for s in stage] for stage in self.stages], sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> Plan:
+        raw = json.loads(text)
+        if not isinstance(raw, list):
+            raise ValueError("plan is not a list of stages")
+        stages = []
+        for k, stage in enumerate(raw):
+            stages.append(
+                tuple(
+                    StepSpec(
+                        name=str(s["name"]),
+                        task=str(s["task"]),
+                        compensation=s.get("compensation"),
+                        compensate_on_failure=bool(s.get("compensate_on_failure", False)),
+                        bound=dict(s.get("bound") or {}),
+                        options=dict(s.get("options") or {}),
+                        stage=k,
+                    )
+                    for s in stage
+                )
+            )
+        return cls(tuple(stages))
+
+    def lua_stages(self) -> str:
+        """The stage layout the Lua scripts read: members by ",", stages by ";"."""
+        return ";".join(",".join(s.name for s in stage) for stage in self.stages)
+
+    def digest(self) -> str:
+        return hashlib.sha1(self.to_json().encode()).hexdigest()[:16]

@@ -1,0 +1,82 @@
+"""``SagaResult``: the handle of a started saga, usable from any process."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from celery import Celery
+from celery.exceptions import TimeoutError as CeleryTimeoutError
+
+from .errors import SagaCompensated, SagaFailed
+from .state import CompensationStatus, SagaState, SagaStatus
+
+__all__ = ["SagaResult"]
+
+
+class SagaResult:
+    """A saga, by id. ``SagaResult(saga_id, app=app)`` looks one up later, from any process."""
+
+    def __init__(self, saga_id: str, app: Celery) -> None:
+        self.id = saga_id
+        self.app = app
+
+    def __repr__(self) -> str:
+        return f"<SagaResult {self.id}>"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, SagaResult) and other.id == self.id
+
+    def __hash__(self) -> int:
+        return hash(self.id)
+
+    def _store(self) -> Any:
+        from .app import store_for
+
+        return store_for(self.app)
+
+    def state(self) -> SagaState:
+        """A snapshot of the saga record. Raises SagaNotFound if there is none."""
+        return self._store().state(self.id)  # type: ignore[no-any-return]
+
+    @property
+    def status(self) -> SagaStatus:
+        """The saga status. Raises SagaNotFound if there is no record."""
+        return self._store().status(self.id)  # type: ignore[no-any-return]
+
+    def ready(self) -> bool:
+        """True once the saga has finished: COMPLETED, COMPENSATED or FAILED."""
+        return self.status.finished
+
+    def get(self, timeout: float | None = None, interval: float = 0.05) -> dict[str, Any]:
+        """Wait for the saga to finish and return its final data.
+
+        Raises:
+            SagaCompensated: it was rolled back.
+            SagaFailed: compensation gave up.
+            celery.exceptions.TimeoutError: it did not finish within ``timeout`` seconds.
+            SagaNotFound: there is no such saga.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        # Poll gently: start fast, for short sagas, and back off to `interval`.
+        pause = min(0.005, interval)
+        while True:
+            state = self.state()
+            if state.status.finished:
+                return _outcome(state)
+            if deadline is not None and time.monotonic() >= deadline:
+                raise CeleryTimeoutError(
+                    f"saga {self.id} did not finish within {timeout}s (it is {state.status.value})"
+                )
+            wait = pause if deadline is None else max(0.0, min(pause, deadline - time.monotonic()))
+            time.sleep(wait)
+            pause = min(interval, pause * 2)
+
+
+def _outcome(state: SagaState) -> dict[str, Any]:
+    if state.status is SagaStatus.COMPLETED:
+        return state.data
+    if state.status is SagaStatus.COMPENSATED:
+        raise SagaCompensated(state.saga_id, state.failed_step, state.error, state.reason or "failure")
+    gave_up = {s.name: s.compensation_error for s in state.steps if s.compensation_status is CompensationStatus.GAVE_UP}
+    raise SagaFailed(state.saga_id, state.failed_step, state.error, gave_up)

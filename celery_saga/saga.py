@@ -1,0 +1,331 @@
+"""Defining a saga: ``Saga`` and ``parallel``, and starting one."""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import logging
+import uuid
+import weakref
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from celery import Celery
+from celery.canvas import Signature, _chain, _chord, group
+
+from .dispatch import publish_step
+from .errors import IdempotencyConflict, SagaDataError, SagaDefinitionError
+from .plan import Plan, StepSpec
+from .result import SagaResult
+from .step import StepRef, check_step_name, registered
+from .store.base import StartRequest
+from .tasks import is_task, task_app, task_name
+
+__all__ = ["Saga", "parallel", "validate_sagas_of"]
+
+logger = logging.getLogger("celery_saga")
+
+# Sagas whose definition must be checked when their app is finalized.
+_SAGAS: weakref.WeakSet[Saga] = weakref.WeakSet()
+
+_ROUTING_OPTIONS = ("queue", "exchange", "routing_key", "priority")
+_ID_NAMESPACE = uuid.UUID("6c6a1f55-3c1e-4b4e-9a51-3f5d1b8f1e2a")
+
+
+class parallel:  # noqa: N801 - named like Celery's own `group`
+    """Steps that run together; the saga goes on once all have finished."""
+
+    def __init__(self, *steps: Any) -> None:
+        if len(steps) == 1 and isinstance(steps[0], (list, tuple)):
+            steps = tuple(steps[0])
+        if len(steps) < 2:
+            raise SagaDefinitionError(
+                f"parallel() needs at least two steps, got {len(steps)}; put a single step in the list on its own"
+            )
+        self.steps: tuple[Any, ...] = tuple(steps)
+
+    def __repr__(self) -> str:
+        return f"parallel({', '.join(map(repr, self.steps))})"
+
+
+def _stages(item: Any) -> list[list[Any]]:
+    """Flatten a step list or Celery canvas into stages of leaves."""
+    if isinstance(item, (list, tuple)):
+        return [stage for x in item for stage in _stages(x)]
+    if isinstance(item, _chord):
+        return [_members(item.tasks, "a chord header"), *_stages(item.body)]
+    if isinstance(item, _chain):
+        return [stage for x in item.tasks for stage in _stages(x)]
+    if isinstance(item, group):
+        return [_members(item.tasks, "a group")]
+    if isinstance(item, parallel):
+        return [_members(item.steps, "parallel()")]
+    return [[item]]
+
+
+def _members(items: Iterable[Any], what: str) -> list[Any]:
+    members = list(items)
+    if len(members) < 2:
+        raise SagaDefinitionError(f"{what} needs at least two steps, got {len(members)}; use the step on its own")
+    for m in members:
+        if isinstance(m, (list, tuple, _chain, group, parallel)):
+            raise SagaDefinitionError(
+                f"{what} may only hold single steps, not {type(m).__name__}: split the branch into its own stages"
+            )
+    return members
+
+
+def _leaf(item: Any) -> StepRef:
+    """Turn one step (task, signature or step()) into a StepRef, checking it is a declared step."""
+    if isinstance(item, StepRef):
+        return item
+    if isinstance(item, Signature) or is_task(item):
+        name = task_name(item)
+        meta = registered(name)
+        if meta is None:
+            raise SagaDefinitionError(
+                f"task {name!r} is not a saga step: decorate it with @saga_step(compensate=...) "
+                f"(compensate=None if there is nothing to undo), or wrap it in step({name!r}, compensate=...)"
+            )
+        sig = item if isinstance(item, Signature) else None
+        return StepRef(
+            name=check_step_name(name),
+            task=name,
+            compensation=meta.compensation,
+            compensate_on_failure=meta.compensate_on_failure,
+            bound=dict(sig.kwargs or {}) if sig is not None else {},
+            args=tuple(sig.args or ()) if sig is not None else (),
+            options=dict(sig.options or {}) if sig is not None else {},
+            app=task_app(item),
+        )
+    raise SagaDefinitionError(
+        f"{item!r} cannot be a saga step: use a task decorated with @saga_step, its signature, "
+        f"step('task.name', compensate=...), parallel(...), or a Celery chain/group of those"
+    )
+
+
+class Saga:
+    """A named sequence of steps, each an ordinary Celery task with a compensation.
+
+    Args:
+        name: The saga name, used in records, indexes and idempotency.
+        steps: A list (or Celery ``chain``) of steps; ``parallel(...)`` or a
+            Celery ``group`` for steps that run together.
+        app: The Celery app; defaults to the app of the first task.
+    """
+
+    def __init__(self, name: str, steps: Any, app: Celery | None = None) -> None:
+        if not isinstance(name, str) or not name or any(c in name for c in " \t\r\n:"):
+            raise SagaDefinitionError(f"saga name must be a non-empty string without whitespace or ':', not {name!r}")
+        self.name = name
+        if isinstance(steps, (list, tuple)) and not steps:
+            raise SagaDefinitionError(f"saga {name!r} has no steps; give it at least one")
+        stages = [[_leaf(x) for x in stage] for stage in _stages(steps)]
+        if not stages:
+            raise SagaDefinitionError(f"saga {name!r} has no steps; give it at least one")
+        seen: set[str] = set()
+        for stage in stages:
+            for ref in stage:
+                if ref.name in seen:
+                    raise SagaDefinitionError(
+                        f"saga {name!r} has two steps named {ref.name!r}: give one another name "
+                        f"with step(task, name='...')"
+                    )
+                seen.add(ref.name)
+        self._refs = stages
+        self._app = app or next((r.app for stage in stages for r in stage if r.app is not None), None)
+        self._plan: Plan | None = None
+        _SAGAS.add(self)
+        if self._app is not None and self._app.finalized:
+            self.plan()
+
+    def __repr__(self) -> str:
+        return f"<Saga {self.name!r}: {' -> '.join('|'.join(r.name for r in s) for s in self._refs)}>"
+
+    @property
+    def app(self) -> Celery:
+        if self._app is None:
+            raise SagaDefinitionError(
+                f"saga {self.name!r} names all its steps by task name, so its app is unknown: pass Saga(..., app=app)"
+            )
+        return self._app
+
+    def plan(self) -> Plan:
+        """The checked plan. Needs the app finalized: compensation names are checked against its tasks."""
+        if self._plan is None:
+            self._plan = self._build_plan()
+        return self._plan
+
+    def _build_plan(self) -> Plan:
+        tasks = self.app.tasks  # finalizes the app, which is what checking needs
+        stages = []
+        for k, stage in enumerate(self._refs):
+            specs = []
+            for ref in stage:
+                local = tasks.get(ref.task)
+                if ref.compensation is not None and local is not None and ref.compensation not in tasks:
+                    raise SagaDefinitionError(
+                        f"saga {self.name!r}: step {ref.name!r} is compensated by {ref.compensation!r}, "
+                        f"but app {self.app.main!r} has no task of that name; check the name or import its module"
+                    )
+                bound = dict(ref.bound)
+                if ref.args:
+                    bound = self._bind_args(ref, local, bound)
+                options = {}
+                if local is not None:
+                    options = {
+                        k: v for k, v in local._get_exec_options().items() if k in _ROUTING_OPTIONS and v is not None
+                    }
+                options.update({k: v for k, v in ref.options.items() if k in _ROUTING_OPTIONS and v is not None})
+                try:
+                    json.dumps(bound)
+                except (TypeError, ValueError) as exc:
+                    raise SagaDefinitionError(
+                        f"saga {self.name!r}: arguments bound to step {ref.name!r} cannot be serialized as JSON: {exc}"
+                    ) from exc
+                specs.append(
+                    StepSpec(ref.name, ref.task, ref.compensation, ref.compensate_on_failure, bound, options, k)
+                )
+            stages.append(tuple(specs))
+        return Plan(tuple(stages))
+
+    def _bind_args(self, ref: StepRef, local: Any, bound: dict[str, Any]) -> dict[str, Any]:
+        if local is None:
+            raise SagaDefinitionError(
+                f"saga {self.name!r}: step {ref.name!r} binds positional arguments, but its task is not "
+                f"in this app, so they cannot be named; bind them by keyword"
+            )
+        try:
+            params = inspect.signature(local.run).bind_partial(*ref.args)
+        except TypeError as exc:
+            raise SagaDefinitionError(f"saga {self.name!r}: step {ref.name!r}: {exc}") from exc
+        return {**params.arguments, **bound}
+
+    # -- starting ---------------------------------------------------------------
+
+    def delay(self, *args: Any, **kwargs: Any) -> SagaResult:
+        """Start the saga with ``kwargs`` as its data. Returns at once."""
+        if args:
+            raise SagaDataError(f"saga {self.name!r} takes keyword arguments only, got positional {args!r}")
+        return self.apply_async(kwargs=kwargs)
+
+    def apply_async(
+        self,
+        args: Sequence[Any] | None = None,
+        kwargs: dict[str, Any] | None = None,
+        *,
+        idempotency_key: str | None = None,
+        on_complete: Signature | None = None,
+        on_failure: Signature | None = None,
+    ) -> SagaResult:
+        """Start the saga: write its record, publish its first steps, and return a handle.
+
+        Args:
+            args: Not supported; sagas take keyword data only.
+            kwargs: The saga data. Must be JSON-serializable.
+            idempotency_key: Starting twice with one key (per saga name) gives the
+                same saga; the saga id is derived from it.
+            on_complete: Sent once with the saga id first when the saga completes.
+            on_failure: Sent once with the saga id first when it ends compensated or failed.
+
+        Raises:
+            SagaDataError: ``kwargs`` cannot be serialized as JSON.
+            IdempotencyConflict: ``idempotency_key`` was used with other kwargs.
+            SagaStoreUnavailable: the saga store cannot be reached; nothing was published.
+        """
+        if args:
+            raise SagaDataError(f"saga {self.name!r} takes keyword arguments only, got positional {list(args)!r}")
+        data = dict(kwargs or {})
+        kwargs_json = _dumps(data, f"saga {self.name!r}: kwargs")
+        callbacks = [
+            _callback_json(cb, which) for cb, which in ((on_complete, "on_complete"), (on_failure, "on_failure"))
+        ]
+        plan = self.plan()
+        app = self.app
+        from .app import settings_of, store_for
+
+        settings = settings_of(app)
+        store = store_for(app)
+        key = idempotency_key or ""
+        if idempotency_key is not None and (not isinstance(idempotency_key, str) or not idempotency_key):
+            raise SagaDataError("idempotency_key must be a non-empty string")
+        saga_id = str(uuid.uuid5(_ID_NAMESPACE, f"{self.name}\x00{key}")) if key else str(uuid.uuid4())
+        gen = uuid.uuid4().hex[:12]
+        step_fields: list[tuple[str, str]] = []
+        for spec in plan.steps:
+            if spec.compensation is not None:
+                step_fields.append((f"comp:{spec.name}", spec.compensation))
+            if spec.compensate_on_failure:
+                step_fields.append((f"cof:{spec.name}", "1"))
+        req = StartRequest(
+            saga_id=saga_id,
+            gen=gen,
+            name=self.name,
+            fingerprint=hashlib.sha256(_canonical(data).encode()).hexdigest(),
+            kwargs_json=kwargs_json,
+            plan_json=plan.to_json(),
+            plan_digest=plan.digest(),
+            stages=plan.lua_stages(),
+            retention=settings.retention,
+            settings_json=settings.saga_copy(),
+            on_complete=callbacks[0],
+            on_failure=callbacks[1],
+            idempotency_key=key,
+            max_retries=settings.compensation_max_retries,
+            step_fields=tuple(step_fields),
+        )
+        t = store.start(req)
+        if t.tag == "conflict":
+            raise IdempotencyConflict(self.name, key, saga_id)
+        if t.tag == "created" and t.changed_from == "NEW":
+            self._publish_first(store, saga_id, gen, plan, data)
+        return SagaResult(saga_id, app=app)
+
+    def _publish_first(self, store: Any, saga_id: str, gen: str, plan: Plan, data: dict[str, Any]) -> None:
+        pending = list(plan.stages[0])
+        try:
+            while pending:
+                publish_step(self.app, saga_id, self.name, gen, pending[0], data)
+                pending.pop(0)
+        except Exception as exc:
+            # Mark the saga failed and release its idempotency key, so no
+            # orphan RUNNING saga is left and the caller can simply retry.
+            error = f"publish failed: {type(exc).__name__}: {exc}"
+            try:
+                store.step("abort", saga_id, gen, self.name, error, *(s.name for s in pending))
+            except Exception:
+                logger.exception("saga %s: could not mark the failed start", saga_id)
+            raise
+
+
+def _canonical(data: Any) -> str:
+    return json.dumps(data, sort_keys=True, separators=(",", ":"))
+
+
+def _dumps(data: Any, what: str) -> str:
+    try:
+        return json.dumps(data, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise SagaDataError(
+            f"{what} cannot be serialized as JSON ({exc}); pass JSON types only "
+            f"(dict, list, str, int, float, bool, None), e.g. ids instead of objects"
+        ) from exc
+
+
+def _callback_json(sig: Signature | None, which: str) -> str:
+    if sig is None:
+        return ""
+    if not isinstance(sig, Signature):
+        raise SagaDataError(f"{which} must be a Celery signature such as notify.s(), not {sig!r}")
+    return _dumps(dict(sig), which)
+
+
+def validate_sagas_of(app: Celery) -> None:
+    """Check the sagas of a freshly finalized app; errors are logged, since finalize cannot raise them."""
+    for saga in list(_SAGAS):
+        if saga._app is app:
+            try:
+                saga.plan()
+            except SagaDefinitionError as exc:
+                logger.error("%s", exc)

@@ -1,0 +1,110 @@
+"""The ``saga_*`` settings, read from ``app.conf``.
+
+=================================== ============ =====================================
+setting                             default      meaning
+=================================== ============ =====================================
+saga_redis_url                      broker URL   saga store (the broker's, if Redis)
+saga_key_prefix                     ``"saga"``   prefix of every key celery_saga writes
+saga_retention                      604800       seconds a finished saga is kept
+saga_compensation_retry_backoff     1            first retry delay, seconds (float ok)
+saga_compensation_retry_backoff_max 600          cap of the retry delay, seconds
+saga_compensation_max_retries       None         None retries a compensation forever
+=================================== ============ =====================================
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from celery import Celery
+
+from .errors import SagaDefinitionError
+
+__all__ = ["SagaSettings", "backoff_delay"]
+
+_DEFAULTS: dict[str, Any] = {
+    "saga_redis_url": None,
+    "saga_key_prefix": "saga",
+    "saga_retention": 7 * 24 * 3600,
+    "saga_compensation_retry_backoff": 1.0,
+    "saga_compensation_retry_backoff_max": 600.0,
+    "saga_compensation_max_retries": None,
+}
+
+
+def _number(name: str, value: Any, *, minimum: float = 0.0) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < minimum:
+        raise SagaDefinitionError(f"app.conf.{name} must be a number >= {minimum}, not {value!r}")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class SagaSettings:
+    """The settings of one app. The compensation settings are copied into each saga at start."""
+
+    redis_url: str
+    key_prefix: str
+    retention: float
+    compensation_retry_backoff: float
+    compensation_retry_backoff_max: float
+    compensation_max_retries: int | None
+
+    @classmethod
+    def from_app(cls, app: Celery) -> SagaSettings:
+        conf = app.conf
+
+        def get(name: str) -> Any:
+            value = conf.get(name)
+            return _DEFAULTS[name] if value is None else value
+
+        url = get("saga_redis_url")
+        if url is None:
+            broker = conf.broker_url or ""
+            if not isinstance(broker, str) or not broker.startswith(("redis://", "rediss://", "unix://")):
+                raise SagaDefinitionError(
+                    "celery_saga needs a Redis saga store: set app.conf.saga_redis_url "
+                    "(it defaults to the broker URL only when the broker is Redis)"
+                )
+            url = broker
+        prefix = get("saga_key_prefix")
+        if not isinstance(prefix, str) or not prefix or any(c in prefix for c in "{}"):
+            raise SagaDefinitionError(
+                f"app.conf.saga_key_prefix must be a non-empty string without braces, not {prefix!r}"
+            )
+        max_retries = get("saga_compensation_max_retries")
+        if max_retries is not None and (
+            isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0
+        ):
+            raise SagaDefinitionError(
+                "app.conf.saga_compensation_max_retries must be None (retry forever) "
+                f"or an int >= 0, not {max_retries!r}"
+            )
+        return cls(
+            redis_url=str(url),
+            key_prefix=prefix,
+            retention=_number("saga_retention", get("saga_retention"), minimum=1),
+            compensation_retry_backoff=_number(
+                "saga_compensation_retry_backoff", get("saga_compensation_retry_backoff")
+            ),
+            compensation_retry_backoff_max=_number(
+                "saga_compensation_retry_backoff_max", get("saga_compensation_retry_backoff_max")
+            ),
+            compensation_max_retries=max_retries,
+        )
+
+    def saga_copy(self) -> str:
+        """The settings every worker applies to a saga, as stored in its record."""
+        copy = asdict(self)
+        del copy["redis_url"], copy["key_prefix"]
+        return json.dumps(copy, sort_keys=True)
+
+
+def backoff_delay(settings: dict[str, Any], attempt: int, rng: random.Random | None = None) -> float:
+    """Delay before retry ``attempt`` (1-based): equal jitter in [d/2, d], d = min(max, base * 2**(n-1))."""
+    base = float(settings.get("compensation_retry_backoff", _DEFAULTS["saga_compensation_retry_backoff"]))
+    cap = float(settings.get("compensation_retry_backoff_max", _DEFAULTS["saga_compensation_retry_backoff_max"]))
+    d = min(cap, base * 2.0 ** max(attempt - 1, 0))
+    return d / 2 + (rng or random).uniform(0, d / 2)

@@ -1,0 +1,146 @@
+"""The saga store contract.
+
+A store keeps one record per saga and applies every transition to it
+atomically. Backends implement the primitives (``_transition``, ``_load``,
+``_index`` ...); the typed operations and record parsing live here, once.
+"""
+
+from __future__ import annotations
+
+import abc
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from ..errors import SagaNotFound
+from ..state import SagaState, SagaStatus
+
+__all__ = ["SagaStore", "StartRequest", "Transition"]
+
+
+@dataclass(frozen=True)
+class Transition:
+    """What one transition did.
+
+    Attributes:
+        tag: What happened: ``run``, ``dup``, ``next``, ``completed``, ``compensate`` ...
+        status: The saga status after the call ("" if there is no record).
+        changed_from: The status before, when the call changed it, else "".
+        extra: Values that depend on ``tag``.
+    """
+
+    tag: str
+    status: str
+    changed_from: str
+    extra: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class StartRequest:
+    """Everything written by a saga start."""
+
+    saga_id: str
+    gen: str
+    name: str
+    fingerprint: str
+    kwargs_json: str
+    plan_json: str
+    plan_digest: str
+    stages: str
+    retention: float
+    settings_json: str
+    on_complete: str
+    on_failure: str
+    idempotency_key: str
+    max_retries: int | None
+    step_fields: tuple[tuple[str, str], ...]
+
+
+class SagaStore(abc.ABC):
+    """One record per saga; every state change is one atomic transition."""
+
+    #: Where the store lives, safe to print (password masked).
+    location: str
+    prefix: str
+    #: Retention of finished sagas in this process, for index trimming.
+    retention: float = 0.0
+
+    # -- primitives ---------------------------------------------------------
+
+    @abc.abstractmethod
+    def _transition(self, saga_id: str, op: str, gen: str, args: Sequence[str], dedupe: bool) -> Transition:
+        """Apply one transition atomically; with ``dedupe``, a retried call returns the first reply."""
+
+    @abc.abstractmethod
+    def _load(self, saga_id: str) -> dict[str, str] | None:
+        """The raw record, or None."""
+
+    @abc.abstractmethod
+    def _index(self, saga_id: str, name: str, old: str, new: str, retention: float) -> None:
+        """Move ``saga_id`` between status indexes. Idempotent."""
+
+    @abc.abstractmethod
+    def ping(self) -> None:
+        """Raise SagaStoreUnavailable if the store cannot be reached."""
+
+    @abc.abstractmethod
+    def list_ids(self, status: SagaStatus, name: str | None = None, limit: int = 100) -> list[str]:
+        """Ids of sagas in ``status``, newest first, from the indexes."""
+
+    # -- operations -----------------------------------------------------------
+
+    def start(self, req: StartRequest) -> Transition:
+        args = [
+            req.name,
+            req.fingerprint,
+            req.kwargs_json,
+            req.plan_json,
+            req.plan_digest,
+            req.stages,
+            repr(req.retention),
+            req.settings_json,
+            req.on_complete,
+            req.on_failure,
+            req.idempotency_key,
+            "" if req.max_retries is None else str(req.max_retries),
+        ]
+        for field, value in req.step_fields:
+            args += [field, value]
+        t = self._transition(req.saga_id, "start", req.gen, args, dedupe=False)
+        if t.tag == "created" and t.changed_from == "NEW":
+            self._index(req.saga_id, req.name, "", SagaStatus.PENDING.value, req.retention)
+        return t
+
+    def step(self, op: str, saga_id: str, gen: str, name: str, *args: str) -> Transition:
+        """Apply a step transition (``begin``, ``done``, ``fail``, ``cbegin`` ...) and index it."""
+        # Only transitions that can change a record carry an id; read-only
+        # outcomes (dup, skip) are cheap to recompute on a retry.
+        t = self._transition(saga_id, op, gen, args, dedupe=True)
+        if t.changed_from:
+            self.reindex(saga_id, name, t)
+        return t
+
+    def reindex(self, saga_id: str, name: str, t: Transition) -> None:
+        # Trimming uses this process's retention, not the saga's own: it is
+        # housekeeping only, since readers skip ids whose record expired.
+        finished = t.status in ("COMPLETED", "COMPENSATED", "FAILED")
+        self._index(saga_id, name, t.changed_from, t.status, self.retention if finished else 0.0)
+
+    def load(self, saga_id: str) -> dict[str, str]:
+        raw = self._load(saga_id)
+        if not raw or "status" not in raw:
+            raise SagaNotFound(saga_id, self.where())
+        return raw
+
+    def state(self, saga_id: str) -> SagaState:
+        return SagaState.from_record(saga_id, self.load(saga_id))
+
+    def status(self, saga_id: str) -> SagaStatus:
+        return self.state(saga_id).status
+
+    def where(self) -> str:
+        return f"store {self.location} under prefix {self.prefix!r}"
+
+    @staticmethod
+    def new_tx() -> str:
+        return uuid.uuid4().hex

@@ -1,0 +1,61 @@
+"""Every Redis key celery_saga writes, in one place.
+
+All keys of one saga share the hash tag ``{<saga_id>}``, so a transition
+script touches one hash slot and works on Redis Cluster. The status indexes
+share the tag ``{idx}`` among themselves and are updated by a separate,
+idempotent command after the transition (see ``RedisSagaStore._index``).
+
+Fields of the record hash ``<prefix>:{<saga_id>}``:
+
+=================  ==========================================================
+v, gen             schema version; start generation (a fresh one per start)
+name, key, fp      saga name; idempotency key; fingerprint of the kwargs
+kwargs, plan, ph   start kwargs (JSON); plan (JSON); plan digest
+stages             stage layout for Lua: members by ",", stages by ";"
+settings           saga_* settings in force at start (JSON)
+retention, maxr    TTL seconds once finished; compensation max retries
+cb_ok, cb_fail     on_complete / on_failure signatures (JSON, or "")
+cbs                "1" once the end callback was sent
+status, status_at  saga status and when it was entered (ms)
+created            start time (ms)
+stage, left        current forward stage; its steps still running
+cstage, copen      compensation frontier; compensations not yet ended
+gaveup             compensations that gave up
+failed_step, error, reason   what started the rollback
+s:<step>           forward status; a:/e:/r: attempts, error, result (JSON)
+td:/t0:/t1:<step>  dispatched, first started, ended (ms)
+cs:<step>          compensation status; ca:/ce: attempts, error
+ct0:/ct1:<step>    compensation first started, ended (ms)
+rt:/crt:<step>     highest Celery retry count seen by a step / compensation
+comp:<step>        compensation task name; cof:<step> "1" = compensate on failure
+tx:<id>            reply of an applied transition, for de-duplication
+=================  ==========================================================
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["Keys"]
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Key names under one prefix."""
+
+    prefix: str
+
+    def record(self, saga_id: str) -> str:
+        return f"{self.prefix}:{{{saga_id}}}"
+
+    def status_index(self, status: str) -> str:
+        """Sorted set of saga ids by the time they entered ``status``."""
+        return f"{self.prefix}:{{idx}}:status:{status}"
+
+    def name_index(self, name: str, status: str) -> str:
+        """Like ``status_index``, for one saga name."""
+        return f"{self.prefix}:{{idx}}:name:{name}:{status}"
+
+    def names(self) -> str:
+        """Set of saga names that have ever been indexed."""
+        return f"{self.prefix}:{{idx}}:names"

@@ -1,0 +1,115 @@
+"""Redis implementation of the saga store."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from importlib import resources
+from typing import Any, TypeVar
+
+import redis
+from kombu.utils.url import maybe_sanitize_url
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.retry import Retry
+
+from ..errors import SagaStoreUnavailable
+from ..state import SagaStatus
+from .base import SagaStore, Transition
+from .keys import Keys
+
+__all__ = ["RedisSagaStore", "mask_url"]
+
+T = TypeVar("T")
+
+# Moves one saga between status indexes; all index keys share the {idx}
+# tag. Runs after the transition, so it must be idempotent: ZREM + ZADD is.
+# Finished entries outlive their records by at most the retention: writers
+# trim them here, readers skip ids whose record is gone.
+_INDEX_LUA = """
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
+redis.call('ZADD', KEYS[4], ARGV[2], ARGV[1])
+redis.call('SADD', KEYS[5], ARGV[3])
+if ARGV[4] ~= '' then
+  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', '(' .. ARGV[4])
+  redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', '(' .. ARGV[4])
+end
+return 1
+"""
+
+
+def mask_url(url: str) -> str:
+    """The URL with its password replaced by ``**``."""
+    return str(maybe_sanitize_url(url))
+
+
+class RedisSagaStore(SagaStore):
+    """Saga records in Redis hashes, transitions in one Lua script."""
+
+    def __init__(
+        self, url: str, prefix: str = "saga", client: redis.Redis | None = None, retention: float = 0.0
+    ) -> None:
+        self.url = url
+        self.retention = retention
+        self.location = mask_url(url)
+        self.prefix = prefix
+        self.keys = Keys(prefix)
+        self.client: redis.Redis = client or redis.Redis.from_url(
+            url,
+            decode_responses=True,
+            socket_connect_timeout=5,
+            socket_timeout=30,
+            health_check_interval=30,
+            # Transitions are de-duplicated by id, so retrying them is safe.
+            retry=Retry(ExponentialWithJitterBackoff(cap=1.0, base=0.05), 3),
+        )
+        source = resources.files(__package__).joinpath("transitions.lua").read_text()
+        self._script = self.client.register_script(source)
+        self._index_script = self.client.register_script(_INDEX_LUA)
+
+    def _call(self, fn: Callable[[], T]) -> T:
+        try:
+            return fn()
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            raise SagaStoreUnavailable(self.location, exc) from exc
+
+    def _transition(self, saga_id: str, op: str, gen: str, args: Sequence[str], dedupe: bool) -> Transition:
+        tx = uuid.uuid4().hex if dedupe else ""
+        reply: Any = self._call(lambda: self._script(keys=[self.keys.record(saga_id)], args=[op, tx, gen, *args]))
+        return Transition(str(reply[0]), str(reply[1]), str(reply[2]), tuple(str(x) for x in reply[3:]))
+
+    def _load(self, saga_id: str) -> dict[str, str] | None:
+        raw: dict[str, str] = self._call(lambda: self.client.hgetall(self.keys.record(saga_id)))  # type: ignore[arg-type,return-value]
+        return raw or None
+
+    def _index(self, saga_id: str, name: str, old: str, new: str, retention: float) -> None:
+        now_ms = time.time() * 1000
+        if not old:
+            old = new
+        trim = f"{now_ms - retention * 1000:.0f}" if retention > 0 else ""
+        k = self.keys
+        self._call(
+            lambda: self._index_script(
+                keys=[
+                    k.status_index(old),
+                    k.name_index(name, old),
+                    k.status_index(new),
+                    k.name_index(name, new),
+                    k.names(),
+                ],
+                args=[saga_id, f"{now_ms:.0f}", name, trim],
+            )
+        )
+
+    def ping(self) -> None:
+        self._call(self.client.ping)
+
+    def list_ids(self, status: SagaStatus, name: str | None = None, limit: int = 100) -> list[str]:
+        key = self.keys.name_index(name, status.value) if name else self.keys.status_index(status.value)
+        ids: list[str] = self._call(lambda: self.client.zrevrange(key, 0, max(limit, 1) - 1))  # type: ignore[arg-type,return-value]
+        return ids
+
+    def delete(self, saga_id: str) -> None:
+        self._call(lambda: self.client.delete(self.keys.record(saga_id)))

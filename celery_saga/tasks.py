@@ -1,0 +1,68 @@
+"""Looking at Celery task objects without evaluating them.
+
+``@app.task`` returns a lazy proxy until the app is finalized, and touching
+any attribute of it creates the task and loads the app's configuration.
+Decorating and defining sagas happens at import time, where that must not
+happen, so names and apps are read from the proxy's own arguments.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery, Task
+from celery.canvas import Signature
+from celery.local import PromiseProxy, Proxy
+
+__all__ = ["is_task", "task_app", "task_name"]
+
+
+def _promise_parts(obj: Proxy) -> tuple[Celery, Any, dict[str, Any]] | None:
+    """(app, function, options) of an unevaluated ``app.task`` proxy, else None."""
+    if not isinstance(obj, PromiseProxy) or obj.__evaluated__():
+        return None
+    local = object.__getattribute__(obj, "_Proxy__local")
+    args = object.__getattribute__(obj, "_Proxy__args")
+    kwargs = object.__getattribute__(obj, "_Proxy__kwargs")
+    app = getattr(local, "__self__", None)
+    if not isinstance(app, Celery) or not args:
+        return None
+    return app, args[0], dict(kwargs)
+
+
+def is_task(obj: Any) -> bool:
+    """True for a Celery task or a task proxy (checked without evaluating it)."""
+    if isinstance(obj, Proxy):
+        return True
+    return isinstance(obj, Task)
+
+
+def task_name(obj: Any) -> str:
+    """The Celery name of a task, task proxy, signature or name."""
+    if isinstance(obj, str):
+        return obj
+    if isinstance(obj, Signature):
+        return str(obj.task)
+    if isinstance(obj, Proxy):
+        parts = _promise_parts(obj)
+        if parts is not None:
+            app, fun, opts = parts
+            return str(opts.get("name") or app.gen_task_name(fun.__name__, fun.__module__))
+    return str(obj.name)
+
+
+def task_app(obj: Any) -> Celery | None:
+    """The app a task belongs to, if that is known without evaluating it."""
+    if isinstance(obj, Proxy):
+        parts = _promise_parts(obj)
+        if parts is not None:
+            return parts[0]
+        if isinstance(obj, PromiseProxy) and obj.__evaluated__():
+            return obj._app
+        return None
+    if isinstance(obj, Task):
+        return obj._app
+    if isinstance(obj, Signature):
+        app = obj._app
+        return app if isinstance(app, Celery) else None
+    return None

@@ -1,0 +1,309 @@
+"""What runs inside workers: the step wrapper and the signal handlers.
+
+Steps are the user's own tasks, sent as their own messages. An enabled app
+wraps each task's ``run``: a message without saga headers runs the task
+exactly as before; one with them is checked against the saga record first,
+and its outcome is recorded after.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+import weakref
+from typing import Any
+
+import redis
+from billiard.exceptions import WorkerLostError
+from celery import Celery, Task, signals
+from celery.exceptions import Ignore, Reject, Retry, TimeLimitExceeded
+
+from .app import is_enabled, store_for
+from .dispatch import Headers, react, redrive
+from .errors import SagaError, SagaStoreUnavailable, StepResultNotSerializable
+from .settings import backoff_delay
+from .step import Params, StepContext, params_of, reset_current, set_current
+from .store.base import SagaStore
+
+__all__ = ["connect_signals", "install"]
+
+logger = logging.getLogger("celery_saga")
+
+_WRAPPED: weakref.WeakSet[Task] = weakref.WeakSet()
+_connected = False
+
+
+def install(app: Celery) -> None:
+    """Wrap every task of ``app`` and check the sagas defined on it."""
+    for name, task in list(app.tasks.items()):
+        if name.startswith("celery.") or task in _WRAPPED:
+            continue
+        _wrap(task)
+    from .saga import validate_sagas_of
+
+    validate_sagas_of(app)
+
+
+def _wrap(task: Task) -> None:
+    original = task.run
+    params = params_of(original)
+
+    @functools.wraps(original)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        request = task.request
+        saga_id = request.get(Headers.ID)
+        if not saga_id or request.called_directly:
+            return original(*args, **kwargs)
+        if request.get(Headers.UNDO):
+            return _compensate(task, original, params, request, kwargs)
+        return _forward(task, original, params, request, kwargs)
+
+    task.run = run
+    _WRAPPED.add(task)
+
+
+def _error_text(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:2000]
+
+
+def _store_retry(task: Task, request: Any, exc: SagaStoreUnavailable) -> Retry:
+    """The store is down: retry the message with backoff; it never runs without a record."""
+    delay = min(60.0, 2.0 ** min(int(request.retries or 0), 6))
+    logger.warning("saga %s: %s; retrying %s in %.0fs", request.get(Headers.ID), exc, task.name, delay)
+    return task.retry(exc=exc, countdown=delay, max_retries=sys.maxsize)
+
+
+class _Ctx:
+    """The saga headers of one message."""
+
+    def __init__(self, request: Any) -> None:
+        self.saga_id: str = request.get(Headers.ID)
+        self.name: str = request.get(Headers.NAME) or ""
+        self.step: str = request.get(Headers.STEP) or ""
+        self.gen: str = request.get(Headers.GEN) or ""
+        self.retries = str(int(request.retries or 0))
+        delivery = request.delivery_info or {}
+        self.redelivered = "1" if delivery.get("redelivered") else ""
+
+
+def _not_run(app: Celery, store: SagaStore, ctx: _Ctx, tag: str, what: str) -> Ignore:
+    """Log why a message is skipped; the returned Ignore acks it without running anything."""
+    if tag == "missing":
+        logger.error(
+            "saga %s: no record for %s %r in %s; it never existed there or expired. Every worker "
+            "must use the same saga_redis_url and saga_key_prefix as the app that started the saga",
+            ctx.saga_id,
+            what,
+            ctx.step,
+            store.where(),
+        )
+    elif tag == "stale":
+        logger.warning("saga %s: %s %r belongs to an earlier start of this saga; skipped", ctx.saga_id, what, ctx.step)
+    else:
+        logger.info("saga %s: %s %r skipped (%s)", ctx.saga_id, what, ctx.step, tag)
+    return Ignore()
+
+
+def _forward(task: Task, original: Any, params: Params, request: Any, kwargs: dict[str, Any]) -> Any:
+    app = task.app
+    ctx = _Ctx(request)
+    try:
+        store = store_for(app)
+        t = store.step("begin", ctx.saga_id, ctx.gen, ctx.name, ctx.step, ctx.retries, ctx.redelivered)
+        if t.tag == "dup" and t.status:
+            redrive(app, store, ctx.saga_id)
+        elif t.tag == "fenced":
+            react(app, store, ctx.saga_id, ctx.name, ctx.gen, t)
+    except SagaStoreUnavailable as exc:
+        raise _store_retry(task, request, exc) from exc
+    except (SagaError, redis.RedisError, ValueError, KeyError) as exc:
+        logger.error("saga %s: cannot start step %r, record unusable: %s", ctx.saga_id, ctx.step, _error_text(exc))
+        raise Ignore() from exc
+    if t.tag != "run":
+        raise _not_run(app, store, ctx, t.tag, "step")
+
+    attempt = int(t.extra[0])
+    call = params.pick({**kwargs, **(request.get(Headers.BOUND) or {})})
+    token = set_current(StepContext(ctx.saga_id, ctx.name, ctx.step, False, f"{ctx.saga_id}:{ctx.step}", attempt))
+    try:
+        result = original(**call)
+    except Retry:
+        raise
+    except Reject as exc:
+        if not exc.requeue:
+            _record_failure(app, store, ctx, task, request, exc)
+        raise
+    except Ignore:
+        raise
+    except Exception as exc:
+        _record_failure(app, store, ctx, task, request, exc)
+        raise
+    finally:
+        reset_current(token)
+    try:
+        result_json = json.dumps(result)
+    except (TypeError, ValueError) as exc:
+        error = StepResultNotSerializable(ctx.step, exc)
+        _record_failure(app, store, ctx, task, request, error)
+        raise error from exc
+    try:
+        t = store.step("done", ctx.saga_id, ctx.gen, ctx.name, ctx.step, result_json)
+        react(app, store, ctx.saga_id, ctx.name, ctx.gen, t, data=kwargs)
+    except SagaStoreUnavailable as exc:
+        # The effect happened but is not recorded; running again is what the
+        # step's idempotency key is for.
+        raise _store_retry(task, request, exc) from exc
+    return result
+
+
+def _record_failure(app: Celery, store: SagaStore, ctx: _Ctx, task: Task, request: Any, exc: BaseException) -> None:
+    try:
+        t = store.step("fail", ctx.saga_id, ctx.gen, ctx.name, ctx.step, _error_text(exc))
+        react(app, store, ctx.saga_id, ctx.name, ctx.gen, t)
+    except SagaStoreUnavailable as store_exc:
+        raise _store_retry(task, request, store_exc) from exc
+
+
+def _compensate(task: Task, original: Any, params: Params, request: Any, kwargs: dict[str, Any]) -> Any:
+    app = task.app
+    ctx = _Ctx(request)
+    try:
+        store = store_for(app)
+        t = store.step("cbegin", ctx.saga_id, ctx.gen, ctx.name, ctx.step, ctx.retries, ctx.redelivered)
+        if t.tag == "dup" and t.status:
+            redrive(app, store, ctx.saga_id)
+    except SagaStoreUnavailable as exc:
+        raise _store_retry(task, request, exc) from exc
+    except (SagaError, redis.RedisError, ValueError, KeyError) as exc:
+        logger.error("saga %s: cannot compensate %r, record unusable: %s", ctx.saga_id, ctx.step, _error_text(exc))
+        raise Ignore() from exc
+    if t.tag != "run":
+        raise _not_run(app, store, ctx, t.tag, "compensation of")
+
+    attempt = int(t.extra[0])
+    key = f"{ctx.saga_id}:{ctx.step}:undo"
+    token = set_current(StepContext(ctx.saga_id, ctx.name, ctx.step, True, key, attempt))
+    try:
+        result = original(**params.pick(kwargs))
+    except Retry:
+        raise
+    except Exception as exc:
+        try:
+            t = store.step("cfail", ctx.saga_id, ctx.gen, ctx.name, ctx.step, _error_text(exc))
+            react(app, store, ctx.saga_id, ctx.name, ctx.gen, t)
+        except SagaStoreUnavailable as store_exc:
+            raise _store_retry(task, request, store_exc) from exc
+        if t.tag == "retry":
+            base, cap = request.get(Headers.BACKOFF) or (1.0, 600.0)
+            delay = backoff_delay(
+                {"compensation_retry_backoff": base, "compensation_retry_backoff_max": cap}, int(t.extra[0])
+            )
+            logger.warning(
+                "saga %s: compensation of %r failed (attempt %s): %s; retrying in %.2fs",
+                ctx.saga_id,
+                ctx.step,
+                t.extra[0],
+                _error_text(exc),
+                delay,
+            )
+            raise task.retry(exc=exc, countdown=delay, max_retries=sys.maxsize) from exc
+        raise
+    finally:
+        reset_current(token)
+    try:
+        t = store.step("cdone", ctx.saga_id, ctx.gen, ctx.name, ctx.step)
+        react(app, store, ctx.saga_id, ctx.name, ctx.gen, t)
+    except SagaStoreUnavailable as exc:
+        raise _store_retry(task, request, exc) from exc
+    return result
+
+
+# -- failures the wrapper never sees ------------------------------------------------
+#
+# A lost pool child, a hard time limit, a revoke or an expired message end a
+# task in the worker's main process, where no wrapper runs and Celery calls
+# no errback for revokes. These handlers record the outcome there. A hard
+# time limit fires task_failure twice in Celery 5.7; the "fail" transition
+# only applies to a step still running, so the second call changes nothing.
+
+
+def _saga_of(task_id: str | None) -> tuple[str, str, bool] | None:
+    """(saga_id, step, is_compensation) from a saga task id, else None."""
+    if not task_id or ":" not in task_id:
+        return None
+    saga_id, rest = task_id.split(":", 1)
+    if rest.endswith(":undo"):
+        return saga_id, rest[: -len(":undo")], True
+    return saga_id, rest, False
+
+
+def _outcome_in_main_process(task: Task, task_id: str | None, error: str) -> None:
+    app = task.app
+    if not is_enabled(app):
+        return
+    parsed = _saga_of(task_id)
+    if parsed is None:
+        return
+    saga_id, step, undo = parsed
+    try:
+        store = store_for(app)
+        raw = store.load(saga_id)
+        name, gen = raw.get("name", ""), raw.get("gen", "")
+        if undo:
+            t = store.step("cfail", saga_id, gen, name, step, error)
+            react(app, store, saga_id, name, gen, t)
+            if t.tag == "retry":
+                from .dispatch import cached_plan, publish_compensation
+
+                raw = store.load(saga_id)
+                settings = json.loads(raw.get("settings") or "{}")
+                publish_compensation(
+                    app,
+                    saga_id,
+                    raw,
+                    cached_plan(raw["ph"], lambda: raw["plan"]),
+                    step,
+                    countdown=backoff_delay(settings, int(t.extra[0])),
+                )
+        else:
+            t = store.step("fail", saga_id, gen, name, step, error)
+            react(app, store, saga_id, name, gen, t)
+    except SagaError as exc:
+        logger.error("saga %s: could not record %s of %r: %s", saga_id, error, step, exc)
+    except Exception:
+        logger.exception("saga %s: could not record %s of %r", saga_id, error, step)
+
+
+def _on_task_failure(
+    sender: Task | None = None, task_id: str | None = None, exception: BaseException | None = None, **_: Any
+) -> None:
+    # Failures raised inside the task were recorded by the wrapper already.
+    if sender is None or not isinstance(exception, (WorkerLostError, TimeLimitExceeded)):
+        return
+    _outcome_in_main_process(sender, task_id, _error_text(exception))
+
+
+def _on_task_revoked(sender: Task | None = None, request: Any = None, expired: bool = False, **_: Any) -> None:
+    if sender is None or request is None:
+        return
+    what = "expired" if expired else "revoked"
+    _outcome_in_main_process(sender, getattr(request, "id", None), f"{what}: the message was {what} before it ran")
+
+
+def _on_worker_init(sender: Any = None, **_: Any) -> None:
+    app = getattr(sender, "app", None)
+    if app is not None and is_enabled(app):
+        install(app)  # tasks registered after finalize
+
+
+def connect_signals() -> None:
+    """Connect the worker-side handlers once per process; they ignore apps that are not enabled."""
+    global _connected
+    if _connected:
+        return
+    _connected = True
+    signals.task_failure.connect(_on_task_failure, weak=False, dispatch_uid="celery_saga.task_failure")
+    signals.task_revoked.connect(_on_task_revoked, weak=False, dispatch_uid="celery_saga.task_revoked")
+    signals.worker_init.connect(_on_worker_init, weak=False, dispatch_uid="celery_saga.worker_init")

@@ -1,0 +1,105 @@
+"""Fixtures: a real Redis, a fresh app and key prefix per test, real workers."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+import redis
+from celery import Celery
+from celery.contrib.testing.worker import start_worker
+
+from celery_saga.testing import RedisServer, redis_answers
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """REDIS_URL if set; else the server on 127.0.0.1:6379 (database 9); else a private one."""
+    url = os.environ.get("REDIS_URL")
+    if url:
+        yield url
+        return
+    if redis_answers("127.0.0.1", 6379):
+        yield "redis://127.0.0.1:6379/9"
+        return
+    with RedisServer() as server:
+        yield server.url
+
+
+@pytest.fixture
+def ns() -> str:
+    return uuid.uuid4().hex[:10]
+
+
+@pytest.fixture
+def r(redis_url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    yield client
+    client.close()
+
+
+def configure(app: Celery, ns: str) -> None:
+    app.conf.update(
+        task_default_queue=f"q-{ns}",
+        saga_key_prefix=f"sagatest-{ns}",
+        saga_compensation_retry_backoff=0.05,
+        saga_compensation_retry_backoff_max=0.5,
+        task_allow_error_cb_on_chord_header=False,
+        worker_hijack_root_logger=False,
+        broker_connection_retry_on_startup=True,
+        result_expires=600,
+    )
+
+
+@pytest.fixture
+def app(redis_url: str, ns: str) -> Iterator[Celery]:
+    application = Celery(f"test_{ns}", broker=redis_url, backend=redis_url, set_as_current=False)
+    configure(application, ns)
+    yield application
+    application.close()
+
+
+@contextmanager
+def running_worker(app: Celery, concurrency: int = 4) -> Iterator[Any]:
+    """An in-process worker (threads pool) consuming the app's default queue."""
+    with start_worker(
+        app, pool="threads", concurrency=concurrency, perform_ping_check=False, loglevel="WARNING", shutdown_timeout=10
+    ) as w:
+        yield w
+
+
+@pytest.fixture
+def worker(app: Celery) -> Callable[..., Any]:
+    return lambda concurrency=4: running_worker(app, concurrency)
+
+
+class Ledger:
+    """What took effect, in order, as written by the test tasks into Redis."""
+
+    def __init__(self, client: redis.Redis, key: str) -> None:
+        self.client = client
+        self.key = key
+
+    def entries(self) -> list[list[Any]]:
+        return [json.loads(x) for x in self.client.lrange(self.key, 0, -1)]
+
+    def actions(self) -> list[str]:
+        return [f"{e[0]}:{e[1]}" for e in self.entries()]
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 15.0, what: str = "condition") -> Any:
+    """Poll ``predicate`` until it returns something truthy, or fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.02)
