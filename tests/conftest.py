@@ -39,7 +39,8 @@ def ns() -> str:
 
 @pytest.fixture
 def r(redis_url: str) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    # redis-py 8 defaults to a 5 s socket timeout, shorter than the gates block.
+    client = redis.Redis.from_url(redis_url, decode_responses=True, socket_timeout=120)
     yield client
     client.close()
 
@@ -91,6 +92,19 @@ class Ledger:
 
     def actions(self) -> list[str]:
         return [f"{e[0]}:{e[1]}" for e in self.entries()]
+
+    def times(self, action: str) -> list[float]:
+        return [e[-1] for e in self.entries() if f"{e[0]}:{e[1]}" == action]
+
+
+@pytest.fixture
+def prefix(app: Celery) -> str:
+    return str(app.conf.saga_key_prefix)
+
+
+@pytest.fixture
+def ledger(r: redis.Redis, prefix: str) -> Ledger:
+    return Ledger(r, f"{prefix}:ledger")
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float = 15.0, what: str = "condition") -> Any:

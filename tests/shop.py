@@ -8,6 +8,7 @@ hold a step mid-flight without sleeping.
 from __future__ import annotations
 
 import json
+import time
 from types import SimpleNamespace
 from typing import Any
 
@@ -23,7 +24,7 @@ def build(app: Celery, client: redis.Redis, prefix: str) -> SimpleNamespace:
     def log(action: str, *extra: Any) -> None:
         ctx = current_step()
         step = ctx.step if ctx else "-"
-        client.rpush(ledger, json.dumps([action, step, *extra]))
+        client.rpush(ledger, json.dumps([action, step, *extra, time.time()]))
 
     def behave(name: str, fail: dict[str, str] | None, gates: list[str] | None) -> None:
         if gates and name in gates:
@@ -33,7 +34,7 @@ def build(app: Celery, client: redis.Redis, prefix: str) -> SimpleNamespace:
         if fail and name in fail:
             raise RuntimeError(fail[name])
 
-    @app.task(name="shop.undo")
+    @app.task(shared=False, name="shop.undo")
     def undo(order_id: int, step_result: Any = None) -> None:
         ctx = current_step()
         assert ctx is not None and ctx.compensating
@@ -44,14 +45,14 @@ def build(app: Celery, client: redis.Redis, prefix: str) -> SimpleNamespace:
         log("undo", step_result, ctx.idempotency_key)
 
     @saga_step(compensate=undo)
-    @app.task(name="shop.reserve")
+    @app.task(shared=False, name="shop.reserve")
     def reserve(order_id: int, fail: dict[str, str] | None = None, gates: list[str] | None = None) -> dict[str, Any]:
         behave("reserve", fail, gates)
         log("do", order_id)
         return {"reservation": f"r-{order_id}"}
 
     @saga_step(compensate="shop.undo")
-    @app.task(name="shop.charge")
+    @app.task(shared=False, name="shop.charge")
     def charge(
         order_id: int, reservation: str, fail: dict[str, str] | None = None, gates: list[str] | None = None
     ) -> dict[str, Any]:
@@ -60,26 +61,26 @@ def build(app: Celery, client: redis.Redis, prefix: str) -> SimpleNamespace:
         return {"payment": f"p-{order_id}"}
 
     @saga_step(compensate=undo)
-    @app.task(name="shop.ship")
+    @app.task(shared=False, name="shop.ship")
     def ship(order_id: int, fail: dict[str, str] | None = None, gates: list[str] | None = None) -> dict[str, Any]:
         behave("ship", fail, gates)
         log("do")
         return {"tracking": f"t-{order_id}"}
 
     @saga_step(compensate=undo)
-    @app.task(name="shop.receipt")
+    @app.task(shared=False, name="shop.receipt")
     def receipt(order_id: int, fail: dict[str, str] | None = None, gates: list[str] | None = None) -> str:
         behave("receipt", fail, gates)
         log("do")
         return "sent"
 
     @saga_step(compensate=None)
-    @app.task(name="shop.validate")
+    @app.task(shared=False, name="shop.validate")
     def validate(order_id: int, fail: dict[str, str] | None = None, gates: list[str] | None = None) -> None:
         behave("validate", fail, gates)
         log("do")
 
-    @app.task(name="shop.notify")
+    @app.task(shared=False, name="shop.notify")
     def notify(saga_id: str, tag: str = "") -> None:
         client.rpush(f"{prefix}:callbacks", json.dumps([tag, saga_id]))
 

@@ -1,0 +1,60 @@
+"""The Celery app of ``benchmarks/overhead.py``: three no-op saga steps and their saga.
+
+Imported both by the benchmark script and by the ``celery worker`` subprocess
+it starts, so everything that must match between the two comes from the
+environment:
+
+- ``BENCH_BROKER_URL``: broker, result backend and saga store (one Redis);
+- ``BENCH_QUEUE``: the queue every task of this run goes to;
+- ``BENCH_PREFIX``: the saga key prefix of this run.
+
+Called outside a saga the steps are plain tasks, so the same three tasks make
+both the saga and the reference chain.
+"""
+
+from __future__ import annotations
+
+import os
+
+from celery import Celery
+
+from celery_saga import Saga, saga_step
+
+BROKER_URL = os.environ.get("BENCH_BROKER_URL", "redis://127.0.0.1:6379/9")
+QUEUE = os.environ.get("BENCH_QUEUE", "bench")
+PREFIX = os.environ.get("BENCH_PREFIX", "bench")
+
+app = Celery("bench", broker=BROKER_URL, backend=BROKER_URL, set_as_current=False)
+app.conf.update(
+    task_default_queue=QUEUE,
+    task_serializer="json",
+    result_serializer="json",
+    accept_content=["json"],
+    # Chain results are deleted by the script; this only bounds a crashed run.
+    result_expires=600,
+    saga_key_prefix=PREFIX,
+    saga_retention=600,
+    broker_connection_retry_on_startup=True,
+    worker_hijack_root_logger=False,
+)
+
+
+@saga_step(compensate=None)
+@app.task(name="bench.step1")
+def step1() -> None:
+    return None
+
+
+@saga_step(compensate=None)
+@app.task(name="bench.step2")
+def step2() -> None:
+    return None
+
+
+@saga_step(compensate=None)
+@app.task(name="bench.step3")
+def step3() -> None:
+    return None
+
+
+bench_saga = Saga("bench", [step1, step2, step3])

@@ -1,0 +1,490 @@
+"""Saga overhead: N sagas of 3 no-op steps against N plain chains of the same 3 tasks.
+
+Both run interleaved, round after round, against one Redis (broker, result
+backend and saga store) and one ``celery worker -P prefork -c 2`` subprocess.
+Prints the saga/chain throughput ratio (target: >= 0.9) and the Redis
+commands per step of each. This is a script, not a timed test: it exits 0
+whatever the ratio.
+
+Redis: ``REDIS_URL`` if set; else 127.0.0.1:6379 database 9 if it answers;
+else a private server. Every run uses its own queue and key prefix and only
+deletes its own keys.
+
+Usage: ``python benchmarks/overhead.py [--n 200] [--rounds 5]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import redis
+from celery import chain
+from celery.exceptions import TimeoutError as CeleryTimeoutError
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from celery_saga.store.redis import mask_url  # noqa: E402 - needs ROOT on sys.path
+from celery_saga.testing import RedisServer, redis_answers  # noqa: E402
+
+TARGET = 0.9
+STEPS = 3
+
+
+# -- Redis --------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def chosen_redis() -> Iterator[str]:
+    """REDIS_URL; else the local server's database 9; else a private server, stopped on exit."""
+    url = os.environ.get("REDIS_URL")
+    if url:
+        yield url
+    elif redis_answers("127.0.0.1", 6379):
+        yield "redis://127.0.0.1:6379/9"
+    else:
+        with RedisServer() as server:
+            yield server.url
+
+
+def command_calls(client: redis.Redis) -> Counter[str] | None:
+    """Calls per command so far, from INFO commandstats; None if INFO is not allowed.
+
+    Commands run inside Lua scripts are counted too: Redis counts every call.
+    """
+    try:
+        info = client.info("commandstats")
+    except redis.ResponseError:
+        return None
+    return Counter({k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in info.items()})
+
+
+def redis_cpu(client: redis.Redis) -> float | None:
+    """CPU seconds the Redis server has used, or None if INFO is not allowed."""
+    try:
+        info = client.info("cpu")
+    except redis.ResponseError:
+        return None
+    return float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
+
+
+def worker_cpu(pid: int) -> tuple[float, float] | None:
+    """CPU seconds of a worker's main process and of its pool children (Linux /proc), or None elsewhere.
+
+    The worker runs in its own session, so its pool is the rest of its process group.
+    """
+    if not os.path.isdir("/proc"):
+        return None
+    tick = os.sysconf("SC_CLK_TCK")
+    main = pool = 0
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        # After the command: state, ppid, pgrp, ..., utime (14th field), stime (15th).
+        if int(fields[2]) == pid:
+            used = int(fields[11]) + int(fields[12])
+            if int(entry) == pid:
+                main += used
+            else:
+                pool += used
+    return main / tick, pool / tick
+
+
+def delete_run_keys(client: redis.Redis, patterns: list[str]) -> int:
+    """Delete the keys of this run only: everything else in this Redis may be someone else's."""
+    deleted = 0
+    for pattern in patterns:
+        batch: list[str] = []
+        for key in client.scan_iter(match=pattern, count=1000):
+            batch.append(key)
+            if len(batch) >= 500:
+                deleted += int(client.delete(*batch))
+                batch = []
+        if batch:
+            deleted += int(client.delete(*batch))
+    return deleted
+
+
+# -- the worker ----------------------------------------------------------------------
+
+
+class Worker:
+    """A ``celery worker`` subprocess in its own session, stopped by its PID."""
+
+    def __init__(self, env: dict[str, str], queue: str, log_path: str) -> None:
+        self.log_path = log_path
+        self._log = open(log_path, "wb")  # noqa: SIM115 - lives as long as the worker
+        args = [sys.executable, "-m", "celery", "-A", "benchmarks.bench_app", "worker"]
+        args += ["-P", "prefork", "-c", "2", "-Q", queue, "--without-gossip", "--without-mingle"]
+        args += ["--without-heartbeat", "-l", "WARNING"]
+        self.proc = subprocess.Popen(
+            args, cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def log_tail(self, lines: int = 30) -> str:
+        with open(self.log_path, errors="replace") as f:
+            return "".join(f.readlines()[-lines:])
+
+    def stop(self, timeout: float = 20.0) -> None:
+        """SIGTERM (warm shutdown), then SIGKILL to its process group, which holds only its pool."""
+        pid = self.proc.pid
+        if self.alive():
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                print(f"worker {pid} did not stop within {timeout:.0f}s; killing it", file=sys.stderr)
+                self.proc.kill()
+                self.proc.wait(10)
+        # Pool children left behind by a killed parent are in the worker's own session.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)
+        self._log.close()
+
+
+def wait_ready(bench: ModuleType, worker: Worker, ns: str, timeout: float = 60.0) -> None:
+    """Wait until the worker runs a plain task; fail early if it died."""
+    deadline = time.monotonic() + timeout
+    attempt = 0
+    while True:
+        if not worker.alive():
+            raise RuntimeError(f"worker exited with {worker.proc.returncode}:\n{worker.log_tail()}")
+        attempt += 1
+        try:
+            bench.step1.apply_async(task_id=f"{ns}-ready-{attempt}").get(timeout=2)
+            return
+        except CeleryTimeoutError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"worker not ready within {timeout:.0f}s:\n{worker.log_tail()}") from None
+
+
+# -- batches --------------------------------------------------------------------------
+
+
+@dataclass
+class Batch:
+    kind: str
+    n: int
+    seconds: float
+    commands: Counter[str] | None
+    #: CPU seconds used during the batch by this process, the worker (all its processes) and Redis.
+    cpu: dict[str, float | None]
+
+    @property
+    def rate(self) -> float:
+        return self.n / self.seconds
+
+
+class Runner:
+    def __init__(self, bench: ModuleType, client: redis.Redis, ns: str, poll_interval: float, worker_pid: int) -> None:
+        self.bench = bench
+        self.worker_pid = worker_pid
+        self.client = client
+        self.ns = ns
+        self.poll_interval = poll_interval
+        self.seq = 0
+
+    def publish_chains(self, n: int) -> list[Any]:
+        b = self.bench
+        results = []
+        for _ in range(n):
+            self.seq += 1
+            # Ids carrying the run id make the result keys easy to find and delete.
+            tid = f"{self.ns}-c{self.seq}"
+            c = chain(
+                b.step1.si().set(task_id=f"{tid}-1"),
+                b.step2.si().set(task_id=f"{tid}-2"),
+                b.step3.si().set(task_id=f"{tid}-3"),
+            )
+            results.append(c.apply_async())
+        return results
+
+    def publish_sagas(self, n: int) -> list[Any]:
+        return [self.bench.bench_saga.delay() for _ in range(n)]
+
+    def wait(self, kind: str, results: list[Any], timeout: float) -> None:
+        # Newest first: FIFO queues finish it last, so the others are done by then.
+        deadline = time.monotonic() + timeout
+        for res in reversed(results):
+            left = max(0.1, deadline - time.monotonic())
+            if kind == "saga":
+                data = res.get(timeout=left, interval=self.poll_interval)
+                if data != {}:
+                    raise RuntimeError(f"saga {res.id} ended with unexpected data {data!r}")
+            else:
+                res.get(timeout=left)
+
+    def batch(self, kind: str, n: int, timeout: float = 300.0) -> Batch:
+        before = command_calls(self.client)
+        cpu0 = self.cpu()
+        start = time.perf_counter()
+        results = self.publish_sagas(n) if kind == "saga" else self.publish_chains(n)
+        self.wait(kind, results, timeout)
+        seconds = time.perf_counter() - start
+        cpu1 = self.cpu()
+        after = command_calls(self.client)
+        cpu = {k: _minus(cpu1[k], cpu0[k]) for k in cpu0}
+        delta = None
+        if before is not None and after is not None:
+            delta = after - before
+            delta["info"] -= 1  # the INFO that took `before`
+            delta = +delta
+        return Batch(kind, n, seconds, delta, cpu)
+
+    def cpu(self) -> dict[str, float | None]:
+        worker = worker_cpu(self.worker_pid)
+        return {
+            "publisher": time.process_time(),
+            "worker main": None if worker is None else worker[0],
+            "pool": None if worker is None else worker[1],
+            "redis": redis_cpu(self.client),
+        }
+
+
+def _minus(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a - b
+
+
+# -- round trips, from a MONITOR sample --------------------------------------------------
+
+
+@dataclass
+class Sample:
+    """Commands of this run seen by MONITOR, split into client round trips and Lua-internal calls."""
+
+    round_trips: Counter[str] = field(default_factory=Counter)
+    in_lua: Counter[str] = field(default_factory=Counter)
+
+
+def monitor_sample(runner: Runner, url: str, db: int, kind: str, n: int) -> Sample | None:
+    """Run one untimed batch under MONITOR and attribute what Redis saw to this run.
+
+    INFO commandstats counts the commands that scripts run and cannot tell
+    this run from other users of a shared Redis; MONITOR shows both. A
+    MULTI..EXEC block (a redis-py transaction pipeline) is one round trip.
+    """
+    lines: list[dict[str, Any]] = []
+    stop = threading.Event()
+    failed: list[BaseException] = []
+    conn = redis.Redis.from_url(url, decode_responses=True)
+
+    def listen() -> None:
+        try:
+            with conn.monitor() as m:
+                started.set()
+                while not stop.is_set():
+                    lines.append(m.next_command())
+        except Exception as exc:
+            failed.append(exc)
+            started.set()
+
+    started = threading.Event()
+    thread = threading.Thread(target=listen, daemon=True)
+    thread.start()
+    started.wait(5)
+    if failed:
+        print(f"(MONITOR not available: {failed[0]}; no round-trip sample)")
+        return None
+    runner.batch(kind, n)
+    stop.set()
+    runner.client.ping()  # wakes the listener
+    thread.join(10)
+    conn.close()
+
+    ns = runner.ns
+    ours = {
+        (x["client_address"], x["client_port"])
+        for x in lines
+        if x["client_type"] != "lua" and x["db"] == db and ns in x["command"]
+    }
+    sample = Sample()
+    owner_is_ours = False
+    in_multi: set[tuple[str, str]] = set()
+    for x in lines:
+        name = x["command"].split(" ", 1)[0].lower()
+        if x["client_type"] == "lua":
+            # A script's calls directly follow the EVALSHA that ran it.
+            if owner_is_ours:
+                sample.in_lua[name] += 1
+            continue
+        who = (x["client_address"], x["client_port"])
+        owner_is_ours = who in ours
+        if not owner_is_ours:
+            continue
+        if name == "multi":
+            in_multi.add(who)
+            sample.round_trips["multi..exec"] += 1
+        elif who in in_multi:
+            if name == "exec":
+                in_multi.discard(who)
+        else:
+            sample.round_trips[name] += 1
+    return sample
+
+
+# -- reporting ------------------------------------------------------------------------
+
+
+def per_step(counter: Counter[str], steps: int) -> str:
+    top = ", ".join(f"{name} {calls / steps:.2f}" for name, calls in counter.most_common(8))
+    return f"{sum(counter.values()) / steps:5.2f}/step  ({top})"
+
+
+def report_cpu(batches: list[Batch]) -> None:
+    print("\nCPU ms per saga / chain over the timed batches (2 cores shared by all; Redis is indicative)")
+    for kind in ("chain", "saga"):
+        mine = [b for b in batches if b.kind == kind]
+        n = sum(b.n for b in mine)
+        parts = []
+        for who in ("publisher", "worker main", "pool", "redis"):
+            used = [b.cpu[who] for b in mine]
+            if all(u is not None for u in used):
+                parts.append(f"{who} {1000 * sum(u for u in used if u is not None) / n:5.2f}")
+        wall = 1000 * sum(b.seconds for b in mine) / n
+        print(f"  {kind:5}: wall {wall:5.2f}   " + "   ".join(parts))
+
+
+def report_commands(batches: list[Batch]) -> None:
+    print("\nRedis commands per step, INFO commandstats over the timed batches (incl. calls inside Lua;")
+    print("indicative only: a shared Redis also counts other clients)")
+    for kind in ("chain", "saga"):
+        mine = [b for b in batches if b.kind == kind]
+        if any(b.commands is None for b in mine):
+            print("  (INFO commandstats not permitted; skipped)")
+            return
+        total: Counter[str] = Counter()
+        for b in mine:
+            total.update(b.commands or {})
+        print(f"  {kind:5}: {per_step(total, STEPS * sum(b.n for b in mine))}")
+
+
+def report_sample(samples: dict[str, Sample], n: int) -> None:
+    print(f"\nRedis round trips per step, MONITOR sample of {n} of each (publisher + worker + waiting;")
+    print("a MULTI..EXEC pipeline counts once)")
+    for kind, s in samples.items():
+        print(f"  {kind:5}: round trips {per_step(s.round_trips, STEPS * n)}")
+        if s.in_lua:
+            print(f"         inside Lua  {per_step(s.in_lua, STEPS * n)}")
+
+
+# -- main -----------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--n", type=int, default=200, help="sagas and chains per batch (default 200)")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds of one batch of each (default 5)")
+    parser.add_argument("--warmup", type=int, default=30, help="untimed sagas and chains first (default 30)")
+    parser.add_argument(
+        "--poll-interval", type=float, default=0.01, help="SagaResult.get polling cap, seconds (default 0.01)"
+    )
+    parser.add_argument(
+        "--monitor-n", type=int, default=50, help="sagas and chains in the MONITOR sample, 0 to skip (default 50)"
+    )
+    args = parser.parse_args(argv)
+
+    ns = uuid.uuid4().hex[:10]
+    queue, prefix = f"bench-q-{ns}", f"bench-{ns}"
+    with chosen_redis() as url:
+        print(f"Redis {mask_url(url)}, queue {queue}, key prefix {prefix}")
+        os.environ.update(BENCH_BROKER_URL=url, BENCH_QUEUE=queue, BENCH_PREFIX=prefix)
+        bench = importlib.import_module("benchmarks.bench_app")
+        client = redis.Redis.from_url(url, decode_responses=True)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+        log_path = os.path.join(tempfile.gettempdir(), f"bench-worker-{ns}.log")
+        worker = Worker(env, queue, log_path)
+        try:
+            wait_ready(bench, worker, ns)
+            runner = Runner(bench, client, ns, args.poll_interval, worker.proc.pid)
+            if args.warmup:
+                runner.batch("chain", args.warmup)
+                runner.batch("saga", args.warmup)
+            batches = run_rounds(runner, args.n, args.rounds)
+            report_cpu(batches)
+            report_commands(batches)
+            if args.monitor_n > 0:
+                samples: dict[str, Sample] = {}
+                for kind in ("chain", "saga"):
+                    s = monitor_sample(runner, url, _db(url), kind, args.monitor_n)
+                    if s is None:
+                        break
+                    samples[kind] = s
+                if samples:
+                    report_sample(samples, args.monitor_n)
+            report_ratio(batches)
+        finally:
+            worker.stop()
+            deleted = delete_run_keys(
+                client, [f"{prefix}:*", f"{queue}*", f"_kombu.binding.{queue}", f"celery-task-meta-{ns}-*"]
+            )
+            client.close()
+            bench_app = sys.modules.get("benchmarks.bench_app")
+            if bench_app is not None:
+                bench_app.app.close()
+            print(f"\ncleaned up: worker {worker.proc.pid} stopped, {deleted} keys of this run deleted")
+    return 0
+
+
+def _db(url: str) -> int:
+    return int(redis.connection.parse_url(url).get("db", 0))
+
+
+def run_rounds(runner: Runner, n: int, rounds: int) -> list[Batch]:
+    batches: list[Batch] = []
+    print(f"\n{rounds} rounds of {n} chains and {n} sagas ({STEPS} no-op steps each), prefork -c 2")
+    for r in range(rounds):
+        # Alternate which goes first, so drift in the machine's load hits both.
+        order = ("chain", "saga") if r % 2 == 0 else ("saga", "chain")
+        got = {kind: runner.batch(kind, n) for kind in order}
+        batches += got.values()
+        c, s = got["chain"], got["saga"]
+        print(
+            f"  round {r + 1}: chain {c.rate:7.1f}/s ({c.seconds:5.2f}s)   "
+            f"saga {s.rate:7.1f}/s ({s.seconds:5.2f}s)   ratio {s.rate / c.rate:.3f}"
+        )
+    return batches
+
+
+def report_ratio(batches: list[Batch]) -> None:
+    def total(kind: str) -> float:
+        mine = [b for b in batches if b.kind == kind]
+        return sum(b.n for b in mine) / sum(b.seconds for b in mine)
+
+    chains, sagas = total("chain"), total("saga")
+    # Batches come in pairs of one chain and one saga batch, in either order.
+    rounds = [
+        (b2.rate / b1.rate) if b1.kind == "chain" else (b1.rate / b2.rate)
+        for b1, b2 in zip(batches[::2], batches[1::2], strict=True)
+    ]
+    ratio = sagas / chains
+    print(f"\nchain: {chains:.1f}/s ({chains * STEPS:.0f} tasks/s)   saga: {sagas:.1f}/s ({sagas * STEPS:.0f} steps/s)")
+    print(f"saga/chain throughput ratio: {ratio:.2f} (median of rounds {statistics.median(rounds):.2f})")
+    print(f"target >= {TARGET}: {'met' if ratio >= TARGET else 'NOT met'}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

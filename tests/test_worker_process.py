@@ -1,0 +1,307 @@
+"""Sagas on real `celery worker` prefork subprocesses: crashes, lost pool children, time limits.
+
+Each test gets its own key prefix (saga records, ledger, gates and, through
+kombu's ``global_keyprefix``, its queue and unacked hash) and its own queue.
+Workers run in their own session and are stopped by PID and process group.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import redis
+
+from celery_saga import SagaCompensated, SagaResult, SagaStatus
+from tests import proc_app
+from tests.conftest import Ledger, wait_for
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class Workers:
+    """`celery worker` subprocesses of one test, each logging to its own file."""
+
+    def __init__(self, tmp_path: Path, env: dict[str, str], queue: str, ns: str) -> None:
+        self.tmp_path = tmp_path
+        self.env = env
+        self.queue = queue
+        self.ns = ns
+        self.procs: list[tuple[subprocess.Popen[bytes], Path]] = []
+
+    def start(self, visibility_timeout: float | None = None) -> subprocess.Popen[bytes]:
+        env = dict(self.env)
+        if visibility_timeout is not None:
+            env[proc_app.ENV_VISIBILITY] = str(visibility_timeout)
+        n = len(self.procs)
+        log_path = self.tmp_path / f"worker-{n}.log"
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "celery",
+                    "-A",
+                    "tests.proc_app",
+                    "worker",
+                    "-P",
+                    "prefork",
+                    "-c",
+                    "2",
+                    "-Q",
+                    self.queue,
+                    "--without-gossip",
+                    "--without-mingle",
+                    "--without-heartbeat",
+                    "-l",
+                    "INFO",
+                    "-n",
+                    f"w{n}-{self.ns}@%h",
+                ],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                cwd=ROOT,
+            )
+        self.procs.append((proc, log_path))
+        return proc
+
+    @staticmethod
+    def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+        # The worker leads its own process group (start_new_session=True):
+        # this reaches pool children a SIGKILLed main process left behind.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+    def wait_dead(self, proc: subprocess.Popen[bytes], timeout: float = 15.0) -> int:
+        """Wait for a worker that was killed to exit, then make sure its pool children are gone too."""
+        code = proc.wait(timeout)
+        self._kill_group(proc)
+        return code
+
+    def stop(self, proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout)
+        self._kill_group(proc)
+
+    def stop_all(self) -> None:
+        for proc, _ in self.procs:
+            self.stop(proc)
+
+    def logs(self) -> str:
+        parts = []
+        for proc, path in self.procs:
+            text = path.read_text(errors="replace") if path.exists() else ""
+            parts.append(f"--- worker pid {proc.pid} (exit {proc.returncode}) ---\n{text[-6000:]}")
+        return "\n".join(parts)
+
+
+@pytest.fixture
+def env(redis_url: str, ns: str) -> SimpleNamespace:
+    prefix = f"sagaproc-{ns}"
+    queue = f"q-{ns}"
+    worker_env = {
+        **os.environ,
+        proc_app.ENV_BROKER: redis_url,
+        proc_app.ENV_PREFIX: prefix,
+        proc_app.ENV_QUEUE: queue,
+        "PYTHONUNBUFFERED": "1",
+    }
+    worker_env.pop(proc_app.ENV_VISIBILITY, None)
+    return SimpleNamespace(redis_url=redis_url, prefix=prefix, queue=queue, worker_env=worker_env)
+
+
+@pytest.fixture
+def workers(env: SimpleNamespace, tmp_path: Path, ns: str, r: redis.Redis) -> Iterator[Workers]:
+    # Takes `r` so the workers stop before `r` deletes the test's keys.
+    w = Workers(tmp_path, env.worker_env, env.queue, ns)
+    try:
+        yield w
+    finally:
+        w.stop_all()
+        # Captured: pytest shows it only for a failed test.
+        sys.stderr.write(w.logs())
+
+
+@pytest.fixture
+def r(redis_url: str, env: SimpleNamespace) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    yield client
+    # Only this test's keys: saga records, ledger, gates, and kombu's keys.
+    for key in client.scan_iter(match=f"{env.prefix}:*", count=500):
+        client.unlink(key)
+    client.close()
+
+
+@pytest.fixture
+def shop(env: SimpleNamespace) -> Iterator[SimpleNamespace]:
+    """The test's side: the same tasks and sagas, to start sagas and read their records."""
+    s = proc_app.create(env.redis_url, env.prefix, env.queue)
+    yield s
+    s.app.close()
+
+
+def _status(res: SagaResult) -> SagaStatus:
+    return res.state().status
+
+
+def _wait_finished(res: SagaResult, timeout: float = 30.0) -> SagaStatus:
+    return wait_for(lambda: res.state().status.finished and res.state().status, timeout, f"saga {res.id} to finish")
+
+
+def _failures(r: redis.Redis, prefix: str) -> list[list[Any]]:
+    return [json.loads(x) for x in r.lrange(f"{prefix}:failures", 0, -1)]
+
+
+def _drained(r: redis.Redis, env: SimpleNamespace) -> bool:
+    """Nothing queued and nothing delivered but unacknowledged (every task here that may run late is acks_late)."""
+    kp = proc_app.kombu_prefix(env.prefix)
+    return r.llen(f"{kp}{env.queue}") == 0 and r.hlen(f"{kp}unacked") == 0
+
+
+def test_prefork_worker_happy_and_compensated(env, workers, shop, r) -> None:
+    ledger = Ledger(r, f"{env.prefix}:ledger")
+    workers.start()
+
+    # Happy path: the results of each stage flow into the next one.
+    ok = shop.sequential.delay(order_id=7)
+    data = ok.get(timeout=30)
+    assert data["reservation"] == "r-7"
+    assert data["payment"] == "p-7-r-7"
+    assert data["tracking"] == "t-7-p-7-r-7"
+    assert ledger.actions() == ["do:proc.one", "do:proc.two", "do:proc.three"]
+
+    # Failure of the last step: the earlier ones are undone, latest first.
+    bad = shop.sequential.delay(order_id=8, fail={"proc.three": "out of stock"})
+    with pytest.raises(SagaCompensated) as info:
+        bad.get(timeout=30)
+    assert info.value.step == "proc.three"
+    assert info.value.error == "RuntimeError: out of stock"
+    entries = ledger.entries()[3:]
+    assert [f"{e[0]}:{e[1]}" for e in entries] == ["do:proc.one", "do:proc.two", "undo:proc.two", "undo:proc.one"]
+    # Each compensation got its own step's result.
+    assert entries[2][2] == {"payment": "p-8-r-8"}
+    assert entries[3][2] == {"reservation": "r-8"}
+    state = bad.state()
+    assert state.step("proc.three").compensation_status is None
+
+
+@pytest.mark.timeout(90)
+def test_worker_killed_between_record_and_publish(env, workers, shop, r) -> None:
+    # Given workers with a visibility timeout of 2 s, so a dead worker's
+    # acks_late message comes back quickly, and a hook that SIGKILLs the whole
+    # worker while step 1's pool child publishes step 2, that is after step 1's
+    # "done" was recorded.
+    ledger = Ledger(r, f"{env.prefix}:ledger")
+    kp = proc_app.kombu_prefix(env.prefix)
+    first = workers.start(visibility_timeout=2)
+    res = shop.sequential.delay(order_id=3, crash_worker_before="proc.two")
+
+    # When the worker dies mid-publish
+    assert workers.wait_dead(first, timeout=30) == -signal.SIGKILL
+    # Then step 1's outcome is recorded, step 2 is marked dispatched but was
+    # never published, and step 1's message is still unacknowledged.
+    state = res.state()
+    assert state.status is SagaStatus.RUNNING
+    assert state.step("proc.one").status.value == "COMPLETED"
+    assert state.step("proc.two").status.value == "DISPATCHED"
+    assert ledger.actions() == ["do:proc.one", "crash:proc.two"]
+    assert r.llen(f"{kp}{env.queue}") == 0
+    assert r.hlen(f"{kp}unacked") == 1
+
+    # When a new worker starts, kombu restores step 1's message after the
+    # visibility timeout; its begin finds the outcome recorded and re-drives.
+    workers.start(visibility_timeout=2)
+    data = res.get(timeout=40)
+
+    # Then the saga completes, and step 1's function ran exactly once.
+    assert data["tracking"] == "t-3-p-3-r-3"
+    assert ledger.actions() == ["do:proc.one", "crash:proc.two", "do:proc.two", "do:proc.three"]
+    assert res.state().step("proc.one").attempts == 1
+
+
+def test_saga_started_with_no_worker_completes_when_one_starts(env, workers, shop, r) -> None:
+    kp = proc_app.kombu_prefix(env.prefix)
+    # Given a saga started while nothing consumes its queue
+    res = shop.sequential.delay(order_id=5)
+
+    # Then it waits, PENDING, with its first step's message in the queue
+    assert _status(res) is SagaStatus.PENDING
+    assert res.state().step("proc.one").status.value == "DISPATCHED"
+    assert r.llen(f"{kp}{env.queue}") == 1
+    assert not res.ready()
+
+    # When a worker starts, it completes
+    workers.start()
+    assert res.get(timeout=30)["tracking"] == "t-5-p-5-r-5"
+    assert Ledger(r, f"{env.prefix}:ledger").actions() == ["do:proc.one", "do:proc.two", "do:proc.three"]
+
+
+def test_pool_child_killed_mid_step_compensates(env, workers, shop, r) -> None:
+    ledger = Ledger(r, f"{env.prefix}:ledger")
+    workers.start()
+
+    # When the third step's pool child is SIGKILLed mid-step
+    res = shop.dies.delay(order_id=4, die_in="proc.die")
+
+    # Then Celery reports WorkerLostError in the main process, and the saga
+    # rolls back the steps before it, latest first
+    assert _wait_finished(res) is SagaStatus.COMPENSATED
+    state = res.state()
+    assert state.failed_step == "proc.die"
+    assert "WorkerLostError" in (state.error or "")
+    assert ledger.actions() == ["do:proc.one", "do:proc.two", "dying:proc.die", "undo:proc.two", "undo:proc.one"]
+    # The step that died is not compensated, and the last step never ran.
+    assert state.step("proc.die").compensation_status is None
+    assert state.step("proc.three").status.value == "WAITING"
+    wait_for(
+        lambda: [f[0] for f in _failures(r, env.prefix) if f[1] == "WorkerLostError"] == [f"{res.id}:proc.die"],
+        10,
+        "task_failure with WorkerLostError in the main process",
+    )
+
+
+def test_hard_time_limit_compensates(env, workers, shop, r) -> None:
+    ledger = Ledger(r, f"{env.prefix}:ledger")
+    workers.start()
+
+    # When a step with time_limit=1 blocks on a gate that never opens
+    res = shop.limited.delay(order_id=6, block_in="proc.slow")
+    wait_for(lambda: r.llen(f"{env.prefix}:entered:proc.slow"), 30, "the slow step to start")
+
+    # Then the hard time limit kills it and the saga rolls back
+    assert _wait_finished(res) is SagaStatus.COMPENSATED
+    state = res.state()
+    assert state.failed_step == "proc.slow"
+    assert "TimeLimitExceeded" in (state.error or "")
+
+    # Celery 5.7 fires task_failure twice for a hard time limit: wait for
+    # both to be handled, and for any message they might have sent to be done.
+    slow_id = f"{res.id}:proc.slow"
+    wait_for(
+        lambda: [f[0] for f in _failures(r, env.prefix) if f[1] == "TimeLimitExceeded"] == [slow_id, slow_id],
+        15,
+        "task_failure to fire twice for the hard time limit",
+    )
+    wait_for(lambda: _drained(r, env), 15, "the queue to drain")
+
+    # Each earlier step was compensated exactly once, latest first.
+    assert ledger.actions() == ["do:proc.one", "do:proc.two", "undo:proc.two", "undo:proc.one"]
+    assert state.step("proc.one").compensation_attempts == 1
+    assert state.step("proc.two").compensation_attempts == 1
+    assert state.step("proc.slow").compensation_status is None
