@@ -131,13 +131,12 @@ def react(
     name: str,
     gen: str,
     t: Transition,
-    data: dict[str, Any] | None = None,
 ) -> None:
-    """Publish what transition ``t`` calls for. ``data`` is the data of the stage that just ended."""
+    """Publish what transition ``t`` calls for."""
     if t.tag == "next":
-        digest, k, results = t.extra[0], int(t.extra[1]), t.extra[2:]
+        digest, k, kwargs_raw, results = t.extra[0], int(t.extra[1]), t.extra[2], t.extra[3:]
         plan = cached_plan(digest, lambda: store.load(saga_id)["plan"])
-        merged = dict(data or {})
+        merged = json.loads(kwargs_raw)
         for result_raw in results:
             result = json.loads(result_raw)
             if isinstance(result, dict):

@@ -126,6 +126,9 @@ def _forward(task: Task, original: Any, params: Params, request: Any, kwargs: di
 
     attempt = int(t.extra[0])
     call = params.pick({**kwargs, **(request.get(Headers.BOUND) or {})})
+    # A retry (the task's own, or ours) re-sends request.kwargs, and Celery
+    # checks them against the signature: send only what the function takes.
+    request.kwargs = call
     token = set_current(StepContext(ctx.saga_id, ctx.name, ctx.step, False, f"{ctx.saga_id}:{ctx.step}", attempt))
     try:
         result = original(**call)
@@ -150,7 +153,7 @@ def _forward(task: Task, original: Any, params: Params, request: Any, kwargs: di
         raise error from exc
     try:
         t = store.step("done", ctx.saga_id, ctx.gen, ctx.name, ctx.step, result_json)
-        react(app, store, ctx.saga_id, ctx.name, ctx.gen, t, data=kwargs)
+        react(app, store, ctx.saga_id, ctx.name, ctx.gen, t)
     except SagaStoreUnavailable as exc:
         # The effect happened but is not recorded; running again is what the
         # step's idempotency key is for.
@@ -185,8 +188,9 @@ def _compensate(task: Task, original: Any, params: Params, request: Any, kwargs:
     attempt = int(t.extra[0])
     key = f"{ctx.saga_id}:{ctx.step}:undo"
     token = set_current(StepContext(ctx.saga_id, ctx.name, ctx.step, True, key, attempt))
+    call = request.kwargs = params.pick(kwargs)
     try:
-        result = original(**params.pick(kwargs))
+        result = original(**call)
     except Retry:
         raise
     except Exception as exc:

@@ -235,8 +235,12 @@ if op == 'done' then
     end
     redis.call('HSET', K, 'stage', k, 'left', #st[k + 1])
     for _, n in ipairs(st[k + 1]) do redis.call('HSET', K, 's:' .. n, 'DISPATCHED', 'td:' .. n, NOW) end
-    local reply = {'next', status, '', hget('ph'), tostring(k)}
-    for _, n in ipairs(st[k]) do reply[#reply + 1] = hget('r:' .. n) end
+    -- Data is never stored: the caller folds the start kwargs with the
+    -- results of every finished stage, in declaration order.
+    local reply = {'next', status, '', hget('ph'), tostring(k), hget('kwargs')}
+    for j = 1, k do
+      for _, n in ipairs(st[j]) do reply[#reply + 1] = hget('r:' .. n) end
+    end
     return remember(reply)
   end
   if status == 'COMPENSATING' then
