@@ -417,6 +417,7 @@ def main(argv: list[str] | None = None) -> int:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
         log_path = os.path.join(tempfile.gettempdir(), f"bench-worker-{ns}.log")
         worker = Worker(env, queue, log_path)
+        ok = False
         try:
             wait_ready(bench, worker, ns)
             runner = Runner(bench, client, ns, args.poll_interval, worker.proc.pid)
@@ -436,10 +437,22 @@ def main(argv: list[str] | None = None) -> int:
                 if samples:
                     report_sample(samples, args.monitor_n)
             report_ratio(batches)
+            ok = True
         finally:
             worker.stop()
+            if ok:
+                os.unlink(log_path)
+            else:
+                print(f"worker log: {log_path}", file=sys.stderr)
             deleted = delete_run_keys(
-                client, [f"{prefix}:*", f"{queue}*", f"_kombu.binding.{queue}", f"celery-task-meta-{ns}-*"]
+                client,
+                [
+                    f"{prefix}:*",
+                    f"{queue}*",
+                    f"_kombu.binding.{queue}",
+                    f"_kombu.binding_permanent.{queue}",
+                    f"celery-task-meta-{ns}-*",
+                ],
             )
             client.close()
             bench_app = sys.modules.get("benchmarks.bench_app")

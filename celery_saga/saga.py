@@ -20,7 +20,7 @@ from .plan import Plan, StepSpec
 from .result import SagaResult
 from .step import StepRef, check_step_name, registered
 from .store.base import StartRequest
-from .tasks import is_task, task_app, task_name
+from .tasks import is_proxy, is_task, task_app, task_name
 
 __all__ = ["Saga", "parallel", "validate_sagas_of"]
 
@@ -37,7 +37,7 @@ class parallel:  # noqa: N801 - named like Celery's own `group`
     """Steps that run together; the saga goes on once all have finished."""
 
     def __init__(self, *steps: Any) -> None:
-        if len(steps) == 1 and isinstance(steps[0], (list, tuple)):
+        if len(steps) == 1 and not is_proxy(steps[0]) and isinstance(steps[0], (list, tuple)):
             steps = tuple(steps[0])
         if len(steps) < 2:
             raise SagaDefinitionError(
@@ -51,6 +51,8 @@ class parallel:  # noqa: N801 - named like Celery's own `group`
 
 def _stages(item: Any) -> list[list[Any]]:
     """Flatten a step list or Celery canvas into stages of leaves."""
+    if is_proxy(item):
+        return [[item]]
     if isinstance(item, (list, tuple)):
         return [stage for x in item for stage in _stages(x)]
     if isinstance(item, _chord):
@@ -69,7 +71,7 @@ def _members(items: Iterable[Any], what: str) -> list[Any]:
     if len(members) < 2:
         raise SagaDefinitionError(f"{what} needs at least two steps, got {len(members)}; use the step on its own")
     for m in members:
-        if isinstance(m, (list, tuple, _chain, group, parallel)):
+        if not is_proxy(m) and isinstance(m, (list, tuple, _chain, group, parallel)):
             raise SagaDefinitionError(
                 f"{what} may only hold single steps, not {type(m).__name__}: split the branch into its own stages"
             )
@@ -78,9 +80,9 @@ def _members(items: Iterable[Any], what: str) -> list[Any]:
 
 def _leaf(item: Any) -> StepRef:
     """Turn one step (task, signature or step()) into a StepRef, checking it is a declared step."""
-    if isinstance(item, StepRef):
+    if not is_proxy(item) and isinstance(item, StepRef):
         return item
-    if isinstance(item, Signature) or is_task(item):
+    if is_task(item) or isinstance(item, Signature):
         name = task_name(item)
         meta = registered(name)
         if meta is None:
@@ -88,7 +90,7 @@ def _leaf(item: Any) -> StepRef:
                 f"task {name!r} is not a saga step: decorate it with @saga_step(compensate=...) "
                 f"(compensate=None if there is nothing to undo), or wrap it in step({name!r}, compensate=...)"
             )
-        sig = item if isinstance(item, Signature) else None
+        sig = item if not is_proxy(item) and isinstance(item, Signature) else None
         return StepRef(
             name=check_step_name(name),
             task=name,
@@ -119,7 +121,7 @@ class Saga:
         if not isinstance(name, str) or not name or any(c in name for c in " \t\r\n:"):
             raise SagaDefinitionError(f"saga name must be a non-empty string without whitespace or ':', not {name!r}")
         self.name = name
-        if isinstance(steps, (list, tuple)) and not steps:
+        if not is_proxy(steps) and isinstance(steps, (list, tuple)) and not steps:
             raise SagaDefinitionError(f"saga {name!r} has no steps; give it at least one")
         stages = [[_leaf(x) for x in stage] for stage in _stages(steps)]
         if not stages:

@@ -14,7 +14,7 @@ from celery.canvas import Signature
 
 from .errors import SagaDefinitionError
 from .plan import FORBIDDEN_IN_STEP_NAMES
-from .tasks import is_task, task_app, task_name
+from .tasks import is_proxy, is_task, task_app, task_name
 
 __all__ = ["StepContext", "StepMeta", "StepRef", "current_step", "registered", "saga_step", "step"]
 
@@ -49,6 +49,8 @@ def registered(name: str) -> StepMeta | None:
 
 
 def _compensation_name(compensate: Any, where: str) -> str | None:
+    if is_task(compensate):
+        return task_name(compensate)
     if compensate is MISSING:
         raise SagaDefinitionError(
             f"{where} needs compensate=: pass the compensating task, its name, or None if there is nothing to undo"
@@ -59,8 +61,6 @@ def _compensation_name(compensate: Any, where: str) -> str | None:
         if not compensate:
             raise SagaDefinitionError(f"{where}: compensate= is an empty task name")
         return compensate
-    if is_task(compensate):
-        return task_name(compensate)
     raise SagaDefinitionError(
         f"{where}: compensate= must be a Celery task, a task name or None, not {type(compensate).__name__}"
     )
@@ -154,7 +154,9 @@ def step(
     bound: dict[str, Any] = {}
     args: tuple[Any, ...] = ()
     options: dict[str, Any] = {}
-    if isinstance(task_or_name, Signature):
+    if is_proxy(task_or_name):
+        pass
+    elif isinstance(task_or_name, Signature):
         bound = dict(task_or_name.kwargs or {})
         args = tuple(task_or_name.args or ())
         options = dict(task_or_name.options or {})

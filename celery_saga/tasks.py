@@ -14,7 +14,7 @@ from celery import Celery, Task
 from celery.canvas import Signature
 from celery.local import PromiseProxy, Proxy
 
-__all__ = ["is_task", "task_app", "task_name"]
+__all__ = ["is_proxy", "is_task", "task_app", "task_name"]
 
 
 def _promise_parts(obj: Proxy) -> tuple[Celery, Any, dict[str, Any]] | None:
@@ -30,30 +30,34 @@ def _promise_parts(obj: Proxy) -> tuple[Celery, Any, dict[str, Any]] | None:
     return app, args[0], dict(kwargs)
 
 
+def is_proxy(obj: Any) -> bool:
+    """True for a Celery proxy. ``isinstance(proxy, X)`` for any other X would evaluate it."""
+    return issubclass(type(obj), Proxy)
+
+
 def is_task(obj: Any) -> bool:
     """True for a Celery task or a task proxy (checked without evaluating it)."""
-    if isinstance(obj, Proxy):
-        return True
-    return isinstance(obj, Task)
+    return is_proxy(obj) or isinstance(obj, Task)
 
 
 def task_name(obj: Any) -> str:
     """The Celery name of a task, task proxy, signature or name."""
-    if isinstance(obj, str):
-        return obj
-    if isinstance(obj, Signature):
-        return str(obj.task)
-    if isinstance(obj, Proxy):
+    if is_proxy(obj):
         parts = _promise_parts(obj)
         if parts is not None:
             app, fun, opts = parts
             return str(opts.get("name") or app.gen_task_name(fun.__name__, fun.__module__))
+        return str(obj.name)
+    if isinstance(obj, str):
+        return obj
+    if isinstance(obj, Signature):
+        return str(obj.task)
     return str(obj.name)
 
 
 def task_app(obj: Any) -> Celery | None:
     """The app a task belongs to, if that is known without evaluating it."""
-    if isinstance(obj, Proxy):
+    if is_proxy(obj):
         parts = _promise_parts(obj)
         if parts is not None:
             return parts[0]

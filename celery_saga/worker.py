@@ -99,6 +99,12 @@ def _not_run(app: Celery, store: SagaStore, ctx: _Ctx, tag: str, what: str) -> I
             ctx.step,
             store.where(),
         )
+    elif tag == "corrupt":
+        logger.error(
+            "saga %s: the record of %s %r in %s is corrupt; nothing was run. Inspect it with "
+            "`celery saga show %s`, or purge it",
+            ctx.saga_id, what, ctx.step, store.where(), ctx.saga_id,
+        )
     elif tag == "stale":
         logger.warning("saga %s: %s %r belongs to an earlier start of this saga; skipped", ctx.saga_id, what, ctx.step)
     else:

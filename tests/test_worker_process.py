@@ -95,7 +95,7 @@ class Workers:
             try:
                 proc.wait(timeout)
             except subprocess.TimeoutExpired:
-                proc.kill()
+                self._kill_group(proc)
                 proc.wait(timeout)
         self._kill_group(proc)
 
@@ -154,6 +154,7 @@ def shop(env: SimpleNamespace) -> Iterator[SimpleNamespace]:
     s = proc_app.create(env.redis_url, env.prefix, env.queue)
     yield s
     s.app.close()
+    s.client.close()
 
 
 def _status(res: SagaResult) -> SagaStatus:

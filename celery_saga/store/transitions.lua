@@ -163,6 +163,10 @@ if op == 'start' then
 end
 
 if not status then return {'missing', '', ''} end
+local KNOWN = {PENDING = true, RUNNING = true, COMPENSATING = true, COMPLETED = true, COMPENSATED = true, FAILED = true}
+if not KNOWN[status] or hget('v') ~= '1' or not hget('stages') or not hget('plan') or not hget('cstage') and status == 'COMPENSATING' then
+  return {'corrupt', status, ''}
+end
 if hget('gen') ~= gen then return {'stale', status, ''} end
 
 if op == 'abort' then

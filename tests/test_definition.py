@@ -1,0 +1,118 @@
+"""Defining sagas: every broken definition fails with an error that says what to do."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from celery import Celery, group
+
+from celery_saga import Saga, SagaDefinitionError, parallel, saga_step, step
+from tests import shop
+
+
+def test_an_undecorated_task_is_a_definition_error(app: Celery, r, prefix) -> None:
+    s = shop.build(app, r, prefix)
+
+    @app.task(shared=False, name="def.plain")
+    def plain() -> None: ...
+
+    with pytest.raises(SagaDefinitionError, match=r"not a saga step: decorate it with @saga_step"):
+        Saga("bad", [s.reserve, plain])
+    with pytest.raises(SagaDefinitionError, match="not a saga step"):
+        Saga("bad", [s.reserve, plain.s()])
+    # step() is the explicit way to use it anyway.
+    assert Saga("ok", [s.reserve, step(plain, compensate=None)]).plan().steps[1].task == "def.plain"
+
+
+def test_compensation_name_no_task_has_is_checked_once_the_app_is_finalized(app: Celery) -> None:
+    @saga_step(compensate="def.no_such_task")
+    @app.task(shared=False, name="def.forward")
+    def forward() -> None: ...
+
+    assert not app.finalized
+    saga = Saga("missing_comp", [forward])  # not checkable yet: the app has no tasks
+    with pytest.raises(SagaDefinitionError, match="no task of that name"):
+        saga.delay()
+    # Defined after finalize, the saga is checked at once.
+    with pytest.raises(SagaDefinitionError, match="def.no_such_task"):
+        Saga("missing_comp2", [forward])
+
+
+@pytest.mark.parametrize(
+    ("steps", "message"),
+    [
+        ([], "has no steps"),
+        (lambda s: [s.reserve, s.reserve], "two steps named 'shop.reserve'"),
+        (lambda s: [s.reserve, parallel(s.ship)], "at least two steps"),
+        (lambda s: [s.reserve, group(s.ship.s())], "at least two steps"),
+        (lambda s: [parallel([s.reserve, s.charge], s.ship)], "single steps"),
+        (lambda s: [s.reserve, 42], "cannot be a saga step"),
+    ],
+)
+def test_broken_definitions(app: Celery, r, prefix, steps, message: str) -> None:
+    s = shop.build(app, r, prefix)
+    with pytest.raises(SagaDefinitionError, match=message):
+        Saga("broken", steps(s) if callable(steps) else steps)
+
+
+def test_decorator_misuse(app: Celery) -> None:
+    with pytest.raises(SagaDefinitionError, match="needs compensate="):
+
+        @saga_step()
+        @app.task(shared=False, name="def.no_comp")
+        def no_comp() -> None: ...
+
+    with pytest.raises(SagaDefinitionError, match="above @app.task"):
+
+        @saga_step(compensate=None)
+        def not_a_task() -> None: ...
+
+    with pytest.raises(SagaDefinitionError, match="may not contain"):
+        step("a:b", compensate=None)
+
+
+def test_nothing_happens_at_import_and_finalize_enables_the_app() -> None:
+    # In a fresh interpreter: importing, decorating and defining a saga
+    # connects no signal, opens no connection and finalizes no app.
+    code = textwrap.dedent(
+        """
+        import celery._state as state
+        from celery import Celery, signals
+        before = set(state._on_app_finalizers)
+        import celery_saga
+        from celery_saga import Saga, parallel, saga_step
+        from celery_saga.app import _STORES, is_enabled
+        assert set(state._on_app_finalizers) == before
+        assert not signals.task_failure.receivers and not signals.task_revoked.receivers
+        app = Celery("imp", broker="redis://127.0.0.1:1/0", set_as_current=False)
+        @app.task(name="imp.undo")
+        def undo(): ...
+        @saga_step(compensate=undo)
+        @app.task(name="imp.t")
+        def t(): ...
+        @saga_step(compensate=None)
+        @app.task(name="imp.u")
+        def u(): ...
+        @saga_step(compensate=None)
+        @app.task(name="imp.v")
+        def v(): ...
+        saga = Saga("imp", [t, parallel(u, v)])
+        assert not app.finalized and not app.configured
+        assert not signals.task_failure.receivers and not _STORES and not is_enabled(app)
+        app.finalize()
+        assert is_enabled(app) and signals.task_failure.receivers and not _STORES
+        print("ok")
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
+
+
+def test_saga_of_named_steps_needs_an_app() -> None:
+    saga = Saga("remote", [step("svc.a", compensate="svc.undo_a")])
+    with pytest.raises(SagaDefinitionError, match="pass Saga"):
+        saga.delay()

@@ -1,0 +1,150 @@
+"""Starting sagas: the ack, idempotency, bad input, an unreachable store, a failed publish."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import redis
+from celery import Celery
+
+from celery_saga import (
+    IdempotencyConflict,
+    SagaDataError,
+    SagaNotFound,
+    SagaResult,
+    SagaStatus,
+    SagaStoreUnavailable,
+    StepStatus,
+)
+from celery_saga.app import store_for
+from celery_saga.testing import free_port
+from tests import shop
+from tests.conftest import Ledger, configure, wait_for
+
+
+def _saga_keys(r: redis.Redis, prefix: str) -> list[str]:
+    return list(r.scan_iter(f"{prefix}:*"))
+
+
+def test_start_returns_at_once_and_a_saga_waits_pending_for_a_worker(
+    app: Celery, r, prefix, ledger: Ledger, worker
+) -> None:
+    s = shop.build(app, r, prefix)
+    res = s.sequential.delay(order_id=1)
+    # No worker runs: the saga is recorded, its first step queued, nothing begun.
+    assert res.status is SagaStatus.PENDING
+    assert not res.ready()
+    state = res.state()
+    assert [st.status for st in state.steps] == [StepStatus.DISPATCHED] + [StepStatus.WAITING] * 3
+    assert r.pttl(f"{prefix}:{{{res.id}}}") == -1  # a running saga never expires
+    assert ledger.actions() == []
+    with worker():
+        assert res.get(timeout=20)["tracking"] == "t-1"
+    # A handle made later, from the id alone, sees the same saga.
+    assert SagaResult(res.id, app=app).status is SagaStatus.COMPLETED
+
+
+def test_idempotent_start_with_ten_threads_racing_for_one_key(app: Celery, r, prefix, ledger: Ledger, worker) -> None:
+    s = shop.build(app, r, prefix)
+    barrier = threading.Barrier(10)
+    ids: list[str] = []
+
+    def start() -> None:
+        barrier.wait()
+        ids.append(s.sequential.apply_async(kwargs={"order_id": 9}, idempotency_key="order-9").id)
+
+    threads = [threading.Thread(target=start) for _ in range(10)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(ids) == 10 and len(set(ids)) == 1
+    with worker():
+        SagaResult(ids[0], app=app).get(timeout=20)
+        # The same key and kwargs after the end still give the same saga, whatever its status.
+        again = s.sequential.apply_async(kwargs={"order_id": 9}, idempotency_key="order-9")
+        assert again.id == ids[0] and again.status is SagaStatus.COMPLETED
+        s.notify.delay("sentinel", tag="sentinel")
+        wait_for(lambda: r.llen(f"{prefix}:callbacks"), what="the sentinel")
+    assert ledger.actions() == ["do:shop.validate", "do:shop.reserve", "do:shop.charge", "do:shop.ship"]
+
+
+def test_same_key_with_different_kwargs_conflicts(app: Celery, r, prefix) -> None:
+    s = shop.build(app, r, prefix)
+    first = s.sequential.apply_async(kwargs={"order_id": 1}, idempotency_key="k")
+    with pytest.raises(IdempotencyConflict) as info:
+        s.sequential.apply_async(kwargs={"order_id": 2}, idempotency_key="k")
+    assert info.value.saga_id == first.id
+    # Keys are scoped per saga name.
+    other = s.mixed.apply_async(kwargs={"order_id": 2}, idempotency_key="k")
+    assert other.id != first.id
+
+
+def test_kwargs_that_are_not_json_fail_before_anything_is_written(app: Celery, r, prefix) -> None:
+    s = shop.build(app, r, prefix)
+    with pytest.raises(SagaDataError, match="cannot be serialized as JSON") as info:
+        s.sequential.delay(order_id=object())
+    assert isinstance(info.value, TypeError)
+    with pytest.raises(SagaDataError):
+        s.sequential.delay(order_id=float("nan"))
+    assert _saga_keys(r, prefix) == []
+    assert r.llen(app.conf.task_default_queue) == 0
+
+
+def test_unreachable_store_raises_with_the_password_masked_and_publishes_nothing(app: Celery, r, prefix) -> None:
+    s = shop.build(app, r, prefix)
+    app.conf.saga_redis_url = f"redis://:s3cret@127.0.0.1:{free_port()}/0"
+    with pytest.raises(SagaStoreUnavailable) as info:
+        s.sequential.delay(order_id=1)
+    assert "s3cret" not in str(info.value) and "**" in str(info.value)
+    assert r.llen(app.conf.task_default_queue) == 0
+
+
+def test_failed_publish_marks_the_saga_failed_and_releases_its_key(
+    app: Celery, redis_url: str, ns: str, r, prefix, worker
+) -> None:
+    # Given an app whose broker is down but whose saga store is up
+    broken = Celery(f"broken_{ns}", broker=f"redis://127.0.0.1:{free_port()}/0", set_as_current=False)
+    configure(broken, ns)
+    broken.conf.update(saga_redis_url=redis_url, task_publish_retry=False, broker_connection_max_retries=1)
+    b = shop.build(broken, r, prefix)
+    with pytest.raises(Exception) as info:
+        b.sequential.apply_async(kwargs={"order_id": 1}, idempotency_key="retry-me")
+    assert not isinstance(info.value, SagaStoreUnavailable)
+    saga_id = next(iter(store_for(broken).list_ids(SagaStatus.FAILED)))
+    state = store_for(broken).state(saga_id)
+    assert state.status is SagaStatus.FAILED and "publish failed" in (state.error or "")
+    broken.close()
+    # When the caller retries with the same key on a working broker, a fresh saga runs.
+    s = shop.build(app, r, prefix)
+    with worker():
+        res = s.sequential.apply_async(kwargs={"order_id": 1}, idempotency_key="retry-me")
+        assert res.id == saga_id
+        assert res.get(timeout=20)["tracking"] == "t-1"
+
+
+def test_unknown_saga_id_raises_not_found(app: Celery) -> None:
+    res = SagaResult("no-such-saga", app=app)
+    with pytest.raises(SagaNotFound, match="not found or expired"):
+        _ = res.status
+    with pytest.raises(SagaNotFound):
+        res.state()
+    with pytest.raises(SagaNotFound):
+        res.get(timeout=1)
+
+
+def test_finished_sagas_expire_after_retention_and_are_indexed(app: Celery, r, prefix, worker) -> None:
+    app.conf.saga_retention = 2
+    s = shop.build(app, r, prefix)
+    with worker():
+        res = s.sequential.delay(order_id=1)
+        res.get(timeout=20)
+    store = store_for(app)
+    assert res.id in store.list_ids(SagaStatus.COMPLETED, name="order_seq")
+    assert res.id not in store.list_ids(SagaStatus.RUNNING)
+    assert res.id not in store.list_ids(SagaStatus.PENDING)
+    assert 0 < r.pttl(f"{prefix}:{{{res.id}}}") <= 2000
+    wait_for(lambda: not r.exists(f"{prefix}:{{{res.id}}}"), timeout=10, what="the record to expire")
+    with pytest.raises(SagaNotFound):
+        _ = res.status
