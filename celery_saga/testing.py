@@ -13,6 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import IO
 
 __all__ = ["RedisServer", "find_redis_server", "free_port", "redis_answers"]
 
@@ -56,14 +57,19 @@ class RedisServer:
         port: The port; a free one by default.
         password: ``requirepass`` for the server, if any.
         persist: Keep an append-only file, so a restart keeps the data.
+        dir: Where the server keeps its files; pass the ``dir`` of a stopped
+            server, with ``persist``, to restart it with its data.
     """
 
-    def __init__(self, port: int | None = None, password: str | None = None, persist: bool = False) -> None:
+    def __init__(
+        self, port: int | None = None, password: str | None = None, persist: bool = False, dir: str | None = None
+    ) -> None:
         self.port = port or free_port()
         self.password = password
         self.persist = persist
-        self.dir = tempfile.mkdtemp(prefix="celery-saga-redis-")
+        self.dir = dir or tempfile.mkdtemp(prefix="celery-saga-redis-")
         self.proc: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
 
     @property
     def url(self) -> str:
@@ -88,8 +94,8 @@ class RedisServer:
         ]
         if self.password:
             args += ["--requirepass", self.password]
-        log = open(os.path.join(self.dir, "redis.log"), "wb")  # noqa: SIM115 - lives as long as the server
-        self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self._log = open(os.path.join(self.dir, "redis.log"), "ab")  # noqa: SIM115 - closed by stop()
+        self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -113,20 +119,27 @@ class RedisServer:
 
     def stop(self) -> None:
         proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+        self._close_log()
 
     def kill(self) -> None:
         """SIGKILL, as a crash would."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
+        proc, self.proc = self.proc, None
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        self._close_log()
+
+    def _close_log(self) -> None:
+        log, self._log = self._log, None
+        if log is not None:
+            log.close()
 
     def __enter__(self) -> RedisServer:
         return self.start()

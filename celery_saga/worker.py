@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import sys
 import weakref
 from typing import Any
 
@@ -68,11 +67,36 @@ def _error_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"[:2000]
 
 
-def _store_retry(task: Task, request: Any, exc: SagaStoreUnavailable) -> Retry:
+def _resend(task: Task, request: Any, kwargs: dict[str, Any], countdown: float, exc: BaseException) -> Retry:
+    """Send this message again after ``countdown``, as a Celery retry of the same task id.
+
+    Not ``task.retry()``: it would count against the task's own max_retries,
+    and Celery type-checks its kwargs, which for a step hold the whole saga
+    data (the participant filters on receipt). The caller raises the Retry.
+    """
+    delivery = request.delivery_info or {}
+    task.app.send_task(
+        task.name,
+        args=(),
+        kwargs=kwargs,
+        task_id=request.id,
+        countdown=countdown,
+        headers=dict(request.headers or {}),
+        retries=int(request.retries or 0) + 1,
+        root_id=request.root_id,
+        parent_id=request.parent_id,
+        ignore_result=True,
+        serializer="json",
+        queue=delivery.get("routing_key") or None,
+    )
+    return Retry(f"saga retry in {countdown:.2f}s", exc=exc, when=countdown)
+
+
+def _store_retry(task: Task, request: Any, kwargs: dict[str, Any], exc: SagaStoreUnavailable) -> Retry:
     """The store is down: retry the message with backoff; it never runs without a record."""
     delay = min(60.0, 2.0 ** min(int(request.retries or 0), 6))
     logger.warning("saga %s: %s; retrying %s in %.0fs", request.get(Headers.ID), exc, task.name, delay)
-    return task.retry(exc=exc, countdown=delay, max_retries=sys.maxsize)
+    return _resend(task, request, kwargs, delay, exc)
 
 
 class _Ctx:
@@ -103,7 +127,11 @@ def _not_run(app: Celery, store: SagaStore, ctx: _Ctx, tag: str, what: str) -> I
         logger.error(
             "saga %s: the record of %s %r in %s is corrupt; nothing was run. Inspect it with "
             "`celery saga show %s`, or purge it",
-            ctx.saga_id, what, ctx.step, store.where(), ctx.saga_id,
+            ctx.saga_id,
+            what,
+            ctx.step,
+            store.where(),
+            ctx.saga_id,
         )
     elif tag == "stale":
         logger.warning("saga %s: %s %r belongs to an earlier start of this saga; skipped", ctx.saga_id, what, ctx.step)
@@ -123,7 +151,7 @@ def _forward(task: Task, original: Any, params: Params, request: Any, kwargs: di
         elif t.tag == "fenced":
             react(app, store, ctx.saga_id, ctx.name, ctx.gen, t)
     except SagaStoreUnavailable as exc:
-        raise _store_retry(task, request, exc) from exc
+        raise _store_retry(task, request, kwargs, exc) from exc
     except (SagaError, redis.RedisError, ValueError, KeyError) as exc:
         logger.error("saga %s: cannot start step %r, record unusable: %s", ctx.saga_id, ctx.step, _error_text(exc))
         raise Ignore() from exc
@@ -142,12 +170,12 @@ def _forward(task: Task, original: Any, params: Params, request: Any, kwargs: di
         raise
     except Reject as exc:
         if not exc.requeue:
-            _record_failure(app, store, ctx, task, request, exc)
+            _record_failure(app, store, ctx, task, request, kwargs, exc)
         raise
     except Ignore:
         raise
     except Exception as exc:
-        _record_failure(app, store, ctx, task, request, exc)
+        _record_failure(app, store, ctx, task, request, kwargs, exc)
         raise
     finally:
         reset_current(token)
@@ -155,7 +183,7 @@ def _forward(task: Task, original: Any, params: Params, request: Any, kwargs: di
         result_json = json.dumps(result)
     except (TypeError, ValueError) as exc:
         error = StepResultNotSerializable(ctx.step, exc)
-        _record_failure(app, store, ctx, task, request, error)
+        _record_failure(app, store, ctx, task, request, kwargs, error)
         raise error from exc
     try:
         t = store.step("done", ctx.saga_id, ctx.gen, ctx.name, ctx.step, result_json)
@@ -163,16 +191,18 @@ def _forward(task: Task, original: Any, params: Params, request: Any, kwargs: di
     except SagaStoreUnavailable as exc:
         # The effect happened but is not recorded; running again is what the
         # step's idempotency key is for.
-        raise _store_retry(task, request, exc) from exc
+        raise _store_retry(task, request, kwargs, exc) from exc
     return result
 
 
-def _record_failure(app: Celery, store: SagaStore, ctx: _Ctx, task: Task, request: Any, exc: BaseException) -> None:
+def _record_failure(
+    app: Celery, store: SagaStore, ctx: _Ctx, task: Task, request: Any, kwargs: dict[str, Any], exc: BaseException
+) -> None:
     try:
         t = store.step("fail", ctx.saga_id, ctx.gen, ctx.name, ctx.step, _error_text(exc))
         react(app, store, ctx.saga_id, ctx.name, ctx.gen, t)
     except SagaStoreUnavailable as store_exc:
-        raise _store_retry(task, request, store_exc) from exc
+        raise _store_retry(task, request, kwargs, store_exc) from exc
 
 
 def _compensate(task: Task, original: Any, params: Params, request: Any, kwargs: dict[str, Any]) -> Any:
@@ -184,7 +214,7 @@ def _compensate(task: Task, original: Any, params: Params, request: Any, kwargs:
         if t.tag == "dup" and t.status:
             redrive(app, store, ctx.saga_id)
     except SagaStoreUnavailable as exc:
-        raise _store_retry(task, request, exc) from exc
+        raise _store_retry(task, request, kwargs, exc) from exc
     except (SagaError, redis.RedisError, ValueError, KeyError) as exc:
         logger.error("saga %s: cannot compensate %r, record unusable: %s", ctx.saga_id, ctx.step, _error_text(exc))
         raise Ignore() from exc
@@ -204,7 +234,7 @@ def _compensate(task: Task, original: Any, params: Params, request: Any, kwargs:
             t = store.step("cfail", ctx.saga_id, ctx.gen, ctx.name, ctx.step, _error_text(exc))
             react(app, store, ctx.saga_id, ctx.name, ctx.gen, t)
         except SagaStoreUnavailable as store_exc:
-            raise _store_retry(task, request, store_exc) from exc
+            raise _store_retry(task, request, kwargs, store_exc) from exc
         if t.tag == "retry":
             base, cap = request.get(Headers.BACKOFF) or (1.0, 600.0)
             delay = backoff_delay(
@@ -218,7 +248,7 @@ def _compensate(task: Task, original: Any, params: Params, request: Any, kwargs:
                 _error_text(exc),
                 delay,
             )
-            raise task.retry(exc=exc, countdown=delay, max_retries=sys.maxsize) from exc
+            raise _resend(task, request, kwargs, delay, exc) from exc
         raise
     finally:
         reset_current(token)
@@ -226,7 +256,7 @@ def _compensate(task: Task, original: Any, params: Params, request: Any, kwargs:
         t = store.step("cdone", ctx.saga_id, ctx.gen, ctx.name, ctx.step)
         react(app, store, ctx.saga_id, ctx.name, ctx.gen, t)
     except SagaStoreUnavailable as exc:
-        raise _store_retry(task, request, exc) from exc
+        raise _store_retry(task, request, kwargs, exc) from exc
     return result
 
 
@@ -249,7 +279,7 @@ def _saga_of(task_id: str | None) -> tuple[str, str, bool] | None:
     return saga_id, rest, False
 
 
-def _outcome_in_main_process(task: Task, task_id: str | None, error: str) -> None:
+def _outcome_in_main_process(task: Task, task_id: str | None, gen: str | None, error: str) -> None:
     app = task.app
     if not is_enabled(app):
         return
@@ -260,7 +290,9 @@ def _outcome_in_main_process(task: Task, task_id: str | None, error: str) -> Non
     try:
         store = store_for(app)
         raw = store.load(saga_id)
-        name, gen = raw.get("name", ""), raw.get("gen", "")
+        # The message's own generation, when known: a message from an aborted
+        # start must not fail the step of a later start with the same key.
+        name, gen = raw.get("name", ""), gen or raw.get("gen", "")
         if undo:
             t = store.step("cfail", saga_id, gen, name, step, error)
             react(app, store, saga_id, name, gen, t)
@@ -292,14 +324,19 @@ def _on_task_failure(
     # Failures raised inside the task were recorded by the wrapper already.
     if sender is None or not isinstance(exception, (WorkerLostError, TimeLimitExceeded)):
         return
-    _outcome_in_main_process(sender, task_id, _error_text(exception))
+    # For a lost worker Celery pushes the request before sending the signal;
+    # for a hard time limit it does not, and the record's generation is used.
+    request = sender.request
+    gen = request.get(Headers.GEN) if request.id == task_id else None
+    _outcome_in_main_process(sender, task_id, gen, _error_text(exception))
 
 
 def _on_task_revoked(sender: Task | None = None, request: Any = None, expired: bool = False, **_: Any) -> None:
     if sender is None or request is None:
         return
     what = "expired" if expired else "revoked"
-    _outcome_in_main_process(sender, getattr(request, "id", None), f"{what}: the message was {what} before it ran")
+    gen = (getattr(request, "request_dict", None) or {}).get(Headers.GEN)
+    _outcome_in_main_process(sender, getattr(request, "id", None), gen, f"{what}: the message was {what} before it ran")
 
 
 def _on_worker_init(sender: Any = None, **_: Any) -> None:

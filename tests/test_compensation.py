@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 from celery import Celery
 
@@ -23,7 +25,7 @@ def test_compensation_failing_n_times_is_retried_with_growing_backoff(
             res.get(timeout=30)
     attempts = ledger.times("undo_failed:shop.reserve") + ledger.times("undo:shop.reserve")
     assert len(attempts) == 4
-    gaps = [b - a for a, b in zip(attempts, attempts[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(attempts)]
     # Retry n waits in [d/2, d] with d = 0.2 * 2**(n-1); allow scheduling slack above.
     for n, gap in enumerate(gaps, start=1):
         d = 0.2 * 2 ** (n - 1)
@@ -90,9 +92,8 @@ def test_settings_in_force_at_start_are_used_by_the_workers(app: Celery, r, pref
     res = s.sequential.delay(order_id=1, fail={"charge": "x"})
     # When the setting changes before any worker runs it
     app.conf.saga_compensation_max_retries = None
-    with worker():
-        # Then the saga still gives up after one attempt, as its record says.
-        with pytest.raises(SagaFailed):
-            res.get(timeout=30)
+    # Then the saga still gives up after one attempt, as its record says.
+    with worker(), pytest.raises(SagaFailed):
+        res.get(timeout=30)
     assert res.state().step("shop.reserve").compensation_attempts == 1
     assert res.state().settings["compensation_max_retries"] == 0

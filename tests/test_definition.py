@@ -37,7 +37,7 @@ def test_compensation_name_no_task_has_is_checked_once_the_app_is_finalized(app:
     with pytest.raises(SagaDefinitionError, match="no task of that name"):
         saga.delay()
     # Defined after finalize, the saga is checked at once.
-    with pytest.raises(SagaDefinitionError, match="def.no_such_task"):
+    with pytest.raises(SagaDefinitionError, match=r"def\.no_such_task"):
         Saga("missing_comp2", [forward])
 
 
@@ -65,7 +65,7 @@ def test_decorator_misuse(app: Celery) -> None:
         @app.task(shared=False, name="def.no_comp")
         def no_comp() -> None: ...
 
-    with pytest.raises(SagaDefinitionError, match="above @app.task"):
+    with pytest.raises(SagaDefinitionError, match=r"above @app\.task"):
 
         @saga_step(compensate=None)
         def not_a_task() -> None: ...
