@@ -116,3 +116,35 @@ def test_saga_of_named_steps_needs_an_app() -> None:
     saga = Saga("remote", [step("svc.a", compensate="svc.undo_a")])
     with pytest.raises(SagaDefinitionError, match="pass Saga"):
         saga.delay()
+
+
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [
+        ("saga_retention", "a week"),
+        ("saga_compensation_retry_backoff", -1),
+        ("saga_compensation_max_retries", 1.5),
+        ("saga_key_prefix", "{bad}"),
+    ],
+)
+def test_bad_settings_say_which_setting(app: Celery, r, prefix, setting: str, value: object) -> None:
+    s = shop.build(app, r, prefix)
+    app.conf[setting] = value
+    with pytest.raises(SagaDefinitionError, match=f"app.conf.{setting}"):
+        s.sequential.delay(order_id=1)
+
+
+def test_an_app_that_accepts_pickle_is_warned(app: Celery, caplog: pytest.LogCaptureFixture) -> None:
+    from celery_saga import enable
+
+    app.conf.accept_content = ["json", "pickle"]
+    enable(app)
+    assert any("accept_content" in rec.getMessage() for rec in caplog.records)
+
+
+def test_the_saga_store_defaults_to_a_redis_broker_and_needs_one_otherwise(app: Celery, r, prefix) -> None:
+    s = shop.build(app, r, prefix)
+    app.conf.saga_redis_url = None
+    app.conf.broker_url = "amqp://guest:guest@127.0.0.1:5672//"
+    with pytest.raises(SagaDefinitionError, match="saga_redis_url"):
+        s.sequential.delay(order_id=1)

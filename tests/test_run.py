@@ -185,6 +185,13 @@ def test_canvas_chain_and_group_become_stages(app: Celery, r, prefix, worker) ->
     ]
     with worker():
         assert saga.delay(order_id=2).get(timeout=20)["tracking"] == "t-2"
+    # A group followed by a task is a chord: its header is one stage, its body the next.
+    chorded = Saga("chord", [s.reserve, group(s.ship.s(), s.receipt.s()) | s.charge.s()])
+    assert [[st.name for st in stage] for stage in chorded.plan().stages] == [
+        ["shop.reserve"],
+        ["shop.ship", "shop.receipt"],
+        ["shop.charge"],
+    ]
 
 
 def test_one_task_twice_under_a_second_step_name(app: Celery, r, prefix, ledger: Ledger, worker) -> None:
@@ -313,3 +320,34 @@ def test_revoked_step_is_a_failure(app: Celery, r, prefix, ledger: Ledger, worke
     assert "revoked" in (info.value.error or "")
     assert [a for a in ledger.actions() if a.startswith("undo")] == ["undo:shop.reserve"]
     assert res.state().step("shop.reserve").compensation_status is CompensationStatus.COMPENSATED
+
+
+def test_completed_sibling_is_compensated_at_once_while_another_still_runs(
+    app: Celery, r, prefix, ledger: Ledger, worker
+) -> None:
+    s = shop.build(app, r, prefix)
+    saga = Saga("p3", [s.reserve, parallel(s.ship, s.charge, s.receipt)])
+    with worker():
+        # Given ship completed, charge is held at its gate, and receipt fails
+        res = saga.delay(order_id=8, fail={"receipt": "no paper"}, gates=["charge", "receipt"])
+        wait_for(lambda: res.state().step("shop.ship").status is StepStatus.COMPLETED, what="ship to complete")
+        r.rpush(f"{prefix}:gate:receipt", "open")
+        # Then ship is compensated without waiting for charge
+        wait_for(lambda: "undo:shop.ship" in ledger.actions(), what="ship's compensation")
+        assert res.state().step("shop.charge").status is StepStatus.RUNNING
+        assert "undo:shop.reserve" not in ledger.actions()
+        # And once charge finishes it is compensated, then the earlier stage
+        r.rpush(f"{prefix}:gate:charge", "open")
+        with pytest.raises(SagaCompensated):
+            res.get(timeout=20)
+    undone = [a for a in ledger.actions() if a.startswith("undo")]
+    assert undone == ["undo:shop.ship", "undo:shop.charge", "undo:shop.reserve"]
+
+
+def test_get_times_out_with_celerys_timeout_error(app: Celery, r, prefix) -> None:
+    from celery.exceptions import TimeoutError as CeleryTimeoutError
+
+    s = shop.build(app, r, prefix)
+    res = s.sequential.delay(order_id=1)  # no worker runs
+    with pytest.raises(CeleryTimeoutError, match="PENDING"):
+        res.get(timeout=0.3)
