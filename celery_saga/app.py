@@ -12,7 +12,7 @@ from celery import Celery
 from .settings import SagaSettings
 from .store import RedisSagaStore, SagaStore
 
-__all__ = ["enable", "enable_if_has_steps", "is_enabled", "settings_of", "store_for"]
+__all__ = ["enable", "enable_if_has_steps", "enable_when_finalized", "is_enabled", "settings_of", "store_for"]
 
 logger = logging.getLogger("celery_saga")
 
@@ -77,11 +77,20 @@ def _installer(sender: Celery, **_: Any) -> None:
 
 
 def enable_if_has_steps(app: Celery) -> None:
-    """Celery's app-finalize callback: enable ``app`` once its tasks exist, if any is a saga step."""
-    if app.finalized and _has_steps(app):
+    """Enable a finalized ``app`` now if any of its tasks is a saga step."""
+    if _has_steps(app):
         enable(app)
-        return
-    app.on_after_finalize.connect(_enable_after_finalize, sender=app, weak=False)
+
+
+def enable_when_finalized(app: Celery) -> None:
+    """Celery's app-finalize callback.
+
+    Celery calls it before the app's pending tasks exist, so the check waits
+    for ``on_after_finalize``, when every task is registered.
+    """
+    app.on_after_finalize.connect(
+        _enable_after_finalize, sender=app, weak=False, dispatch_uid=f"celery_saga.enable.{id(app)}"
+    )
 
 
 def _enable_after_finalize(sender: Celery, **_: Any) -> None:

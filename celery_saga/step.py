@@ -79,13 +79,13 @@ def check_step_name(name: str) -> str:
 def _enable_on_finalize(app: Celery | None) -> None:
     """Make apps that contain saga steps enable themselves when finalized."""
     global _finalize_hook_installed
-    from .app import enable_if_has_steps  # the app layer imports this module
+    from .app import enable_if_has_steps, enable_when_finalized  # the app layer imports this module
 
     if not _finalize_hook_installed:
         _finalize_hook_installed = True
         # Celery calls these for every app it finalizes from now on; the
         # callback itself checks whether the app has saga steps.
-        connect_on_app_finalize(enable_if_has_steps)
+        connect_on_app_finalize(enable_when_finalized)
     for active in [app] if app is not None else list(_get_active_apps()):
         if active is not None and active.finalized:
             enable_if_has_steps(active)

