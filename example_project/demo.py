@@ -66,9 +66,7 @@ class Demo:
             proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
             log.close()
             self.workers.append((service, proc))
-            print(
-                f"Started the {service} worker (pid {proc.pid}): celery -A example_project.{service} worker -Q {service}"
-            )
+            print(f"Started the {service} worker (pid {proc.pid}): celery -A example_project.{service} worker")
         from example_project.app import app
 
         wanted = {f"{s}@{host}" for s in SERVICES}
@@ -145,7 +143,7 @@ class Demo:
 
     def stop(self) -> None:
         # Workers first: they may still be recording outcomes in Redis.
-        for service, proc in self.workers:
+        for _, proc in self.workers:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGTERM)
         for service, proc in self.workers:
