@@ -12,6 +12,7 @@ import functools
 import json
 import logging
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -26,12 +27,23 @@ from .settings import backoff_delay
 from .step import Params, StepContext, params_of, reset_current, set_current
 from .store.base import SagaStore
 
-__all__ = ["connect_signals", "install"]
+__all__ = ["connect_signals", "install", "set_fault_hook"]
 
 logger = logging.getLogger("celery_saga")
 
 _WRAPPED: weakref.WeakSet[Task] = weakref.WeakSet()
 _connected = False
+
+# Called with the step context right before a step or compensation function
+# runs; what it raises counts as the function's own failure. Only
+# celery_saga.testing sets it, to inject faults; it is None in production.
+_fault_hook: Callable[[StepContext], None] | None = None
+
+
+def set_fault_hook(hook: Callable[[StepContext], None] | None) -> None:
+    """Install (or remove, with None) the fault-injection hook of ``celery_saga.testing``."""
+    global _fault_hook
+    _fault_hook = hook
 
 
 def install(app: Celery) -> None:
@@ -163,8 +175,11 @@ def _forward(task: Task, original: Any, params: Params, request: Any, kwargs: di
     # A retry (the task's own, or ours) re-sends request.kwargs, and Celery
     # checks them against the signature: send only what the function takes.
     request.kwargs = call
-    token = set_current(StepContext(ctx.saga_id, ctx.name, ctx.step, False, f"{ctx.saga_id}:{ctx.step}", attempt))
+    step_ctx = StepContext(ctx.saga_id, ctx.name, ctx.step, False, f"{ctx.saga_id}:{ctx.step}", attempt)
+    token = set_current(step_ctx)
     try:
+        if _fault_hook is not None:
+            _fault_hook(step_ctx)
         result = original(**call)
     except Retry:
         raise
@@ -223,9 +238,12 @@ def _compensate(task: Task, original: Any, params: Params, request: Any, kwargs:
 
     attempt = int(t.extra[0])
     key = f"{ctx.saga_id}:{ctx.step}:undo"
-    token = set_current(StepContext(ctx.saga_id, ctx.name, ctx.step, True, key, attempt))
+    step_ctx = StepContext(ctx.saga_id, ctx.name, ctx.step, True, key, attempt)
+    token = set_current(step_ctx)
     call = request.kwargs = params.pick(kwargs)
     try:
+        if _fault_hook is not None:
+            _fault_hook(step_ctx)
         result = original(**call)
     except Retry:
         raise
