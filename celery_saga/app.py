@@ -62,6 +62,7 @@ def enable(app: Celery) -> Celery:
             return app
         _ENABLED.add(app)
     worker.connect_signals()
+    app.steps["worker"].add(worker.SagaWorker)
     _warn_about_pickle(app)
     if app.finalized:
         worker.install(app)

@@ -12,10 +12,12 @@ from __future__ import annotations
 import json
 import logging
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 from celery import Celery
 
+from .announce import saga_transition
 from .plan import Plan, StepSpec
 from .state import data_before
 from .store.base import SagaStore, Transition
@@ -132,7 +134,23 @@ def react(
     gen: str,
     t: Transition,
 ) -> None:
-    """Publish what transition ``t`` calls for."""
+    """Publish what transition ``t`` calls for, and announce a change of saga status."""
+    raw: dict[str, str] | None = None
+
+    def load() -> dict[str, str]:
+        nonlocal raw
+        if raw is None:
+            raw = store.load(saga_id)
+        return raw
+
+    _publish(app, store, saga_id, name, gen, t, load)
+    if t.changed_from:
+        saga_transition(app, saga_id, name, t, load)
+
+
+def _publish(
+    app: Celery, store: SagaStore, saga_id: str, name: str, gen: str, t: Transition, load: Callable[[], dict[str, str]]
+) -> None:
     if t.tag == "next":
         digest, k, kwargs_raw, results = t.extra[0], int(t.extra[1]), t.extra[2], t.extra[3:]
         plan = cached_plan(digest, lambda: store.load(saga_id)["plan"])
@@ -153,7 +171,7 @@ def react(
         ended = bool(t.changed_from) and t.status in FINISHED
         if not due and not ended:
             return
-        raw = store.load(saga_id)
+        raw = load()
         plan = cached_plan(raw["ph"], lambda: raw["plan"])
         for step in due:
             publish_compensation(app, saga_id, raw, plan, step)

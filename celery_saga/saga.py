@@ -14,6 +14,7 @@ from typing import Any
 from celery import Celery
 from celery.canvas import Signature, _chain, _chord, group
 
+from . import announce
 from .dispatch import publish_step
 from .errors import IdempotencyConflict, SagaDataError, SagaDefinitionError
 from .plan import Plan, StepSpec
@@ -282,6 +283,7 @@ class Saga:
             raise IdempotencyConflict(self.name, key, saga_id)
         if t.tag == "created" and t.changed_from == "NEW":
             self._publish_first(store, saga_id, gen, plan, data)
+            announce.saga_started(saga_id, self.name, kwargs_json, gen)
         return SagaResult(saga_id, app=app)
 
     def _publish_first(self, store: Any, saga_id: str, gen: str, plan: Plan, data: dict[str, Any]) -> None:

@@ -17,9 +17,10 @@ from typing import Any
 
 import redis
 from billiard.exceptions import WorkerLostError
-from celery import Celery, Task, signals
+from celery import Celery, Task, bootsteps, signals
 from celery.exceptions import Ignore, Reject, Retry, TimeLimitExceeded
 
+from .announce import compensation_attempt_failed, configure_worker, saga_transition, step_event
 from .app import is_enabled, store_for
 from .dispatch import Headers, react, redrive
 from .errors import SagaError, SagaStoreUnavailable, StepResultNotSerializable
@@ -27,7 +28,7 @@ from .settings import backoff_delay
 from .step import Params, StepContext, params_of, reset_current, set_current
 from .store.base import SagaStore
 
-__all__ = ["connect_signals", "install", "set_fault_hook"]
+__all__ = ["SagaWorker", "connect_signals", "install", "set_fault_hook"]
 
 logger = logging.getLogger("celery_saga")
 
@@ -168,7 +169,10 @@ def _forward(task: Task, original: Any, params: Params, request: Any, kwargs: di
         logger.error("saga %s: cannot start step %r, record unusable: %s", ctx.saga_id, ctx.step, _error_text(exc))
         raise Ignore() from exc
     if t.tag != "run":
+        step_event(app, "skipped", request.id, ctx.saga_id, ctx.name, ctx.step, reason=t.tag)
         raise _not_run(app, store, ctx, t.tag, "step")
+    if t.changed_from:
+        saga_transition(app, ctx.saga_id, ctx.name, t, lambda: store.load(ctx.saga_id))
 
     attempt = int(t.extra[0])
     call = params.pick({**kwargs, **(request.get(Headers.BOUND) or {})})
@@ -202,6 +206,8 @@ def _forward(task: Task, original: Any, params: Params, request: Any, kwargs: di
         raise error from exc
     try:
         t = store.step("done", ctx.saga_id, ctx.gen, ctx.name, ctx.step, result_json)
+        if t.tag != "dup":
+            step_event(app, "done", request.id, ctx.saga_id, ctx.name, ctx.step)
         react(app, store, ctx.saga_id, ctx.name, ctx.gen, t)
     except SagaStoreUnavailable as exc:
         # The effect happened but is not recorded; running again is what the
@@ -234,6 +240,7 @@ def _compensate(task: Task, original: Any, params: Params, request: Any, kwargs:
         logger.error("saga %s: cannot compensate %r, record unusable: %s", ctx.saga_id, ctx.step, _error_text(exc))
         raise Ignore() from exc
     if t.tag != "run":
+        step_event(app, "skipped", request.id, ctx.saga_id, ctx.name, ctx.step, reason=t.tag, compensation=True)
         raise _not_run(app, store, ctx, t.tag, "compensation of")
 
     attempt = int(t.extra[0])
@@ -253,6 +260,10 @@ def _compensate(task: Task, original: Any, params: Params, request: Any, kwargs:
             react(app, store, ctx.saga_id, ctx.name, ctx.gen, t)
         except SagaStoreUnavailable as store_exc:
             raise _store_retry(task, request, kwargs, store_exc) from exc
+        if t.tag in ("retry", "gaveup"):
+            compensation_attempt_failed(
+                ctx.saga_id, ctx.name, ctx.step, attempt, _error_text(exc), gave_up=t.tag == "gaveup"
+            )
         if t.tag == "retry":
             base, cap = request.get(Headers.BACKOFF) or (1.0, 600.0)
             delay = backoff_delay(
@@ -357,10 +368,16 @@ def _on_task_revoked(sender: Task | None = None, request: Any = None, expired: b
     _outcome_in_main_process(sender, getattr(request, "id", None), gen, f"{what}: the message was {what} before it ran")
 
 
-def _on_worker_init(sender: Any = None, **_: Any) -> None:
-    app = getattr(sender, "app", None)
-    if app is not None and is_enabled(app):
-        install(app)  # tasks registered after finalize
+class SagaWorker(bootsteps.StartStopStep):  # type: ignore[misc]
+    """Runs in every worker of an enabled app, in its main process, before the pool starts."""
+
+    label = "celery_saga"
+
+    def __init__(self, w: Any, **kwargs: Any) -> None:
+        super().__init__(w, **kwargs)
+        if is_enabled(w.app):
+            install(w.app)  # tasks registered after finalize
+            configure_worker(w.app, w.hostname, bool(w.task_events))
 
 
 def connect_signals() -> None:
@@ -371,4 +388,3 @@ def connect_signals() -> None:
     _connected = True
     signals.task_failure.connect(_on_task_failure, weak=False, dispatch_uid="celery_saga.task_failure")
     signals.task_revoked.connect(_on_task_revoked, weak=False, dispatch_uid="celery_saga.task_revoked")
-    signals.worker_init.connect(_on_worker_init, weak=False, dispatch_uid="celery_saga.worker_init")

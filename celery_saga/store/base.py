@@ -84,8 +84,25 @@ class SagaStore(abc.ABC):
         """Raise SagaStoreUnavailable if the store cannot be reached."""
 
     @abc.abstractmethod
-    def list_ids(self, status: SagaStatus, name: str | None = None, limit: int = 100) -> list[str]:
-        """Ids of sagas in ``status``, newest first, from the indexes."""
+    def _unindex(self, saga_id: str, name: str, status: str) -> None:
+        """Remove ``saga_id`` from the indexes of ``status``."""
+
+    @abc.abstractmethod
+    def list_ids(
+        self, status: SagaStatus, name: str | None = None, limit: int = 100, since: float | None = None
+    ) -> list[str]:
+        """Ids of sagas in ``status`` (entered at or after ``since``, epoch seconds), newest first.
+
+        Read from the indexes: entries whose record expired may be returned.
+        """
+
+    @abc.abstractmethod
+    def counts(self) -> dict[str, dict[str, int]]:
+        """Index sizes: ``{saga_name: {status: count}}``, finished sagas within retention only."""
+
+    @abc.abstractmethod
+    def load_many(self, saga_ids: Sequence[str]) -> list[dict[str, str] | None]:
+        """Raw records of several sagas in one round trip; None where there is none."""
 
     # -- operations -----------------------------------------------------------
 
@@ -123,8 +140,20 @@ class SagaStore(abc.ABC):
     def reindex(self, saga_id: str, name: str, t: Transition) -> None:
         # Trimming uses this process's retention, not the saga's own: it is
         # housekeeping only, since readers skip ids whose record expired.
-        finished = t.status in ("COMPLETED", "COMPENSATED", "FAILED")
-        self._index(saga_id, name, t.changed_from, t.status, self.retention if finished else 0.0)
+        # FAILED sagas never expire, so their index is never trimmed.
+        expiring = t.status in ("COMPLETED", "COMPENSATED")
+        self._index(saga_id, name, t.changed_from, t.status, self.retention if expiring else 0.0)
+
+    def purge(self, saga_id: str) -> Transition:
+        """Remove a finished saga and its index entries (``tag`` is ``purged`` or ``notallowed``)."""
+        t = self._transition(saga_id, "purge", "*", [], dedupe=False)
+        if t.tag == "purged":
+            self._unindex(saga_id, t.extra[0] if t.extra else "", t.status)
+        return t
+
+    def retry(self, saga_id: str, name: str) -> Transition:
+        """Re-drive the compensations that gave up in a FAILED saga (``tag`` ``notallowed`` otherwise)."""
+        return self.step("retry", saga_id, "*", name)
 
     def load(self, saga_id: str) -> dict[str, str]:
         raw = self._load(saga_id)

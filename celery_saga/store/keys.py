@@ -27,6 +27,8 @@ td:/t0:/t1:<step>  dispatched, first started, ended (ms)
 cs:<step>          compensation status; ca:/ce: attempts, error
 ct0:/ct1:<step>    compensation first started, ended (ms)
 rt:/crt:<step>     highest Celery retry count seen by a step / compensation
+cb0:<step>         attempts before the last operator retry (retry budget base)
+rr                 operator retries so far
 comp:<step>        compensation task name; cof:<step> "1" = compensate on failure
 tx:<id>            reply of an applied transition, for de-duplication
 =================  ==========================================================

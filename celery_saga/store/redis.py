@@ -106,10 +106,52 @@ class RedisSagaStore(SagaStore):
     def ping(self) -> None:
         self._call(self.client.ping)
 
-    def list_ids(self, status: SagaStatus, name: str | None = None, limit: int = 100) -> list[str]:
+    def _unindex(self, saga_id: str, name: str, status: str) -> None:
+        def run() -> None:
+            pipe = self.client.pipeline(transaction=False)
+            pipe.zrem(self.keys.status_index(status), saga_id)
+            if name:
+                pipe.zrem(self.keys.name_index(name, status), saga_id)
+            pipe.execute()
+
+        self._call(run)
+
+    def list_ids(
+        self, status: SagaStatus, name: str | None = None, limit: int = 100, since: float | None = None
+    ) -> list[str]:
         key = self.keys.name_index(name, status.value) if name else self.keys.status_index(status.value)
-        ids: list[str] = self._call(lambda: self.client.zrevrange(key, 0, max(limit, 1) - 1))  # type: ignore[arg-type,return-value]
+        low = f"{since * 1000:.0f}" if since is not None else "-inf"
+        ids: list[str] = self._call(
+            lambda: self.client.zrevrangebyscore(key, "+inf", low, start=0, num=max(limit, 1))  # type: ignore[arg-type,return-value]
+        )
         return ids
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        members: set[str] = self._call(lambda: self.client.smembers(self.keys.names()))  # type: ignore[arg-type,return-value]
+        names = sorted(members)
+        low = f"{(time.time() - self.retention) * 1000:.0f}" if self.retention > 0 else "-inf"
+        statuses = [s.value for s in SagaStatus]
+
+        def run() -> list[int]:
+            pipe = self.client.pipeline(transaction=False)
+            for name in names:
+                for status in statuses:
+                    expiring = status in ("COMPLETED", "COMPENSATED")
+                    pipe.zcount(self.keys.name_index(name, status), low if expiring else "-inf", "+inf")
+            return pipe.execute()
+
+        sizes = iter(self._call(run))
+        return {name: {status: int(next(sizes)) for status in statuses} for name in names}
+
+    def load_many(self, saga_ids: Sequence[str]) -> list[dict[str, str] | None]:
+        def run() -> list[Any]:
+            pipe = self.client.pipeline(transaction=False)
+            for saga_id in saga_ids:
+                pipe.hgetall(self.keys.record(saga_id))
+            return pipe.execute(raise_on_error=False)
+
+        # A key of the wrong type comes back as an error: report it as an empty record.
+        return [raw if isinstance(raw, dict) and raw else None for raw in self._call(run)]
 
     def delete(self, saga_id: str) -> None:
         self._call(lambda: self.client.delete(self.keys.record(saga_id)))

@@ -50,11 +50,21 @@ local function set_status(new)
   return old
 end
 
--- A finished saga expires after its retention; a running one never does.
-local function finish(new)
-  local old = set_status(new)
+local function expire_after_retention()
   local ttl = tonumber(hget('retention') or '0')
   if ttl and ttl > 0 then redis.call('PEXPIRE', K, math.floor(ttl * 1000)) end
+end
+
+-- A finished saga expires after its retention; a running one never does.
+-- FAILED sagas are the dead-letter list: kept until an operator retries or
+-- purges them.
+local function finish(new)
+  local old = set_status(new)
+  if new == 'FAILED' then
+    redis.call('PERSIST', K)
+  else
+    expire_after_retention()
+  end
   return old
 end
 
@@ -163,11 +173,23 @@ if op == 'start' then
 end
 
 if not status then return {'missing', '', ''} end
+
+if op == 'purge' then
+  -- Operators may remove any finished saga, even one whose record is damaged.
+  if status ~= 'COMPLETED' and status ~= 'COMPENSATED' and status ~= 'FAILED' then
+    return {'notallowed', status, ''}
+  end
+  local name = hget('name') or ''
+  redis.call('DEL', K)
+  return {'purged', status, '', name}
+end
+
 local KNOWN = {PENDING = true, RUNNING = true, COMPENSATING = true, COMPLETED = true, COMPENSATED = true, FAILED = true}
 if not KNOWN[status] or hget('v') ~= '1' or not hget('stages') or not hget('plan') or not hget('cstage') and status == 'COMPENSATING' then
   return {'corrupt', status, ''}
 end
-if hget('gen') ~= gen then return {'stale', status, ''} end
+-- Operators act on whatever generation is current ("*").
+if gen ~= '*' and hget('gen') ~= gen then return {'stale', status, ''} end
 
 if op == 'abort' then
   -- ARGV: 4 error, 5.. steps whose message was never published
@@ -176,7 +198,10 @@ if op == 'abort' then
       redis.call('HSET', K, 's:' .. m, 'CANCELLED', 't1:' .. m, NOW)
     end
     redis.call('HSET', K, 'startfail', '1', 'error', ARGV[4], 'reason', 'publish')
-    return remember({'aborted', 'FAILED', finish('FAILED')})
+    local changed = finish('FAILED')
+    -- Nothing ran, so there is nothing for an operator to retry: expire it.
+    expire_after_retention()
+    return remember({'aborted', 'FAILED', changed})
   end
   -- A published sibling already began: fail the unpublished ones instead,
   -- so the saga rolls back rather than waiting for them forever.
@@ -308,7 +333,8 @@ if op == 'cfail' then
   local n = tonumber(hget('ca:' .. m))
   local maxr = hget('maxr')
   local out = {}
-  if maxr and maxr ~= '' and n > tonumber(maxr) then
+  -- An operator retry gives each compensation a fresh budget from cb0:<step>.
+  if maxr and maxr ~= '' and n - (tonumber(hget('cb0:' .. m)) or 0) > tonumber(maxr) then
     redis.call('HSET', K, 'cs:' .. m, 'GAVE_UP', 'ct1:' .. m, NOW)
     redis.call('HINCRBY', K, 'copen', -1)
     redis.call('HINCRBY', K, 'gaveup', 1)
@@ -319,6 +345,28 @@ if op == 'cfail' then
   local reply = {'retry', hget('status'), changed or '', tostring(n)}
   for _, d in ipairs(out) do reply[#reply + 1] = d end
   return remember(reply)
+end
+
+if op == 'retry' then
+  -- An operator re-drives the compensations that gave up in a FAILED saga.
+  if status ~= 'FAILED' or (tonumber(hget('gaveup')) or 0) == 0 then return {'notallowed', status, ''} end
+  local out = {}
+  for _, members in ipairs(stages()) do
+    for _, m in ipairs(members) do
+      if hget('cs:' .. m) == 'GAVE_UP' then
+        redis.call('HSET', K, 'cs:' .. m, 'DISPATCHED', 'cb0:' .. m, hget('ca:' .. m) or '0')
+        redis.call('HDEL', K, 'ct1:' .. m)
+        out[#out + 1] = m
+      end
+    end
+  end
+  redis.call('HSET', K, 'gaveup', '0')
+  redis.call('HINCRBY', K, 'copen', #out)
+  redis.call('HINCRBY', K, 'rr', 1)
+  redis.call('HDEL', K, 'cbs')
+  local changed = set_status('COMPENSATING')
+  redis.call('PERSIST', K)
+  return remember(rollback_reply('compensate', changed, out))
 end
 
 if op == 'cbsent' then

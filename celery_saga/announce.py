@@ -1,0 +1,122 @@
+"""Telling the outside world about transitions: Celery signals, and ``task-saga-*`` events for Flower.
+
+Events go out only from workers (a client that sent events would show up in
+Flower as a worker), and only when ``saga_send_events`` is true; it defaults
+to the worker's own ``worker_send_task_events`` (``celery worker -E``).
+Saga-level events carry the saga id as their ``uuid``, so Flower shows one
+pseudo-task per saga whose state follows the saga; step-level events carry
+the step's task id, so a skipped duplicate does not stay STARTED in Flower.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from celery import Celery
+
+from . import signals
+from .state import SagaState
+from .store.base import Transition
+
+__all__ = ["configure_worker", "saga_event", "saga_transition", "step_event"]
+
+logger = logging.getLogger("celery_saga")
+
+
+@dataclass
+class _WorkerState:
+    hostname: str | None = None
+    events: bool = False
+
+
+# Set by the worker bootstep in the worker's main process before the pool
+# forks, so pool children inherit it. Stays empty in clients.
+_WORKER = _WorkerState()
+
+
+def configure_worker(app: Celery, hostname: str, task_events: bool) -> None:
+    """Called by the worker bootstep: events on per ``saga_send_events``, else per ``-E``."""
+    setting = app.conf.get("saga_send_events")
+    _WORKER.hostname = hostname
+    _WORKER.events = bool(task_events) if setting is None else bool(setting)
+
+
+def _send(app: Celery, type_: str, uuid: str, **fields: Any) -> None:
+    if not _WORKER.events:
+        return
+    try:
+        with app.events.default_dispatcher(hostname=_WORKER.hostname) as dispatcher:
+            dispatcher.send(type_, uuid=uuid, **fields)
+    except Exception:  # monitoring must never break a saga
+        logger.warning("could not send %s event for %s", type_, uuid, exc_info=True)
+
+
+def saga_event(app: Celery, kind: str, saga_id: str, name: str, **fields: Any) -> None:
+    """A ``task-saga-<kind>`` event about the saga as a whole (uuid = saga id)."""
+    _send(app, f"task-saga-{kind}", saga_id, saga_id=saga_id, saga_name=name, **fields)
+
+
+def step_event(app: Celery, kind: str, task_id: str, saga_id: str, name: str, step: str, **fields: Any) -> None:
+    """A ``task-saga-step-<kind>`` event about one message (uuid = its task id)."""
+    _send(app, f"task-saga-step-{kind}", task_id, saga_id=saga_id, saga_name=name, step=step, **fields)
+
+
+def saga_transition(app: Celery, saga_id: str, name: str, t: Transition, load: Callable[[], dict[str, str]]) -> None:
+    """Send the events and signals for a change of saga status made by this process.
+
+    ``load`` reads the record; it is called only when a signal needs it.
+    """
+    old, new = t.changed_from, t.status
+    if not old or old == new:
+        return
+    if new == "RUNNING":
+        saga_event(app, "started", saga_id, name)
+        return
+    if new in ("COMPENSATING", "COMPENSATED", "FAILED") and old in ("PENDING", "RUNNING"):
+        saga_event(app, "compensating", saga_id, name)
+    if new == "COMPLETED":
+        saga_event(app, "completed", saga_id, name)
+        if signals.saga_completed.receivers:
+            data = SagaState.from_record(saga_id, load()).data
+            signals.saga_completed.send(
+                sender=name, saga_id=saga_id, saga_name=name, dedup_id=f"{saga_id}:completed", data=data
+            )
+    elif new in ("COMPENSATED", "FAILED"):
+        raw = load()
+        failed_step, error = raw.get("failed_step") or None, raw.get("error") or None
+        # An operator retry of a FAILED saga ends it again: a new transition, a new id.
+        dedup = f"{saga_id}:{new.lower()}:{raw.get('rr', '0')}"
+        saga_event(app, new.lower(), saga_id, name, failed_step=failed_step, error=error)
+        signal = signals.saga_compensated if new == "COMPENSATED" else signals.saga_failed
+        signal.send(sender=name, saga_id=saga_id, saga_name=name, dedup_id=dedup, failed_step=failed_step, error=error)
+
+
+def saga_started(saga_id: str, name: str, kwargs_json: str, gen: str) -> None:
+    """The start created the saga: the client's signal (never an event)."""
+    signals.saga_started.send(
+        sender=name,
+        saga_id=saga_id,
+        saga_name=name,
+        dedup_id=f"{saga_id}:started:{gen}",
+        kwargs=json.loads(kwargs_json),
+    )
+
+
+def compensation_attempt_failed(
+    saga_id: str, name: str, step: str, attempt: int, error: str, gave_up: bool, round_: str = "0"
+) -> None:
+    """One compensation attempt raised: the ``compensation_failed`` signal."""
+    signals.compensation_failed.send(
+        sender=name,
+        saga_id=saga_id,
+        saga_name=name,
+        dedup_id=f"{saga_id}:{step}:undo:{round_}:{attempt}",
+        step=step,
+        attempt=attempt,
+        error=error,
+        gave_up=gave_up,
+    )
