@@ -39,6 +39,7 @@ class Headers:
     UNDO = "saga_undo"
     BOUND = "saga_bound"
     BACKOFF = "saga_backoff"
+    FIRST = "saga_first"
 
 
 def task_id(saga_id: str, step: str, undo: bool = False) -> str:
@@ -60,7 +61,9 @@ def cached_plan(digest: str, load: Any) -> Plan:
     return plan
 
 
-def publish_step(app: Celery, saga_id: str, saga_name: str, gen: str, spec: StepSpec, data: dict[str, Any]) -> None:
+def publish_step(
+    app: Celery, saga_id: str, saga_name: str, gen: str, spec: StepSpec, data: dict[str, Any], first: bool = False
+) -> None:
     """Send one forward step as the user's own task, with the saga context in its headers."""
     app.send_task(
         spec.task,
@@ -75,6 +78,7 @@ def publish_step(app: Celery, saga_id: str, saga_name: str, gen: str, spec: Step
             Headers.GEN: gen,
             Headers.UNDO: 0,
             Headers.BOUND: spec.bound,
+            Headers.FIRST: int(first),
         },
         # The saga record holds every result; a result-backend write per step
         # would only cost a round trip.
@@ -193,7 +197,7 @@ def redrive(app: Celery, store: SagaStore, saga_id: str) -> None:
         data = data_before(plan, raw, k, json.loads(raw["kwargs"]))
         for spec in plan.stages[k]:
             if raw.get(f"s:{spec.name}") == "DISPATCHED":
-                publish_step(app, saga_id, name, gen, spec, data)
+                publish_step(app, saga_id, name, gen, spec, data, first=k == 0)
     elif status == "COMPENSATING":
         for spec in plan.steps:
             if raw.get(f"cs:{spec.name}") == "DISPATCHED":

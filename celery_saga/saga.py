@@ -290,7 +290,7 @@ class Saga:
         pending = list(plan.stages[0])
         try:
             while pending:
-                publish_step(self.app, saga_id, self.name, gen, pending[0], data)
+                publish_step(self.app, saga_id, self.name, gen, pending[0], data, first=True)
                 pending.pop(0)
         except Exception as exc:
             # Mark the saga failed and release its idempotency key, so no

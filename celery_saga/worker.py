@@ -123,6 +123,7 @@ class _Ctx:
         self.retries = str(int(request.retries or 0))
         delivery = request.delivery_info or {}
         self.redelivered = "1" if delivery.get("redelivered") else ""
+        self.first = bool(request.get(Headers.FIRST))
 
 
 def _not_run(app: Celery, store: SagaStore, ctx: _Ctx, tag: str, what: str) -> Ignore:
@@ -158,7 +159,7 @@ def _forward(task: Task, original: Any, params: Params, request: Any, kwargs: di
     ctx = _Ctx(request)
     try:
         store = store_for(app)
-        t = store.step("begin", ctx.saga_id, ctx.gen, ctx.name, ctx.step, ctx.retries, ctx.redelivered)
+        t = store.step("begin", ctx.saga_id, ctx.gen, ctx.name, ctx.step, ctx.retries, ctx.redelivered, first=ctx.first)
         if t.tag == "dup" and t.status:
             redrive(app, store, ctx.saga_id)
         elif t.tag == "fenced":

@@ -148,3 +148,20 @@ def test_finished_sagas_expire_after_retention_and_are_indexed(app: Celery, r, p
     wait_for(lambda: not r.exists(f"{prefix}:{{{res.id}}}"), timeout=10, what="the record to expire")
     with pytest.raises(SagaNotFound):
         _ = res.status
+
+
+def test_status_indexes_follow_the_saga_without_a_scan(app: Celery, r, prefix, worker) -> None:
+    s = shop.build(app, r, prefix)
+    store = store_for(app)
+    res = s.sequential.delay(order_id=1, gates=["validate"])
+    assert store.list_ids(SagaStatus.PENDING, name="order_seq") == [res.id]
+    with worker():
+        wait_for(lambda: r.llen(f"{prefix}:entered:validate"), what="the first step to run")
+        # The first step is still running: the saga is listed as RUNNING, not PENDING.
+        assert store.list_ids(SagaStatus.RUNNING) == [res.id]
+        assert store.list_ids(SagaStatus.PENDING) == []
+        r.rpush(f"{prefix}:gate:validate", "open")
+        res.get(timeout=20)
+    assert store.list_ids(SagaStatus.RUNNING) == []
+    assert store.list_ids(SagaStatus.COMPLETED, name="order_seq") == [res.id]
+    assert store.counts()["order_seq"]["COMPLETED"] == 1

@@ -76,8 +76,16 @@ class SagaStore(abc.ABC):
         """The raw record, or None."""
 
     @abc.abstractmethod
-    def _index(self, saga_id: str, name: str, old: str, new: str, retention: float) -> None:
-        """Move ``saga_id`` between status indexes. Idempotent."""
+    def _index(self, saga_id: str, name: str, old: str, new: str, retention: float, defer: bool = False) -> None:
+        """Move ``saga_id`` between status indexes. Idempotent.
+
+        With ``defer``, the move is sent with this thread's next command (or by
+        ``flush``) instead of costing a round trip of its own.
+        """
+
+    @abc.abstractmethod
+    def flush(self) -> None:
+        """Send this thread's deferred index moves now."""
 
     @abc.abstractmethod
     def ping(self) -> None:
@@ -123,26 +131,38 @@ class SagaStore(abc.ABC):
         ]
         for field, value in req.step_fields:
             args += [field, value]
+        # Index first, in the same round trip as the start: the index is only
+        # a lookup aid, and the rare start that created nothing is fixed below.
+        self._index(req.saga_id, req.name, "", SagaStatus.PENDING.value, 0.0, defer=True)
         t = self._transition(req.saga_id, "start", req.gen, args, dedupe=False)
-        if t.tag == "created" and t.changed_from == "NEW":
-            self._index(req.saga_id, req.name, "", SagaStatus.PENDING.value, req.retention)
+        if t.tag != "created" and t.status != SagaStatus.PENDING.value:
+            self._unindex(req.saga_id, req.name, SagaStatus.PENDING.value)
         return t
 
-    def step(self, op: str, saga_id: str, gen: str, name: str, *args: str) -> Transition:
-        """Apply a step transition (``begin``, ``done``, ``fail``, ``cbegin`` ...) and index it."""
-        # Only transitions that can change a record carry an id; read-only
-        # outcomes (dup, skip) are cheap to recompute on a retry.
+    def step(self, op: str, saga_id: str, gen: str, name: str, *args: str, first: bool = False) -> Transition:
+        """Apply a step transition (``begin``, ``done``, ``fail``, ``cbegin`` ...) and index it.
+
+        ``first`` marks the begin of a first-stage step, which is what takes a
+        saga from PENDING to RUNNING.
+        """
+        if first:
+            # Every saga makes this move once: send it in the same round trip
+            # as the begin, and put the entry right in the rare other cases.
+            self._index(saga_id, name, "PENDING", "RUNNING", 0.0, defer=True)
         t = self._transition(saga_id, op, gen, args, dedupe=True)
-        if t.changed_from:
+        if first:
+            if t.status and t.status != "RUNNING":
+                self._index(saga_id, name, "RUNNING", t.status, 0.0)
+        elif t.changed_from:
             self.reindex(saga_id, name, t)
         return t
 
-    def reindex(self, saga_id: str, name: str, t: Transition) -> None:
+    def reindex(self, saga_id: str, name: str, t: Transition, defer: bool = False) -> None:
         # Trimming uses this process's retention, not the saga's own: it is
         # housekeeping only, since readers skip ids whose record expired.
         # FAILED sagas never expire, so their index is never trimmed.
         expiring = t.status in ("COMPLETED", "COMPENSATED")
-        self._index(saga_id, name, t.changed_from, t.status, self.retention if expiring else 0.0)
+        self._index(saga_id, name, t.changed_from, t.status, self.retention if expiring else 0.0, defer=defer)
 
     def purge(self, saga_id: str) -> Transition:
         """Remove a finished saga and its index entries (``tag`` is ``purged`` or ``notallowed``)."""

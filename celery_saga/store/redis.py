@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -67,6 +68,8 @@ class RedisSagaStore(SagaStore):
         )
         source = resources.files(__package__).joinpath("transitions.lua").read_text()
         self._script = self.client.register_script(source)
+        # Index moves deferred to ride along with this thread's next command.
+        self._local = threading.local()
         self._index_script = self.client.register_script(_INDEX_LUA)
 
     def _call(self, fn: Callable[[], T]) -> T:
@@ -77,31 +80,56 @@ class RedisSagaStore(SagaStore):
 
     def _transition(self, saga_id: str, op: str, gen: str, args: Sequence[str], dedupe: bool) -> Transition:
         tx = uuid.uuid4().hex if dedupe else ""
-        reply: Any = self._call(lambda: self._script(keys=[self.keys.record(saga_id)], args=[op, tx, gen, *args]))
+        keys, argv = [self.keys.record(saga_id)], [op, tx, gen, *args]
+        deferred = self._take_deferred()
+        if deferred:
+
+            def run() -> Any:
+                pipe = self.client.pipeline(transaction=False)
+                for index_keys, index_args in deferred:
+                    self._index_script(keys=index_keys, args=index_args, client=pipe)
+                self._script(keys=keys, args=argv, client=pipe)
+                return pipe.execute()[-1]
+
+            reply: Any = self._call(run)
+        else:
+            reply = self._call(lambda: self._script(keys=keys, args=argv))
         return Transition(str(reply[0]), str(reply[1]), str(reply[2]), tuple(str(x) for x in reply[3:]))
+
+    def _take_deferred(self) -> list[tuple[list[str], list[str]]]:
+        deferred: list[tuple[list[str], list[str]]] = getattr(self._local, "deferred", [])
+        self._local.deferred = []
+        return deferred
+
+    def flush(self) -> None:
+        deferred = self._take_deferred()
+        if not deferred:
+            return
+
+        def run() -> None:
+            pipe = self.client.pipeline(transaction=False)
+            for index_keys, index_args in deferred:
+                self._index_script(keys=index_keys, args=index_args, client=pipe)
+            pipe.execute()
+
+        self._call(run)
 
     def _load(self, saga_id: str) -> dict[str, str] | None:
         raw: dict[str, str] = self._call(lambda: self.client.hgetall(self.keys.record(saga_id)))  # type: ignore[arg-type,return-value]
         return raw or None
 
-    def _index(self, saga_id: str, name: str, old: str, new: str, retention: float) -> None:
+    def _index(self, saga_id: str, name: str, old: str, new: str, retention: float, defer: bool = False) -> None:
         now_ms = time.time() * 1000
         if not old:
             old = new
         trim = f"{now_ms - retention * 1000:.0f}" if retention > 0 else ""
         k = self.keys
-        self._call(
-            lambda: self._index_script(
-                keys=[
-                    k.status_index(old),
-                    k.name_index(name, old),
-                    k.status_index(new),
-                    k.name_index(name, new),
-                    k.names(),
-                ],
-                args=[saga_id, f"{now_ms:.0f}", name, trim],
-            )
-        )
+        keys = [k.status_index(old), k.name_index(name, old), k.status_index(new), k.name_index(name, new), k.names()]
+        args = [saga_id, f"{now_ms:.0f}", name, trim]
+        if defer:
+            self._local.deferred = [*getattr(self._local, "deferred", []), (keys, args)]
+            return
+        self._call(lambda: self._index_script(keys=keys, args=args))
 
     def ping(self) -> None:
         self._call(self.client.ping)
