@@ -57,7 +57,8 @@ def _send(app: Celery, type_: str, uuid: str, **fields: Any) -> None:
 
 def saga_event(app: Celery, kind: str, saga_id: str, name: str, **fields: Any) -> None:
     """A ``task-saga-<kind>`` event about the saga as a whole (uuid = saga id)."""
-    _send(app, f"task-saga-{kind}", saga_id, saga_id=saga_id, saga_name=name, **fields)
+    # `name` makes Flower list the pseudo-task under the saga's name.
+    _send(app, f"task-saga-{kind}", saga_id, name=name, saga_id=saga_id, saga_name=name, **fields)
 
 
 def step_event(app: Celery, kind: str, task_id: str, saga_id: str, name: str, step: str, **fields: Any) -> None:

@@ -18,6 +18,7 @@ logger = logging.getLogger("celery_saga")
 
 _ENABLED: weakref.WeakSet[Celery] = weakref.WeakSet()
 _STORES: dict[tuple[str, str], SagaStore] = {}
+_BY_APP: weakref.WeakKeyDictionary[Celery, tuple[tuple[Any, ...], SagaStore]] = weakref.WeakKeyDictionary()
 _LOCK = threading.Lock()
 
 
@@ -31,6 +32,19 @@ def store_for(app: Celery) -> SagaStore:
 
     redis-py pools notice a fork and reconnect, so prefork children reuse it.
     """
+    # Steps call this on every message: skip validating the settings again
+    # while the raw values they come from are unchanged.
+    conf = app.conf
+    raw = (conf.get("saga_redis_url"), conf.get("saga_key_prefix"), conf.get("saga_retention"), conf.broker_url)
+    cached = _BY_APP.get(app)
+    if cached is not None and cached[0] == raw:
+        return cached[1]
+    store = _store_for(app)
+    _BY_APP[app] = (raw, store)
+    return store
+
+
+def _store_for(app: Celery) -> SagaStore:
     settings = settings_of(app)
     key = (settings.redis_url, settings.key_prefix)
     store = _STORES.get(key)

@@ -147,9 +147,11 @@ def react(
             raw = store.load(saga_id)
         return raw
 
-    _publish(app, store, saga_id, name, gen, t, load)
+    # Announce first: the messages published next lead to later events
+    # (e.g. "compensated"), which must not overtake this one.
     if t.changed_from:
         saga_transition(app, saga_id, name, t, load)
+    _publish(app, store, saga_id, name, gen, t, load)
 
 
 def _publish(

@@ -35,11 +35,14 @@ local function split(s, sep)
   return out
 end
 
+-- The fields every operation reads, in one call.
+local HEAD = redis.call('HMGET', K, 'status', 'gen', 'v', 'stages', 'cstage')
+
 local STAGES = nil
 local function stages()
   if not STAGES then
     STAGES = {}
-    for _, part in ipairs(split(hget('stages'), ';')) do STAGES[#STAGES + 1] = split(part, ',') end
+    for _, part in ipairs(split(HEAD[4], ';')) do STAGES[#STAGES + 1] = split(part, ',') end
   end
   return STAGES
 end
@@ -143,7 +146,7 @@ local function busy(seen_field)
   return (tonumber(ARGV[5]) or 0) <= (tonumber(hget(seen_field)) or -1)
 end
 
-local status = hget('status')
+local status = HEAD[1]
 
 if op == 'start' then
   -- ARGV: 4 name, 5 fingerprint, 6 kwargs, 7 plan, 8 plan digest, 9 stages,
@@ -166,6 +169,7 @@ if op == 'start' then
     'cb_ok', ARGV[12], 'cb_fail', ARGV[13], 'key', ARGV[14], 'maxr', ARGV[15],
     'created', NOW, 'status', 'PENDING', 'status_at', NOW, 'stage', '0', 'copen', '0', 'gaveup', '0')
   for i = 16, #ARGV, 2 do redis.call('HSET', K, ARGV[i], ARGV[i + 1]) end
+  HEAD[4] = ARGV[9]
   local first = stages()[1]
   for _, m in ipairs(first) do redis.call('HSET', K, 's:' .. m, 'DISPATCHED', 'td:' .. m, NOW) end
   redis.call('HSET', K, 'left', #first)
@@ -185,11 +189,11 @@ if op == 'purge' then
 end
 
 local KNOWN = {PENDING = true, RUNNING = true, COMPENSATING = true, COMPLETED = true, COMPENSATED = true, FAILED = true}
-if not KNOWN[status] or hget('v') ~= '1' or not hget('stages') or not hget('plan') or not hget('cstage') and status == 'COMPENSATING' then
+if not KNOWN[status] or HEAD[3] ~= '1' or not HEAD[4] or (not HEAD[5] and status == 'COMPENSATING') then
   return {'corrupt', status, ''}
 end
 -- Operators act on whatever generation is current ("*").
-if gen ~= '*' and hget('gen') ~= gen then return {'stale', status, ''} end
+if gen ~= '*' and HEAD[2] ~= gen then return {'stale', status, ''} end
 
 if op == 'abort' then
   -- ARGV: 4 error, 5.. steps whose message was never published
