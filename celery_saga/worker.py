@@ -87,7 +87,14 @@ def _resend(task: Task, request: Any, kwargs: dict[str, Any], countdown: float, 
     and Celery type-checks its kwargs, which for a step hold the whole saga
     data (the participant filters on receipt). The caller raises the Retry.
     """
+    # Route it where this copy came from, as Celery's own retry does.
     delivery = request.delivery_info or {}
+    exchange, routing_key = delivery.get("exchange"), delivery.get("routing_key")
+    route: dict[str, Any] = {}
+    if exchange == "" and routing_key:
+        route["queue"] = routing_key
+    elif routing_key:
+        route.update(exchange=exchange, routing_key=routing_key)
     task.app.send_task(
         task.name,
         args=(),
@@ -100,7 +107,7 @@ def _resend(task: Task, request: Any, kwargs: dict[str, Any], countdown: float, 
         parent_id=request.parent_id,
         ignore_result=True,
         serializer="json",
-        queue=delivery.get("routing_key") or None,
+        **route,
     )
     return Retry(f"saga retry in {countdown:.2f}s", exc=exc, when=countdown)
 
