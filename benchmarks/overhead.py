@@ -42,8 +42,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from celery_saga.redis_server import RedisServer, redis_answers  # noqa: E402
 from celery_saga.store.redis import mask_url  # noqa: E402 - needs ROOT on sys.path
-from celery_saga.testing import RedisServer, redis_answers  # noqa: E402
 
 TARGET = 0.9
 STEPS = 3

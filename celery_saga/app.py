@@ -12,7 +12,15 @@ from celery import Celery
 from .settings import SagaSettings
 from .store import RedisSagaStore, SagaStore
 
-__all__ = ["enable", "enable_if_has_steps", "enable_when_finalized", "is_enabled", "settings_of", "store_for"]
+__all__ = [
+    "enable",
+    "enable_if_has_steps",
+    "enable_when_finalized",
+    "forget_store",
+    "is_enabled",
+    "settings_of",
+    "store_for",
+]
 
 logger = logging.getLogger("celery_saga")
 
@@ -42,6 +50,18 @@ def store_for(app: Celery) -> SagaStore:
     store = _store_for(app)
     _BY_APP[app] = (raw, store)
     return store
+
+
+def forget_store(app: Celery) -> None:
+    """Close and drop the store ``app`` uses now, e.g. before pointing the app elsewhere."""
+    cached = _BY_APP.pop(app, None)
+    if cached is None:
+        return
+    store = cached[1]
+    with _LOCK:
+        for key in [k for k, v in _STORES.items() if v is store]:
+            del _STORES[key]
+    store.close()  # another app sharing it reconnects on its next command
 
 
 def _store_for(app: Celery) -> SagaStore:

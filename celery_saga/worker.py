@@ -25,7 +25,7 @@ from .app import is_enabled, store_for
 from .dispatch import Headers, react, redrive
 from .errors import SagaError, SagaStoreUnavailable, StepResultNotSerializable
 from .settings import backoff_delay
-from .step import Params, StepContext, params_of, reset_current, set_current
+from .step import Params, StepContext, current_step, params_of, reset_current, set_current
 from .store.base import SagaStore
 
 __all__ = ["SagaWorker", "connect_signals", "install", "set_fault_hook"]
@@ -58,8 +58,26 @@ def install(app: Celery) -> None:
     validate_sagas_of(app)
 
 
+def _with_fault_hook(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        if _fault_hook is not None:
+            ctx = current_step()
+            if ctx is not None:
+                _fault_hook(ctx)
+        return fn(*args, **kwargs)
+
+    return call
+
+
 def _wrap(task: Task) -> None:
-    original = task.run
+    # Injected faults must go where a real exception would come from: inside
+    # Celery's autoretry wrapper, when the task has one, so they are retried.
+    if hasattr(task, "_orig_run"):
+        task._orig_run = _with_fault_hook(task._orig_run)
+        original = task.run
+    else:
+        original = _with_fault_hook(task.run)
     params = params_of(original)
 
     @functools.wraps(original)
@@ -190,8 +208,6 @@ def _forward(task: Task, original: Any, params: Params, request: Any, kwargs: di
     step_ctx = StepContext(ctx.saga_id, ctx.name, ctx.step, False, f"{ctx.saga_id}:{ctx.step}", attempt)
     token = set_current(step_ctx)
     try:
-        if _fault_hook is not None:
-            _fault_hook(step_ctx)
         result = original(**call)
     except Retry:
         raise
@@ -257,8 +273,6 @@ def _compensate(task: Task, original: Any, params: Params, request: Any, kwargs:
     token = set_current(step_ctx)
     call = request.kwargs = params.pick(kwargs)
     try:
-        if _fault_hook is not None:
-            _fault_hook(step_ctx)
         result = original(**call)
     except Retry:
         raise

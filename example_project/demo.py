@@ -47,7 +47,7 @@ class Demo:
             os.environ.setdefault("SAGA_DEMO_PREFIX", f"saga-demo-{uuid.uuid4().hex[:8]}")
             print(f"Using the Redis in REDIS_URL, under key prefix {os.environ['SAGA_DEMO_PREFIX']!r}")
             return
-        from celery_saga.testing import RedisServer
+        from celery_saga.redis_server import RedisServer
 
         self.redis = RedisServer(prefer_package=True).start()
         os.environ["REDIS_URL"] = self.redis.url

@@ -15,7 +15,7 @@ import redis
 from celery import Celery
 from celery.contrib.testing.worker import start_worker
 
-from celery_saga.testing import RedisServer, redis_answers
+from celery_saga.redis_server import RedisServer, redis_answers
 
 
 @pytest.fixture(scope="session")

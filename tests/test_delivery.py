@@ -11,8 +11,8 @@ from celery import Celery
 from celery_saga import SagaCompensated, SagaRecordCorrupt, SagaStatus, enable, step
 from celery_saga.app import store_for
 from celery_saga.dispatch import publish_step
+from celery_saga.redis_server import RedisServer
 from celery_saga.saga import Saga
-from celery_saga.testing import RedisServer
 from tests import shop
 from tests.conftest import Ledger, configure, running_worker, wait_for
 

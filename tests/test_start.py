@@ -18,7 +18,7 @@ from celery_saga import (
     StepStatus,
 )
 from celery_saga.app import store_for
-from celery_saga.testing import free_port
+from celery_saga.redis_server import free_port
 from tests import shop
 from tests.conftest import Ledger, configure, wait_for
 

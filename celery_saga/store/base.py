@@ -88,6 +88,10 @@ class SagaStore(abc.ABC):
         """Send this thread's deferred index moves now."""
 
     @abc.abstractmethod
+    def close(self) -> None:
+        """Release the store's connections."""
+
+    @abc.abstractmethod
     def ping(self) -> None:
         """Raise SagaStoreUnavailable if the store cannot be reached."""
 

@@ -131,6 +131,10 @@ class RedisSagaStore(SagaStore):
             return
         self._call(lambda: self._index_script(keys=keys, args=args))
 
+    def close(self) -> None:
+        self.client.close()
+        self.client.connection_pool.disconnect()
+
     def ping(self) -> None:
         self._call(self.client.ping)
 

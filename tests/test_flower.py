@@ -1,0 +1,273 @@
+"""Flower sees sagas: a real `flower` process and a `celery worker -E` subprocess.
+
+Both run ``tests.proc_app`` with the same environment, so they read the same
+conf: the same Redis, and the same kombu ``global_keyprefix``, which decides
+where the ``celeryev`` fanout exchange that carries the events lives. Only
+Flower gets ``FLOWER_UNAUTHENTICATED_API=true``, so its HTTP API answers
+without auth; it listens on 127.0.0.1 only, on a port it picks itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import redis
+
+from celery_saga import SagaCompensated
+from tests import proc_app
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Flower 2.2 logs "Visit me at http://127.0.0.1:<port>" once it listens.
+_LISTENING = re.compile(r"Visit me at http://127\.0\.0\.1:(\d+)")
+# prometheus_client's text format: flower_events_total{worker="w",type="t",task="n"} 1.0
+_EVENT_METRIC = re.compile(r"^flower_events_total\{(?P<labels>[^}]*)\} (?P<value>\S+)$", re.MULTILINE)
+_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+
+
+def poll(fetch: Callable[[], Any], done: Callable[[Any], bool], timeout: float, what: str) -> Any:
+    """Call ``fetch`` until ``done`` accepts its value; on timeout, fail showing the last value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = fetch()
+        if done(value):
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}; last value: {value!r}"[:4000])
+        time.sleep(0.05)
+
+
+class Procs:
+    """The subprocesses of one test, each in its own session, logging to its own file."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp_path = tmp_path
+        self.procs: list[tuple[str, subprocess.Popen[bytes], Path]] = []
+
+    def start(self, label: str, args: list[str], env: dict[str, str]) -> tuple[subprocess.Popen[bytes], Path]:
+        log_path = self.tmp_path / f"{label}.log"
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "celery", "-A", "tests.proc_app", *args],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                cwd=ROOT,
+            )
+        self.procs.append((label, proc, log_path))
+        return proc, log_path
+
+    @staticmethod
+    def stop(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout)
+        # Each leads its own process group: this reaches pool children left behind.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+    def stop_all(self) -> None:
+        for _, proc, _ in reversed(self.procs):
+            self.stop(proc)
+
+    def logs(self) -> str:
+        parts = []
+        for label, proc, path in self.procs:
+            text = path.read_text(errors="replace") if path.exists() else ""
+            parts.append(f"--- {label} pid {proc.pid} (exit {proc.returncode}) ---\n{text[-6000:]}")
+        return "\n".join(parts)
+
+
+class FlowerAPI:
+    """Flower's HTTP API on 127.0.0.1."""
+
+    def __init__(self, port: int) -> None:
+        self.base = f"http://127.0.0.1:{port}"
+
+    def get(self, path: str, **params: Any) -> tuple[int, bytes]:
+        url = f"{self.base}{path}"
+        if params:
+            url += "?" + urllib.parse.urlencode(params)
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                return response.status, response.read()
+        except urllib.error.HTTPError as exc:
+            with exc:
+                return exc.code, exc.read()
+        except (urllib.error.URLError, ConnectionError):
+            return 0, b""
+
+    def json(self, path: str, **params: Any) -> Any:
+        status, body = self.get(path, **params)
+        assert status == 200, f"GET {path} {params}: HTTP {status} {body[:500]!r}"
+        return json.loads(body)
+
+    def event_counts(self) -> dict[tuple[str, str], float]:
+        """``flower_events_total`` from /metrics, summed over workers, by (event type, task name)."""
+        status, body = self.get("/metrics")
+        assert status == 200, f"GET /metrics: HTTP {status}"
+        counts: dict[tuple[str, str], float] = {}
+        for m in _EVENT_METRIC.finditer(body.decode()):
+            labels = dict(_LABEL.findall(m["labels"]))
+            key = (labels["type"], labels["task"])
+            counts[key] = counts.get(key, 0.0) + float(m["value"])
+        return counts
+
+
+@pytest.fixture
+def env(redis_url: str, ns: str) -> SimpleNamespace:
+    prefix = f"sagaflower-{ns}"
+    queue = f"q-{ns}"
+    proc_env = {
+        **os.environ,
+        proc_app.ENV_BROKER: redis_url,
+        proc_app.ENV_PREFIX: prefix,
+        proc_app.ENV_QUEUE: queue,
+        "PYTHONUNBUFFERED": "1",
+    }
+    proc_env.pop(proc_app.ENV_VISIBILITY, None)
+    proc_env.pop("FLOWER_UNAUTHENTICATED_API", None)
+    return SimpleNamespace(redis_url=redis_url, prefix=prefix, queue=queue, proc_env=proc_env)
+
+
+@pytest.fixture
+def r(redis_url: str, env: SimpleNamespace) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    yield client
+    # Only this test's keys: saga records, ledger and kombu's keys.
+    for key in client.scan_iter(match=f"{env.prefix}:*", count=500):
+        client.unlink(key)
+    client.close()
+
+
+@pytest.fixture
+def procs(tmp_path: Path, r: redis.Redis) -> Iterator[Procs]:
+    # Takes `r` so the processes stop before `r` deletes the test's keys.
+    p = Procs(tmp_path)
+    try:
+        yield p
+    finally:
+        p.stop_all()
+        # Captured: pytest shows it only for a failed test.
+        sys.stderr.write(p.logs())
+
+
+@pytest.fixture
+def shop(env: SimpleNamespace) -> Iterator[SimpleNamespace]:
+    s = proc_app.create(env.redis_url, env.prefix, env.queue)
+    yield s
+    s.app.close()
+    s.client.close()
+
+
+def _start_flower(procs: Procs, env: SimpleNamespace) -> FlowerAPI:
+    flower_env = {**env.proc_env, "FLOWER_UNAUTHENTICATED_API": "true"}
+    proc, log_path = procs.start("flower", ["flower", "--port=0", "--address=127.0.0.1"], flower_env)
+
+    def port() -> int | None:
+        assert proc.poll() is None, f"flower exited with {proc.returncode}"
+        m = _LISTENING.search(log_path.read_text(errors="replace"))
+        return int(m[1]) if m else None
+
+    api = FlowerAPI(poll(port, bool, 30, "flower to listen"))
+    poll(lambda: api.get("/healthcheck"), lambda v: v == (200, b"OK"), 10, "flower's /healthcheck")
+    return api
+
+
+def _start_worker(procs: Procs, env: SimpleNamespace, name: str) -> None:
+    # -E for task events (and so, by default, saga events). The heartbeat
+    # stays on: Flower learns about workers from worker-online/heartbeat.
+    args = ["worker", "-E", "-P", "prefork", "-c", "2", "-Q", env.queue, "--without-gossip", "--without-mingle"]
+    procs.start("worker", [*args, "-l", "INFO", "-n", name], env.proc_env)
+
+
+def test_flower_finds_saga_steps_and_compensations_by_saga_id(env, procs, shop, ns) -> None:
+    # Given Flower, then a worker with -E, and Flower has seen the worker
+    # online, so its event receiver is bound before the saga sends anything.
+    api = _start_flower(procs, env)
+    _start_worker(procs, env, f"flower-{ns}@%h")
+    workers = poll(
+        lambda: api.json("/api/workers", status="true"),
+        lambda v: any(k.startswith(f"flower-{ns}@") and alive for k, alive in v.items()),
+        30,
+        "flower to see the worker online",
+    )
+    hostname = next(k for k in workers if k.startswith(f"flower-{ns}@"))
+
+    # When a saga's last step fails, so the two before it are compensated
+    res = shop.sequential.delay(order_id=11, fail={"proc.three": "out of stock"})
+    with pytest.raises(SagaCompensated):
+        res.get(timeout=30)
+    saga_id = res.id
+
+    # Then a search for the saga id finds every step and compensation, with
+    # their task names and final states, and the saga's own pseudo-task.
+    expected = {
+        f"{saga_id}:proc.one": ("proc.one", "SUCCESS"),
+        f"{saga_id}:proc.two": ("proc.two", "SUCCESS"),
+        f"{saga_id}:proc.three": ("proc.three", "FAILURE"),
+        f"{saga_id}:proc.two:undo": ("proc.undo", "SUCCESS"),
+        f"{saga_id}:proc.one:undo": ("proc.undo", "SUCCESS"),
+    }
+
+    def settled(tasks: dict[str, Any]) -> bool:
+        return all(tasks.get(tid, {}).get("state") == state for tid, (_, state) in expected.items()) and (
+            tasks.get(saga_id, {}).get("state") == "SAGA-COMPENSATED"
+        )
+
+    tasks = poll(lambda: api.json("/api/tasks", search=saga_id), settled, 20, f"flower to know saga {saga_id}")
+    # /api/tasks answers a dict keyed by task uuid; each value has "uuid" too.
+    assert set(tasks) == {*expected, saga_id}
+    for tid, (name, state) in expected.items():
+        task = tasks[tid]
+        assert (task["uuid"], task["name"], task["state"], task["worker"]) == (tid, name, state, hostname)
+        # root_id is the saga id, so Flower's task page links every message to it.
+        assert task["root_id"] == saga_id
+    assert "out of stock" in tasks[f"{saga_id}:proc.three"]["exception"]
+
+    # The pseudo-task: uuid = saga id, state from the last task-saga-* event.
+    info = api.json(f"/api/task/info/{saga_id}")
+    # (Flower 2.2 answers as_dict() here: "uuid", not the "task-id" its docs show.)
+    assert info["uuid"] == saga_id
+    assert info["name"] == "proc_seq"  # listed under the saga's name
+    assert info["state"] == "SAGA-COMPENSATED"
+    assert info["worker"] == hostname
+
+    # And /metrics counts the task-saga-* events: saga-level ones under the
+    # saga's name, step-level ones under the step's task name.
+    want = {
+        ("task-saga-started", "proc_seq"): 1.0,
+        ("task-saga-compensating", "proc_seq"): 1.0,
+        ("task-saga-compensated", "proc_seq"): 1.0,
+        ("task-saga-step-done", "proc.one"): 1.0,
+        ("task-saga-step-done", "proc.two"): 1.0,
+    }
+    counts = poll(
+        api.event_counts,
+        lambda c: all(c.get(k) == v for k, v in want.items()),
+        10,
+        "flower's /metrics to count the task-saga-* events",
+    )
+    saga_types = {t for t, _ in counts if t.startswith("task-saga-")}
+    assert saga_types == {t for t, _ in want}
