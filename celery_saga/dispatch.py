@@ -118,6 +118,7 @@ def publish_compensation(
         },
         ignore_result=True,
         serializer="json",
+        **spec.compensation_options,
     )
 
 

@@ -30,6 +30,7 @@ class StepSpec:
         bound: Keyword arguments bound in the step's signature; they override saga data.
         options: Publish options (queue, routing_key, exchange, priority).
         stage: Index of the stage this step belongs to.
+        compensation_options: Publish options of the compensation.
     """
 
     name: str
@@ -39,6 +40,7 @@ class StepSpec:
     bound: dict[str, Any] = field(default_factory=dict)
     options: dict[str, Any] = field(default_factory=dict)
     stage: int = 0
+    compensation_options: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -48,6 +50,7 @@ class StepSpec:
             "compensate_on_failure": self.compensate_on_failure,
             "bound": self.bound,
             "options": self.options,
+            "compensation_options": self.compensation_options,
         }
 
 
@@ -87,6 +90,7 @@ class Plan:
                         bound=dict(s.get("bound") or {}),
                         options=dict(s.get("options") or {}),
                         stage=k,
+                        compensation_options=dict(s.get("compensation_options") or {}),
                     )
                     for s in stage
                 )

@@ -175,12 +175,8 @@ class Saga:
                 bound = dict(ref.bound)
                 if ref.args:
                     bound = self._bind_args(ref, local, bound)
-                options = {}
-                if local is not None:
-                    options = {
-                        k: v for k, v in local._get_exec_options().items() if k in _ROUTING_OPTIONS and v is not None
-                    }
-                options.update({k: v for k, v in ref.options.items() if k in _ROUTING_OPTIONS and v is not None})
+                options = {**_routing(local), **_routing_of(ref.options)}
+                comp_options = _routing(tasks.get(ref.compensation)) if ref.compensation else {}
                 try:
                     json.dumps(bound)
                 except (TypeError, ValueError) as exc:
@@ -188,7 +184,9 @@ class Saga:
                         f"saga {self.name!r}: arguments bound to step {ref.name!r} cannot be serialized as JSON: {exc}"
                     ) from exc
                 specs.append(
-                    StepSpec(ref.name, ref.task, ref.compensation, ref.compensate_on_failure, bound, options, k)
+                    StepSpec(
+                        ref.name, ref.task, ref.compensation, ref.compensate_on_failure, bound, options, k, comp_options
+                    )
                 )
             stages.append(tuple(specs))
         return Plan(tuple(stages))
@@ -301,6 +299,15 @@ class Saga:
             except Exception:
                 logger.exception("saga %s: could not mark the failed start", saga_id)
             raise
+
+
+def _routing_of(options: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in options.items() if k in _ROUTING_OPTIONS and v is not None}
+
+
+def _routing(task: Any) -> dict[str, Any]:
+    """The routing a local task sets on itself (``@app.task(queue=...)``); ``task_routes`` apply anyway."""
+    return _routing_of(task._get_exec_options()) if task is not None else {}
 
 
 def _canonical(data: Any) -> str:

@@ -351,3 +351,35 @@ def test_get_times_out_with_celerys_timeout_error(app: Celery, r, prefix) -> Non
     res = s.sequential.delay(order_id=1)  # no worker runs
     with pytest.raises(CeleryTimeoutError, match="PENDING"):
         res.get(timeout=0.3)
+
+
+def test_steps_and_compensations_keep_their_own_queues(app: Celery, r, prefix, ns: str) -> None:
+    from celery.contrib.testing.worker import start_worker
+
+    routes: dict[str, str] = {}
+
+    app.conf.task_routes = {"q.refund": {"queue": f"refunds-{ns}"}}
+
+    @app.task(shared=False, name="q.refund", bind=True)
+    def refund(self) -> None:  # type: ignore[no-untyped-def]
+        routes["refund"] = self.request.delivery_info["routing_key"]
+
+    @saga_step(compensate=refund)
+    @app.task(shared=False, name="q.pay", bind=True)
+    def pay(self) -> None:  # type: ignore[no-untyped-def]
+        routes["pay"] = self.request.delivery_info["routing_key"]
+
+    @saga_step(compensate=None)
+    @app.task(shared=False, name="q.boom")
+    def boom() -> None:
+        raise RuntimeError("no")
+
+    queues = [app.conf.task_default_queue, f"payments-{ns}", f"refunds-{ns}"]
+    # The step's queue comes from its signature, the compensation's from task_routes.
+    saga = Saga("queues", [pay.s().set(queue=f"payments-{ns}"), boom])
+    with (
+        start_worker(app, pool="threads", perform_ping_check=False, queues=queues, shutdown_timeout=10),
+        pytest.raises(SagaCompensated),
+    ):
+        saga.delay().get(timeout=20)
+    assert routes == {"pay": f"payments-{ns}", "refund": f"refunds-{ns}"}
