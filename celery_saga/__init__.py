@@ -7,6 +7,7 @@ are compensated in reverse order. A record in Redis is the source of truth.
 
 from __future__ import annotations
 
+from .admin import SagaStats, SagaSummary, list_sagas, purge_saga, retry_saga, saga_state, saga_stats
 from .app import enable
 from .errors import (
     IdempotencyConflict,
@@ -17,11 +18,13 @@ from .errors import (
     SagaFailed,
     SagaNotFound,
     SagaRecordCorrupt,
+    SagaStateError,
     SagaStoreUnavailable,
     StepResultNotSerializable,
 )
 from .result import SagaResult
 from .saga import Saga, parallel
+from .signals import compensation_failed, saga_compensated, saga_completed, saga_failed, saga_started
 from .state import CompensationStatus, SagaState, SagaStatus, StepRecord, StepStatus
 from .step import StepContext, current_step, saga_step, step
 
@@ -45,6 +48,21 @@ __all__ = [
     "CompensationStatus",
     # Participant services
     "enable",
+    # Operating
+    "list_sagas",
+    "saga_state",
+    "saga_stats",
+    "retry_saga",
+    "purge_saga",
+    "SagaSummary",
+    "SagaStats",
+    "SagaStateError",
+    # Signals
+    "saga_started",
+    "saga_completed",
+    "saga_compensated",
+    "saga_failed",
+    "compensation_failed",
     # Errors
     "SagaError",
     "SagaDefinitionError",

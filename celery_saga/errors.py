@@ -10,6 +10,7 @@ Every error derives from one root, so ``except SagaError`` catches them all::
     ├── IdempotencyConflict      same idempotency key, different kwargs
     ├── SagaStoreUnavailable     the saga store (Redis) cannot be reached
     ├── SagaNotFound             no record: never started, or expired
+    ├── SagaStateError           an operator action the saga's status does not allow
     ├── SagaRecordCorrupt        a record exists but cannot be read
     └── StepResultNotSerializable a step returned something JSON cannot hold
 """
@@ -25,6 +26,7 @@ __all__ = [
     "SagaFailed",
     "SagaNotFound",
     "SagaRecordCorrupt",
+    "SagaStateError",
     "SagaStoreUnavailable",
     "StepResultNotSerializable",
 ]
@@ -116,12 +118,31 @@ class SagaNotFound(SagaError):
         super().__init__(f"saga {saga_id} not found or expired{suffix}")
 
 
+class SagaStateError(SagaError):
+    """An operator action is not allowed in the saga's current status.
+
+    Attributes:
+        saga_id: The saga.
+        status: Its status when the action was refused.
+        action: What was refused: ``"retry"`` or ``"purge"``.
+    """
+
+    def __init__(self, saga_id: str, status: str, action: str, allowed: str) -> None:
+        self.saga_id = saga_id
+        self.status = status
+        self.action = action
+        super().__init__(f"cannot {action} saga {saga_id}: it is {status or 'unknown'}; {allowed}")
+
+
 class SagaRecordCorrupt(SagaError):
     """A saga record exists but cannot be parsed."""
 
     def __init__(self, saga_id: str, detail: str) -> None:
         self.saga_id = saga_id
-        super().__init__(f"saga record {saga_id} is corrupt: {detail}; inspect it with `celery saga show`")
+        super().__init__(
+            f"saga record {saga_id} is corrupt: {detail}; inspect the Redis hash, "
+            f"or remove it with `celery saga purge {saga_id}` if the saga is over"
+        )
 
 
 class StepResultNotSerializable(SagaError, TypeError):

@@ -295,7 +295,7 @@ class Saga:
             # orphan RUNNING saga is left and the caller can simply retry.
             error = f"publish failed: {type(exc).__name__}: {exc}"
             try:
-                store.step("abort", saga_id, gen, self.name, error, *(s.name for s in pending))
+                store.abort_start(saga_id, gen, self.name, error, [s.name for s in pending])
             except Exception:
                 logger.exception("saga %s: could not mark the failed start", saga_id)
             raise

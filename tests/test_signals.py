@@ -10,6 +10,7 @@ import pytest
 from celery import Celery
 
 from celery_saga import SagaCompensated, SagaFailed, signals
+from celery_saga import saga_started as top_level_saga_started
 from tests import shop
 
 
@@ -38,6 +39,10 @@ def recorder() -> Iterator[Recorder]:
     yield rec
     for name, handler in handlers.items():
         getattr(signals, name).disconnect(handler)
+
+
+def test_the_signals_are_public_names() -> None:
+    assert top_level_saga_started is signals.saga_started
 
 
 def test_started_and_completed_are_sent_once(app: Celery, r, prefix, worker, recorder: Recorder) -> None:

@@ -112,9 +112,13 @@ def test_failed_publish_marks_the_saga_failed_and_releases_its_key(
     with pytest.raises(Exception) as info:
         b.sequential.apply_async(kwargs={"order_id": 1}, idempotency_key="retry-me")
     assert not isinstance(info.value, SagaStoreUnavailable)
-    saga_id = next(iter(store_for(broken).list_ids(SagaStatus.FAILED)))
+    (record,) = [k for k in r.scan_iter(f"{prefix}:{{*") if not k.startswith(f"{prefix}:{{idx}}")]
+    saga_id = record[len(prefix) + 2 : -1]
     state = store_for(broken).state(saga_id)
     assert state.status is SagaStatus.FAILED and "publish failed" in (state.error or "")
+    # Nothing ran, so it is no dead letter: it expires and is listed nowhere.
+    assert r.pttl(record) > 0
+    assert all(saga_id not in store_for(broken).list_ids(status) for status in SagaStatus)
     broken.close()
     # When the caller retries with the same key on a working broker, a fresh saga runs.
     s = shop.build(app, r, prefix)

@@ -143,6 +143,20 @@ class SagaStore(abc.ABC):
             self._unindex(req.saga_id, req.name, SagaStatus.PENDING.value)
         return t
 
+    def abort_start(self, saga_id: str, gen: str, name: str, error: str, unpublished: Sequence[str]) -> Transition:
+        """Mark a start whose publish failed; its key is released for the caller's retry.
+
+        A start that failed before anything ran leaves no FAILED index entry: it
+        is not a dead letter (nothing to compensate), its record expires, and
+        the caller got the error.
+        """
+        t = self._transition(saga_id, "abort", gen, [error, *unpublished], dedupe=True)
+        if t.tag == "aborted":
+            self._unindex(saga_id, name, SagaStatus.PENDING.value)
+        elif t.changed_from:
+            self.reindex(saga_id, name, t)
+        return t
+
     def step(self, op: str, saga_id: str, gen: str, name: str, *args: str, first: bool = False) -> Transition:
         """Apply a step transition (``begin``, ``done``, ``fail``, ``cbegin`` ...) and index it.
 

@@ -14,7 +14,7 @@ from kombu.utils.url import maybe_sanitize_url
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
 
-from ..errors import SagaStoreUnavailable
+from ..errors import SagaRecordCorrupt, SagaStoreUnavailable
 from ..state import SagaStatus
 from .base import SagaStore, Transition
 from .keys import Keys
@@ -115,7 +115,10 @@ class RedisSagaStore(SagaStore):
         self._call(run)
 
     def _load(self, saga_id: str) -> dict[str, str] | None:
-        raw: dict[str, str] = self._call(lambda: self.client.hgetall(self.keys.record(saga_id)))  # type: ignore[arg-type,return-value]
+        try:
+            raw: dict[str, str] = self._call(lambda: self.client.hgetall(self.keys.record(saga_id)))  # type: ignore[arg-type,return-value]
+        except redis.ResponseError as exc:  # e.g. WRONGTYPE: the key is not a hash
+            raise SagaRecordCorrupt(saga_id, str(exc)) from exc
         return raw or None
 
     def _index(self, saga_id: str, name: str, old: str, new: str, retention: float, defer: bool = False) -> None:

@@ -1,0 +1,225 @@
+"""``celery -A proj saga ...``: the operator's commands, a thin layer over `celery_saga.admin`.
+
+Commands::
+
+    celery -A proj saga list [--status S] [--name N] [--since T] [--limit N] [--json]
+    celery -A proj saga show ID [--json]
+    celery -A proj saga stats [--json]
+    celery -A proj saga retry ID     re-drive the compensations that gave up in a FAILED saga
+    celery -A proj saga purge ID     remove a finished saga (COMPLETED, COMPENSATED or FAILED)
+
+``--since`` takes ISO-8601 (``2026-11-27T03:00``, UTC unless it has an
+offset) or a time ago: ``30s``, ``10m``, ``2h``, ``1d``, ``1w``. It filters on
+when the saga entered its status. ``list`` reads the status indexes, newest
+first, and skips entries whose record expired.
+
+JSON (``--json``), a stable schema; times are ISO-8601 UTC with milliseconds
+and a ``Z`` (``"2026-11-27T03:25:09.640Z"``), or null when unknown:
+
+* list: ``{"sagas": [{"id", "name", "status", "status_at", "created_at",
+  "failed_step", "error"}]}``, newest first.
+* show: ``{"id", "name", "status", "status_at", "created_at",
+  "idempotency_key", "failed_step", "error", "reason", "kwargs", "data",
+  "settings", "steps": [{"name", "task", "stage", "status", "attempts",
+  "started_at", "ended_at", "error", "result", "compensation"}]}``, where
+  ``compensation`` is null for a step with nothing to undo, else
+  ``{"task", "status", "attempts", "started_at", "ended_at", "error"}``
+  (``status`` null until it is dispatched).
+* stats: ``{"by_status": {status: n}, "by_name": {name: {status: n}}}``,
+  every status present; finished sagas count within ``saga_retention``.
+
+Exit codes: 0 ok; 1 not found or expired, not allowed in the saga's status,
+corrupt record or other saga error; 2 usage; 69 saga store unavailable.
+Errors are one line on stderr: never a traceback, never a password.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import click
+import redis
+from celery.bin.base import CeleryCommand, CeleryOption
+from celery.exceptions import CeleryCommandException
+from kombu.exceptions import OperationalError
+
+from . import admin
+from .errors import SagaError, SagaStoreUnavailable
+from .state import SagaStatus
+from .timeline import render
+
+__all__ = ["parse_since", "saga"]
+
+EX_REFUSED = 1  # not found or expired, not allowed in its status, corrupt record
+EX_UNAVAILABLE = 69  # sysexits.h, as Celery's own commands use
+
+_AGO = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_since(text: str) -> datetime | timedelta:
+    """``10m``, ``2h``, ``1d`` ... as a time ago, else ISO-8601 (UTC unless it has an offset)."""
+    text = text.strip()
+    ago = _AGO.fullmatch(text)
+    if ago:
+        return timedelta(seconds=float(ago.group(1)) * _UNITS[ago.group(2)])
+    when = datetime.fromisoformat(text)
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
+
+
+def _since(ctx: click.Context, param: click.Parameter, value: str | None) -> datetime | timedelta | None:
+    if value is None:
+        return None
+    try:
+        return parse_since(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is neither ISO-8601 nor a time ago like 30s, 10m, 2h, 1d") from None
+
+
+@contextmanager
+def _errors() -> Iterator[None]:
+    """Our errors as one line and an exit code; click prints ``Error: <message>`` on stderr."""
+    try:
+        yield
+    # SagaStoreUnavailable's message has the URL with its password masked.
+    except SagaStoreUnavailable as exc:
+        raise CeleryCommandException(message=str(exc), exit_code=EX_UNAVAILABLE) from exc
+    except OperationalError as exc:  # publishing a retry: the broker is down
+        raise CeleryCommandException(message=f"broker unavailable: {exc}", exit_code=EX_UNAVAILABLE) from exc
+    except SagaError as exc:
+        raise CeleryCommandException(message=str(exc), exit_code=EX_REFUSED) from exc
+    except redis.RedisError as exc:
+        raise CeleryCommandException(
+            message=f"saga store error: {type(exc).__name__}: {exc}", exit_code=EX_REFUSED
+        ) from exc
+
+
+def _echo_json(value: Any) -> None:
+    click.echo(json.dumps(value, indent=2))
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    cells = [list(header), *[list(r) for r in rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _app(ctx: click.Context) -> Any:
+    return ctx.obj.app
+
+
+_JSON = click.option("--json", "as_json", cls=CeleryOption, is_flag=True, help="Print JSON (schema: see cli.py).")
+
+
+@click.group(name="saga")
+def saga() -> None:
+    """Operate on sagas: list, show, stats, retry, purge."""
+
+
+@saga.command(name="list", cls=CeleryCommand)
+@click.option(
+    "--status",
+    cls=CeleryOption,
+    type=click.Choice([s.value for s in SagaStatus], case_sensitive=False),
+    metavar="STATUS",
+    help=f"Only sagas in this status: {', '.join(s.value for s in SagaStatus)} (default: all).",
+)
+@click.option("--name", cls=CeleryOption, help="Only sagas of this name.")
+@click.option(
+    "--since",
+    cls=CeleryOption,
+    callback=_since,
+    metavar="TIME",
+    help="Entered the status since: ISO-8601, or 10m, 2h, 1d.",
+)
+@click.option("--limit", cls=CeleryOption, type=click.IntRange(min=1), default=50, show_default=True)
+@_JSON
+@click.pass_context
+def list_(
+    ctx: click.Context,
+    status: str | None,
+    name: str | None,
+    since: datetime | timedelta | None,
+    limit: int,
+    as_json: bool,
+) -> None:
+    """List sagas, newest first, from the status indexes."""
+    with _errors():
+        found = admin.list_sagas(
+            _app(ctx), status=status.upper() if status else None, name=name, since=since, limit=limit
+        )
+    if as_json:
+        _echo_json({"sagas": [s.to_json() for s in found]})
+        return
+    if not found:
+        click.echo("no sagas found")
+        return
+    rows = [
+        (s.saga_id, s.name, s.status.value, admin.iso(s.status_at) or "-", s.failed_step or "", (s.error or "")[:48])
+        for s in found
+    ]
+    click.echo(_table(("id", "name", "status", "since", "failed step", "error"), rows))
+
+
+@saga.command(cls=CeleryCommand)
+@click.argument("saga_id")
+@_JSON
+@click.pass_context
+def show(ctx: click.Context, saga_id: str, as_json: bool) -> None:
+    """Show one saga: its status and the timeline of its steps and compensations."""
+    with _errors():
+        state = admin.saga_state(_app(ctx), saga_id)
+    if as_json:
+        _echo_json(admin.state_json(state))
+        return
+    click.echo(f"saga {state.saga_id} ({state.name}): {state.status.value} since {admin.iso(state.status_at)}")
+    click.echo(f"created {admin.iso(state.created_at)}")
+    if state.failed_step:
+        click.echo(f"failed step {state.failed_step}: {state.error}")
+    click.echo("")
+    click.echo(render(state))
+
+
+@saga.command(cls=CeleryCommand)
+@_JSON
+@click.pass_context
+def stats(ctx: click.Context, as_json: bool) -> None:
+    """Count sagas by status and by saga name."""
+    with _errors():
+        counts = admin.saga_stats(_app(ctx))
+    if as_json:
+        _echo_json(counts.to_json())
+        return
+    statuses = [s.value for s in SagaStatus]
+    click.echo(_table(("status", "sagas"), [(s, str(counts.by_status[s])) for s in statuses]))
+    if counts.by_name:
+        rows = [(n, *(str(c.get(s, 0)) for s in statuses)) for n, c in counts.by_name.items()]
+        click.echo("")
+        click.echo(_table(("name", *statuses), rows))
+
+
+@saga.command(cls=CeleryCommand)
+@click.argument("saga_id")
+@click.pass_context
+def retry(ctx: click.Context, saga_id: str) -> None:
+    """Re-drive the compensations that gave up in a FAILED saga."""
+    with _errors():
+        admin.retry_saga(_app(ctx), saga_id)
+    click.echo(f"saga {saga_id}: compensations that gave up were sent again; follow it with `celery saga show`")
+
+
+@saga.command(cls=CeleryCommand)
+@click.argument("saga_id")
+@click.pass_context
+def purge(ctx: click.Context, saga_id: str) -> None:
+    """Remove a finished saga (COMPLETED, COMPENSATED or FAILED) and its index entries."""
+    with _errors():
+        admin.purge_saga(_app(ctx), saga_id)
+    click.echo(f"saga {saga_id} purged")
