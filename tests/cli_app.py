@@ -22,9 +22,8 @@ from __future__ import annotations
 
 import json
 import os
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from types import SimpleNamespace
 from typing import Any
@@ -33,6 +32,7 @@ import redis
 from celery import Celery
 
 from celery_saga import Saga, SagaResult, SagaStatus, current_step, saga_step
+from tests.conftest import wait_for
 
 ENV_REDIS = "CELERY_SAGA_CLI_REDIS"
 ENV_PREFIX = "CELERY_SAGA_CLI_PREFIX"
@@ -107,18 +107,6 @@ def create(redis_url: str, prefix: str, queue: str) -> SimpleNamespace:
         return [tag for tag, sid in map(json.loads, client.lrange(f"{prefix}:callbacks", 0, -1)) if sid == saga_id]
 
     return SimpleNamespace(**{k: v for k, v in locals().items() if not k.startswith("_")})
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> Any:
-    """Poll ``predicate`` until it returns something truthy, or fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)
 
 
 STATES = ("PENDING", "RUNNING", "COMPENSATING", "COMPLETED", "COMPENSATED", "FAILED")

@@ -39,6 +39,14 @@ ENV_QUEUE = "CELERY_SAGA_TEST_QUEUE"
 ENV_VISIBILITY = "CELERY_SAGA_TEST_VISIBILITY"
 
 
+def worker_env(redis_url: str, prefix: str, queue: str) -> dict[str, str]:
+    """The environment of a subprocess (worker, Flower) running this app."""
+    env = {**os.environ, ENV_BROKER: redis_url, ENV_PREFIX: prefix, ENV_QUEUE: queue, "PYTHONUNBUFFERED": "1"}
+    env.pop(ENV_VISIBILITY, None)
+    env.pop("FLOWER_UNAUTHENTICATED_API", None)
+    return env
+
+
 def kombu_prefix(prefix: str) -> str:
     """Kombu's global key prefix: queues and the unacked hash are private to one test."""
     return f"{prefix}:kombu:"

@@ -139,15 +139,7 @@ class FlowerAPI:
 def env(redis_url: str, ns: str) -> SimpleNamespace:
     prefix = f"sagaflower-{ns}"
     queue = f"q-{ns}"
-    proc_env = {
-        **os.environ,
-        proc_app.ENV_BROKER: redis_url,
-        proc_app.ENV_PREFIX: prefix,
-        proc_app.ENV_QUEUE: queue,
-        "PYTHONUNBUFFERED": "1",
-    }
-    proc_env.pop(proc_app.ENV_VISIBILITY, None)
-    proc_env.pop("FLOWER_UNAUTHENTICATED_API", None)
+    proc_env = proc_app.worker_env(redis_url, prefix, queue)
     return SimpleNamespace(redis_url=redis_url, prefix=prefix, queue=queue, proc_env=proc_env)
 
 

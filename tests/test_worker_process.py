@@ -115,14 +115,7 @@ class Workers:
 def env(redis_url: str, ns: str) -> SimpleNamespace:
     prefix = f"sagaproc-{ns}"
     queue = f"q-{ns}"
-    worker_env = {
-        **os.environ,
-        proc_app.ENV_BROKER: redis_url,
-        proc_app.ENV_PREFIX: prefix,
-        proc_app.ENV_QUEUE: queue,
-        "PYTHONUNBUFFERED": "1",
-    }
-    worker_env.pop(proc_app.ENV_VISIBILITY, None)
+    worker_env = proc_app.worker_env(redis_url, prefix, queue)
     return SimpleNamespace(redis_url=redis_url, prefix=prefix, queue=queue, worker_env=worker_env)
 
 
