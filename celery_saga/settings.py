@@ -35,9 +35,10 @@ _DEFAULTS: dict[str, Any] = {
 }
 
 
-def _number(name: str, value: Any, *, minimum: float = 0.0) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < minimum:
-        raise SagaDefinitionError(f"app.conf.{name} must be a number >= {minimum}, not {value!r}")
+def _number(name: str, value: Any, *, positive: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or (positive and value == 0):
+        what = "a number > 0" if positive else "a number >= 0"
+        raise SagaDefinitionError(f"app.conf.{name} must be {what} (seconds), not {value!r}")
     return float(value)
 
 
@@ -85,7 +86,7 @@ class SagaSettings:
         return cls(
             redis_url=str(url),
             key_prefix=prefix,
-            retention=_number("saga_retention", get("saga_retention"), minimum=1),
+            retention=_number("saga_retention", get("saga_retention"), positive=True),
             compensation_retry_backoff=_number(
                 "saga_compensation_retry_backoff", get("saga_compensation_retry_backoff")
             ),
