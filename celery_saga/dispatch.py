@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
@@ -48,6 +49,7 @@ def task_id(saga_id: str, step: str, undo: bool = False) -> str:
 
 
 _PLANS: OrderedDict[str, Plan] = OrderedDict()
+_PLANS_LOCK = threading.Lock()
 
 
 def cached_plan(digest: str, load: Any) -> Plan:
@@ -55,9 +57,10 @@ def cached_plan(digest: str, load: Any) -> Plan:
     plan = _PLANS.get(digest)
     if plan is None:
         plan = Plan.from_json(load())
-        _PLANS[digest] = plan
-        if len(_PLANS) > 512:
-            _PLANS.popitem(last=False)
+        with _PLANS_LOCK:  # threads pools share it
+            _PLANS[digest] = plan
+            if len(_PLANS) > 512:
+                _PLANS.popitem(last=False)
     return plan
 
 

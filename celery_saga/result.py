@@ -60,14 +60,13 @@ class SagaResult:
         deadline = None if timeout is None else time.monotonic() + timeout
         # Poll gently: start fast, for short sagas, and back off to `interval`.
         pause = min(0.005, interval)
+        store = self._store()
         while True:
-            state = self.state()
-            if state.status.finished:
-                return _outcome(state)
+            status = store.status(self.id)
+            if status.finished:
+                return _outcome(store.state(self.id))
             if deadline is not None and time.monotonic() >= deadline:
-                raise CeleryTimeoutError(
-                    f"saga {self.id} did not finish within {timeout}s (it is {state.status.value})"
-                )
+                raise CeleryTimeoutError(f"saga {self.id} did not finish within {timeout}s (it is {status.value})")
             wait = pause if deadline is None else max(0.0, min(pause, deadline - time.monotonic()))
             time.sleep(wait)
             pause = min(interval, pause * 2)

@@ -14,7 +14,7 @@ from kombu.utils.url import maybe_sanitize_url
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
 
-from ..errors import SagaRecordCorrupt, SagaStoreUnavailable
+from ..errors import SagaNotFound, SagaRecordCorrupt, SagaStoreUnavailable
 from ..state import SagaStatus
 from .base import SagaStore, Transition
 from .keys import Keys
@@ -133,6 +133,19 @@ class RedisSagaStore(SagaStore):
             self._local.deferred = [*getattr(self._local, "deferred", []), (keys, args)]
             return
         self._call(lambda: self._index_script(keys=keys, args=args))
+
+    def status(self, saga_id: str) -> SagaStatus:
+        # One field, not the whole record: SagaResult.get polls this.
+        try:
+            raw = self._call(lambda: self.client.hget(self.keys.record(saga_id), "status"))
+        except redis.ResponseError as exc:  # e.g. WRONGTYPE: the key is not a hash
+            raise SagaRecordCorrupt(saga_id, str(exc)) from exc
+        if raw is None:
+            raise SagaNotFound(saga_id, self.where())
+        try:
+            return SagaStatus(str(raw))
+        except ValueError as exc:
+            raise SagaRecordCorrupt(saga_id, f"unknown status {raw!r}") from exc
 
     def close(self) -> None:
         self.client.close()
