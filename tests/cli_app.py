@@ -23,8 +23,8 @@ from __future__ import annotations
 import json
 import os
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from types import SimpleNamespace
 from typing import Any
 
@@ -110,6 +110,26 @@ def create(redis_url: str, prefix: str, queue: str) -> SimpleNamespace:
 
 
 STATES = ("PENDING", "RUNNING", "COMPENSATING", "COMPLETED", "COMPENSATED", "FAILED")
+
+
+def world_fixtures(name: str) -> tuple[Any, Any]:
+    """The ``fresh`` and ``world`` fixtures of a test module, building worlds under prefixes ``<name>-<random>``.
+
+    ``fresh`` builds a world of only some statuses: ``with fresh("FAILED") as w``;
+    ``world`` is a world of every status. Use: ``fresh, world = world_fixtures("x")``.
+    """
+    import pytest  # only the tests need it, not the CLI subprocess
+
+    @pytest.fixture
+    def fresh(redis_url: str) -> Callable[..., AbstractContextManager[SimpleNamespace]]:
+        return lambda *only: every_state(redis_url, f"{name}-{uuid.uuid4().hex[:10]}", only or STATES)
+
+    @pytest.fixture
+    def world(fresh: Callable[..., AbstractContextManager[SimpleNamespace]]) -> Iterator[SimpleNamespace]:
+        with fresh() as w:
+            yield w
+
+    return fresh, world
 
 
 @contextmanager

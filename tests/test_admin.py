@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from types import SimpleNamespace
 
 import pytest
 
@@ -36,21 +34,12 @@ from celery_saga.app import store_for
 from celery_saga.redis_server import free_port
 from celery_saga.store.keys import Keys
 from tests import cli_app
-from tests.cli_app import STATES, every_state, wait_for
+from tests.cli_app import STATES, wait_for
 
 ISO = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 
 
-@pytest.fixture
-def world(redis_url: str) -> Iterator[SimpleNamespace]:
-    with every_state(redis_url, f"sagaadmin-{uuid.uuid4().hex[:10]}") as w:
-        yield w
-
-
-@pytest.fixture
-def fresh(redis_url: str) -> Iterator[object]:
-    """Build a world of only some statuses under a fresh prefix: ``with fresh("FAILED") as w``."""
-    yield lambda *only: every_state(redis_url, f"sagaadmin-{uuid.uuid4().hex[:10]}", only)
+fresh, world = cli_app.world_fixtures("sagaadmin")
 
 
 def test_list_every_status_newest_first(world) -> None:

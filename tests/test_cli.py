@@ -13,11 +13,10 @@ import re
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
@@ -26,7 +25,7 @@ from celery_saga.cli import parse_since
 from celery_saga.redis_server import RedisServer, free_port
 from celery_saga.store.keys import Keys
 from tests import cli_app
-from tests.cli_app import STATES, cli_env, every_state, wait_for
+from tests.cli_app import STATES, cli_env, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 ISO = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
@@ -58,15 +57,7 @@ def listed(proc: subprocess.CompletedProcess[str]) -> list[dict[str, str | None]
     return sagas
 
 
-@pytest.fixture
-def world(redis_url: str) -> Iterator[SimpleNamespace]:
-    with every_state(redis_url, f"sagacli-{uuid.uuid4().hex[:10]}") as w:
-        yield w
-
-
-@pytest.fixture
-def fresh(redis_url: str) -> Iterator[object]:
-    yield lambda *only: every_state(redis_url, f"sagacli-{uuid.uuid4().hex[:10]}", only)
+fresh, world = cli_app.world_fixtures("sagacli")
 
 
 def test_list_every_state(world) -> None:

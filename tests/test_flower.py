@@ -9,13 +9,8 @@ without auth; it listens on 127.0.0.1 only, on a port it picks itself.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import re
-import signal
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.parse
@@ -29,9 +24,8 @@ import pytest
 import redis
 
 from celery_saga import SagaCompensated
-from tests import proc_app
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests import subprocs
+from tests.subprocs import Subprocs
 
 # Flower 2.2 logs "Visit me at http://127.0.0.1:<port>" once it listens.
 _LISTENING = re.compile(r"Visit me at http://127\.0\.0\.1:(\d+)")
@@ -50,53 +44,6 @@ def poll(fetch: Callable[[], Any], done: Callable[[Any], bool], timeout: float, 
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}; last value: {value!r}"[:4000])
         time.sleep(0.05)
-
-
-class Procs:
-    """The subprocesses of one test, each in its own session, logging to its own file."""
-
-    def __init__(self, tmp_path: Path) -> None:
-        self.tmp_path = tmp_path
-        self.procs: list[tuple[str, subprocess.Popen[bytes], Path]] = []
-
-    def start(self, label: str, args: list[str], env: dict[str, str]) -> tuple[subprocess.Popen[bytes], Path]:
-        log_path = self.tmp_path / f"{label}.log"
-        with open(log_path, "wb") as log:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "celery", "-A", "tests.proc_app", *args],
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                cwd=ROOT,
-            )
-        self.procs.append((label, proc, log_path))
-        return proc, log_path
-
-    @staticmethod
-    def stop(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout)
-        # Each leads its own process group: this reaches pool children left behind.
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-
-    def stop_all(self) -> None:
-        for _, proc, _ in reversed(self.procs):
-            self.stop(proc)
-
-    def logs(self) -> str:
-        parts = []
-        for label, proc, path in self.procs:
-            text = path.read_text(errors="replace") if path.exists() else ""
-            parts.append(f"--- {label} pid {proc.pid} (exit {proc.returncode}) ---\n{text[-6000:]}")
-        return "\n".join(parts)
 
 
 class FlowerAPI:
@@ -137,45 +84,29 @@ class FlowerAPI:
 
 @pytest.fixture
 def env(redis_url: str, ns: str) -> SimpleNamespace:
-    prefix = f"sagaflower-{ns}"
-    queue = f"q-{ns}"
-    proc_env = proc_app.worker_env(redis_url, prefix, queue)
-    return SimpleNamespace(redis_url=redis_url, prefix=prefix, queue=queue, proc_env=proc_env)
+    return subprocs.proc_env(redis_url, f"sagaflower-{ns}", f"q-{ns}")
 
 
 @pytest.fixture
 def r(redis_url: str, env: SimpleNamespace) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_url, decode_responses=True)
-    yield client
-    # Only this test's keys: saga records, ledger and kombu's keys.
-    for key in client.scan_iter(match=f"{env.prefix}:*", count=500):
-        client.unlink(key)
-    client.close()
+    yield from subprocs.prefix_redis(redis_url, env.prefix)
 
 
 @pytest.fixture
-def procs(tmp_path: Path, r: redis.Redis) -> Iterator[Procs]:
+def procs(tmp_path: Path, r: redis.Redis) -> Iterator[Subprocs]:
     # Takes `r` so the processes stop before `r` deletes the test's keys.
-    p = Procs(tmp_path)
-    try:
+    with subprocs.running(Subprocs(tmp_path)) as p:
         yield p
-    finally:
-        p.stop_all()
-        # Captured: pytest shows it only for a failed test.
-        sys.stderr.write(p.logs())
 
 
 @pytest.fixture
 def shop(env: SimpleNamespace) -> Iterator[SimpleNamespace]:
-    s = proc_app.create(env.redis_url, env.prefix, env.queue)
-    yield s
-    s.app.close()
-    s.client.close()
+    yield from subprocs.shop(env)
 
 
-def _start_flower(procs: Procs, env: SimpleNamespace) -> FlowerAPI:
+def _start_flower(procs: Subprocs, env: SimpleNamespace) -> FlowerAPI:
     flower_env = {**env.proc_env, "FLOWER_UNAUTHENTICATED_API": "true"}
-    proc, log_path = procs.start("flower", ["flower", "--port=0", "--address=127.0.0.1"], flower_env)
+    proc, log_path = procs.celery("flower", ["flower", "--port=0", "--address=127.0.0.1"], flower_env)
 
     def port() -> int | None:
         assert proc.poll() is None, f"flower exited with {proc.returncode}"
@@ -187,11 +118,10 @@ def _start_flower(procs: Procs, env: SimpleNamespace) -> FlowerAPI:
     return api
 
 
-def _start_worker(procs: Procs, env: SimpleNamespace, name: str) -> None:
+def _start_worker(procs: Subprocs, env: SimpleNamespace, name: str) -> None:
     # -E for task events (and so, by default, saga events). The heartbeat
     # stays on: Flower learns about workers from worker-online/heartbeat.
-    args = ["worker", "-E", "-P", "prefork", "-c", "2", "-Q", env.queue, "--without-gossip", "--without-mingle"]
-    procs.start("worker", [*args, "-l", "INFO", "-n", name], env.proc_env)
+    procs.celery("worker", subprocs.worker_args(env.queue, name, "-E"), env.proc_env)
 
 
 def test_flower_finds_saga_steps_and_compensations_by_saga_id(env, procs, shop, ns) -> None:

@@ -7,12 +7,9 @@ Workers run in their own session and are stopped by PID and process group.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import signal
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -22,132 +19,50 @@ import pytest
 import redis
 
 from celery_saga import SagaCompensated, SagaResult, SagaStatus
-from tests import proc_app
+from tests import proc_app, subprocs
 from tests.conftest import Ledger, wait_for
+from tests.subprocs import Subprocs
 
-ROOT = Path(__file__).resolve().parent.parent
 
-
-class Workers:
-    """`celery worker` subprocesses of one test, each logging to its own file."""
+class Workers(Subprocs):
+    """`celery worker` prefork subprocesses of one test."""
 
     def __init__(self, tmp_path: Path, env: dict[str, str], queue: str, ns: str) -> None:
-        self.tmp_path = tmp_path
+        super().__init__(tmp_path)
         self.env = env
         self.queue = queue
         self.ns = ns
-        self.procs: list[tuple[subprocess.Popen[bytes], Path]] = []
 
     def start(self, visibility_timeout: float | None = None) -> subprocess.Popen[bytes]:
         env = dict(self.env)
         if visibility_timeout is not None:
             env[proc_app.ENV_VISIBILITY] = str(visibility_timeout)
         n = len(self.procs)
-        log_path = self.tmp_path / f"worker-{n}.log"
-        with open(log_path, "wb") as log:
-            proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "celery",
-                    "-A",
-                    "tests.proc_app",
-                    "worker",
-                    "-P",
-                    "prefork",
-                    "-c",
-                    "2",
-                    "-Q",
-                    self.queue,
-                    "--without-gossip",
-                    "--without-mingle",
-                    "--without-heartbeat",
-                    "-l",
-                    "INFO",
-                    "-n",
-                    f"w{n}-{self.ns}@%h",
-                ],
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                cwd=ROOT,
-            )
-        self.procs.append((proc, log_path))
+        name = f"w{n}-{self.ns}@%h"
+        proc, _ = self.celery(f"worker-{n}", subprocs.worker_args(self.queue, name, "--without-heartbeat"), env)
         return proc
-
-    @staticmethod
-    def _kill_group(proc: subprocess.Popen[bytes]) -> None:
-        # The worker leads its own process group (start_new_session=True):
-        # this reaches pool children a SIGKILLed main process left behind.
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-
-    def wait_dead(self, proc: subprocess.Popen[bytes], timeout: float = 15.0) -> int:
-        """Wait for a worker that was killed to exit, then make sure its pool children are gone too."""
-        code = proc.wait(timeout)
-        self._kill_group(proc)
-        return code
-
-    def stop(self, proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self._kill_group(proc)
-                proc.wait(timeout)
-        self._kill_group(proc)
-
-    def stop_all(self) -> None:
-        for proc, _ in self.procs:
-            self.stop(proc)
-
-    def logs(self) -> str:
-        parts = []
-        for proc, path in self.procs:
-            text = path.read_text(errors="replace") if path.exists() else ""
-            parts.append(f"--- worker pid {proc.pid} (exit {proc.returncode}) ---\n{text[-6000:]}")
-        return "\n".join(parts)
 
 
 @pytest.fixture
 def env(redis_url: str, ns: str) -> SimpleNamespace:
-    prefix = f"sagaproc-{ns}"
-    queue = f"q-{ns}"
-    worker_env = proc_app.worker_env(redis_url, prefix, queue)
-    return SimpleNamespace(redis_url=redis_url, prefix=prefix, queue=queue, worker_env=worker_env)
+    return subprocs.proc_env(redis_url, f"sagaproc-{ns}", f"q-{ns}")
 
 
 @pytest.fixture
 def workers(env: SimpleNamespace, tmp_path: Path, ns: str, r: redis.Redis) -> Iterator[Workers]:
     # Takes `r` so the workers stop before `r` deletes the test's keys.
-    w = Workers(tmp_path, env.worker_env, env.queue, ns)
-    try:
+    with subprocs.running(Workers(tmp_path, env.proc_env, env.queue, ns)) as w:
         yield w
-    finally:
-        w.stop_all()
-        # Captured: pytest shows it only for a failed test.
-        sys.stderr.write(w.logs())
 
 
 @pytest.fixture
 def r(redis_url: str, env: SimpleNamespace) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_url, decode_responses=True)
-    yield client
-    # Only this test's keys: saga records, ledger, gates, and kombu's keys.
-    for key in client.scan_iter(match=f"{env.prefix}:*", count=500):
-        client.unlink(key)
-    client.close()
+    yield from subprocs.prefix_redis(redis_url, env.prefix)
 
 
 @pytest.fixture
 def shop(env: SimpleNamespace) -> Iterator[SimpleNamespace]:
-    """The test's side: the same tasks and sagas, to start sagas and read their records."""
-    s = proc_app.create(env.redis_url, env.prefix, env.queue)
-    yield s
-    s.app.close()
-    s.client.close()
+    yield from subprocs.shop(env)
 
 
 def _status(res: SagaResult) -> SagaStatus:

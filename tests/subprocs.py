@@ -1,0 +1,124 @@
+"""Subprocesses of the process tests (``celery -A tests.proc_app ...``) and their shared fixtures' pieces.
+
+Each subprocess runs in its own session, logging to its own file, and is
+stopped by its PID and process group: never by name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import TypeVar
+
+import redis
+
+from tests import proc_app
+
+ROOT = Path(__file__).resolve().parent.parent
+
+Popen = subprocess.Popen[bytes]
+S = TypeVar("S", bound="Subprocs")
+
+
+class Subprocs:
+    """The subprocesses of one test, each in its own session, logging to its own file."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp_path = tmp_path
+        self.procs: list[tuple[str, Popen, Path]] = []
+
+    def celery(self, label: str, args: list[str], env: dict[str, str]) -> tuple[Popen, Path]:
+        """Start ``celery -A tests.proc_app <args>``, logging to ``<label>.log``."""
+        log_path = self.tmp_path / f"{label}.log"
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "celery", "-A", "tests.proc_app", *args],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                cwd=ROOT,
+            )
+        self.procs.append((label, proc, log_path))
+        return proc, log_path
+
+    @staticmethod
+    def kill_group(proc: Popen) -> None:
+        # Each leads its own process group (start_new_session=True): this
+        # reaches pool children a SIGKILLed main process left behind.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+    def wait_dead(self, proc: Popen, timeout: float = 15.0) -> int:
+        """Wait for a process that was killed to exit, then make sure its children are gone too."""
+        code = proc.wait(timeout)
+        self.kill_group(proc)
+        return code
+
+    def stop(self, proc: Popen, timeout: float = 15.0) -> None:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill_group(proc)
+                proc.wait(timeout)
+        self.kill_group(proc)
+
+    def stop_all(self) -> None:
+        # Latest first: a worker stops before the Flower watching it.
+        for _, proc, _ in reversed(self.procs):
+            self.stop(proc)
+
+    def logs(self) -> str:
+        parts = []
+        for label, proc, path in self.procs:
+            text = path.read_text(errors="replace") if path.exists() else ""
+            parts.append(f"--- {label} pid {proc.pid} (exit {proc.returncode}) ---\n{text[-6000:]}")
+        return "\n".join(parts)
+
+
+def worker_args(queue: str, name: str, *extra: str) -> list[str]:
+    """``celery worker`` arguments: a prefork pool of 2 on ``queue``, named ``name``, plus ``extra`` options."""
+    pool = ["-P", "prefork", "-c", "2", "-Q", queue, "--without-gossip", "--without-mingle"]
+    return ["worker", *extra, *pool, "-l", "INFO", "-n", name]
+
+
+@contextlib.contextmanager
+def running(procs: S) -> Iterator[S]:
+    """Yield ``procs``; on the way out stop them all and write their logs to stderr."""
+    try:
+        yield procs
+    finally:
+        procs.stop_all()
+        # Captured: pytest shows it only for a failed test.
+        sys.stderr.write(procs.logs())
+
+
+def proc_env(redis_url: str, prefix: str, queue: str) -> SimpleNamespace:
+    """A test's Redis, key prefix and queue, and the environment of its subprocesses."""
+    env = proc_app.worker_env(redis_url, prefix, queue)
+    return SimpleNamespace(redis_url=redis_url, prefix=prefix, queue=queue, proc_env=env)
+
+
+def prefix_redis(redis_url: str, prefix: str) -> Iterator[redis.Redis]:
+    """A client; afterwards it deletes only the keys under ``prefix`` (saga records, ledger, gates, kombu's)."""
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    yield client
+    for key in client.scan_iter(match=f"{prefix}:*", count=500):
+        client.unlink(key)
+    client.close()
+
+
+def shop(env: SimpleNamespace) -> Iterator[SimpleNamespace]:
+    """The test's side: the same tasks and sagas, to start sagas and read their records."""
+    s = proc_app.create(env.redis_url, env.prefix, env.queue)
+    yield s
+    s.app.close()
+    s.client.close()
