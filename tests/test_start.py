@@ -169,3 +169,25 @@ def test_status_indexes_follow_the_saga_without_a_scan(app: Celery, r, prefix, w
     assert store.list_ids(SagaStatus.RUNNING) == []
     assert store.list_ids(SagaStatus.COMPLETED, name="order_seq") == [res.id]
     assert store.counts()["order_seq"]["COMPLETED"] == 1
+
+
+def test_scripts_forgotten_by_redis_are_loaded_again(app: Celery, r, prefix, worker) -> None:
+    from importlib import resources
+
+    from celery_saga.redis_server import RedisServer
+
+    with RedisServer() as store_server:
+        app.conf.saga_redis_url = store_server.url
+        s = shop.build(app, r, prefix)
+        private = redis.Redis.from_url(store_server.url)
+        with worker():
+            s.sequential.delay(order_id=1).get(timeout=20)
+            # Given Redis forgot its scripts (a restart), then learnt only the
+            # transitions again, so a pipelined start finds one of two missing
+            private.script_flush()
+            private.script_load(resources.files("celery_saga.store").joinpath("transitions.lua").read_text())
+            # Then starts and steps still work, and nothing runs twice
+            res = s.sequential.delay(order_id=2)
+            assert res.get(timeout=20)["tracking"] == "t-2"
+        assert res.state().step("shop.validate").attempts == 1
+        private.close()

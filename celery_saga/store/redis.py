@@ -83,15 +83,7 @@ class RedisSagaStore(SagaStore):
         keys, argv = [self.keys.record(saga_id)], [op, tx, gen, *args]
         deferred = self._take_deferred()
         if deferred:
-
-            def run() -> Any:
-                pipe = self.client.pipeline(transaction=False)
-                for index_keys, index_args in deferred:
-                    self._index_script(keys=index_keys, args=index_args, client=pipe)
-                self._script(keys=keys, args=argv, client=pipe)
-                return pipe.execute()[-1]
-
-            reply: Any = self._call(run)
+            reply: Any = self._call(lambda: self._pipelined([*deferred, (keys, argv)], self._script.sha)[-1])
         else:
             reply = self._call(lambda: self._script(keys=keys, args=argv))
         return Transition(str(reply[0]), str(reply[1]), str(reply[2]), tuple(str(x) for x in reply[3:]))
@@ -106,13 +98,32 @@ class RedisSagaStore(SagaStore):
         if not deferred:
             return
 
-        def run() -> None:
-            pipe = self.client.pipeline(transaction=False)
-            for index_keys, index_args in deferred:
-                self._index_script(keys=index_keys, args=index_args, client=pipe)
-            pipe.execute()
+        self._call(lambda: self._pipelined(deferred, None))
 
-        self._call(run)
+    def _pipelined(self, calls: list[tuple[list[str], list[str]]], last_sha: str | None) -> list[Any]:
+        """Index moves, then optionally one transition (``last_sha``), in one round trip.
+
+        redis-py's pipelines ask SCRIPT EXISTS before running scripts, which
+        would cost the round trip this saves: send EVALSHA directly, and load
+        the scripts only if Redis forgot them (a restart).
+        """
+        for attempt in (1, 2):
+            pipe = self.client.pipeline(transaction=False)
+            for i, (keys, args) in enumerate(calls):
+                sha = last_sha if last_sha is not None and i == len(calls) - 1 else self._index_script.sha
+                pipe.evalsha(sha, len(keys), *keys, *args)
+            results: list[Any] = pipe.execute(raise_on_error=False)
+            if attempt == 1 and any(isinstance(r, redis.exceptions.NoScriptError) for r in results):
+                # Safe to send again: index moves are idempotent and the
+                # transition is de-duplicated by its id.
+                self.client.script_load(self._index_script.script)
+                self.client.script_load(self._script.script)
+                continue
+            for r in results:
+                if isinstance(r, Exception):
+                    raise r
+            return results
+        raise AssertionError("unreachable")
 
     def _load(self, saga_id: str) -> dict[str, str] | None:
         try:

@@ -157,7 +157,9 @@ if op == 'start' then
       -- A start whose publish failed released its key: start afresh.
       redis.call('DEL', K)
     elseif hget('gen') == gen then
-      return {'created', status, '', gen}
+      -- This very start, sent again after its reply was lost: the caller
+      -- has not published yet, so answer as the first time.
+      return {'created', status, 'NEW', gen}
     elseif hget('fp') == ARGV[5] then
       return {'exists', status, '', hget('gen')}
     else
