@@ -64,6 +64,11 @@ def app(redis_url: str, ns: str) -> Iterator[Celery]:
     configure(application, ns)
     yield application
     application.close()
+    # Only this test's keys: its saga records, indexes, ledger, gates, queue and kombu's bindings.
+    with redis.Redis.from_url(redis_url) as client:
+        own = [f"q-{ns}", f"_kombu.binding.q-{ns}", f"_kombu.binding_permanent.q-{ns}"]
+        for key in [*client.scan_iter(match=f"sagatest-{ns}:*", count=500), *own]:
+            client.unlink(key)
 
 
 @contextmanager
