@@ -98,6 +98,8 @@ def saga_transition(app: Celery, saga_id: str, name: str, t: Transition, load: C
 
 def saga_started(saga_id: str, name: str, kwargs_json: str, gen: str) -> None:
     """The start created the saga: the client's signal (never an event)."""
+    if not signals.saga_started.receivers:
+        return  # every start pays for this: skip decoding the kwargs for nobody
     signals.saga_started.send(
         sender=name,
         saga_id=saga_id,

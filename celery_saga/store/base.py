@@ -68,24 +68,28 @@ class SagaStore(abc.ABC):
     # -- primitives ---------------------------------------------------------
 
     @abc.abstractmethod
-    def _transition(self, saga_id: str, op: str, gen: str, args: Sequence[str], dedupe: bool) -> Transition:
-        """Apply one transition atomically; with ``dedupe``, a retried call returns the first reply."""
+    def _transition(
+        self,
+        saga_id: str,
+        op: str,
+        gen: str,
+        args: Sequence[str],
+        dedupe: bool,
+        index_first: tuple[str, str, str] | None = None,
+    ) -> Transition:
+        """Apply one transition atomically; with ``dedupe``, a retried call returns the first reply.
+
+        ``index_first`` is an index move ``(name, old, new)`` to send in the
+        same round trip, before the transition.
+        """
 
     @abc.abstractmethod
     def _load(self, saga_id: str) -> dict[str, str] | None:
         """The raw record, or None."""
 
     @abc.abstractmethod
-    def _index(self, saga_id: str, name: str, old: str, new: str, retention: float, defer: bool = False) -> None:
-        """Move ``saga_id`` between status indexes. Idempotent.
-
-        With ``defer``, the move is sent with this thread's next command (or by
-        ``flush``) instead of costing a round trip of its own.
-        """
-
-    @abc.abstractmethod
-    def flush(self) -> None:
-        """Send this thread's deferred index moves now."""
+    def _index(self, saga_id: str, name: str, old: str, new: str, retention: float) -> None:
+        """Move ``saga_id`` between status indexes. Idempotent."""
 
     @abc.abstractmethod
     def close(self) -> None:
@@ -137,8 +141,9 @@ class SagaStore(abc.ABC):
             args += [field, value]
         # Index first, in the same round trip as the start: the index is only
         # a lookup aid, and the rare start that created nothing is fixed below.
-        self._index(req.saga_id, req.name, "", SagaStatus.PENDING.value, 0.0, defer=True)
-        t = self._transition(req.saga_id, "start", req.gen, args, dedupe=False)
+        t = self._transition(
+            req.saga_id, "start", req.gen, args, dedupe=False, index_first=(req.name, "", SagaStatus.PENDING.value)
+        )
         if t.tag != "created" and t.status != SagaStatus.PENDING.value:
             self._unindex(req.saga_id, req.name, SagaStatus.PENDING.value)
         return t
@@ -163,11 +168,10 @@ class SagaStore(abc.ABC):
         ``first`` marks the begin of a first-stage step, which is what takes a
         saga from PENDING to RUNNING.
         """
-        if first:
-            # Every saga makes this move once: send it in the same round trip
-            # as the begin, and put the entry right in the rare other cases.
-            self._index(saga_id, name, "PENDING", "RUNNING", 0.0, defer=True)
-        t = self._transition(saga_id, op, gen, args, dedupe=True)
+        # Every saga makes this move once: send it in the same round trip as
+        # the begin, and put the entry right in the rare other cases.
+        move = (name, "PENDING", "RUNNING") if first else None
+        t = self._transition(saga_id, op, gen, args, dedupe=True, index_first=move)
         if first:
             if t.status and t.status != "RUNNING":
                 self._index(saga_id, name, "RUNNING", t.status, 0.0)
@@ -175,12 +179,12 @@ class SagaStore(abc.ABC):
             self.reindex(saga_id, name, t)
         return t
 
-    def reindex(self, saga_id: str, name: str, t: Transition, defer: bool = False) -> None:
+    def reindex(self, saga_id: str, name: str, t: Transition) -> None:
         # Trimming uses this process's retention, not the saga's own: it is
         # housekeeping only, since readers skip ids whose record expired.
         # FAILED sagas never expire, so their index is never trimmed.
         expiring = t.status in ("COMPLETED", "COMPENSATED")
-        self._index(saga_id, name, t.changed_from, t.status, self.retention if expiring else 0.0, defer=defer)
+        self._index(saga_id, name, t.changed_from, t.status, self.retention if expiring else 0.0)
 
     def purge(self, saga_id: str) -> Transition:
         """Remove a finished saga and its index entries (``tag`` is ``purged`` or ``notallowed``)."""

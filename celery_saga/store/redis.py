@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -68,8 +67,6 @@ class RedisSagaStore(SagaStore):
         )
         source = resources.files(__package__).joinpath("transitions.lua").read_text()
         self._script = self.client.register_script(source)
-        # Index moves deferred to ride along with this thread's next command.
-        self._local = threading.local()
         self._index_script = self.client.register_script(_INDEX_LUA)
 
     def _call(self, fn: Callable[[], T]) -> T:
@@ -78,30 +75,26 @@ class RedisSagaStore(SagaStore):
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             raise SagaStoreUnavailable(self.location, exc) from exc
 
-    def _transition(self, saga_id: str, op: str, gen: str, args: Sequence[str], dedupe: bool) -> Transition:
+    def _transition(
+        self,
+        saga_id: str,
+        op: str,
+        gen: str,
+        args: Sequence[str],
+        dedupe: bool,
+        index_first: tuple[str, str, str] | None = None,
+    ) -> Transition:
         tx = uuid.uuid4().hex if dedupe else ""
         keys, argv = [self.keys.record(saga_id)], [op, tx, gen, *args]
-        deferred = self._take_deferred()
-        if deferred:
-            reply: Any = self._call(lambda: self._pipelined([*deferred, (keys, argv)], self._script.sha)[-1])
+        if index_first is not None:
+            move = self._index_call(saga_id, *index_first, 0.0)
+            reply: Any = self._call(lambda: self._pipelined(move, (keys, argv)))
         else:
             reply = self._call(lambda: self._script(keys=keys, args=argv))
         return Transition(str(reply[0]), str(reply[1]), str(reply[2]), tuple(str(x) for x in reply[3:]))
 
-    def _take_deferred(self) -> list[tuple[list[str], list[str]]]:
-        deferred: list[tuple[list[str], list[str]]] = getattr(self._local, "deferred", [])
-        self._local.deferred = []
-        return deferred
-
-    def flush(self) -> None:
-        deferred = self._take_deferred()
-        if not deferred:
-            return
-
-        self._call(lambda: self._pipelined(deferred, None))
-
-    def _pipelined(self, calls: list[tuple[list[str], list[str]]], last_sha: str | None) -> list[Any]:
-        """Index moves, then optionally one transition (``last_sha``), in one round trip.
+    def _pipelined(self, move: tuple[list[str], list[str]], transition: tuple[list[str], list[str]]) -> Any:
+        """An index move, then a transition, in one round trip; returns the transition's reply.
 
         redis-py's pipelines ask SCRIPT EXISTS before running scripts, which
         would cost the round trip this saves: send EVALSHA directly, and load
@@ -109,8 +102,7 @@ class RedisSagaStore(SagaStore):
         """
         for attempt in (1, 2):
             pipe = self.client.pipeline(transaction=False)
-            for i, (keys, args) in enumerate(calls):
-                sha = last_sha if last_sha is not None and i == len(calls) - 1 else self._index_script.sha
+            for sha, (keys, args) in ((self._index_script.sha, move), (self._script.sha, transition)):
                 pipe.evalsha(sha, len(keys), *keys, *args)
             results: list[Any] = pipe.execute(raise_on_error=False)
             if attempt == 1 and any(isinstance(r, redis.exceptions.NoScriptError) for r in results):
@@ -122,7 +114,7 @@ class RedisSagaStore(SagaStore):
             for r in results:
                 if isinstance(r, Exception):
                     raise r
-            return results
+            return results[-1]
         raise AssertionError("unreachable")
 
     def _load(self, saga_id: str) -> dict[str, str] | None:
@@ -132,17 +124,17 @@ class RedisSagaStore(SagaStore):
             raise SagaRecordCorrupt(saga_id, str(exc)) from exc
         return raw or None
 
-    def _index(self, saga_id: str, name: str, old: str, new: str, retention: float, defer: bool = False) -> None:
+    def _index_call(self, saga_id: str, name: str, old: str, new: str, retention: float) -> tuple[list[str], list[str]]:
         now_ms = time.time() * 1000
         if not old:
             old = new
         trim = f"{now_ms - retention * 1000:.0f}" if retention > 0 else ""
         k = self.keys
         keys = [k.status_index(old), k.name_index(name, old), k.status_index(new), k.name_index(name, new), k.names()]
-        args = [saga_id, f"{now_ms:.0f}", name, trim]
-        if defer:
-            self._local.deferred = [*getattr(self._local, "deferred", []), (keys, args)]
-            return
+        return keys, [saga_id, f"{now_ms:.0f}", name, trim]
+
+    def _index(self, saga_id: str, name: str, old: str, new: str, retention: float) -> None:
+        keys, args = self._index_call(saga_id, name, old, new, retention)
         self._call(lambda: self._index_script(keys=keys, args=args))
 
     def status(self, saga_id: str) -> SagaStatus:
