@@ -7,7 +7,7 @@ are compensated in reverse order. A record in Redis is the source of truth.
 
 from __future__ import annotations
 
-from .admin import SagaStats, SagaSummary, list_sagas, purge_saga, retry_saga, saga_state, saga_stats
+from .admin import SagaStats, SagaSummary, cancel_saga, list_sagas, purge_saga, retry_saga, saga_state, saga_stats
 from .app import enable
 from .errors import (
     IdempotencyConflict,
@@ -25,8 +25,9 @@ from .errors import (
 from .result import SagaResult
 from .saga import Saga, parallel
 from .signals import compensation_failed, saga_compensated, saga_completed, saga_failed, saga_started
-from .state import CompensationStatus, SagaState, SagaStatus, StepRecord, StepStatus
+from .state import CompensationRound, CompensationStatus, SagaState, SagaStatus, StepRecord, StepStatus
 from .step import StepContext, current_step, saga_step, step
+from .sweeper import SweepReport, sweep
 
 __version__ = "0.1.0"
 
@@ -46,6 +47,7 @@ __all__ = [
     "StepRecord",
     "StepStatus",
     "CompensationStatus",
+    "CompensationRound",
     # Participant services
     "enable",
     # Operating
@@ -54,6 +56,9 @@ __all__ = [
     "saga_stats",
     "retry_saga",
     "purge_saga",
+    "cancel_saga",
+    "sweep",
+    "SweepReport",
     "SagaSummary",
     "SagaStats",
     "SagaStateError",

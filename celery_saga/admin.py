@@ -35,8 +35,10 @@ from .store.base import SagaStore, Transition
 __all__ = [
     "SagaStats",
     "SagaSummary",
+    "cancel_saga",
     "iso",
     "list_sagas",
+    "ping",
     "purge_saga",
     "retry_saga",
     "saga_state",
@@ -154,6 +156,20 @@ def retry_saga(app: Celery, saga_id: str) -> SagaResult:
     _check(store, saga_id, t, "retry", "only a FAILED saga whose compensations gave up can be retried")
     react(app, store, saga_id, name, "*", t)
     return SagaResult(saga_id, app)
+
+
+def ping(app: Celery) -> None:
+    """Raise SagaStoreUnavailable unless ``app``'s saga store answers."""
+    store_for(app).ping()
+
+
+def cancel_saga(app: Celery, saga_id: str) -> bool:
+    """Cancel a saga: `SagaResult.cancel`. False if it had already finished.
+
+    Raises:
+        SagaNotFound: no such saga.
+    """
+    return SagaResult(saga_id, app).cancel()
 
 
 def purge_saga(app: Celery, saga_id: str) -> None:

@@ -109,16 +109,20 @@ def saga_started(saga_id: str, name: str, kwargs_json: str, gen: str) -> None:
     )
 
 
-def compensation_attempt_failed(saga_id: str, name: str, step: str, attempt: int, error: str, gave_up: bool) -> None:
+def compensation_attempt_failed(
+    saga_id: str, name: str, step: str, attempt: int, error: str, gave_up: bool, round: int = 1
+) -> None:
     """One compensation attempt raised: the ``compensation_failed`` signal.
 
-    Attempts are counted across operator retries, so ``attempt`` alone keeps the id unique.
+    Attempts are counted across operator retries, so ``attempt`` (with the
+    round) keeps the id unique.
     """
+    undo = "undo" if round == 1 else f"undo{round}"
     signals.compensation_failed.send(
         sender=name,
         saga_id=saga_id,
         saga_name=name,
-        dedup_id=f"{saga_id}:{step}:undo:{attempt}",
+        dedup_id=f"{saga_id}:{step}:{undo}:{attempt}",
         step=step,
         attempt=attempt,
         error=error,

@@ -7,6 +7,9 @@ Commands::
     celery -A proj saga stats [--json]
     celery -A proj saga retry ID     re-drive the compensations that gave up in a FAILED saga
     celery -A proj saga purge ID     remove a finished saga (COMPLETED, COMPENSATED or FAILED)
+    celery -A proj saga cancel ID    stop a running saga and compensate it (exit 1 if it had finished)
+    celery -A proj saga sweep [--once] [--interval S]
+                                     act on due deadlines: a standalone sweeper (workers run one too)
 
 ``--since`` takes ISO-8601 (``2026-11-27T03:00``, UTC unless it has an
 offset) or a time ago: ``30s``, ``10m``, ``2h``, ``1d``, ``1w``. It filters on
@@ -120,7 +123,7 @@ _JSON = click.option("--json", "as_json", cls=CeleryOption, is_flag=True, help="
 
 @click.group(name="saga")
 def saga() -> None:
-    """Operate on sagas: list, show, stats, retry, purge."""
+    """Operate on sagas: list, show, stats, retry, purge, cancel, sweep."""
 
 
 @saga.command(name="list", cls=CeleryCommand)
@@ -223,3 +226,52 @@ def purge(ctx: click.Context, saga_id: str) -> None:
     with _errors():
         admin.purge_saga(_app(ctx), saga_id)
     click.echo(f"saga {saga_id} purged")
+
+
+@saga.command(cls=CeleryCommand)
+@click.argument("saga_id")
+@click.pass_context
+def cancel(ctx: click.Context, saga_id: str) -> None:
+    """Stop a running saga and compensate it; exit 1 if it had already finished."""
+    with _errors():
+        cancelled = admin.cancel_saga(_app(ctx), saga_id)
+    if not cancelled:
+        raise CeleryCommandException(message=f"saga {saga_id} had already finished", exit_code=EX_REFUSED)
+    click.echo(f"saga {saga_id} cancelled: it is being compensated; follow it with `celery saga show`")
+
+
+@saga.command(cls=CeleryCommand)
+@click.option("--once", cls=CeleryOption, is_flag=True, help="Sweep once, print what was done, and exit.")
+@click.option(
+    "--interval",
+    cls=CeleryOption,
+    type=click.FloatRange(min=0.01),
+    default=None,
+    help="Seconds between sweeps (default: saga_sweep_interval).",
+)
+@click.pass_context
+def sweep(ctx: click.Context, once: bool, interval: float | None) -> None:
+    """Act on due step, saga and compensation deadlines, like the sweeper inside every worker."""
+    from .sweeper import SweeperThread
+    from .sweeper import sweep as sweep_once
+
+    app = _app(ctx)
+    if once:
+        with _errors():
+            report = sweep_once(app)
+        click.echo(f"claimed {report.claimed}, acted on {report.acted}, errors {report.errors}")
+        return
+    with _errors():
+        thread = SweeperThread(app, name="celery_saga-sweeper")
+        admin.ping(app)
+    if interval is not None:
+        thread.interval = interval
+    click.echo(f"sweeping saga deadlines every {thread.interval:g}s; Ctrl-C to stop")
+    thread.start()
+    try:
+        while thread.is_alive():
+            thread.join(0.5)
+    except KeyboardInterrupt:
+        click.echo("stopping")
+    finally:
+        thread.stop()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
@@ -20,6 +21,7 @@ from celery import Celery
 
 from .announce import saga_transition
 from .plan import Plan, StepSpec
+from .settings import backoff_delay
 from .state import data_before
 from .store.base import SagaStore, Transition
 
@@ -41,11 +43,41 @@ class Headers:
     BOUND = "saga_bound"
     BACKOFF = "saga_backoff"
     FIRST = "saga_first"
+    ROUND = "saga_round"
+    KNOWN = "saga_known"
 
 
-def task_id(saga_id: str, step: str, undo: bool = False) -> str:
+def task_id(saga_id: str, step: str, undo: bool = False, round: int = 1) -> str:
     """Deterministic Celery task id: duplicates of one message share it, and Flower finds it by saga id."""
-    return f"{saga_id}:{step}:undo" if undo else f"{saga_id}:{step}"
+    if not undo:
+        return f"{saga_id}:{step}"
+    return f"{saga_id}:{step}:undo" if round == 1 else f"{saga_id}:{step}:undo{round}"
+
+
+def parse_task_id(tid: str | None) -> tuple[str, str, int] | None:
+    """(saga_id, step, round) of a saga task id, round 0 for the forward step; None for other ids."""
+    if not tid or ":" not in tid:
+        return None
+    saga_id, rest = tid.split(":", 1)
+    step, sep, undo = rest.partition(":")
+    if not sep:
+        return saga_id, step, 0
+    if undo == "undo":
+        return saga_id, step, 1
+    if undo.startswith("undo") and undo[4:].isdigit():
+        return saga_id, step, int(undo[4:])
+    return None
+
+
+def parse_due(entry: str) -> tuple[str, int, int]:
+    """A compensation a transition asks to publish: ``step[:round][@attempt]`` -> (step, round, attempt).
+
+    ``attempt`` is 0 for "now", else the failed attempts so far: publish
+    after that attempt's retry backoff.
+    """
+    ref, _, attempt = entry.partition("@")
+    step, _, round_ = ref.partition(":")
+    return step, int(round_ or 1), int(attempt or 0)
 
 
 _PLANS: OrderedDict[str, Plan] = OrderedDict()
@@ -68,6 +100,12 @@ def publish_step(
     app: Celery, saga_id: str, saga_name: str, gen: str, spec: StepSpec, data: dict[str, Any], first: bool = False
 ) -> None:
     """Send one forward step as the user's own task, with the saga context in its headers."""
+    options = dict(spec.options)
+    if spec.timeout is not None:
+        # A worker drops the message once its deadline has passed (Celery
+        # reports it revoked-expired, which the saga records as a timeout of
+        # a step that never started); the record's deadline decides anyway.
+        options["expires"] = time.time() + spec.timeout
     app.send_task(
         spec.task,
         args=(),
@@ -87,25 +125,40 @@ def publish_step(
         # would only cost a round trip.
         ignore_result=True,
         serializer="json",
-        **spec.options,
+        **options,
     )
 
 
 def publish_compensation(
-    app: Celery, saga_id: str, raw: dict[str, str], plan: Plan, step: str, countdown: float | None = None
+    app: Celery,
+    saga_id: str,
+    raw: dict[str, str],
+    plan: Plan,
+    step: str,
+    countdown: float | None = None,
+    round: int = 1,
 ) -> None:
+    """Send the compensation of ``step``.
+
+    Round 1 carries the result the record has (None if the outcome is
+    unknown); round 2 the late result of a step that was compensated blind.
+    """
     spec = plan.step(step)
     assert spec.compensation is not None
     kwargs = data_before(plan, raw, spec.stage, json.loads(raw["kwargs"]))
     kwargs.update(spec.bound)
-    result_raw = raw.get(f"r:{step}") if raw.get(f"s:{step}") == "COMPLETED" else None
+    if round == 2:
+        result_raw, known = raw.get(f"lr:{step}"), True
+    else:
+        known = raw.get(f"s:{step}") == "COMPLETED"
+        result_raw = raw.get(f"r:{step}") if known else None
     kwargs["step_result"] = json.loads(result_raw) if result_raw is not None else None
     settings = json.loads(raw.get("settings") or "{}")
     app.send_task(
         spec.compensation,
         args=(),
         kwargs=kwargs,
-        task_id=task_id(saga_id, step, undo=True),
+        task_id=task_id(saga_id, step, undo=True, round=round),
         root_id=saga_id,
         countdown=countdown,
         headers={
@@ -114,6 +167,8 @@ def publish_compensation(
             Headers.STEP: step,
             Headers.GEN: raw.get("gen", ""),
             Headers.UNDO: 1,
+            Headers.ROUND: round,
+            Headers.KNOWN: int(known),
             Headers.BACKOFF: [
                 settings.get("compensation_retry_backoff", 1.0),
                 settings.get("compensation_retry_backoff_max", 600.0),
@@ -176,15 +231,18 @@ def _publish(
         if t.extra and t.extra[0]:
             send_callback(app, store, saga_id, name, gen, "on_complete", t.extra[0])
         return
-    if t.tag in ("compensate", "fenced", "gaveup", "retry"):
-        due = t.extra[1:] if t.tag == "retry" else t.extra
+    if t.tag in ("compensate", "fenced", "gaveup", "retry", "late", "swept"):
+        due = t.extra[1:] if t.tag == "retry" else t.extra[2:] if t.tag == "swept" else t.extra
         ended = bool(t.changed_from) and t.status in FINISHED
         if not due and not ended:
             return
         raw = load()
         plan = cached_plan(raw["ph"], lambda: raw["plan"])
-        for step in due:
-            publish_compensation(app, saga_id, raw, plan, step)
+        settings = json.loads(raw.get("settings") or "{}")
+        for entry in due:
+            step, round_, attempt = parse_due(entry)
+            countdown = backoff_delay(settings, attempt) if attempt else None
+            publish_compensation(app, saga_id, raw, plan, step, countdown=countdown, round=round_)
         if ended:
             send_callback(app, store, saga_id, name, gen, "on_failure", raw.get("cb_fail", ""))
 

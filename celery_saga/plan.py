@@ -31,6 +31,8 @@ class StepSpec:
         options: Publish options (queue, routing_key, exchange, priority).
         stage: Index of the stage this step belongs to.
         compensation_options: Publish options of the compensation.
+        timeout: Seconds from dispatch to a recorded outcome, and for each
+            compensation attempt; None for no deadline.
     """
 
     name: str
@@ -41,6 +43,7 @@ class StepSpec:
     options: dict[str, Any] = field(default_factory=dict)
     stage: int = 0
     compensation_options: dict[str, Any] = field(default_factory=dict)
+    timeout: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -51,6 +54,7 @@ class StepSpec:
             "bound": self.bound,
             "options": self.options,
             "compensation_options": self.compensation_options,
+            "timeout": self.timeout,
         }
 
 
@@ -91,6 +95,7 @@ class Plan:
                         options=dict(s.get("options") or {}),
                         stage=k,
                         compensation_options=dict(s.get("compensation_options") or {}),
+                        timeout=float(s["timeout"]) if s.get("timeout") is not None else None,
                     )
                     for s in stage
                 )
@@ -100,6 +105,11 @@ class Plan:
     def lua_stages(self) -> str:
         """The stage layout the Lua scripts read: members by ",", stages by ";"."""
         return ";".join(",".join(s.name for s in stage) for stage in self.stages)
+
+    def shortest_timeout(self) -> float | None:
+        """The shortest step timeout, None if no step has one."""
+        timeouts = [s.timeout for s in self.steps if s.timeout is not None]
+        return min(timeouts) if timeouts else None
 
     def digest(self) -> str:
         return hashlib.sha1(self.to_json().encode()).hexdigest()[:16]

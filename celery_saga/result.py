@@ -8,7 +8,7 @@ from typing import Any
 from celery import Celery
 from celery.exceptions import TimeoutError as CeleryTimeoutError
 
-from .errors import SagaCompensated, SagaFailed
+from .errors import SagaCompensated, SagaFailed, SagaNotFound, SagaRecordCorrupt
 from .state import CompensationStatus, SagaState, SagaStatus
 
 __all__ = ["SagaResult"]
@@ -47,6 +47,33 @@ class SagaResult:
     def ready(self) -> bool:
         """True once the saga has finished: COMPLETED, COMPENSATED or FAILED."""
         return self.status.finished
+
+    def cancel(self) -> bool:
+        """Stop the saga and roll it back, as a saga timeout would.
+
+        Steps still queued are fenced (they never run); steps running now get
+        an unknown outcome and are compensated blind, with the completed ones.
+        ``get()`` then raises ``SagaCompensated`` with ``reason="cancelled"``.
+        Returns True if the saga was cancelled (or was already rolling back),
+        False if it had already finished.
+
+        Raises:
+            SagaNotFound: there is no such saga.
+            SagaRecordCorrupt: its record cannot be read.
+        """
+        from .dispatch import react
+
+        store = self._store()
+        name = store.load(self.id).get("name", "")
+        t = store.cancel(self.id, name, "cancelled: SagaResult.cancel() was called")
+        if t.tag == "finished":
+            return False
+        if t.tag == "missing":
+            raise SagaNotFound(self.id, store.where())
+        if t.tag != "compensate":
+            raise SagaRecordCorrupt(self.id, f"the store refused to cancel it ({t.tag})")
+        react(self.app, store, self.id, name, "*", t)
+        return True
 
     def get(self, timeout: float | None = None, interval: float = 0.05) -> dict[str, Any]:
         """Wait for the saga to finish and return its final data.

@@ -6,6 +6,7 @@ import hashlib
 import inspect
 import json
 import logging
+import time
 import uuid
 import weakref
 from collections.abc import Iterable, Sequence
@@ -19,11 +20,12 @@ from .dispatch import publish_step
 from .errors import IdempotencyConflict, SagaDataError, SagaDefinitionError
 from .plan import Plan, StepSpec
 from .result import SagaResult
-from .step import StepRef, check_step_name, registered
+from .settings import default_step_timeout, timeout_seconds
+from .step import MISSING, StepRef, check_step_name, registered
 from .store.base import StartRequest
 from .tasks import is_proxy, is_task, task_app, task_name
 
-__all__ = ["Saga", "parallel", "validate_sagas_of"]
+__all__ = ["Saga", "parallel", "sagas_of", "validate_sagas_of"]
 
 logger = logging.getLogger("celery_saga")
 
@@ -101,6 +103,7 @@ def _leaf(item: Any) -> StepRef:
             args=tuple(sig.args or ()) if sig is not None else (),
             options=dict(sig.options or {}) if sig is not None else {},
             app=task_app(item),
+            timeout=meta.timeout,
         )
     raise SagaDefinitionError(
         f"{item!r} cannot be a saga step: use a task decorated with @saga_step, its signature, "
@@ -116,12 +119,17 @@ class Saga:
         steps: A list (or Celery ``chain``) of steps; ``parallel(...)`` or a
             Celery ``group`` for steps that run together.
         app: The Celery app; defaults to the app of the first task.
+        timeout: Seconds the saga's forward progress may take, from its start
+            to its last step's outcome; then everything in flight is timed out
+            and compensated. Compensation is not bounded by it. None (the
+            default) leaves only the step deadlines.
     """
 
-    def __init__(self, name: str, steps: Any, app: Celery | None = None) -> None:
+    def __init__(self, name: str, steps: Any, app: Celery | None = None, timeout: float | None = None) -> None:
         if not isinstance(name, str) or not name or any(c in name for c in " \t\r\n:"):
             raise SagaDefinitionError(f"saga name must be a non-empty string without whitespace or ':', not {name!r}")
         self.name = name
+        self.timeout = timeout_seconds(f"saga {name!r}: timeout", timeout)
         if not is_proxy(steps) and isinstance(steps, (list, tuple)) and not steps:
             raise SagaDefinitionError(f"saga {name!r} has no steps; give it at least one")
         stages = [[_leaf(x) for x in stage] for stage in _stages(steps)]
@@ -162,6 +170,7 @@ class Saga:
 
     def _build_plan(self) -> Plan:
         tasks = self.app.tasks  # finalizes the app, which is what checking needs
+        default_timeout = default_step_timeout(self.app)
         stages = []
         for k, stage in enumerate(self._refs):
             specs = []
@@ -185,7 +194,15 @@ class Saga:
                     ) from exc
                 specs.append(
                     StepSpec(
-                        ref.name, ref.task, ref.compensation, ref.compensate_on_failure, bound, options, k, comp_options
+                        ref.name,
+                        ref.task,
+                        ref.compensation,
+                        ref.compensate_on_failure,
+                        bound,
+                        options,
+                        k,
+                        comp_options,
+                        timeout=default_timeout if ref.timeout is MISSING else ref.timeout,
                     )
                 )
             stages.append(tuple(specs))
@@ -219,6 +236,7 @@ class Saga:
         idempotency_key: str | None = None,
         on_complete: Signature | None = None,
         on_failure: Signature | None = None,
+        timeout: Any = MISSING,
     ) -> SagaResult:
         """Start the saga: write its record, publish its first steps, and return a handle.
 
@@ -229,6 +247,9 @@ class Saga:
                 same saga; the saga id is derived from it.
             on_complete: Sent once with the saga id first when the saga completes.
             on_failure: Sent once with the saga id first when it ends compensated or failed.
+            timeout: Overrides the saga's ``timeout`` for this start (None: no
+                saga deadline). Starting again with the same idempotency key
+                compares the kwargs only, not the timeout.
 
         Raises:
             SagaDataError: ``kwargs`` cannot be serialized as JSON.
@@ -242,6 +263,7 @@ class Saga:
         callbacks = [
             _callback_json(cb, which) for cb, which in ((on_complete, "on_complete"), (on_failure, "on_failure"))
         ]
+        saga_timeout = self.timeout if timeout is MISSING else timeout_seconds(f"saga {self.name!r}: timeout", timeout)
         plan = self.plan()
         app = self.app
         from .app import settings_of, store_for
@@ -259,6 +281,10 @@ class Saga:
                 step_fields.append((f"comp:{spec.name}", spec.compensation))
             if spec.compensate_on_failure:
                 step_fields.append((f"cof:{spec.name}", "1"))
+            if spec.timeout is not None:
+                step_fields.append((f"to:{spec.name}", f"{spec.timeout * 1000:.0f}"))
+        # The first deadline can be no sooner than the shortest timeout.
+        first = min((x for x in (plan.shortest_timeout(), saga_timeout) if x is not None), default=None)
         req = StartRequest(
             saga_id=saga_id,
             gen=gen,
@@ -275,6 +301,8 @@ class Saga:
             idempotency_key=key,
             max_retries=settings.compensation_max_retries,
             step_fields=tuple(step_fields),
+            saga_timeout=saga_timeout,
+            watch_at=None if first is None else time.time() + first,
         )
         t = store.start(req)
         if t.tag == "conflict":
@@ -330,6 +358,11 @@ def _callback_json(sig: Signature | None, which: str) -> str:
     if not isinstance(sig, Signature):
         raise SagaDataError(f"{which} must be a Celery signature such as notify.s(), not {sig!r}")
     return _dumps(dict(sig), which)
+
+
+def sagas_of(app: Celery) -> list[Saga]:
+    """The sagas defined on ``app`` in this process."""
+    return [saga for saga in list(_SAGAS) if saga._app is app]
 
 
 def validate_sagas_of(app: Celery) -> None:

@@ -9,6 +9,10 @@ saga_retention                      604800       seconds a finished saga is kept
 saga_compensation_retry_backoff     1            first retry delay, seconds (float ok)
 saga_compensation_retry_backoff_max 600          cap of the retry delay, seconds
 saga_compensation_max_retries       None         None retries a compensation forever
+saga_default_step_timeout           300          deadline of steps that set none; None
+                                                 (set explicitly) for no deadline
+saga_sweep_interval                 0.5          seconds between a worker's deadline sweeps
+saga_send_events                    None         ``task-saga-*`` events (None: as ``-E``)
 =================================== ============ =====================================
 """
 
@@ -23,7 +27,7 @@ from celery import Celery
 
 from .errors import SagaDefinitionError
 
-__all__ = ["SagaSettings", "backoff_delay"]
+__all__ = ["SagaSettings", "backoff_delay", "default_step_timeout", "timeout_seconds"]
 
 _DEFAULTS: dict[str, Any] = {
     "saga_redis_url": None,
@@ -32,6 +36,8 @@ _DEFAULTS: dict[str, Any] = {
     "saga_compensation_retry_backoff": 1.0,
     "saga_compensation_retry_backoff_max": 600.0,
     "saga_compensation_max_retries": None,
+    "saga_default_step_timeout": 300.0,
+    "saga_sweep_interval": 0.5,
 }
 
 
@@ -52,6 +58,8 @@ class SagaSettings:
     compensation_retry_backoff: float
     compensation_retry_backoff_max: float
     compensation_max_retries: int | None
+    default_step_timeout: float | None = 300.0
+    sweep_interval: float = 0.5
 
     @classmethod
     def from_app(cls, app: Celery) -> SagaSettings:
@@ -94,13 +102,43 @@ class SagaSettings:
                 "saga_compensation_retry_backoff_max", get("saga_compensation_retry_backoff_max")
             ),
             compensation_max_retries=max_retries,
+            default_step_timeout=default_step_timeout(app),
+            sweep_interval=_number("saga_sweep_interval", get("saga_sweep_interval"), positive=True),
         )
 
     def saga_copy(self) -> str:
         """The settings every worker applies to a saga, as stored in its record."""
         copy = asdict(self)
-        del copy["redis_url"], copy["key_prefix"]
+        del copy["redis_url"], copy["key_prefix"], copy["default_step_timeout"], copy["sweep_interval"]
         return json.dumps(copy, sort_keys=True)
+
+
+_UNSET = object()
+
+
+def _explicit(conf: Any, name: str) -> bool:
+    """True if ``name`` was set, even to None (``conf.get(name)`` alone cannot tell)."""
+    return conf.get(name, _UNSET) is not _UNSET
+
+
+def timeout_seconds(what: str, value: Any) -> float | None:
+    """Validate a timeout: a number > 0 (seconds), or None for no deadline."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or value != value:
+        raise SagaDefinitionError(f"{what} must be a number of seconds > 0, or None for no deadline, not {value!r}")
+    if value == float("inf"):
+        raise SagaDefinitionError(f"{what} must be finite; use None for no deadline")
+    return float(value)
+
+
+def default_step_timeout(app: Celery) -> float | None:
+    """``saga_default_step_timeout``, validated; readable without a saga store configured."""
+    conf = app.conf
+    value = conf.get("saga_default_step_timeout")
+    if value is None and not _explicit(conf, "saga_default_step_timeout"):
+        value = _DEFAULTS["saga_default_step_timeout"]
+    return timeout_seconds("app.conf.saga_default_step_timeout", value)
 
 
 def backoff_delay(settings: dict[str, Any], attempt: int, rng: random.Random | None = None) -> float:

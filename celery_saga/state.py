@@ -11,7 +11,7 @@ from typing import Any
 from .errors import SagaRecordCorrupt
 from .plan import Plan
 
-__all__ = ["CompensationStatus", "SagaState", "SagaStatus", "StepRecord", "StepStatus"]
+__all__ = ["CompensationRound", "CompensationStatus", "SagaState", "SagaStatus", "StepRecord", "StepStatus"]
 
 
 class SagaStatus(str, Enum):
@@ -36,7 +36,13 @@ _FINISHED = frozenset({SagaStatus.COMPLETED, SagaStatus.COMPENSATED, SagaStatus.
 
 
 class StepStatus(str, Enum):
-    """The forward action of a step. WAITING: its stage has not been dispatched."""
+    """The forward action of a step.
+
+    WAITING: its stage has not been dispatched. CANCELLED: fenced before it
+    started; its function will never run, and it is not compensated. UNKNOWN:
+    it started, and the saga stopped waiting for its outcome (a timeout, a
+    cancel, a lost worker); it is compensated blind, with ``step_result=None``.
+    """
 
     WAITING = "WAITING"
     DISPATCHED = "DISPATCHED"
@@ -44,14 +50,19 @@ class StepStatus(str, Enum):
     COMPLETED = "COMPLETED"
     FAILED = "FAILED"
     CANCELLED = "CANCELLED"
+    UNKNOWN = "UNKNOWN"
 
     def __str__(self) -> str:
         return self.value
 
 
 class CompensationStatus(str, Enum):
-    """The compensation of a step. RETRYING: it failed at least once and will run again."""
+    """The compensation of a step. RETRYING: it failed at least once and will run again.
 
+    WAITING: a second round waits for the first round to end.
+    """
+
+    WAITING = "WAITING"
     DISPATCHED = "DISPATCHED"
     RUNNING = "RUNNING"
     RETRYING = "RETRYING"
@@ -72,9 +83,33 @@ def _int(raw: str | None) -> int:
     return int(raw) if raw else 0
 
 
+def _seconds(raw: str | None) -> float | None:
+    return int(raw) / 1000 if raw else None
+
+
+@dataclass(frozen=True)
+class CompensationRound:
+    """The second compensation round of a step that succeeded after it was compensated blind."""
+
+    status: CompensationStatus
+    attempts: int
+    error: str | None
+    started_at: datetime | None
+    ended_at: datetime | None
+    deadline: datetime | None
+
+
 @dataclass(frozen=True)
 class StepRecord:
-    """What the record says about one step and its compensation."""
+    """What the record says about one step and its compensation.
+
+    ``timeout`` is the step's deadline in seconds (None: none) and
+    ``deadline`` when the current dispatch runs out. ``stopped_by`` says why
+    the saga stopped waiting for a CANCELLED or UNKNOWN step: ``"timeout"``,
+    ``"cancelled"``, ``"lost"`` (its worker) or ``"failure"`` (of a sibling).
+    ``late_status``/``late_result``/``late_error`` hold an outcome that
+    arrived after that; ``second_round`` the compensation of a late success.
+    """
 
     name: str
     task: str
@@ -91,6 +126,20 @@ class StepRecord:
     compensation_error: str | None
     compensation_started_at: datetime | None
     compensation_ended_at: datetime | None
+    timeout: float | None = None
+    deadline: datetime | None = None
+    stopped_by: str | None = None
+    late_status: StepStatus | None = None
+    late_result: Any = None
+    late_error: str | None = None
+    late_at: datetime | None = None
+    compensation_deadline: datetime | None = None
+    second_round: CompensationRound | None = None
+
+    @property
+    def timed_out(self) -> bool:
+        """True if the step missed its deadline (or the saga's), or a time limit cut it off."""
+        return self.stopped_by == "timeout"
 
 
 @dataclass(frozen=True)
@@ -114,6 +163,8 @@ class SagaState:
     error: str | None
     reason: str | None
     settings: dict[str, Any]
+    timeout: float | None = None
+    deadline: datetime | None = None
 
     def step(self, name: str) -> StepRecord:
         for s in self.steps:
@@ -133,7 +184,9 @@ class SagaState:
             for spec in plan.steps:
                 n = spec.name
                 result_raw = raw.get(f"r:{n}")
+                late_raw = raw.get(f"lr:{n}")
                 comp_status = raw.get(f"cs:{n}")
+                round2 = raw.get(f"cs2:{n}")
                 steps.append(
                     StepRecord(
                         name=n,
@@ -151,6 +204,24 @@ class SagaState:
                         compensation_error=raw.get(f"ce:{n}"),
                         compensation_started_at=_time(raw.get(f"ct0:{n}")),
                         compensation_ended_at=_time(raw.get(f"ct1:{n}")),
+                        timeout=_seconds(raw.get(f"to:{n}")),
+                        deadline=_time(raw.get(f"dl:{n}")),
+                        stopped_by=raw.get(f"w:{n}") or None,
+                        late_status=StepStatus(raw[f"ls:{n}"]) if raw.get(f"ls:{n}") else None,
+                        late_result=json.loads(late_raw) if late_raw is not None else None,
+                        late_error=raw.get(f"le:{n}"),
+                        late_at=_time(raw.get(f"lt:{n}")),
+                        compensation_deadline=_time(raw.get(f"cdl:{n}")),
+                        second_round=CompensationRound(
+                            status=CompensationStatus(round2),
+                            attempts=_int(raw.get(f"ca2:{n}")),
+                            error=raw.get(f"ce2:{n}"),
+                            started_at=_time(raw.get(f"ct02:{n}")),
+                            ended_at=_time(raw.get(f"ct12:{n}")),
+                            deadline=_time(raw.get(f"cdl2:{n}")),
+                        )
+                        if round2
+                        else None,
                     )
                 )
         except (KeyError, ValueError, TypeError) as exc:
@@ -171,6 +242,8 @@ class SagaState:
             error=raw.get("error") or None,
             reason=raw.get("reason") or None,
             settings=settings,
+            timeout=_seconds(raw.get("sto")),
+            deadline=_time(raw.get("sdl")),
         )
 
 

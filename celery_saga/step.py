@@ -35,6 +35,8 @@ class StepMeta:
 
     compensation: str | None
     compensate_on_failure: bool
+    #: Seconds, None for no deadline, or MISSING for the app's saga_default_step_timeout.
+    timeout: Any = MISSING
 
 
 # Step metadata by task name. Tasks stay untouched: a task called outside a
@@ -91,7 +93,9 @@ def _enable_on_finalize(app: Celery | None) -> None:
             enable_if_has_steps(active)
 
 
-def saga_step(compensate: Any = MISSING, compensate_on_failure: bool = False) -> Callable[[T], T]:
+def saga_step(
+    compensate: Any = MISSING, compensate_on_failure: bool = False, timeout: Any = MISSING
+) -> Callable[[T], T]:
     """Mark an existing Celery task as a saga step.
 
     Use it on top of ``@app.task`` or ``@shared_task``. The task is returned
@@ -101,9 +105,13 @@ def saga_step(compensate: Any = MISSING, compensate_on_failure: bool = False) ->
         compensate: The task that undoes this step, its name, or None when there
             is nothing to undo. Required, so that "nothing to undo" is a decision.
         compensate_on_failure: Also compensate this step when it failed itself.
+        timeout: Seconds from the step's dispatch to its recorded outcome, also
+            the deadline of each compensation attempt. Defaults to
+            ``app.conf.saga_default_step_timeout`` (300); None means no deadline.
     """
     where = "@saga_step"
     comp = _compensation_name(compensate, where)
+    step_timeout = _timeout(timeout, where)
 
     def decorate(task: T) -> T:
         if not is_task(task):
@@ -112,7 +120,7 @@ def saga_step(compensate: Any = MISSING, compensate_on_failure: bool = False) ->
             )
         name = task_name(task)
         check_step_name(name)
-        _REGISTRY[name] = StepMeta(comp, bool(compensate_on_failure))
+        _REGISTRY[name] = StepMeta(comp, bool(compensate_on_failure), step_timeout)
         _enable_on_finalize(task_app(task))
         return task
 
@@ -131,6 +139,16 @@ class StepRef:
     args: tuple[Any, ...] = ()
     options: dict[str, Any] = field(default_factory=dict)
     app: Celery | None = None
+    #: Seconds, None for no deadline, or MISSING for the app's default.
+    timeout: Any = MISSING
+
+
+def _timeout(value: Any, where: str) -> Any:
+    from .settings import timeout_seconds
+
+    if value is MISSING:
+        return MISSING
+    return timeout_seconds(f"{where}: timeout", value)
 
 
 def step(
@@ -138,6 +156,7 @@ def step(
     compensate: Any = MISSING,
     name: str | None = None,
     compensate_on_failure: bool | None = None,
+    timeout: Any = MISSING,
 ) -> StepRef:
     """Name a step explicitly.
 
@@ -150,7 +169,11 @@ def step(
             one given to ``saga_step`` when the task is decorated.
         name: The step name; defaults to the task name.
         compensate_on_failure: Also compensate the step when it failed itself.
+        timeout: Seconds from the step's dispatch to its recorded outcome (and
+            for each compensation attempt); None for no deadline. Defaults to
+            the one given to ``saga_step``, else ``saga_default_step_timeout``.
     """
+    step_timeout = _timeout(timeout, f"step({task_or_name!r})")
     bound: dict[str, Any] = {}
     args: tuple[Any, ...] = ()
     options: dict[str, Any] = {}
@@ -172,6 +195,8 @@ def step(
     else:
         comp = _compensation_name(compensate, f"step({tname!r})")
         cof = bool(compensate_on_failure)
+    if step_timeout is MISSING and meta is not None:
+        step_timeout = meta.timeout
     return StepRef(
         name=check_step_name(name or tname),
         task=tname,
@@ -181,6 +206,7 @@ def step(
         args=args,
         options=options,
         app=task_app(task_or_name),
+        timeout=step_timeout,
     )
 
 
@@ -197,6 +223,13 @@ class StepContext:
             compensation, and different between the two. Pass it to external
             services, e.g. as a payment API's idempotency header.
         attempt: 1 for the first execution, counting retries and redeliveries.
+        round: The compensation round: 1 for the rollback, 2 for a step that
+            succeeded after it had been compensated blind. 1 in a forward step.
+        result_known: False in a blind compensation: the step's outcome was
+            unknown (it timed out, was cancelled, or its worker was lost), so
+            ``step_result`` is None and the effect must be looked up, e.g. by
+            ``forward_key``.
+        forward_key: The idempotency key the forward step ran with.
     """
 
     saga_id: str
@@ -205,6 +238,9 @@ class StepContext:
     compensating: bool
     idempotency_key: str
     attempt: int
+    round: int = 1
+    result_known: bool = True
+    forward_key: str = ""
 
 
 _CURRENT: contextvars.ContextVar[StepContext | None] = contextvars.ContextVar("celery_saga_step", default=None)

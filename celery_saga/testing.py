@@ -189,10 +189,12 @@ class SagaFaults:
         self._add(_Fault(step, False, exc or RuntimeError(f"injected failure of step {step}"), times, saga))
 
     def timeout(self, step: str, *, times: int | None = None, saga: str | None = None) -> None:
-        """Make the step time out.
+        """Make the step time out the way a hard time limit does: cut off mid-way.
 
-        For now that is what a hard time limit does to a step: it fails with
-        ``TimeLimitExceeded``. A release with step deadlines will change this.
+        Its outcome is unknown, so the step is recorded UNKNOWN and
+        compensated blind (``step_result=None``), and the saga's ``reason``
+        is ``"timeout"``. To test a step that misses its deadline instead,
+        give it a short ``timeout=`` and make it wait.
         """
         self._add(_Fault(step, False, TimeLimitExceeded(f"injected timeout of step {step}"), times, saga))
 
@@ -373,9 +375,9 @@ def saga_worker(saga_test_app: Celery, saga_worker_parameters: dict[str, Any]) -
 @pytest.fixture
 def saga_faults() -> Iterator[SagaFaults]:
     """Fault injection for this test (`SagaFaults`), removed after it."""
-    from . import worker  # the worker-side module; importing it connects nothing
+    from . import runner  # the worker-side module; importing it connects nothing
 
-    faults, previous = SagaFaults(), worker._fault_hook
-    worker.set_fault_hook(faults)
+    faults, previous = SagaFaults(), runner._fault_hook
+    runner.set_fault_hook(faults)
     yield faults
-    worker.set_fault_hook(previous)
+    runner.set_fault_hook(previous)

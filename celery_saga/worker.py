@@ -1,314 +1,43 @@
-"""What runs inside workers: the step wrapper and the signal handlers.
+"""What runs only inside workers: installing the step wrapper, the main-process handlers, and the bootstep.
 
-Steps are the user's own tasks, sent as their own messages. An enabled app
-wraps each task's ``run``: a message without saga headers runs the task
-exactly as before; one with them is checked against the saga record first,
-and its outcome is recorded after.
+The wrapper itself is `celery_saga.runner`; the deadline sweeper is
+`celery_saga.sweeper`. Both start here, once per worker.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
-import weakref
-from collections.abc import Callable
 from typing import Any
 
-import redis
 from billiard.exceptions import WorkerLostError
 from celery import Celery, Task, bootsteps, signals
-from celery.exceptions import Ignore, Reject, Retry, TimeLimitExceeded
+from celery.exceptions import TimeLimitExceeded
 
-from .announce import compensation_attempt_failed, configure_worker, saga_transition, step_event
-from .app import is_enabled, store_for
-from .dispatch import Headers, react, redrive
-from .errors import SagaError, SagaStoreUnavailable, StepResultNotSerializable
+from . import runner
+from .announce import configure_worker
+from .app import is_enabled, settings_of, store_for
+from .dispatch import Headers, cached_plan, parse_task_id, publish_compensation, react
+from .errors import SagaError
 from .settings import backoff_delay
-from .step import Params, StepContext, current_step, params_of, reset_current, set_current
-from .store.base import SagaStore
+from .sweeper import SweeperThread
 
-__all__ = ["SagaWorker", "connect_signals", "install", "set_fault_hook"]
+__all__ = ["SagaWorker", "configuration_warnings", "connect_signals", "install"]
 
 logger = logging.getLogger("celery_saga")
 
-_WRAPPED: weakref.WeakSet[Task] = weakref.WeakSet()
 _connected = False
-
-# Called with the step context right before a step or compensation function
-# runs; what it raises counts as the function's own failure. Only
-# celery_saga.testing sets it, to inject faults; it is None in production.
-_fault_hook: Callable[[StepContext], None] | None = None
-
-
-def set_fault_hook(hook: Callable[[StepContext], None] | None) -> None:
-    """Install (or remove, with None) the fault-injection hook of ``celery_saga.testing``."""
-    global _fault_hook
-    _fault_hook = hook
 
 
 def install(app: Celery) -> None:
     """Wrap every task of ``app`` and check the sagas defined on it."""
     for name, task in list(app.tasks.items()):
-        if name.startswith("celery.") or task in _WRAPPED:
+        if name.startswith("celery.") or runner.wrapped(task):
             continue
-        _wrap(task)
+        runner.wrap(task)
     from .saga import validate_sagas_of
 
     validate_sagas_of(app)
-
-
-def _with_fault_hook(fn: Callable[..., Any]) -> Callable[..., Any]:
-    @functools.wraps(fn)
-    def call(*args: Any, **kwargs: Any) -> Any:
-        if _fault_hook is not None:
-            ctx = current_step()
-            if ctx is not None:
-                _fault_hook(ctx)
-        return fn(*args, **kwargs)
-
-    return call
-
-
-def _wrap(task: Task) -> None:
-    # Injected faults must go where a real exception would come from: inside
-    # Celery's autoretry wrapper, when the task has one, so they are retried.
-    if hasattr(task, "_orig_run"):
-        task._orig_run = _with_fault_hook(task._orig_run)
-        original = task.run
-    else:
-        original = _with_fault_hook(task.run)
-    params = params_of(original)
-
-    @functools.wraps(original)
-    def run(*args: Any, **kwargs: Any) -> Any:
-        request = task.request
-        saga_id = request.get(Headers.ID)
-        if not saga_id or request.called_directly:
-            return original(*args, **kwargs)
-        if request.get(Headers.UNDO):
-            return _compensate(task, original, params, request, kwargs)
-        return _forward(task, original, params, request, kwargs)
-
-    task.run = run
-    _WRAPPED.add(task)
-
-
-def _error_text(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"[:2000]
-
-
-def _resend(task: Task, request: Any, kwargs: dict[str, Any], countdown: float, exc: BaseException) -> Retry:
-    """Send this message again after ``countdown``, as a Celery retry of the same task id.
-
-    Not ``task.retry()``: it would count against the task's own max_retries,
-    and Celery type-checks its kwargs, which for a step hold the whole saga
-    data (the participant filters on receipt). The caller raises the Retry.
-    """
-    # Route it where this copy came from, as Celery's own retry does.
-    delivery = request.delivery_info or {}
-    exchange, routing_key = delivery.get("exchange"), delivery.get("routing_key")
-    route: dict[str, Any] = {}
-    if exchange == "" and routing_key:
-        route["queue"] = routing_key
-    elif routing_key:
-        route.update(exchange=exchange, routing_key=routing_key)
-    task.app.send_task(
-        task.name,
-        args=(),
-        kwargs=kwargs,
-        task_id=request.id,
-        countdown=countdown,
-        headers=dict(request.headers or {}),
-        retries=int(request.retries or 0) + 1,
-        root_id=request.root_id,
-        parent_id=request.parent_id,
-        ignore_result=True,
-        serializer="json",
-        **route,
-    )
-    return Retry(f"saga retry in {countdown:.2f}s", exc=exc, when=countdown)
-
-
-def _store_retry(task: Task, request: Any, kwargs: dict[str, Any], exc: SagaStoreUnavailable) -> Retry:
-    """The store is down: retry the message with backoff; it never runs without a record."""
-    delay = min(60.0, 2.0 ** min(int(request.retries or 0), 6))
-    logger.warning("saga %s: %s; retrying %s in %.0fs", request.get(Headers.ID), exc, task.name, delay)
-    return _resend(task, request, kwargs, delay, exc)
-
-
-class _Ctx:
-    """The saga headers of one message."""
-
-    def __init__(self, request: Any) -> None:
-        self.saga_id: str = request.get(Headers.ID)
-        self.name: str = request.get(Headers.NAME) or ""
-        self.step: str = request.get(Headers.STEP) or ""
-        self.gen: str = request.get(Headers.GEN) or ""
-        self.retries = str(int(request.retries or 0))
-        delivery = request.delivery_info or {}
-        self.redelivered = "1" if delivery.get("redelivered") else ""
-        self.first = bool(request.get(Headers.FIRST))
-
-
-def _not_run(app: Celery, store: SagaStore, ctx: _Ctx, tag: str, what: str) -> Ignore:
-    """Log why a message is skipped; the returned Ignore acks it without running anything."""
-    if tag == "missing":
-        logger.error(
-            "saga %s: no record for %s %r in %s; it never existed there or expired. Every worker "
-            "must use the same saga_redis_url and saga_key_prefix as the app that started the saga",
-            ctx.saga_id,
-            what,
-            ctx.step,
-            store.where(),
-        )
-    elif tag == "corrupt":
-        logger.error(
-            "saga %s: the record of %s %r in %s is corrupt; nothing was run. Inspect it with "
-            "`celery saga show %s`, or purge it",
-            ctx.saga_id,
-            what,
-            ctx.step,
-            store.where(),
-            ctx.saga_id,
-        )
-    elif tag == "stale":
-        logger.warning("saga %s: %s %r belongs to an earlier start of this saga; skipped", ctx.saga_id, what, ctx.step)
-    else:
-        logger.info("saga %s: %s %r skipped (%s)", ctx.saga_id, what, ctx.step, tag)
-    return Ignore()
-
-
-def _forward(task: Task, original: Any, params: Params, request: Any, kwargs: dict[str, Any]) -> Any:
-    app = task.app
-    ctx = _Ctx(request)
-    try:
-        store = store_for(app)
-        t = store.step("begin", ctx.saga_id, ctx.gen, ctx.name, ctx.step, ctx.retries, ctx.redelivered, first=ctx.first)
-        if t.tag == "dup" and t.status:
-            redrive(app, store, ctx.saga_id)
-        elif t.tag == "fenced":
-            react(app, store, ctx.saga_id, ctx.name, ctx.gen, t)
-    except SagaStoreUnavailable as exc:
-        raise _store_retry(task, request, kwargs, exc) from exc
-    except (SagaError, redis.RedisError, ValueError, KeyError) as exc:
-        logger.error("saga %s: cannot start step %r, record unusable: %s", ctx.saga_id, ctx.step, _error_text(exc))
-        raise Ignore() from exc
-    if t.tag != "run":
-        step_event(app, "skipped", request.id, ctx.saga_id, ctx.name, ctx.step, reason=t.tag)
-        raise _not_run(app, store, ctx, t.tag, "step")
-    if t.changed_from:
-        saga_transition(app, ctx.saga_id, ctx.name, t, lambda: store.load(ctx.saga_id))
-
-    attempt = int(t.extra[0])
-    call = params.pick({**kwargs, **(request.get(Headers.BOUND) or {})})
-    # A retry (the task's own, or ours) re-sends request.kwargs, and Celery
-    # checks them against the signature: send only what the function takes.
-    request.kwargs = call
-    step_ctx = StepContext(ctx.saga_id, ctx.name, ctx.step, False, f"{ctx.saga_id}:{ctx.step}", attempt)
-    token = set_current(step_ctx)
-    try:
-        result = original(**call)
-    except Retry:
-        raise
-    except Reject as exc:
-        if not exc.requeue:
-            _record_failure(app, store, ctx, task, request, kwargs, exc)
-        raise
-    except Ignore:
-        raise
-    except Exception as exc:
-        _record_failure(app, store, ctx, task, request, kwargs, exc)
-        raise
-    finally:
-        reset_current(token)
-    try:
-        result_json = json.dumps(result)
-    except (TypeError, ValueError) as exc:
-        error = StepResultNotSerializable(ctx.step, exc)
-        _record_failure(app, store, ctx, task, request, kwargs, error)
-        raise error from exc
-    try:
-        t = store.step("done", ctx.saga_id, ctx.gen, ctx.name, ctx.step, result_json)
-        if t.tag != "dup":
-            step_event(app, "done", request.id, ctx.saga_id, ctx.name, ctx.step)
-        react(app, store, ctx.saga_id, ctx.name, ctx.gen, t)
-    except SagaStoreUnavailable as exc:
-        # The effect happened but is not recorded; running again is what the
-        # step's idempotency key is for.
-        raise _store_retry(task, request, kwargs, exc) from exc
-    return result
-
-
-def _record_failure(
-    app: Celery, store: SagaStore, ctx: _Ctx, task: Task, request: Any, kwargs: dict[str, Any], exc: BaseException
-) -> None:
-    try:
-        t = store.step("fail", ctx.saga_id, ctx.gen, ctx.name, ctx.step, _error_text(exc))
-        react(app, store, ctx.saga_id, ctx.name, ctx.gen, t)
-    except SagaStoreUnavailable as store_exc:
-        raise _store_retry(task, request, kwargs, store_exc) from exc
-
-
-def _compensate(task: Task, original: Any, params: Params, request: Any, kwargs: dict[str, Any]) -> Any:
-    app = task.app
-    ctx = _Ctx(request)
-    try:
-        store = store_for(app)
-        t = store.step("cbegin", ctx.saga_id, ctx.gen, ctx.name, ctx.step, ctx.retries, ctx.redelivered)
-        if t.tag == "dup" and t.status:
-            redrive(app, store, ctx.saga_id)
-    except SagaStoreUnavailable as exc:
-        raise _store_retry(task, request, kwargs, exc) from exc
-    except (SagaError, redis.RedisError, ValueError, KeyError) as exc:
-        logger.error("saga %s: cannot compensate %r, record unusable: %s", ctx.saga_id, ctx.step, _error_text(exc))
-        raise Ignore() from exc
-    if t.tag != "run":
-        step_event(app, "skipped", request.id, ctx.saga_id, ctx.name, ctx.step, reason=t.tag, compensation=True)
-        raise _not_run(app, store, ctx, t.tag, "compensation of")
-
-    attempt = int(t.extra[0])
-    key = f"{ctx.saga_id}:{ctx.step}:undo"
-    step_ctx = StepContext(ctx.saga_id, ctx.name, ctx.step, True, key, attempt)
-    token = set_current(step_ctx)
-    call = request.kwargs = params.pick(kwargs)
-    try:
-        result = original(**call)
-    except Retry:
-        raise
-    except Exception as exc:
-        try:
-            t = store.step("cfail", ctx.saga_id, ctx.gen, ctx.name, ctx.step, _error_text(exc))
-            react(app, store, ctx.saga_id, ctx.name, ctx.gen, t)
-        except SagaStoreUnavailable as store_exc:
-            raise _store_retry(task, request, kwargs, store_exc) from exc
-        if t.tag in ("retry", "gaveup"):
-            compensation_attempt_failed(
-                ctx.saga_id, ctx.name, ctx.step, attempt, _error_text(exc), gave_up=t.tag == "gaveup"
-            )
-        if t.tag == "retry":
-            base, cap = request.get(Headers.BACKOFF) or (1.0, 600.0)
-            delay = backoff_delay(
-                {"compensation_retry_backoff": base, "compensation_retry_backoff_max": cap}, int(t.extra[0])
-            )
-            logger.warning(
-                "saga %s: compensation of %r failed (attempt %s): %s; retrying in %.2fs",
-                ctx.saga_id,
-                ctx.step,
-                t.extra[0],
-                _error_text(exc),
-                delay,
-            )
-            raise _resend(task, request, kwargs, delay, exc) from exc
-        raise
-    finally:
-        reset_current(token)
-    try:
-        t = store.step("cdone", ctx.saga_id, ctx.gen, ctx.name, ctx.step)
-        react(app, store, ctx.saga_id, ctx.name, ctx.gen, t)
-    except SagaStoreUnavailable as exc:
-        raise _store_retry(task, request, kwargs, exc) from exc
-    return result
 
 
 # -- failures the wrapper never sees ------------------------------------------------
@@ -316,40 +45,33 @@ def _compensate(task: Task, original: Any, params: Params, request: Any, kwargs:
 # A lost pool child, a hard time limit, a revoke or an expired message end a
 # task in the worker's main process, where no wrapper runs and Celery calls
 # no errback for revokes. These handlers record the outcome there. A hard
-# time limit fires task_failure twice in Celery 5.7; the "fail" transition
-# only applies to a step still running, so the second call changes nothing.
+# time limit fires task_failure twice in Celery 5.7; the transitions only
+# apply to a step still running, so the second call changes nothing.
+#
+# Celery sends task_failure for a lost worker only when it neither requeues
+# (acks_late + reject_on_worker_lost) nor retries (retry_on_worker_lost) the
+# message: when the app asked for redelivery, the step stays running and the
+# next copy (or the deadline) decides.
 
 
-def _saga_of(task_id: str | None) -> tuple[str, str, bool] | None:
-    """(saga_id, step, is_compensation) from a saga task id, else None."""
-    if not task_id or ":" not in task_id:
-        return None
-    saga_id, rest = task_id.split(":", 1)
-    if rest.endswith(":undo"):
-        return saga_id, rest[: -len(":undo")], True
-    return saga_id, rest, False
-
-
-def _outcome_in_main_process(task: Task, task_id: str | None, gen: str | None, error: str) -> None:
+def _outcome_in_main_process(task: Task, task_id: str | None, gen: str | None, op: str, *args: str) -> None:
     app = task.app
     if not is_enabled(app):
         return
-    parsed = _saga_of(task_id)
+    parsed = parse_task_id(task_id)
     if parsed is None:
         return
-    saga_id, step, undo = parsed
+    saga_id, step, round_ = parsed
     try:
         store = store_for(app)
         raw = store.load(saga_id)
         # The message's own generation, when known: a message from an aborted
         # start must not fail the step of a later start with the same key.
         name, gen = raw.get("name", ""), gen or raw.get("gen", "")
-        if undo:
-            t = store.step("cfail", saga_id, gen, name, step, error)
+        if round_:
+            t = store.step("cfail", saga_id, gen, name, step, args[0], str(round_))
             react(app, store, saga_id, name, gen, t)
             if t.tag == "retry":
-                from .dispatch import cached_plan, publish_compensation
-
                 raw = store.load(saga_id)
                 settings = json.loads(raw.get("settings") or "{}")
                 publish_compensation(
@@ -359,14 +81,15 @@ def _outcome_in_main_process(task: Task, task_id: str | None, gen: str | None, e
                     cached_plan(raw["ph"], lambda: raw["plan"]),
                     step,
                     countdown=backoff_delay(settings, int(t.extra[0])),
+                    round=round_,
                 )
         else:
-            t = store.step("fail", saga_id, gen, name, step, error)
+            t = store.step(op, saga_id, gen, name, step, *args)
             react(app, store, saga_id, name, gen, t)
     except SagaError as exc:
-        logger.error("saga %s: could not record %s of %r: %s", saga_id, error, step, exc)
+        logger.error("saga %s: could not record %s of %r: %s", saga_id, args[0], step, exc)
     except Exception:
-        logger.exception("saga %s: could not record %s of %r", saga_id, error, step)
+        logger.exception("saga %s: could not record %s of %r", saga_id, args[0], step)
 
 
 def _on_task_failure(
@@ -379,27 +102,119 @@ def _on_task_failure(
     # for a hard time limit it does not, and the record's generation is used.
     request = sender.request
     gen = request.get(Headers.GEN) if request.id == task_id else None
-    _outcome_in_main_process(sender, task_id, gen, _error_text(exception))
+    # The function was cut off mid-way: its effect is unknown, not absent.
+    why = "timeout" if isinstance(exception, TimeLimitExceeded) else "lost"
+    _outcome_in_main_process(sender, task_id, gen, "lost", runner.error_text(exception), why)
 
 
 def _on_task_revoked(sender: Task | None = None, request: Any = None, expired: bool = False, **_: Any) -> None:
     if sender is None or request is None:
         return
-    what = "expired" if expired else "revoked"
     gen = (getattr(request, "request_dict", None) or {}).get(Headers.GEN)
-    _outcome_in_main_process(sender, getattr(request, "id", None), gen, f"{what}: the message was {what} before it ran")
+    task_id = getattr(request, "id", None)
+    if expired:
+        # A step message expires at its deadline: a timeout of a step that
+        # never started, not a failure.
+        _outcome_in_main_process(sender, task_id, gen, "expire", "expired: the message expired before it ran")
+    else:
+        _outcome_in_main_process(sender, task_id, gen, "fail", "revoked: the message was revoked before it ran")
+
+
+# -- configuration checks ------------------------------------------------------
+
+
+def configuration_warnings(app: Celery) -> list[str]:
+    """What the library can tell is wrong between the broker's visibility timeout and saga timing.
+
+    With a Redis (or SQS) broker, a message not acknowledged within
+    ``visibility_timeout`` is delivered again, even while its first copy
+    still runs or waits for its countdown. Returns one line per problem found.
+    """
+    transport = str(app.conf.broker_url or "").split("://", 1)[0]
+    if transport not in ("redis", "rediss", "sentinel", "sqs", "unix"):
+        return []
+    options = app.conf.broker_transport_options or {}
+    vt = float(options.get("visibility_timeout", 3600))
+    conf = app.conf
+    warnings = []
+    settings = settings_of(app)
+    if settings.compensation_retry_backoff_max > vt:
+        warnings.append(
+            f"saga_compensation_retry_backoff_max ({settings.compensation_retry_backoff_max:g}s) exceeds the "
+            f"broker's visibility_timeout ({vt:g}s): a compensation waiting for its retry countdown is "
+            f"delivered again meanwhile. Raise visibility_timeout or lower the backoff cap"
+        )
+    from .step import registered
+
+    for name, task in sorted(app.tasks.items()):
+        if name.startswith("celery.") or registered(name) is None:
+            continue
+        limit = task.time_limit or conf.task_time_limit
+        if task.acks_late and limit and float(limit) > vt:
+            warnings.append(
+                f"step {name!r}: time_limit ({float(limit):g}s) exceeds the broker's visibility_timeout ({vt:g}s) "
+                f"and the task is acks_late: a run longer than {vt:g}s is delivered again while it still runs"
+            )
+    for spec in _step_specs(app):
+        task = app.tasks.get(spec.task)
+        if task is None or not task.acks_late:
+            continue
+        if spec.timeout is not None and spec.timeout <= vt:
+            warnings.append(
+                f"saga step {spec.name!r} ({spec.task}): its timeout ({spec.timeout:g}s) does not exceed the "
+                f"broker's visibility_timeout ({vt:g}s), so after a worker crash its acks_late redelivery comes "
+                f"after the deadline and the step is compensated, not completed"
+            )
+    return warnings
+
+
+def _step_specs(app: Celery) -> list[Any]:
+    from .saga import sagas_of
+
+    specs: dict[str, Any] = {}
+    for saga in sagas_of(app):
+        try:
+            for spec in saga.plan().steps:
+                specs.setdefault(spec.name, spec)
+        except SagaError:
+            continue  # reported at finalize
+    return list(specs.values())
 
 
 class SagaWorker(bootsteps.StartStopStep):  # type: ignore[misc]
-    """Runs in every worker of an enabled app, in its main process, before the pool starts."""
+    """Runs in every worker of an enabled app, in its main process, before the pool starts.
+
+    It also runs the deadline sweeper in a thread of the main process, so
+    every worker with the saga hooks acts on deadlines without an extra
+    process. A thread, not the worker's timer: a sweep does blocking Redis
+    calls, which must not stall the consumer's event loop.
+    """
 
     label = "celery_saga"
+    # Started after the pool: the sweeper thread is not there when it forks.
+    requires = ("celery.worker.components:Pool",)
 
     def __init__(self, w: Any, **kwargs: Any) -> None:
         super().__init__(w, **kwargs)
+        self.sweeper: SweeperThread | None = None
         if is_enabled(w.app):
             install(w.app)  # tasks registered after finalize
             configure_worker(w.app, w.hostname, bool(w.task_events))
+            for line in configuration_warnings(w.app):
+                logger.warning("celery_saga: %s", line)
+
+    def start(self, w: Any) -> None:
+        if not is_enabled(w.app) or w.app.conf.get("saga_sweeper") is False:
+            return
+        self.sweeper = SweeperThread(w.app, name=f"celery_saga-sweeper@{w.hostname}")
+        self.sweeper.start()
+
+    def stop(self, w: Any) -> None:
+        if self.sweeper is not None:
+            self.sweeper.stop()
+            self.sweeper = None
+
+    shutdown = stop
 
 
 def connect_signals() -> None:

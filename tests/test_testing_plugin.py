@@ -10,7 +10,7 @@ import redis
 from celery import Celery
 from celery.contrib.testing.worker import start_worker
 
-from celery_saga import Saga, SagaStatus, current_step, saga_step, step
+from celery_saga import Saga, SagaStatus, StepStatus, current_step, saga_step, step
 from celery_saga.testing import (
     SagaFaults,
     app_queues,
@@ -114,12 +114,19 @@ def test_fail_times_and_saga_limit_a_fault(saga_worker: Any, saga_faults: SagaFa
     assert saga_faults.fired("plug.charge") == 1
 
 
-def test_timeout_fails_the_step_as_a_hard_time_limit_does(saga_worker: Any, saga_faults: SagaFaults) -> None:
+def test_timeout_cuts_the_step_off_as_a_hard_time_limit_does(saga_worker: Any, saga_faults: SagaFaults) -> None:
     saga_faults.timeout("plug.ship")
 
-    state = assert_compensated(order.delay(order_id=6), steps=["plug.charge", "plug.reserve"], failed_step="plug.ship")
+    # The step was cut off mid-way, so its effect is unknown: it is
+    # compensated blind, before the steps that completed.
+    state = assert_compensated(
+        order.delay(order_id=6), steps=["plug.ship", "plug.charge", "plug.reserve"], failed_step="plug.ship"
+    )
 
     assert state.error is not None and state.error.startswith("TimeLimitExceeded")
+    assert state.reason == "timeout"
+    assert state.step("plug.ship").status is StepStatus.UNKNOWN
+    assert state.step("plug.ship").timed_out
 
 
 def test_fail_compensation_fails_it_n_times_then_lets_it_run(

@@ -8,6 +8,7 @@ atomically. Backends implement the primitives (``_transition``, ``_load``,
 from __future__ import annotations
 
 import abc
+import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -54,6 +55,10 @@ class StartRequest:
     idempotency_key: str
     max_retries: int | None
     step_fields: tuple[tuple[str, str], ...]
+    #: Forward deadline of the whole saga, seconds from start; None for none.
+    saga_timeout: float | None = None
+    #: When sweepers should first look at the saga (epoch seconds), None if it has no deadline.
+    watch_at: float | None = None
 
 
 class SagaStore(abc.ABC):
@@ -76,11 +81,14 @@ class SagaStore(abc.ABC):
         args: Sequence[str],
         dedupe: bool,
         index_first: tuple[str, str, str] | None = None,
+        watch_at: float | None = None,
     ) -> Transition:
         """Apply one transition atomically; with ``dedupe``, a retried call returns the first reply.
 
-        ``index_first`` is an index move ``(name, old, new)`` to send in the
-        same round trip, before the transition.
+        ``index_first`` is an index move ``(name, old, new)`` and ``watch_at``
+        a deadline-index entry (epoch seconds; it only ever moves earlier), both
+        sent in the same round trip, before the transition: a deadline is in
+        the index before the transition that starts it.
         """
 
     @abc.abstractmethod
@@ -88,8 +96,23 @@ class SagaStore(abc.ABC):
         """The raw record, or None."""
 
     @abc.abstractmethod
-    def _index(self, saga_id: str, name: str, old: str, new: str, retention: float) -> None:
-        """Move ``saga_id`` between status indexes. Idempotent."""
+    def _index(self, saga_id: str, name: str, old: str, new: str, retention: float, unwatch: bool = False) -> None:
+        """Move ``saga_id`` between status indexes, and with ``unwatch`` drop its deadline entry. Idempotent."""
+
+    @abc.abstractmethod
+    def claim_due(self, limit: int, lease: float) -> list[tuple[str, str]]:
+        """Lease up to ``limit`` due deadline entries for ``lease`` seconds: ``[(saga_id, claim)]``.
+
+        A claim moves the entry ``lease`` seconds into the future instead of
+        removing it, so the claim of a sweeper that dies comes due again.
+        """
+
+    @abc.abstractmethod
+    def rescore(self, saga_id: str, claim: str, next_deadline: str) -> None:
+        """Settle a claim: the entry waits for ``next_deadline`` (ms, store clock), or goes if that is "".
+
+        An entry moved earlier since the claim (a new registration) keeps the earlier time.
+        """
 
     @abc.abstractmethod
     def close(self) -> None:
@@ -137,12 +160,19 @@ class SagaStore(abc.ABC):
             req.idempotency_key,
             "" if req.max_retries is None else str(req.max_retries),
         ]
-        for field, value in req.step_fields:
-            args += [field, value]
         # Index first, in the same round trip as the start: the index is only
         # a lookup aid, and the rare start that created nothing is fixed below.
+        args.append("" if req.saga_timeout is None else f"{req.saga_timeout * 1000:.0f}")
+        for field, value in req.step_fields:
+            args += [field, value]
         t = self._transition(
-            req.saga_id, "start", req.gen, args, dedupe=False, index_first=(req.name, "", SagaStatus.PENDING.value)
+            req.saga_id,
+            "start",
+            req.gen,
+            args,
+            dedupe=False,
+            index_first=(req.name, "", SagaStatus.PENDING.value),
+            watch_at=req.watch_at,
         )
         if t.tag != "created" and t.status != SagaStatus.PENDING.value:
             self._unindex(req.saga_id, req.name, SagaStatus.PENDING.value)
@@ -162,7 +192,16 @@ class SagaStore(abc.ABC):
             self.reindex(saga_id, name, t)
         return t
 
-    def step(self, op: str, saga_id: str, gen: str, name: str, *args: str, first: bool = False) -> Transition:
+    def step(
+        self,
+        op: str,
+        saga_id: str,
+        gen: str,
+        name: str,
+        *args: str,
+        first: bool = False,
+        watch_at: float | None = None,
+    ) -> Transition:
         """Apply a step transition (``begin``, ``done``, ``fail``, ``cbegin`` ...) and index it.
 
         ``first`` marks the begin of a first-stage step, which is what takes a
@@ -171,7 +210,7 @@ class SagaStore(abc.ABC):
         # Every saga makes this move once: send it in the same round trip as
         # the begin, and put the entry right in the rare other cases.
         move = (name, "PENDING", "RUNNING") if first else None
-        t = self._transition(saga_id, op, gen, args, dedupe=True, index_first=move)
+        t = self._transition(saga_id, op, gen, args, dedupe=True, index_first=move, watch_at=watch_at)
         if first:
             if t.status and t.status != "RUNNING":
                 self._index(saga_id, name, "RUNNING", t.status, 0.0)
@@ -184,7 +223,13 @@ class SagaStore(abc.ABC):
         # housekeeping only, since readers skip ids whose record expired.
         # FAILED sagas never expire, so their index is never trimmed.
         expiring = t.status in ("COMPLETED", "COMPENSATED")
-        self._index(saga_id, name, t.changed_from, t.status, self.retention if expiring else 0.0)
+        # A completed saga has no deadline left, so its deadline entry goes
+        # with this move. Rolled-back sagas leave lazily: a step with an
+        # unknown outcome may still report a late success whose second
+        # compensation round needs a deadline, so a sweeper drops the entry
+        # once the record says nothing more can come (or the record expired).
+        done = t.status == "COMPLETED"
+        self._index(saga_id, name, t.changed_from, t.status, self.retention if expiring else 0.0, unwatch=done)
 
     def purge(self, saga_id: str) -> Transition:
         """Remove a finished saga and its index entries (``tag`` is ``purged`` or ``notallowed``)."""
@@ -195,7 +240,24 @@ class SagaStore(abc.ABC):
 
     def retry(self, saga_id: str, name: str) -> Transition:
         """Re-drive the compensations that gave up in a FAILED saga (``tag`` ``notallowed`` otherwise)."""
-        return self.step("retry", saga_id, "*", name)
+        # Their new attempt deadlines need the saga back in the deadline
+        # index; a sweeper looking now rescores it to the right time.
+        return self.step("retry", saga_id, "*", name, watch_at=time.time())
+
+    def sweep(self, saga_id: str) -> Transition:
+        """Act on the saga's due deadlines.
+
+        ``tag`` is ``swept``, ``extra`` is (next deadline in ms or "", saga
+        name, what to publish ...); or ``missing`` / ``corrupt``.
+        """
+        t = self._transition(saga_id, "sweep", "*", [], dedupe=True)
+        if t.tag == "swept" and t.changed_from:
+            self.reindex(saga_id, t.extra[1], t)
+        return t
+
+    def cancel(self, saga_id: str, name: str, error: str) -> Transition:
+        """Stop the saga's forward progress and compensate (``tag`` ``finished`` if it had ended)."""
+        return self.step("cancel", saga_id, "*", name, error)
 
     def load(self, saga_id: str) -> dict[str, str]:
         raw = self._load(saga_id)

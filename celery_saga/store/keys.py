@@ -5,6 +5,11 @@ script touches one hash slot and works on Redis Cluster. The status indexes
 share the tag ``{idx}`` among themselves and are updated by a separate,
 idempotent command after the transition (see ``RedisSagaStore._index``).
 
+Deadlines live in the record. The deadline index only tells sweepers which
+records to look at: sorted sets ``<prefix>:{dl<n>}:due`` of saga ids scored by
+when to look (ms), in ``DEADLINE_SHARDS`` shards, each its own hash slot, so
+that on a cluster the sweeping spreads over the nodes.
+
 Fields of the record hash ``<prefix>:{<saga_id>}``:
 
 =================  ==========================================================
@@ -17,6 +22,7 @@ retention, maxr    TTL seconds once finished; compensation max retries
 cb_ok, cb_fail     on_complete / on_failure signatures (JSON, or "")
 cbs                "1" once the end callback was sent
 status, status_at  saga status and when it was entered (ms)
+sto, sdl           saga timeout; saga deadline (ms), for its forward progress
 created            start time (ms)
 stage, left        current forward stage; its steps still running
 cstage, copen      compensation frontier; compensations not yet ended
@@ -24,8 +30,13 @@ gaveup             compensations that gave up
 failed_step, error, reason   what started the rollback
 s:<step>           forward status; a:/e:/r: attempts, error, result (JSON)
 td:/t0:/t1:<step>  dispatched, first started, ended (ms)
+to:/dl:<step>      step timeout; deadline of the step (ms)
+w:<step>           why it ended without an outcome: timeout, cancelled, lost, failure
+ls:/lr:/le:/lt:    a late outcome after a timeout: status, result, error, time
 cs:<step>          compensation status; ca:/ce: attempts, error
 ct0:/ct1:<step>    compensation first started, ended (ms)
+cdl:<step>         deadline of the current compensation attempt (ms)
+cs2:, ca2:, ...    the same for the second round (a late success)
 rt:/crt:<step>     highest Celery retry count seen by a step / compensation
 cb0:<step>         attempts before the last operator retry (retry budget base)
 rr                 operator retries so far
@@ -36,9 +47,12 @@ tx:<id>            reply of an applied transition, for de-duplication
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 
-__all__ = ["Keys"]
+__all__ = ["DEADLINE_SHARDS", "Keys"]
+
+DEADLINE_SHARDS = 8
 
 
 @dataclass(frozen=True)
@@ -61,3 +75,11 @@ class Keys:
     def names(self) -> str:
         """Set of saga names that have ever been indexed."""
         return f"{self.prefix}:{{idx}}:names"
+
+    def deadline_shard(self, saga_id: str) -> str:
+        """The deadline index shard that holds ``saga_id`` (stable across processes)."""
+        return self.deadline_shards()[zlib.crc32(saga_id.encode()) % DEADLINE_SHARDS]
+
+    def deadline_shards(self) -> list[str]:
+        """Every shard of the deadline index."""
+        return [f"{self.prefix}:{{dl{n}}}:due" for n in range(DEADLINE_SHARDS)]

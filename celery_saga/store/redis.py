@@ -40,6 +40,42 @@ return 1
 """
 
 
+# Sweepers lease due entries of one deadline shard: the claim moves each
+# entry `lease` ms ahead (store clock) rather than removing it, so a sweeper
+# that dies mid-way loses nothing: its claims come due again.
+# Reply: {claim score, saga ids ...}.
+_CLAIM_LUA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local until_ = string.format('%.0f', now + tonumber(ARGV[1]))
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', string.format('%.0f', now), 'LIMIT', 0, tonumber(ARGV[2]))
+local reply = {until_}
+for _, id in ipairs(due) do
+  redis.call('ZADD', KEYS[1], until_, id)
+  reply[#reply + 1] = id
+end
+return reply
+"""
+
+# Settles a claim (ARGV: saga id, claim score, next deadline or ""). An entry
+# still at the claim's score is this sweeper's to move; one that moved since
+# was registered again (or claimed by another sweeper after the lease ran out),
+# and keeps whichever time is earlier.
+_RESCORE_LUA = """
+local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if not score then
+  if ARGV[3] ~= '' then redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1]) end
+  return 1
+end
+if tonumber(score) == tonumber(ARGV[2]) then
+  if ARGV[3] == '' then redis.call('ZREM', KEYS[1], ARGV[1]) else redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1]) end
+elseif ARGV[3] ~= '' then
+  redis.call('ZADD', KEYS[1], 'LT', ARGV[3], ARGV[1])
+end
+return 1
+"""
+
+
 def mask_url(url: str) -> str:
     """The URL with its password replaced by ``**``."""
     return str(maybe_sanitize_url(url))
@@ -68,6 +104,8 @@ class RedisSagaStore(SagaStore):
         source = resources.files(__package__).joinpath("transitions.lua").read_text()
         self._script = self.client.register_script(source)
         self._index_script = self.client.register_script(_INDEX_LUA)
+        self._claim_script = self.client.register_script(_CLAIM_LUA)
+        self._rescore_script = self.client.register_script(_RESCORE_LUA)
 
     def _call(self, fn: Callable[[], T]) -> T:
         try:
@@ -83,26 +121,39 @@ class RedisSagaStore(SagaStore):
         args: Sequence[str],
         dedupe: bool,
         index_first: tuple[str, str, str] | None = None,
+        watch_at: float | None = None,
     ) -> Transition:
         tx = uuid.uuid4().hex if dedupe else ""
         keys, argv = [self.keys.record(saga_id)], [op, tx, gen, *args]
-        if index_first is not None:
-            move = self._index_call(saga_id, *index_first, 0.0)
-            reply: Any = self._call(lambda: self._pipelined(move, (keys, argv)))
+        if index_first is not None or watch_at is not None:
+            move = self._index_call(saga_id, *index_first, 0.0) if index_first is not None else None
+            reply: Any = self._call(lambda: self._pipelined(saga_id, watch_at, move, (keys, argv)))
         else:
             reply = self._call(lambda: self._script(keys=keys, args=argv))
         return Transition(str(reply[0]), str(reply[1]), str(reply[2]), tuple(str(x) for x in reply[3:]))
 
-    def _pipelined(self, move: tuple[list[str], list[str]], transition: tuple[list[str], list[str]]) -> Any:
-        """An index move, then a transition, in one round trip; returns the transition's reply.
+    def _pipelined(
+        self,
+        saga_id: str,
+        watch_at: float | None,
+        move: tuple[list[str], list[str]] | None,
+        transition: tuple[list[str], list[str]],
+    ) -> Any:
+        """A deadline registration and an index move, then a transition, in one round trip.
 
-        redis-py's pipelines ask SCRIPT EXISTS before running scripts, which
-        would cost the round trip this saves: send EVALSHA directly, and load
-        the scripts only if Redis forgot them (a restart).
+        Returns the transition's reply. redis-py's pipelines ask SCRIPT EXISTS
+        before running scripts, which would cost the round trip this saves:
+        send EVALSHA directly, and load the scripts only if Redis forgot them
+        (a restart).
         """
+        scripts = [(self._index_script.sha, move)] if move is not None else []
+        scripts.append((self._script.sha, transition))
         for attempt in (1, 2):
             pipe = self.client.pipeline(transaction=False)
-            for sha, (keys, args) in ((self._index_script.sha, move), (self._script.sha, transition)):
+            if watch_at is not None:
+                # LT: a registration only ever moves the sweeper's look earlier.
+                pipe.zadd(self.keys.deadline_shard(saga_id), {saga_id: round(watch_at * 1000)}, lt=True)
+            for sha, (keys, args) in scripts:
                 pipe.evalsha(sha, len(keys), *keys, *args)
             results: list[Any] = pipe.execute(raise_on_error=False)
             if attempt == 1 and any(isinstance(r, redis.exceptions.NoScriptError) for r in results):
@@ -133,9 +184,58 @@ class RedisSagaStore(SagaStore):
         keys = [k.status_index(old), k.name_index(name, old), k.status_index(new), k.name_index(name, new), k.names()]
         return keys, [saga_id, f"{now_ms:.0f}", name, trim]
 
-    def _index(self, saga_id: str, name: str, old: str, new: str, retention: float) -> None:
+    def _index(self, saga_id: str, name: str, old: str, new: str, retention: float, unwatch: bool = False) -> None:
         keys, args = self._index_call(saga_id, name, old, new, retention)
-        self._call(lambda: self._index_script(keys=keys, args=args))
+        if not unwatch:
+            self._call(lambda: self._index_script(keys=keys, args=args))
+            return
+
+        def run() -> None:
+            pipe = self.client.pipeline(transaction=False)
+            pipe.evalsha(self._index_script.sha, len(keys), *keys, *args)
+            pipe.zrem(self.keys.deadline_shard(saga_id), saga_id)
+            results = pipe.execute(raise_on_error=False)
+            if isinstance(results[0], redis.exceptions.NoScriptError):
+                self._index_script(keys=keys, args=args)
+            elif isinstance(results[0], Exception):
+                raise results[0]
+
+        self._call(run)
+
+    def claim_due(self, limit: int, lease: float) -> list[tuple[str, str]]:
+        shards = self.keys.deadline_shards()
+        per_shard = max(1, limit // len(shards))
+        lease_ms = f"{lease * 1000:.0f}"
+
+        def run() -> list[Any]:
+            for attempt in (1, 2):
+                pipe = self.client.pipeline(transaction=False)
+                for shard in shards:
+                    pipe.evalsha(self._claim_script.sha, 1, shard, lease_ms, per_shard)
+                results: list[Any] = pipe.execute(raise_on_error=False)
+                if attempt == 1 and any(isinstance(r, redis.exceptions.NoScriptError) for r in results):
+                    # Claims are leases, so claiming again is harmless.
+                    self.client.script_load(self._claim_script.script)
+                    continue
+                return results
+            raise AssertionError("unreachable")
+
+        claimed: list[tuple[str, str]] = []
+        for reply in self._call(run):
+            if isinstance(reply, Exception):
+                raise reply
+            claim = str(reply[0])
+            claimed.extend((str(saga_id), claim) for saga_id in reply[1:])
+        return claimed
+
+    def rescore(self, saga_id: str, claim: str, next_deadline: str) -> None:
+        shard = self.keys.deadline_shard(saga_id)
+        self._call(lambda: self._rescore_script(keys=[shard], args=[saga_id, claim, next_deadline]))
+
+    def watched(self, saga_id: str) -> float | None:
+        """When sweepers next look at ``saga_id`` (epoch seconds), or None if it is not in the deadline index."""
+        score = self._call(lambda: self.client.zscore(self.keys.deadline_shard(saga_id), saga_id))
+        return None if score is None else float(score) / 1000
 
     def status(self, saga_id: str) -> SagaStatus:
         # One field, not the whole record: SagaResult.get polls this.

@@ -1,0 +1,140 @@
+"""The deadline sweeper: acts on step, saga and compensation deadlines that have passed.
+
+Celery cannot do this itself: ``expires`` and time limits act only when a
+worker picks a message up, and a countdown "watchdog" task is delivered
+again and again by the Redis broker's visibility timeout. So deadlines live
+in the saga record, and sweepers look at the records a deadline index says
+are due:
+
+- every worker with the saga hooks runs one in a thread (`SweeperThread`,
+  started by the worker bootstep), every ``saga_sweep_interval`` seconds;
+- ``celery -A app saga sweep`` runs one standalone;
+- `sweep` runs one pass from any process.
+
+Any number of sweepers may run. A claim is a lease on an index entry, which
+only keeps sweepers from doing the same work twice; exactly-once handling
+comes from the record's ``sweep`` transition, which acts only on deadlines
+that are due and not yet handled.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+from celery import Celery
+
+from .app import settings_of, store_for
+from .dispatch import react
+from .errors import SagaError, SagaStoreUnavailable
+
+__all__ = ["SweepReport", "SweeperThread", "sweep"]
+
+logger = logging.getLogger("celery_saga")
+
+#: How long a claim keeps other sweepers off an entry, seconds. A sweeper
+#: that dies mid-sweep delays that saga's deadlines by at most this much.
+LEASE = 15.0
+#: A corrupt record is looked at again this much later (ms), and logged each time.
+CORRUPT_RETRY_MS = 300_000
+
+
+@dataclass(frozen=True)
+class SweepReport:
+    """What one sweep pass did.
+
+    Attributes:
+        claimed: Index entries this pass claimed.
+        acted: Sagas whose record changed: a deadline was acted on.
+        errors: Sagas that could not be swept; their claims come due again.
+    """
+
+    claimed: int
+    acted: int
+    errors: int
+
+
+def sweep(app: Celery, limit: int = 1000) -> SweepReport:
+    """Act once on every due deadline of ``app``'s sagas (up to ``limit`` sagas).
+
+    Raises:
+        SagaStoreUnavailable: the saga store cannot be reached.
+    """
+    store = store_for(app)
+    claimed = store.claim_due(limit, LEASE)
+    acted = errors = 0
+    for saga_id, claim in claimed:
+        try:
+            acted += _sweep_one(app, saga_id, claim)
+        except SagaStoreUnavailable:
+            raise
+        except Exception:
+            # The claim runs out and another pass tries again.
+            errors += 1
+            logger.exception("saga %s: sweeping its deadlines failed; it is retried in %.0fs", saga_id, LEASE)
+    return SweepReport(len(claimed), acted, errors)
+
+
+def _sweep_one(app: Celery, saga_id: str, claim: str) -> int:
+    store = store_for(app)
+    t = store.sweep(saga_id)
+    if t.tag == "missing":
+        # Expired after its retention, or purged: nothing can be due any more.
+        store.rescore(saga_id, claim, "")
+        return 0
+    if t.tag != "swept":
+        logger.error(
+            "saga %s: its record in %s is corrupt (%s), so its deadlines cannot be checked. Inspect it with "
+            "`celery saga show %s`, or purge it",
+            saga_id,
+            store.where(),
+            t.tag,
+            saga_id,
+        )
+        store.rescore(saga_id, claim, f"{time.time() * 1000 + CORRUPT_RETRY_MS:.0f}")
+        return 0
+    next_deadline, name = t.extra[0], t.extra[1]
+    react(app, store, saga_id, name, "*", t)
+    # Rescored only after publishing: if this process dies before, the
+    # claim comes due again, and anything whose message was lost is caught
+    # by its own deadline.
+    store.rescore(saga_id, claim, next_deadline)
+    return int(bool(t.changed_from) or len(t.extra) > 2)
+
+
+class SweeperThread(threading.Thread):
+    """Sweeps every ``saga_sweep_interval`` seconds until stopped."""
+
+    def __init__(self, app: Celery, name: str = "celery_saga-sweeper") -> None:
+        super().__init__(name=name, daemon=True)
+        self.app = app
+        self.interval = settings_of(app).sweep_interval
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        failing = False
+        while not self._stop_event.is_set():
+            started = time.monotonic()
+            try:
+                report = sweep(self.app)
+                if failing:
+                    logger.warning("celery_saga sweeper: the saga store answers again")
+                failing = False
+                if report.claimed and report.claimed >= 1000:
+                    continue  # more are due: no pause
+            except SagaStoreUnavailable as exc:
+                if not failing:
+                    logger.warning("celery_saga sweeper: %s; deadlines wait until it answers", exc)
+                failing = True
+            except SagaError as exc:
+                logger.error("celery_saga sweeper: %s", exc)
+            except Exception:
+                logger.exception("celery_saga sweeper: unexpected error")
+            self._stop_event.wait(max(0.0, self.interval - (time.monotonic() - started)))
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop_event.set()
+        if self.is_alive() and threading.current_thread() is not self:
+            self.join(timeout)
