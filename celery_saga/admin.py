@@ -29,7 +29,7 @@ from .app import store_for
 from .dispatch import react
 from .errors import SagaNotFound, SagaRecordCorrupt, SagaStateError
 from .result import SagaResult
-from .state import SagaState, SagaStatus
+from .state import SagaState, SagaStatus, StepRecord
 from .store.base import SagaStore, Transition
 
 __all__ = [
@@ -199,30 +199,50 @@ def state_json(state: SagaState) -> dict[str, Any]:
         "kwargs": state.kwargs,
         "data": state.data,
         "settings": state.settings,
-        "steps": [
-            {
-                "name": s.name,
-                "task": s.task,
-                "stage": s.stage,
-                "status": s.status.value,
-                "attempts": s.attempts,
-                "started_at": iso(s.started_at),
-                "ended_at": iso(s.ended_at),
-                "error": s.error,
-                "result": s.result,
-                "compensation": None
-                if s.compensation is None
-                else {
-                    "task": s.compensation,
-                    "status": s.compensation_status.value if s.compensation_status else None,
-                    "attempts": s.compensation_attempts,
-                    "started_at": iso(s.compensation_started_at),
-                    "ended_at": iso(s.compensation_ended_at),
-                    "error": s.compensation_error,
-                },
-            }
-            for s in state.steps
-        ],
+        "timeout": state.timeout,
+        "deadline": iso(state.deadline),
+        "steps": [_step_json(s) for s in state.steps],
+    }
+
+
+def _step_json(s: StepRecord) -> dict[str, Any]:
+    second = s.second_round
+    return {
+        "name": s.name,
+        "task": s.task,
+        "stage": s.stage,
+        "status": s.status.value,
+        "attempts": s.attempts,
+        "started_at": iso(s.started_at),
+        "ended_at": iso(s.ended_at),
+        "error": s.error,
+        "result": s.result,
+        "timeout": s.timeout,
+        "deadline": iso(s.deadline),
+        "stopped_by": s.stopped_by,
+        "late": None
+        if s.late_status is None
+        else {"status": s.late_status.value, "result": s.late_result, "error": s.late_error, "at": iso(s.late_at)},
+        "compensation": None
+        if s.compensation is None
+        else {
+            "task": s.compensation,
+            "status": s.compensation_status.value if s.compensation_status else None,
+            "attempts": s.compensation_attempts,
+            "started_at": iso(s.compensation_started_at),
+            "ended_at": iso(s.compensation_ended_at),
+            "error": s.compensation_error,
+            "deadline": iso(s.compensation_deadline),
+            "round2": None
+            if second is None
+            else {
+                "status": second.status.value,
+                "attempts": second.attempts,
+                "started_at": iso(second.started_at),
+                "ended_at": iso(second.ended_at),
+                "error": second.error,
+            },
+        },
     }
 
 

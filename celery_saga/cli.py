@@ -23,11 +23,16 @@ and a ``Z`` (``"2026-11-27T03:25:09.640Z"``), or null when unknown:
   "failed_step", "error"}]}``, newest first.
 * show: ``{"id", "name", "status", "status_at", "created_at",
   "idempotency_key", "failed_step", "error", "reason", "kwargs", "data",
-  "settings", "steps": [{"name", "task", "stage", "status", "attempts",
-  "started_at", "ended_at", "error", "result", "compensation"}]}``, where
-  ``compensation`` is null for a step with nothing to undo, else
-  ``{"task", "status", "attempts", "started_at", "ended_at", "error"}``
-  (``status`` null until it is dispatched).
+  "settings", "timeout", "deadline", "steps": [{"name", "task", "stage",
+  "status", "attempts", "started_at", "ended_at", "error", "result",
+  "timeout", "deadline", "stopped_by", "late", "compensation"}]}``, where
+  ``reason`` is "failure", "timeout" or "cancelled" once rolling back;
+  ``late`` is null unless the step finished after it was compensated blind,
+  else ``{"status", "result", "error", "at"}``; ``compensation`` is null for
+  a step with nothing to undo, else ``{"task", "status", "attempts",
+  "started_at", "ended_at", "error", "deadline", "round2"}`` (``status`` null
+  until it is dispatched; ``round2`` null, or the second round's ``{"status",
+  "attempts", "started_at", "ended_at", "error"}``).
 * stats: ``{"by_status": {status: n}, "by_name": {name: {status: n}}}``,
   every status present; finished sagas count within ``saga_retention``.
 

@@ -12,6 +12,8 @@ saga_compensation_max_retries       None         None retries a compensation for
 saga_default_step_timeout           300          deadline of steps that set none; None
                                                  (set explicitly) for no deadline
 saga_sweep_interval                 0.5          seconds between a worker's deadline sweeps
+saga_sweeper                        True         False: no sweeper thread in workers (run
+                                                 ``celery saga sweep`` processes instead)
 saga_send_events                    None         ``task-saga-*`` events (None: as ``-E``)
 =================================== ============ =====================================
 """

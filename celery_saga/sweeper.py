@@ -122,8 +122,8 @@ class SweeperThread(threading.Thread):
                 if failing:
                     logger.warning("celery_saga sweeper: the saga store answers again")
                 failing = False
-                if report.claimed and report.claimed >= 1000:
-                    continue  # more are due: no pause
+                if report.claimed:
+                    continue  # more may be due: look again before pausing
             except SagaStoreUnavailable as exc:
                 if not failing:
                     logger.warning("celery_saga sweeper: %s; deadlines wait until it answers", exc)

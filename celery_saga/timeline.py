@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from .state import SagaState, StepStatus
+from .state import SagaState, StepRecord, StepStatus
 
 __all__ = ["TimelineRow", "render", "timeline"]
 
@@ -15,7 +15,7 @@ class TimelineRow:
     """One action of a saga: a step's forward run, or its compensation."""
 
     step: str
-    action: str  # "step" or "compensation"
+    action: str  # "step", "compensation", "late outcome" or "compensation 2"
     task: str
     status: str
     attempts: int
@@ -24,10 +24,23 @@ class TimelineRow:
     error: str | None
 
 
+def _step_error(s: StepRecord) -> str | None:
+    if s.status is StepStatus.CANCELLED and s.stopped_by:
+        return s.error or f"fenced before it started ({s.stopped_by})"
+    if s.status is StepStatus.UNKNOWN:
+        return s.error or f"outcome unknown ({s.stopped_by})"
+    return s.error
+
+
 def timeline(state: SagaState) -> list[TimelineRow]:
-    """Rows in the order things happened: steps in plan order, then compensations by start time."""
+    """Rows in the order things happened.
+
+    Steps in plan order, then compensations by start time, then any late
+    outcome (a step that finished after it was compensated blind) and its
+    second compensation round.
+    """
     rows = [
-        TimelineRow(s.name, "step", s.task, s.status.value, s.attempts, s.started_at, s.ended_at, s.error)
+        TimelineRow(s.name, "step", s.task, s.status.value, s.attempts, s.started_at, s.ended_at, _step_error(s))
         for s in state.steps
     ]
     undo = [
@@ -45,7 +58,27 @@ def timeline(state: SagaState) -> list[TimelineRow]:
         if s.compensation_status is not None
     ]
     undo.sort(key=lambda row: (row.started_at is None, row.started_at or datetime.min.replace(tzinfo=None)))
-    return rows + undo
+    late: list[TimelineRow] = []
+    for s in state.steps:
+        if s.late_status is not None:
+            late.append(
+                TimelineRow(s.name, "late outcome", s.task, s.late_status.value, 0, None, s.late_at, s.late_error)
+            )
+        if s.second_round is not None:
+            r = s.second_round
+            late.append(
+                TimelineRow(
+                    s.name,
+                    "compensation 2",
+                    s.compensation or "",
+                    r.status.value,
+                    r.attempts,
+                    r.started_at,
+                    r.ended_at,
+                    r.error,
+                )
+            )
+    return rows + undo + late
 
 
 def _clock(when: datetime | None, origin: datetime | None) -> str:
@@ -66,7 +99,7 @@ def render(state: SagaState, width: int = 48) -> str:
             r.step,
             r.action,
             r.status if r.status != StepStatus.WAITING.value else "-",
-            str(r.attempts),
+            str(r.attempts) if r.action != "late outcome" else "-",
             _clock(r.started_at, state.created_at),
             _clock(r.ended_at, state.created_at),
             (r.error or "")[:width],

@@ -200,13 +200,20 @@ class SagaWorker(bootsteps.StartStopStep):  # type: ignore[misc]
         if is_enabled(w.app):
             install(w.app)  # tasks registered after finalize
             configure_worker(w.app, w.hostname, bool(w.task_events))
-            for line in configuration_warnings(w.app):
-                logger.warning("celery_saga: %s", line)
+            try:
+                for line in configuration_warnings(w.app):
+                    logger.warning("celery_saga: %s", line)
+            except SagaError as exc:
+                logger.error("celery_saga: %s", exc)
 
     def start(self, w: Any) -> None:
         if not is_enabled(w.app) or w.app.conf.get("saga_sweeper") is False:
             return
-        self.sweeper = SweeperThread(w.app, name=f"celery_saga-sweeper@{w.hostname}")
+        try:
+            self.sweeper = SweeperThread(w.app, name=f"celery_saga-sweeper@{w.hostname}")
+        except SagaError as exc:
+            logger.error("celery_saga: no deadline sweeper in this worker: %s", exc)
+            return
         self.sweeper.start()
 
     def stop(self, w: Any) -> None:

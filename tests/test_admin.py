@@ -131,6 +131,8 @@ def test_saga_state_and_its_json(world) -> None:
         "kwargs",
         "data",
         "settings",
+        "timeout",
+        "deadline",
         "steps",
     ]
     assert (doc["id"], doc["status"], doc["failed_step"]) == (world.ids["FAILED"], "FAILED", "cli.charge")
@@ -144,7 +146,10 @@ def test_saga_state_and_its_json(world) -> None:
         "started_at": reserve["compensation"]["started_at"],
         "ended_at": reserve["compensation"]["ended_at"],
         "error": "RuntimeError: refund of cli.reserve is down",
+        "deadline": reserve["compensation"]["deadline"],  # of its last attempt
+        "round2": None,
     }
+    assert ISO.match(reserve["compensation"]["deadline"])
     assert charge["status"] == "FAILED" and charge["error"] == "RuntimeError: charge declined"
     assert charge["compensation"]["status"] is None  # a failed step is not compensated
     assert ship == {
@@ -157,6 +162,10 @@ def test_saga_state_and_its_json(world) -> None:
         "ended_at": None,
         "error": None,
         "result": None,
+        "timeout": 300.0,
+        "deadline": None,  # never dispatched
+        "stopped_by": None,
+        "late": None,
         "compensation": None,
     }
     running = state_json(saga_state(world.shop.app, world.ids["RUNNING"]))
