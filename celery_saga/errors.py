@@ -49,9 +49,10 @@ class SagaCompensated(SagaError):
 
     Attributes:
         saga_id: The saga.
-        step: The step whose failure started the rollback.
-        error: That step's error, as recorded (``"ExcType: message"``).
-        reason: Why the saga was rolled back: ``"failure"``.
+        step: The step concerned: the one that failed or timed out, or the one
+            in flight when the saga timed out or was cancelled (None if none was).
+        error: What was recorded (``"ExcType: message"``, ``"timeout: ..."``).
+        reason: Why the saga was rolled back: ``"failure"``, ``"timeout"`` or ``"cancelled"``.
     """
 
     def __init__(self, saga_id: str, step: str | None, error: str | None, reason: str = "failure") -> None:
@@ -59,7 +60,12 @@ class SagaCompensated(SagaError):
         self.step = step
         self.error = error
         self.reason = reason
-        super().__init__(f"saga {saga_id} was compensated after step {step!r} ended in {reason}: {error}")
+        what = {"failure": "failed", "timeout": "timed out", "cancelled": "was cancelled"}.get(reason, reason)
+        if reason == "cancelled":
+            text = f"saga {saga_id} was cancelled and compensated (step in flight: {step!r})"
+        else:
+            text = f"saga {saga_id} was compensated after step {step!r} {what}: {error}"
+        super().__init__(text)
 
 
 class SagaFailed(SagaError):
@@ -67,20 +73,29 @@ class SagaFailed(SagaError):
 
     Attributes:
         saga_id: The saga.
-        step: The step whose failure started the rollback.
-        error: That step's error.
+        step: The step concerned (see `SagaCompensated`).
+        error: What was recorded for it.
         gave_up: Steps whose compensation gave up, with their last error.
+        reason: Why the saga was rolled back: ``"failure"``, ``"timeout"`` or ``"cancelled"``.
     """
 
-    def __init__(self, saga_id: str, step: str | None, error: str | None, gave_up: dict[str, str | None]) -> None:
+    def __init__(
+        self,
+        saga_id: str,
+        step: str | None,
+        error: str | None,
+        gave_up: dict[str, str | None],
+        reason: str = "failure",
+    ) -> None:
         self.saga_id = saga_id
         self.step = step
         self.error = error
         self.gave_up = gave_up
+        self.reason = reason
         names = ", ".join(sorted(gave_up)) or "?"
         super().__init__(
             f"saga {saga_id} FAILED: compensation gave up for {names} "
-            f"after step {step!r} failed ({error}); the effects of those steps may remain"
+            f"after step {step!r} ended in {reason} ({error}); the effects of those steps may remain"
         )
 
 

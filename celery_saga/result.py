@@ -105,4 +105,4 @@ def _outcome(state: SagaState) -> dict[str, Any]:
     if state.status is SagaStatus.COMPENSATED:
         raise SagaCompensated(state.saga_id, state.failed_step, state.error, state.reason or "failure")
     gave_up = {s.name: s.compensation_error for s in state.steps if s.compensation_status is CompensationStatus.GAVE_UP}
-    raise SagaFailed(state.saga_id, state.failed_step, state.error, gave_up)
+    raise SagaFailed(state.saga_id, state.failed_step, state.error, gave_up, state.reason or "failure")

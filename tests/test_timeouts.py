@@ -445,3 +445,23 @@ def test_worker_start_warns_about_the_visibility_timeout(app: Celery, shop: Any,
     with caplog.at_level(logging.WARNING, logger="celery_saga"), worker():
         pass
     assert any("visibility_timeout" in rec.getMessage() for rec in caplog.records)
+
+
+def test_a_dead_sweepers_claim_comes_back_after_its_lease(app: Celery, shop: Any, r) -> None:
+    # Given a due deadline claimed by a sweeper that dies before acting on it
+    store = store_for(app)
+    res = Saga("orphaned", [step(shop.reserve, timeout=0.2)]).delay(qty=1)
+    deadline = res.state().step("timed.reserve").deadline
+    assert deadline is not None
+    wait_for(lambda: store_now(r) > deadline.timestamp(), 5, "the deadline to pass")
+    claimed = store.claim_due(100, lease=0.5)
+    assert res.id in [saga_id for saga_id, _ in claimed]
+
+    # Then no other sweeper takes it while the lease lasts
+    assert sweep(app).claimed == 0
+    assert res.status is SagaStatus.PENDING
+
+    # And once the lease runs out, another sweeper acts on it
+    wait_for(lambda: sweep(app).acted, 5, "the claim to come back")
+    assert res.status is SagaStatus.COMPENSATED
+    assert res.state().step("timed.reserve").status is StepStatus.CANCELLED

@@ -8,7 +8,11 @@ idempotent command after the transition (see ``RedisSagaStore._index``).
 Deadlines live in the record. The deadline index only tells sweepers which
 records to look at: sorted sets ``<prefix>:{dl<n>}:due`` of saga ids scored by
 when to look (ms), in ``DEADLINE_SHARDS`` shards, each its own hash slot, so
-that on a cluster the sweeping spreads over the nodes.
+that on a cluster the sweeping spreads over the nodes. A saga enters it in
+the round trip of its start, before the start transition; it leaves when it
+completes (with its status-index move), or, once rolled back, when a sweeper
+finds that nothing more can come: no attempt pending and no step whose
+outcome is unknown (a late success would need a deadline), or the record gone.
 
 Fields of the record hash ``<prefix>:{<saga_id>}``:
 
