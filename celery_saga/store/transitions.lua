@@ -115,12 +115,26 @@ local function max_backoff_ms(n)
   return math.floor(math.min(cap, base * 2 ^ math.max(n - 1, 0)) * 1000)
 end
 
--- The earliest deadline of the record, or '' for none. While more deadlines
--- may still be set (the saga is not finished, or a step with an unknown
--- outcome may still report a late success), it is at most NOW plus the
--- shortest step timeout: anything dispatched later has a deadline at least
--- that far away. So the sweeper's index entry, rescored with this value,
--- never wakes after a deadline that did not exist yet when it was scored.
+local IN_FLIGHT = {DISPATCHED = true, RUNNING = true, RETRYING = true, WAITING = true}
+
+-- Whether step m may still get a deadline it does not have yet: a forward
+-- dispatch, a compensation attempt, or a second round after a late success.
+local function may_get_deadline(m, st)
+  local s = hget('s:' .. m)
+  if (st == 'PENDING' or st == 'RUNNING') and not s then return true end
+  if not hget('comp:' .. m) then return false end
+  local cs = hget('cs:' .. m)
+  if IN_FLIGHT[cs] or IN_FLIGHT[hget('cs2:' .. m)] then return true end
+  if not cs and (st == 'PENDING' or st == 'RUNNING' or st == 'COMPENSATING') then return true end
+  return s == 'UNKNOWN' and not hget('ls:' .. m)
+end
+
+-- The earliest deadline of the record, or '' for none. While a step may
+-- still get a deadline (see may_get_deadline), it is at most NOW plus the
+-- shortest timeout of such steps: anything dispatched later has a deadline
+-- at least that far away. So the sweeper's index entry, rescored with this
+-- value, never wakes after a deadline that did not exist when it was scored,
+-- and transitions that dispatch need not register anything.
 local function next_deadline()
   local best = nil
   local function consider(x)
@@ -128,9 +142,7 @@ local function next_deadline()
     if x and (not best or x < best) then best = x end
   end
   local st = hget('status')
-  local forward = st == 'PENDING' or st == 'RUNNING'
-  local open = not (st == 'COMPLETED' or st == 'COMPENSATED' or st == 'FAILED')
-  if forward then consider(hget('sdl')) end
+  if st == 'PENDING' or st == 'RUNNING' then consider(hget('sdl')) end
   local shortest = nil
   each_step(function(m)
     local s = hget('s:' .. m)
@@ -139,11 +151,10 @@ local function next_deadline()
       local cs = hget(cf('cs', m, r))
       if cs == 'DISPATCHED' or cs == 'RUNNING' or cs == 'RETRYING' then consider(hget(cf('cdl', m, r))) end
     end
-    if s == 'UNKNOWN' and not hget('ls:' .. m) and hget('comp:' .. m) then open = true end
     local to = num(hget('to:' .. m))
-    if to and (not shortest or to < shortest) then shortest = to end
+    if to and (not shortest or to < shortest) and may_get_deadline(m, st) then shortest = to end
   end)
-  if open and shortest then consider(NOW + shortest) end
+  if shortest then consider(NOW + shortest) end
   if best then return string.format('%.0f', best) end
   return ''
 end
@@ -580,6 +591,11 @@ if op == 'expire' then
   -- copy began: a timeout of a step that never started, not a failure.
   local m = ARGV[4]
   if hget('s:' .. m) ~= 'DISPATCHED' then return {'dup', status, '', hget('s:' .. m) or ''} end
+  -- Celery expired it by the worker's clock; the store's clock decides. If
+  -- the deadline is not due yet, the message is gone anyway and the sweeper
+  -- fences the step at its deadline.
+  local dl = num(hget('dl:' .. m))
+  if not dl or num(NOW) < dl then return {'early', status, ''} end
   local out = {}
   local changed = time_out_step(m)
   if hget('status') == 'COMPENSATING' then
@@ -596,6 +612,8 @@ if op == 'sweep' then
   local changed = apply_deadlines(out)
   local reply = {'swept', hget('status'), changed or '', next_deadline(), hget('name') or ''}
   for _, x in ipairs(out) do reply[#reply + 1] = x end
+  -- Most sweeps find nothing due: keep no reply for those (nothing to redo).
+  if not changed and #out == 0 then return reply end
   return remember(reply)
 end
 
