@@ -45,6 +45,8 @@ from __future__ import annotations
 
 import json
 import re
+import signal
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
@@ -272,11 +274,17 @@ def sweep(ctx: click.Context, once: bool, interval: float | None) -> None:
     if interval is not None:
         thread.interval = interval
     click.echo(f"sweeping saga deadlines every {thread.interval:g}s; Ctrl-C to stop")
+    # A supervisor stops it with SIGTERM: stop as cleanly as on Ctrl-C. Claims
+    # are leases, so even a kill loses nothing; this only keeps the exit 0.
+    terminated = threading.Event()
+    previous = signal.signal(signal.SIGTERM, lambda *_: terminated.set())
     thread.start()
     try:
-        while thread.is_alive():
+        while thread.is_alive() and not terminated.is_set():
             thread.join(0.5)
+        click.echo("stopping")
     except KeyboardInterrupt:
         click.echo("stopping")
     finally:
         thread.stop()
+        signal.signal(signal.SIGTERM, previous)

@@ -15,11 +15,12 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from celery import Celery
 
-from .announce import saga_transition
+from .announce import compensation_attempt_failed, saga_transition
 from .plan import Plan, StepSpec
 from .settings import backoff_delay
 from .state import data_before
@@ -48,36 +49,48 @@ class Headers:
 
 
 def task_id(saga_id: str, step: str, undo: bool = False, round: int = 1) -> str:
-    """Deterministic Celery task id: duplicates of one message share it, and Flower finds it by saga id."""
+    """Deterministic Celery task id, also the idempotency key the function sees.
+
+    Duplicates of one message share it, and Flower finds it by saga id:
+    ``<saga>:<step>``, ``<saga>:<step>:undo``, ``<saga>:<step>:undo:2``.
+    """
     if not undo:
         return f"{saga_id}:{step}"
-    return f"{saga_id}:{step}:undo" if round == 1 else f"{saga_id}:{step}:undo{round}"
+    return f"{saga_id}:{step}:undo" if round == 1 else f"{saga_id}:{step}:undo:{round}"
 
 
 def parse_task_id(tid: str | None) -> tuple[str, str, int] | None:
     """(saga_id, step, round) of a saga task id, round 0 for the forward step; None for other ids."""
-    if not tid or ":" not in tid:
-        return None
-    saga_id, rest = tid.split(":", 1)
-    step, sep, undo = rest.partition(":")
-    if not sep:
-        return saga_id, step, 0
-    if undo == "undo":
-        return saga_id, step, 1
-    if undo.startswith("undo") and undo[4:].isdigit():
-        return saga_id, step, int(undo[4:])
+    parts = (tid or "").split(":")
+    if len(parts) == 2:
+        return parts[0], parts[1], 0
+    if len(parts) == 3 and parts[2] == "undo":
+        return parts[0], parts[1], 1
+    if len(parts) == 4 and parts[2] == "undo" and parts[3].isdigit():
+        return parts[0], parts[1], int(parts[3])
     return None
 
 
-def parse_due(entry: str) -> tuple[str, int, int]:
-    """A compensation a transition asks to publish: ``step[:round][@attempt]`` -> (step, round, attempt).
+@dataclass(frozen=True)
+class Due:
+    """A compensation a transition asks for: ``step[:round]``, then ``@n`` or ``!n``.
 
-    ``attempt`` is 0 for "now", else the failed attempts so far: publish
-    after that attempt's retry backoff.
+    ``attempt`` is 0 for "send now"; else attempt ``attempt`` missed its
+    deadline, and the compensation is sent again after that attempt's retry
+    backoff, or, with ``gave_up``, not at all.
     """
-    ref, _, attempt = entry.partition("@")
-    step, _, round_ = ref.partition(":")
-    return step, int(round_ or 1), int(attempt or 0)
+
+    step: str
+    round: int
+    attempt: int
+    gave_up: bool
+
+    @classmethod
+    def parse(cls, entry: str) -> Due:
+        gave_up = "!" in entry
+        ref, _, attempt = entry.replace("!", "@").partition("@")
+        step, _, round_ = ref.partition(":")
+        return cls(step, int(round_ or 1), int(attempt or 0), gave_up)
 
 
 _PLANS: OrderedDict[str, Plan] = OrderedDict()
@@ -240,9 +253,14 @@ def _publish(
         plan = cached_plan(raw["ph"], lambda: raw["plan"])
         settings = json.loads(raw.get("settings") or "{}")
         for entry in due:
-            step, round_, attempt = parse_due(entry)
-            countdown = backoff_delay(settings, attempt) if attempt else None
-            publish_compensation(app, saga_id, raw, plan, step, countdown=countdown, round=round_)
+            d = Due.parse(entry)
+            if d.attempt:
+                # A missed deadline counts as a failed attempt, and is announced as one.
+                error = raw.get(f"ce:{d.step}" if d.round == 1 else f"ce2:{d.step}") or "timeout"
+                compensation_attempt_failed(saga_id, name, d.step, d.attempt, error, d.gave_up, d.round)
+            if not d.gave_up:
+                countdown = backoff_delay(settings, d.attempt) if d.attempt else None
+                publish_compensation(app, saga_id, raw, plan, d.step, countdown=countdown, round=d.round)
         if ended:
             send_callback(app, store, saga_id, name, gen, "on_failure", raw.get("cb_fail", ""))
 

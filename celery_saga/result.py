@@ -65,7 +65,7 @@ class SagaResult:
 
         store = self._store()
         name = store.load(self.id).get("name", "")
-        t = store.cancel(self.id, name, "cancelled: SagaResult.cancel() was called")
+        t = store.cancel(self.id, name, "cancelled on request")
         if t.tag == "finished":
             return False
         if t.tag == "missing":

@@ -20,7 +20,7 @@ from celery.exceptions import Ignore, Reject, Retry, SoftTimeLimitExceeded, Time
 
 from .announce import compensation_attempt_failed, saga_transition, step_event
 from .app import store_for
-from .dispatch import Headers, react, redrive
+from .dispatch import Headers, react, redrive, task_id
 from .errors import SagaError, SagaStoreUnavailable, StepResultNotSerializable
 from .settings import backoff_delay
 from .step import Params, StepContext, current_step, params_of, reset_current, set_current
@@ -231,7 +231,14 @@ def _forward(task: Task, original: Any, params: Params, request: Any, kwargs: di
         raise error from exc
     try:
         t = store.step("done", ctx.saga_id, ctx.gen, ctx.name, ctx.step, result_json)
-        if t.tag != "dup":
+        if t.tag == "missing":
+            logger.warning(
+                "saga %s: step %r finished after its record expired (saga_retention) or was purged; "
+                "its effect is not compensated",
+                ctx.saga_id,
+                ctx.step,
+            )
+        elif t.tag != "dup":
             step_event(app, "done", request.id, ctx.saga_id, ctx.name, ctx.step)
         react(app, store, ctx.saga_id, ctx.name, ctx.gen, t)
     except SagaStoreUnavailable as exc:
@@ -280,7 +287,7 @@ def _compensate(task: Task, original: Any, params: Params, request: Any, kwargs:
         raise _not_run(app, store, ctx, t.tag, "compensation of")
 
     attempt = int(t.extra[0])
-    key = f"{ctx.saga_id}:{ctx.step}:undo" if round_ == "1" else f"{ctx.saga_id}:{ctx.step}:undo:{round_}"
+    key = task_id(ctx.saga_id, ctx.step, undo=True, round=int(round_))
     known = request.get(Headers.KNOWN)
     step_ctx = StepContext(
         ctx.saga_id,

@@ -225,10 +225,11 @@ class StepContext:
         attempt: 1 for the first execution, counting retries and redeliveries.
         round: The compensation round: 1 for the rollback, 2 for a step that
             succeeded after it had been compensated blind. 1 in a forward step.
-        result_known: False in a blind compensation: the step's outcome was
-            unknown (it timed out, was cancelled, or its worker was lost), so
-            ``step_result`` is None and the effect must be looked up, e.g. by
-            ``forward_key``.
+        result_known: False when ``step_result`` says nothing: in a blind
+            compensation (the step's outcome was unknown: it timed out, was
+            cancelled, or its worker was lost), and for a failed step
+            compensated under ``compensate_on_failure``. Look the effect up,
+            e.g. by ``forward_key``.
         forward_key: The idempotency key the forward step ran with.
     """
 

@@ -15,7 +15,7 @@ from celery import Celery, Task, bootsteps, signals
 from celery.exceptions import TimeLimitExceeded
 
 from . import runner
-from .announce import configure_worker
+from .announce import compensation_attempt_failed, configure_worker
 from .app import is_enabled, settings_of, store_for
 from .dispatch import Headers, cached_plan, parse_task_id, publish_compensation, react
 from .errors import SagaError
@@ -71,6 +71,11 @@ def _outcome_in_main_process(task: Task, task_id: str | None, gen: str | None, o
         if round_:
             t = store.step("cfail", saga_id, gen, name, step, args[0], str(round_))
             react(app, store, saga_id, name, gen, t)
+            if t.tag in ("retry", "gaveup"):
+                # The attempt that was lost began (and was counted) before this load.
+                counted = raw.get(f"ca:{step}" if round_ == 1 else f"ca2:{step}") or "0"
+                attempt = int(t.extra[0]) if t.tag == "retry" else int(counted)
+                compensation_attempt_failed(saga_id, name, step, attempt, args[0], t.tag == "gaveup", round_)
             if t.tag == "retry":
                 raw = store.load(saga_id)
                 settings = json.loads(raw.get("settings") or "{}")

@@ -27,6 +27,7 @@ from celery_saga import (
     SagaResult,
     SagaStatus,
     StepStatus,
+    compensation_failed,
     saga_step,
     step,
     sweep,
@@ -304,6 +305,12 @@ def test_cancel_fences_a_step_still_queued(app: Celery, shop: Any) -> None:
 def test_compensation_attempt_past_its_deadline_counts_as_failed(app: Celery, shop: Any, worker) -> None:
     app.conf.saga_compensation_max_retries = 1
     saga = Saga("slow_undo", [step(shop.reserve, timeout=0.5), step(shop.hang, timeout=5)])
+    announced: list[tuple[str, int, bool, str]] = []
+
+    def on_failed(sender: Any = None, **kw: Any) -> None:
+        announced.append((kw["step"], kw["attempt"], kw["gave_up"], kw["error"]))
+
+    compensation_failed.connect(on_failed, weak=False)
     with worker():
         # The second step fails; the first step's compensation hangs past its 0.5 s deadline, twice
         res = saga.delay(qty=1, gates=["undo-timed.reserve"], fail_late=True)
@@ -317,6 +324,10 @@ def test_compensation_attempt_past_its_deadline_counts_as_failed(app: Celery, sh
     assert first.compensation_status is CompensationStatus.GAVE_UP
     assert first.compensation_attempts == 2
     assert "timeout" in (first.compensation_error or "")
+    # Each missed attempt is announced like one that raised.
+    compensation_failed.disconnect(on_failed)
+    assert [a[:3] for a in announced] == [("timed.reserve", 1, False), ("timed.reserve", 2, True)]
+    assert all(a[3].startswith("timeout: compensation attempt had no outcome 0.5s") for a in announced)
 
 
 def test_lost_compensation_message_is_sent_again_after_its_deadline(

@@ -317,9 +317,11 @@ local function compensation_failed(m, r, err)
 end
 
 -- Act on every deadline that has passed. Appends to `out` what must be
--- published: "<step>" / "<step>:2" for a compensation to send now, and
+-- published: "<step>" / "<step>:2" for a compensation to send now,
 -- "<step>@<n>" / "<step>:2@<n>" for one to send again after the backoff of
--- attempt n. Returns the saga status before, when it changed, else false.
+-- attempt n, and "<step>!<n>" / "<step>:2!<n>" for one that gave up after
+-- attempt n (nothing to send; it is announced). Returns the saga status
+-- before, when it changed, else false.
 local function apply_deadlines(out)
   local changed = false
   local st = hget('status')
@@ -347,10 +349,12 @@ local function apply_deadlines(out)
         if cs ~= 'RUNNING' then redis.call('HINCRBY', K, cf('ca', m, r), 1) end
         local verdict, n = compensation_failed(m, r,
           'timeout: compensation attempt had no outcome ' .. secs(hget('to:' .. m)) .. ' after it was due')
+        local ref = m
+        if r == '2' then ref = m .. ':2' end
         if verdict == 'retry' then
-          local ref = m
-          if r == '2' then ref = m .. ':2' end
           out[#out + 1] = ref .. '@' .. n
+        else
+          out[#out + 1] = ref .. '!' .. n
         end
       end
     end
