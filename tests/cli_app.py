@@ -15,7 +15,12 @@ get one saga in each status with an in-process worker running.
 The sagas' data says how their steps behave, per saga: ``fail="charge"``
 raises in that step, ``hold="charge"`` waits in it on the gate
 ``<prefix>:gate:<token>``, and while ``<prefix>:broken:<token>`` exists every
-compensation of the saga raises.
+compensation of the saga raises. Each compensation that runs appends its step
+to ``<prefix>:undone:<token>``, and ``[step, round, result_known,
+step_result]`` to ``<prefix>:undo-log:<token>``.
+
+``cli_hasty`` is ``cli_order`` with a first step whose deadline is
+``HASTY_TIMEOUT`` seconds: with no worker, it times out almost at once.
 """
 
 from __future__ import annotations
@@ -31,12 +36,13 @@ from typing import Any
 import redis
 from celery import Celery
 
-from celery_saga import Saga, SagaResult, SagaStatus, current_step, saga_step
+from celery_saga import Saga, SagaResult, SagaStatus, current_step, saga_step, step
 from tests.conftest import wait_for
 
 ENV_REDIS = "CELERY_SAGA_CLI_REDIS"
 ENV_PREFIX = "CELERY_SAGA_CLI_PREFIX"
 ENV_QUEUE = "CELERY_SAGA_CLI_QUEUE"
+HASTY_TIMEOUT = 0.5
 
 
 def cli_env(redis_url: str, prefix: str, queue: str) -> dict[str, str]:
@@ -77,6 +83,7 @@ def create(redis_url: str, prefix: str, queue: str) -> SimpleNamespace:
         if client.exists(f"{prefix}:broken:{token}"):
             raise RuntimeError(f"refund of {ctx.step} is down")
         client.rpush(f"{prefix}:undone:{token}", ctx.step)
+        client.rpush(f"{prefix}:undo-log:{token}", json.dumps([ctx.step, ctx.round, ctx.result_known, step_result]))
 
     @saga_step(compensate=undo)
     @app.task(shared=False, name="cli.reserve")
@@ -102,9 +109,13 @@ def create(redis_url: str, prefix: str, queue: str) -> SimpleNamespace:
 
     order = Saga("cli_order", [reserve, charge, ship])
     refund = Saga("cli_refund", [reserve, ship])
+    hasty = Saga("cli_hasty", [step(reserve, timeout=HASTY_TIMEOUT), charge, ship])
 
     def callbacks(saga_id: str) -> list[str]:
         return [tag for tag, sid in map(json.loads, client.lrange(f"{prefix}:callbacks", 0, -1)) if sid == saga_id]
+
+    def undo_log(token: str) -> list[list[Any]]:
+        return [json.loads(x) for x in client.lrange(f"{prefix}:undo-log:{token}", 0, -1)]
 
     return SimpleNamespace(**{k: v for k, v in locals().items() if not k.startswith("_")})
 
@@ -224,6 +235,26 @@ def every_state(redis_url: str, prefix: str, only: tuple[str, ...] = STATES) -> 
             client.unlink(key)
         client.close()
         parked.client.close()
+
+
+@contextmanager
+def idle(redis_url: str, prefix: str) -> Iterator[SimpleNamespace]:
+    """The app side with no worker running (nothing consumes its queue, nothing sweeps), for a CLI subprocess.
+
+    Yields ``shop``, ``client``, ``prefix``, ``queue`` and ``env``; on the way
+    out the prefix's keys are deleted.
+    """
+    queue = f"{prefix}-q"
+    shop = create(redis_url, prefix, queue)
+    try:
+        yield SimpleNamespace(
+            shop=shop, client=shop.client, prefix=prefix, queue=queue, env=cli_env(redis_url, prefix, queue)
+        )
+    finally:
+        shop.app.close()
+        for key in shop.client.scan_iter(match=f"{prefix}:*", count=500):
+            shop.client.unlink(key)
+        shop.client.close()
 
 
 if os.environ.get(ENV_REDIS):

@@ -1,7 +1,8 @@
 """``celery -A tests.cli_app saga ...`` as real subprocesses, against sagas in every status.
 
 The sagas run on an in-process worker in the test process (see
-``tests.cli_app.every_state``); the CLI subprocess is pointed at the same
+``tests.cli_app.every_state``), or on none at all (``tests.cli_app.idle``:
+their steps wait in the queue); the CLI subprocess is pointed at the same
 Redis and prefix through environment variables. Every run checks that
 nothing printed a traceback.
 """
@@ -10,22 +11,28 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import subprocess
 import sys
+import threading
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
+from celery import signals
+from celery.contrib.testing.worker import start_worker
 
 from celery_saga import SagaStatus
 from celery_saga.cli import parse_since
 from celery_saga.redis_server import RedisServer, free_port
 from celery_saga.store.keys import Keys
 from tests import cli_app
-from tests.cli_app import STATES, cli_env, wait_for
+from tests.cli_app import HASTY_TIMEOUT, STATES, cli_env, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 ISO = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
@@ -58,6 +65,35 @@ def listed(proc: subprocess.CompletedProcess[str]) -> list[dict[str, str | None]
 
 
 fresh, world = cli_app.world_fixtures("sagacli")
+COMMANDS = ("list", "show", "stats", "retry", "purge", "cancel", "sweep")
+
+
+@pytest.fixture
+def idle(redis_url: str) -> Iterator[SimpleNamespace]:
+    """The app side with no worker: nothing runs the steps, nothing sweeps their deadlines."""
+    with cli_app.idle(redis_url, f"sagacli-{uuid.uuid4().hex[:10]}") as w:
+        yield w
+
+
+def shown(env: dict[str, str], saga_id: str) -> dict[str, Any]:
+    proc = cli(env, "show", saga_id, "--json")
+    assert proc.returncode == 0, proc.stderr
+    record: dict[str, Any] = json.loads(proc.stdout)
+    return record
+
+
+def step_of(record: dict[str, Any], name: str) -> dict[str, Any]:
+    return next(s for s in record["steps"] if s["name"] == name)
+
+
+def queued_ids(client: Any, prefix: str, queue: str) -> list[str]:
+    """Task ids of the messages waiting in ``queue`` (kombu's list, under the prefix)."""
+    return [json.loads(m)["headers"]["id"] for m in client.lrange(f"{prefix}:kombu:{queue}", 0, -1)]
+
+
+def store_time(client: Any) -> float:
+    seconds, micros = client.time()
+    return float(seconds) + micros / 1e6
 
 
 def test_list_every_state(world) -> None:
@@ -204,6 +240,9 @@ def test_usage_errors_exit_2(redis_url: str) -> None:
             ["list", "--limit", "0"],
             ["show"],
             ["retry"],
+            ["cancel"],
+            ["sweep", "--interval", "0"],
+            ["sweep", "--interval", "soon"],
             ["frobnicate"],
         ],
     )
@@ -211,6 +250,8 @@ def test_usage_errors_exit_2(redis_url: str) -> None:
         assert proc.returncode == 2, proc.stderr
         assert proc.stderr.strip()
     assert "neither ISO-8601 nor a time ago" in runs[1].stderr
+    assert "Missing argument 'SAGA_ID'" in runs[5].stderr
+    assert all("--interval" in proc.stderr for proc in runs[6:8])
 
 
 def test_parse_since() -> None:
@@ -291,7 +332,20 @@ def test_corrupt_record_is_reported_not_raised(world) -> None:
 
 def test_store_unavailable_exits_69_without_the_password() -> None:
     env = cli_env(f"redis://:s3cret-pw@127.0.0.1:{free_port()}/0", f"sagacli-{uuid.uuid4().hex[:10]}", "q")
-    runs = cli_many(env, [["list"], ["list", "--json"], ["show", "x"], ["stats"], ["retry", "x"], ["purge", "x"]])
+    runs = cli_many(
+        env,
+        [
+            ["list"],
+            ["list", "--json"],
+            ["show", "x"],
+            ["stats"],
+            ["retry", "x"],
+            ["purge", "x"],
+            ["cancel", "x"],
+            ["sweep", "--once"],
+            ["sweep"],
+        ],
+    )
     for proc in runs:
         assert proc.returncode == 69, proc.stderr
         assert "unreachable" in proc.stderr and "redis://:**@127.0.0.1" in proc.stderr
@@ -332,3 +386,180 @@ def test_password_protected_redis() -> None:
     gone = cli(env, "list")
     assert gone.returncode == 69 and "redis://:**@127.0.0.1" in gone.stderr
     assert password not in gone.stdout + gone.stderr
+
+
+def test_help_lists_every_command(redis_url: str) -> None:
+    env = cli_env(redis_url, f"sagacli-{uuid.uuid4().hex[:10]}", "q")
+    group, sweep_help, cancel_help = cli_many(env, [["--help"], ["sweep", "--help"], ["cancel", "--help"]])
+    assert group.returncode == 0, group.stderr
+    assert f"Operate on sagas: {', '.join(COMMANDS)}." in group.stdout
+    listed_commands = re.findall(r"^  (\w+)\s", group.stdout.split("Commands:", 1)[1], re.M)
+    assert sorted(listed_commands) == sorted(COMMANDS)
+    assert sweep_help.returncode == 0 and "--once" in sweep_help.stdout and "--interval" in sweep_help.stdout
+    assert cancel_help.returncode == 0 and "SAGA_ID" in cancel_help.stdout
+
+
+def test_cancel_refuses_finished_and_missing_sagas(world) -> None:
+    finished = ("COMPLETED", "COMPENSATED", "FAILED")
+    runs = cli_many(world.env, [*[["cancel", world.ids[s]] for s in finished], ["cancel", "no-such-saga"]])
+    for status, proc in zip(finished, runs[:3], strict=True):
+        assert proc.returncode == 1 and proc.stdout == "", proc.stderr
+        assert f"saga {world.ids[status]} had already finished" in proc.stderr
+    missing = runs[3]
+    assert missing.returncode == 1 and missing.stdout == ""
+    assert "saga no-such-saga not found or expired" in missing.stderr
+    # Nothing changed, and no callback was sent again.
+    assert {s["id"]: s["status"] for s in listed(cli(world.env, "list", "--json"))} == {
+        **{world.ids[s]: s for s in STATES},
+        world.refund.id: "COMPLETED",
+    }
+    assert world.shop.callbacks(world.ids["FAILED"]) == ["failed"]
+    assert world.shop.callbacks(world.ids["COMPENSATED"]) == ["failed"]
+
+
+def test_cancel_a_running_saga_compensates_the_running_step_blind(fresh) -> None:
+    with fresh("RUNNING") as w:
+        saga_id, token = w.ids["RUNNING"], w.tokens["RUNNING"]
+        # Given the saga's second step is running (held on its gate)
+
+        # When an operator cancels it
+        proc = cli(w.env, "cancel", saga_id)
+
+        # Then it is rolled back: the running step's outcome is unknown, so it
+        # is compensated blind (step_result=None) before the step that completed
+        assert proc.returncode == 0, proc.stderr
+        assert f"saga {saga_id} cancelled" in proc.stdout
+        wait_for(lambda: w.results["RUNNING"].state().status is SagaStatus.COMPENSATED, what="the saga to compensate")
+        record = shown(w.env, saga_id)
+        assert (record["status"], record["reason"], record["failed_step"]) == ("COMPENSATED", "cancelled", "cli.charge")
+        assert [(s["status"], s["compensation"] and s["compensation"]["status"]) for s in record["steps"]] == [
+            ("COMPLETED", "COMPENSATED"),
+            ("UNKNOWN", "COMPENSATED"),
+            ("WAITING", None),
+        ]
+        assert w.shop.undo_log(token) == [
+            ["cli.charge", 1, False, None],
+            ["cli.reserve", 1, True, {"reservation": f"r-{token}"}],
+        ]
+        wait_for(lambda: w.shop.callbacks(saga_id) == ["failed"], what="on_failure")
+        assert saga_id in {s["id"] for s in listed(cli(w.env, "list", "--status", "COMPENSATED", "--json"))}
+
+        # When the held step then succeeds after all
+        w.client.rpush(f"{w.prefix}:gate:{token}", "open")
+
+        # Then its real result is compensated in a second round; the saga stays COMPENSATED
+        wait_for(lambda: len(w.shop.undo_log(token)) == 3, what="the second compensation round")
+        assert w.shop.undo_log(token)[2] == ["cli.charge", 2, True, {"payment": f"p-r-{token}"}]
+        state = w.results["RUNNING"].state()
+        assert state.status is SagaStatus.COMPENSATED
+        assert state.step("cli.charge").stopped_by == "cancelled"
+        assert w.shop.callbacks(saga_id) == ["failed"]
+
+        # And it cannot be cancelled again
+        again = cli(w.env, "cancel", saga_id)
+        assert again.returncode == 1 and "had already finished" in again.stderr
+
+
+def test_cancel_fences_a_step_still_queued(idle) -> None:
+    # Given a saga whose first step waits in the queue: no worker runs (PENDING)
+    res = idle.shop.order.apply_async(kwargs={"token": "queued", "hold": "reserve"})
+    assert res.status is SagaStatus.PENDING
+
+    # When an operator cancels it
+    proc = cli(idle.env, "cancel", res.id)
+
+    # Then it ends at once: nothing ran, so nothing is compensated
+    assert proc.returncode == 0, proc.stderr
+    record = shown(idle.env, res.id)
+    assert (record["status"], record["reason"]) == ("COMPENSATED", "cancelled")
+    reserve = step_of(record, "cli.reserve")
+    assert (reserve["status"], reserve["attempts"], reserve["compensation"]["status"]) == ("CANCELLED", 0, None)
+
+    # And when a worker receives the queued message later, the step does not run
+    handled = threading.Event()
+
+    def on_postrun(task_id: str | None = None, state: str | None = None, **_: Any) -> None:
+        if task_id == f"{res.id}:cli.reserve" and state == "IGNORED":
+            handled.set()
+
+    signals.task_postrun.connect(on_postrun, weak=False)
+    try:
+        with start_worker(
+            idle.shop.app,
+            pool="threads",
+            concurrency=2,
+            perform_ping_check=False,
+            loglevel="WARNING",
+            shutdown_timeout=10,
+        ):
+            wait_for(handled.is_set, what="the worker to skip the fenced message")
+    finally:
+        signals.task_postrun.disconnect(on_postrun)
+        idle.client.rpush(f"{idle.prefix}:gate:queued", "open")
+    assert idle.client.llen(f"{idle.prefix}:entered:queued") == 0
+    after = res.state().step("cli.reserve")
+    assert (after.status.value, after.attempts, after.compensation_status) == ("CANCELLED", 0, None)
+
+
+def test_sweep_once_times_out_a_step_nobody_ran(idle) -> None:
+    # Given a saga whose first step has a short deadline, and no worker to run or sweep it
+    res = idle.shop.hasty.apply_async(kwargs={"token": "hasty"}, on_failure=idle.shop.notify.s("failed"))
+    deadline = res.state().step("cli.reserve").deadline
+    assert deadline is not None
+    wait_for(lambda: store_time(idle.client) > deadline.timestamp() + 0.05, 5, "the step's deadline to pass")
+    assert res.status is SagaStatus.PENDING  # nothing acts on a deadline by itself
+
+    # When an operator sweeps once
+    proc = cli(idle.env, "sweep", "--once")
+
+    # Then the step that never started is fenced and the saga rolled back, with on_failure sent
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "claimed 1, acted on 1, errors 0"
+    record = shown(idle.env, res.id)
+    assert (record["status"], record["reason"], record["failed_step"]) == ("COMPENSATED", "timeout", "cli.reserve")
+    assert record["error"].startswith(f"timeout: step cli.reserve had no outcome {HASTY_TIMEOUT:g}s after")
+    reserve = step_of(record, "cli.reserve")
+    assert (reserve["status"], reserve["attempts"], reserve["compensation"]["status"]) == ("CANCELLED", 0, None)
+    assert res.state().step("cli.reserve").timed_out
+    assert queued_ids(idle.client, idle.prefix, idle.queue).count(f"{res.id}:on_failure") == 1
+
+    # And the finished saga left the deadline index: the next sweep finds nothing
+    again = cli(idle.env, "sweep", "--once")
+    assert again.returncode == 0 and again.stdout.strip() == "claimed 0, acted on 0, errors 0"
+    assert queued_ids(idle.client, idle.prefix, idle.queue).count(f"{res.id}:on_failure") == 1
+
+
+def test_sweep_runs_until_interrupted(idle, tmp_path: Path) -> None:
+    # Given a standalone sweeper
+    log_path = tmp_path / "sweep.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "tests.cli_app", "saga", "sweep", "--interval", "0.1"],
+            env=idle.env,
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        wait_for(lambda: "Ctrl-C to stop" in log_path.read_text(), 30, "the sweeper to start")
+        assert proc.poll() is None
+
+        # When a step's deadline passes with no worker
+        res = idle.shop.hasty.delay(token="swept")
+
+        # Then the sweeper rolls the saga back, shortly after the deadline
+        wait_for(lambda: res.status is SagaStatus.COMPENSATED, 10, "the sweeper to act on the deadline")
+        state = res.state()
+        assert state.reason == "timeout" and state.step("cli.reserve").status.value == "CANCELLED"
+
+        # And Ctrl-C stops it cleanly
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(15)
+    output = log_path.read_text()
+    assert "Traceback" not in output, output
+    assert output.splitlines() == ["sweeping saga deadlines every 0.1s; Ctrl-C to stop", "stopping"]
