@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import threading
-import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -118,7 +117,8 @@ def publish_step(
         # A worker drops the message once its deadline has passed (Celery
         # reports it revoked-expired, which the saga records as a timeout of
         # a step that never started); the record's deadline decides anyway.
-        options["expires"] = time.time() + spec.timeout
+        # A number is seconds from now for Celery, not an epoch time.
+        options["expires"] = spec.timeout
     app.send_task(
         spec.task,
         args=(),

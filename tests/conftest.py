@@ -64,11 +64,12 @@ def app(redis_url: str, ns: str) -> Iterator[Celery]:
     configure(application, ns)
     yield application
     application.close()
-    # Only this test's keys: its saga records, indexes, ledger, gates, queue and kombu's bindings.
+    # Only this test's keys: its saga records, indexes, ledger, gates, its
+    # queues (all named q-<ns>...) and kombu's bindings of them.
     with redis.Redis.from_url(redis_url) as client:
-        own = [f"q-{ns}", f"_kombu.binding.q-{ns}", f"_kombu.binding_permanent.q-{ns}"]
-        for key in [*client.scan_iter(match=f"sagatest-{ns}:*", count=500), *own]:
-            client.unlink(key)
+        for pattern in (f"sagatest-{ns}:*", f"q-{ns}*", f"_kombu.binding*.q-{ns}*"):
+            for key in client.scan_iter(match=pattern, count=500):
+                client.unlink(key)
 
 
 @contextmanager

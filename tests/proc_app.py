@@ -8,6 +8,8 @@ CELERY_SAGA_TEST_BROKER        Redis URL (broker and saga store)
 CELERY_SAGA_TEST_PREFIX        saga key prefix; ledger and gates live under it
 CELERY_SAGA_TEST_QUEUE         the queue every task is sent to
 CELERY_SAGA_TEST_VISIBILITY    optional Redis visibility timeout, seconds
+CELERY_SAGA_TEST_SWEEPER       "0": no deadline sweeper thread in the worker
+                               (``saga_sweeper = False``); default: one runs
 =============================  ==============================================
 
 Tests import ``create`` to get a client app with the same tasks and sagas;
@@ -18,6 +20,30 @@ so: ``fail={"proc.three": "why"}`` raises, ``die_in="proc.die"`` SIGKILLs the
 pool child, ``block_in="proc.slow"`` waits on a gate nobody opens, and
 ``crash_worker_before="proc.two"`` SIGKILLs the whole worker while the
 message of that step is being published.
+
+The deadline tasks (``proc.t.*``, for tests/test_timeouts_process.py) are
+modelled on tests/timed_shop.py: a forward step records its effect under
+its idempotency key (``<prefix>:effects``) and adds its ``qty`` to
+``<prefix>:stock``; its compensation (``proc.t.undo``, or
+``proc.t.undo_elsewhere`` which is routed to the queue ``<queue>-undo``)
+looks the effect up by ``current_step().forward_key`` and undoes it once, so
+``stock == 0`` and no ``effects`` mean no forward effect is left. Ledger
+entries: ``["do", step, forward_key]``, ``["dying", step]`` and
+``["undo", step, round, result_known, step_result, idempotency_key]``. The
+saga data steers them: ``gates=["proc.t.hang", "undo-proc.t.reserve"]``
+makes that step (or compensation) push ``[pid, worker pid, redelivered]``
+to ``<prefix>:entered:<name>`` and wait until the test pushes to
+``<prefix>:gate:<name>``; ``fail={"proc.t.last": "why"}`` raises;
+``die_in="proc.t.requeue"`` SIGKILLs the pool child, once per saga.
+``proc.t.hang_acked`` and ``proc.t.requeue`` are acks_late, the second also
+``reject_on_worker_lost``; the other forward steps are not acks_late.
+
+Every subprocess (worker or ``saga sweep``) also records, under its prefix:
+``published`` ``[task_id, pid]`` for each message it publishes, ``postrun``
+``[task_id, state]`` for each task run, ``revoked`` ``[task_id, expired]``.
+``drop_expires="proc.t.hang"`` in the saga data strips the ``expires`` header
+from that step's message when a subprocess publishes it, as a worker whose
+clock runs behind the publisher's would never see it expire.
 """
 
 from __future__ import annotations
@@ -37,12 +63,14 @@ ENV_BROKER = "CELERY_SAGA_TEST_BROKER"
 ENV_PREFIX = "CELERY_SAGA_TEST_PREFIX"
 ENV_QUEUE = "CELERY_SAGA_TEST_QUEUE"
 ENV_VISIBILITY = "CELERY_SAGA_TEST_VISIBILITY"
+ENV_SWEEPER = "CELERY_SAGA_TEST_SWEEPER"
 
 
 def worker_env(redis_url: str, prefix: str, queue: str) -> dict[str, str]:
     """The environment of a subprocess (worker, Flower) running this app."""
     env = {**os.environ, ENV_BROKER: redis_url, ENV_PREFIX: prefix, ENV_QUEUE: queue, "PYTHONUNBUFFERED": "1"}
     env.pop(ENV_VISIBILITY, None)
+    env.pop(ENV_SWEEPER, None)
     env.pop("FLOWER_UNAUTHENTICATED_API", None)
     return env
 
@@ -149,6 +177,101 @@ def create(broker_url: str, prefix: str, queue: str, visibility_timeout: float |
     sequential = Saga("proc_seq", [one, two, three])
     dies = Saga("proc_die", [one, two, die, three])
     limited = Saga("proc_limit", [one, two, slow, three])
+
+    # -- deadline tasks (tests/test_timeouts_process.py) ------------------------------
+    # A client of its own for the gates: redis-py's default 5 s socket timeout
+    # would end a BLPOP early.
+    gate_client = redis.Redis.from_url(broker_url, decode_responses=True, socket_timeout=120)
+    effects, stock = f"{prefix}:effects", f"{prefix}:stock"
+
+    def t_gate(name: str, data: dict[str, Any]) -> None:
+        if name not in (data.get("gates") or []):
+            return
+        request = app.current_task.request if app.current_task else None
+        redelivered = bool(((request.delivery_info if request else None) or {}).get("redelivered"))
+        client.rpush(f"{prefix}:entered:{name}", json.dumps([os.getpid(), os.getpgid(0), redelivered]))
+        if gate_client.blpop([f"{prefix}:gate:{name}"], timeout=60) is None:
+            raise TimeoutError(f"gate {name} never opened")
+
+    def t_forward(name: str, qty: int, data: dict[str, Any]) -> dict[str, Any]:
+        ctx = current_step()
+        assert ctx is not None and not ctx.compensating
+        if data.get("die_in") == name and client.set(f"{prefix}:died:{ctx.saga_id}:{name}", "1", nx=True):
+            log("dying", ctx.step)
+            if not _in_pool_child():
+                raise RuntimeError("die_in only works in a prefork pool child")
+            os.kill(os.getpid(), signal.SIGKILL)
+        t_gate(name, data)
+        fail = data.get("fail") or {}
+        if name in fail:
+            raise RuntimeError(fail[name])
+        if client.hsetnx(effects, ctx.forward_key, qty):
+            client.incrby(stock, qty)
+        log("do", ctx.step, ctx.forward_key)
+        return {f"{ctx.step}_qty": qty}
+
+    def t_compensate(step_result: Any, data: dict[str, Any]) -> None:
+        ctx = current_step()
+        assert ctx is not None and ctx.compensating
+        t_gate(f"undo-{ctx.step}", data)
+        log("undo", ctx.step, ctx.round, ctx.result_known, step_result, ctx.idempotency_key)
+        # Known or not, the effect is found by the forward step's key: undo it once.
+        found = client.hget(effects, ctx.forward_key)
+        if found is not None and client.hdel(effects, ctx.forward_key):
+            client.decrby(stock, int(found))
+
+    @app.task(name="proc.t.undo", shared=False, acks_late=True)
+    def t_undo(step_result: Any = None, **data: Any) -> None:
+        t_compensate(step_result, data)
+
+    # Routed by task_routes (the `queue` task attribute is deprecated): every
+    # process running this app sends it there, whoever publishes it.
+    app.conf.task_routes = {"proc.t.undo_elsewhere": {"queue": f"{queue}-undo"}}
+
+    @app.task(name="proc.t.undo_elsewhere", shared=False, acks_late=True)
+    def t_undo_elsewhere(step_result: Any = None, **data: Any) -> None:
+        t_compensate(step_result, data)
+
+    @saga_step(compensate=t_undo)
+    @app.task(name="proc.t.reserve", shared=False)
+    def t_reserve(qty: int = 1, **data: Any) -> dict[str, Any]:
+        return t_forward("proc.t.reserve", qty, data)
+
+    @saga_step(compensate=t_undo)
+    @app.task(name="proc.t.hang", shared=False)
+    def t_hang(qty: int = 1, **data: Any) -> dict[str, Any]:
+        return t_forward("proc.t.hang", qty, data)
+
+    @saga_step(compensate=t_undo)
+    @app.task(name="proc.t.hang_acked", shared=False, acks_late=True)
+    def t_hang_acked(qty: int = 1, **data: Any) -> dict[str, Any]:
+        return t_forward("proc.t.hang_acked", qty, data)
+
+    @saga_step(compensate=t_undo)
+    @app.task(name="proc.t.requeue", shared=False, acks_late=True, reject_on_worker_lost=True)
+    def t_requeue(qty: int = 1, **data: Any) -> dict[str, Any]:
+        return t_forward("proc.t.requeue", qty, data)
+
+    @saga_step(compensate=t_undo)
+    @app.task(name="proc.t.last", shared=False)
+    def t_last(qty: int = 1, **data: Any) -> dict[str, Any]:
+        return t_forward("proc.t.last", qty, data)
+
+    def entered(name: str) -> list[list[Any]]:
+        """Who entered gate ``name``: [pid, worker pid, redelivered] per entry."""
+        return [json.loads(x) for x in client.lrange(f"{prefix}:entered:{name}", 0, -1)]
+
+    def open_gate(name: str) -> None:
+        client.rpush(f"{prefix}:gate:{name}", "1")
+
+    def left() -> tuple[int, dict[str, str]]:
+        """What forward effect is left: (stock, effects by forward key)."""
+        return int(client.get(stock) or 0), client.hgetall(effects)  # type: ignore[return-value]
+
+    def entries(key: str) -> list[list[Any]]:
+        """The JSON entries of list ``<prefix>:<key>`` (ledger, published, postrun, revoked, failures)."""
+        return [json.loads(x) for x in client.lrange(f"{prefix}:{key}", 0, -1)]
+
     return SimpleNamespace(**{k: v for k, v in locals().items() if not k.startswith("_")})
 
 
@@ -178,8 +301,26 @@ def _connect_worker_hooks(ns: SimpleNamespace) -> None:
         # that handler has finished with this call.
         client.rpush(f"{prefix}:failures", json.dumps([task_id, type(exception).__name__, os.getpid()]))
 
+    def record_publish(body: Any = None, headers: dict[str, Any] | None = None, **_: Any) -> None:
+        headers = headers if headers is not None else {}
+        kwargs = body[1] if isinstance(body, (list, tuple)) and len(body) > 1 else {}
+        drop = kwargs.get("drop_expires") if isinstance(kwargs, dict) else None
+        if drop and headers.get("saga_step") == drop and not headers.get("saga_undo"):
+            headers["expires"] = None  # the very dict Celery publishes
+        client.rpush(f"{prefix}:published", json.dumps([headers.get("id"), os.getpid()]))
+
+    def record_postrun(task_id: str | None = None, state: str | None = None, **_: Any) -> None:
+        client.rpush(f"{prefix}:postrun", json.dumps([task_id, state]))
+
+    def record_revoked(request: Any = None, expired: bool = False, **_: Any) -> None:
+        # Connected after celery_saga's own handler: it has recorded the outcome.
+        client.rpush(f"{prefix}:revoked", json.dumps([getattr(request, "id", None), bool(expired)]))
+
     signals.before_task_publish.connect(crash_before_publish, weak=False)
+    signals.before_task_publish.connect(record_publish, weak=False)
     signals.task_failure.connect(record_failure, weak=False)
+    signals.task_postrun.connect(record_postrun, weak=False)
+    signals.task_revoked.connect(record_revoked, weak=False)
 
 
 if os.environ.get(ENV_BROKER):
@@ -191,4 +332,6 @@ if os.environ.get(ENV_BROKER):
         float(_visibility) if _visibility else None,
     )
     app = worker_ns.app
+    if os.environ.get(ENV_SWEEPER) == "0":
+        app.conf.saga_sweeper = False
     _connect_worker_hooks(worker_ns)

@@ -242,6 +242,13 @@ def test_retry_countdown_past_the_deadline_times_out(app: Celery, shop: Any, wor
 def test_a_step_whose_message_expired_never_ran_and_timed_out(app: Celery, shop: Any, r, worker) -> None:
     # Given the worker's own sweeper is off, and the deadline passes while no worker runs
     app.conf.saga_sweeper = False
+    dropped: list[str] = []
+
+    def on_revoked(request: Any = None, expired: bool = False, **_: Any) -> None:
+        if expired:
+            dropped.append(request.id)
+
+    signals.task_revoked.connect(on_revoked, weak=False)
     res = Saga("expired", [step(shop.reserve, timeout=0.5)]).delay(qty=1)
     deadline = res.state().step("timed.reserve").deadline
     assert deadline is not None
@@ -251,7 +258,9 @@ def test_a_step_whose_message_expired_never_ran_and_timed_out(app: Celery, shop:
     # then the step never runs: it is a timeout, not a failure
     with worker(), pytest.raises(SagaCompensated) as info:
         res.get(timeout=15)
+    signals.task_revoked.disconnect(on_revoked)
     assert info.value.reason == "timeout"
+    assert dropped == [f"{res.id}:timed.reserve"]  # Celery dropped it as expired
     first = res.state().step("timed.reserve")
     assert first.status is StepStatus.CANCELLED and first.timed_out and first.attempts == 0
     assert first.compensation_status is None
@@ -334,7 +343,7 @@ def test_lost_compensation_message_is_sent_again_after_its_deadline(
     app: Celery, shop: Any, r, worker, published: list[str], ns: str
 ) -> None:
     # Given the first compensation message of a step is lost: routed to a queue nobody reads
-    blackhole = f"blackhole-{ns}"
+    blackhole = f"q-{ns}-blackhole"
     lost: list[str] = []
 
     def route(name: str, args: Any, kwargs: Any, options: Any, task: Any = None, **_: Any) -> Any:
@@ -345,14 +354,11 @@ def test_lost_compensation_message_is_sent_again_after_its_deadline(
 
     app.conf.task_routes = (route,)
     saga = Saga("lost_undo", [step(shop.reserve, timeout=1), shop.hang])
-    try:
-        with worker():
-            res = saga.delay(qty=1, fail_late=True)
-            # Then its deadline passes, the attempt counts as failed, and it is sent again
-            with pytest.raises(SagaCompensated):
-                res.get(timeout=20)
-    finally:
-        r.delete(blackhole)
+    with worker():
+        res = saga.delay(qty=1, fail_late=True)
+        # Then its deadline passes, the attempt counts as failed, and it is sent again
+        with pytest.raises(SagaCompensated):
+            res.get(timeout=20)
     first = res.state().step("timed.reserve")
     assert first.compensation_status is CompensationStatus.COMPENSATED
     assert first.compensation_attempts == 2
@@ -364,10 +370,12 @@ def test_lost_compensation_message_is_sent_again_after_its_deadline(
 # -- sweepers ---------------------------------------------------------------------
 
 
-def test_racing_sweepers_send_each_compensation_once(app: Celery, shop: Any, worker, published: list[str]) -> None:
+def test_racing_sweepers_send_each_compensation_once(
+    app: Celery, shop: Any, worker, published: list[str], ns: str
+) -> None:
     # Given 20 sagas whose second step sits in a queue nobody reads, and no sweeper in the worker
     app.conf.saga_sweeper = False
-    app.conf.task_routes = {"timed.hang": {"queue": "nobody-reads-this"}}
+    app.conf.task_routes = {"timed.hang": {"queue": f"q-{ns}-nobody"}}
     saga = Saga("raced", [shop.reserve, step(shop.hang, timeout=0.5)])
     with worker():
         results = [saga.delay(qty=1) for _ in range(20)]
@@ -406,9 +414,9 @@ def test_racing_sweepers_send_each_compensation_once(app: Celery, shop: Any, wor
     assert shop.left() == (0, {})
 
 
-def test_deadline_is_acted_on_within_a_second(app: Celery, shop: Any, worker) -> None:
+def test_deadline_is_acted_on_within_a_second(app: Celery, shop: Any, worker, ns: str) -> None:
     # Steps routed to a queue nobody reads; the worker's sweeper runs every 0.5 s
-    app.conf.task_routes = {"timed.reserve": {"queue": "nobody-reads-this"}}
+    app.conf.task_routes = {"timed.reserve": {"queue": f"q-{ns}-nobody"}}
     saga = Saga("latency", [step(shop.reserve, timeout=0.3)])
     with worker():
         results = [saga.delay(qty=1) for _ in range(10)]
