@@ -267,6 +267,41 @@ def test_a_step_whose_message_expired_never_ran_and_timed_out(app: Celery, shop:
     assert shop.ledger_entries() == []
 
 
+def test_a_fenced_step_never_runs_even_if_its_message_arrives_later(app: Celery, shop: Any, r, worker, ns: str) -> None:
+    # Given a step queued where nobody reads, while the compensation of the
+    # step before it is held, so the saga stays COMPENSATING after the timeout
+    app.conf.task_routes = {"timed.hang": {"queue": f"q-{ns}-nobody"}}
+    saga = Saga("fenced", [shop.reserve, step(shop.hang, timeout=0.5)])
+    with worker():
+        res = saga.delay(qty=1, gates=["undo-timed.reserve"])
+        wait_for(lambda: shop.entered("undo-timed.reserve"), 10, "the rollback to start")
+        assert res.state().step("timed.hang").status is StepStatus.CANCELLED
+
+        # When its message reaches a worker after all, without an `expires`
+        # (say its clock runs behind) so that only the record can stop it
+        raw = r.rpop(f"q-{ns}-nobody")
+        message = json.loads(raw)
+        message["headers"]["expires"] = None
+        handled: list[str] = []
+
+        def on_postrun(task_id: str | None = None, **_: Any) -> None:
+            handled.append(str(task_id))
+
+        signals.task_postrun.connect(on_postrun, weak=False)
+        r.lpush(f"q-{ns}", json.dumps(message))
+        wait_for(lambda: f"{res.id}:timed.hang" in handled, 10, "the worker to handle the message")
+        signals.task_postrun.disconnect(on_postrun)
+        assert res.status is SagaStatus.COMPENSATING  # only the fence was there to stop it
+
+        # Then the fence stops it: the function never runs
+        shop.open_gate("undo-timed.reserve")
+        assert finished(res) is SagaStatus.COMPENSATED
+    assert [e for e in shop.ledger_entries() if e[:2] == ["do", "timed.hang"]] == []
+    hung = res.state().step("timed.hang")
+    assert hung.status is StepStatus.CANCELLED and hung.attempts == 0
+    assert hung.compensation_status is None
+
+
 # -- cancel ----------------------------------------------------------------------
 
 
