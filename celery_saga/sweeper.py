@@ -114,24 +114,29 @@ class SweeperThread(threading.Thread):
         self._stop_event = threading.Event()
 
     def run(self) -> None:
-        failing = False
+        # Each distinct problem is logged once, not every interval.
+        failing = ""
         while not self._stop_event.is_set():
             started = time.monotonic()
             try:
                 report = sweep(self.app)
                 if failing:
-                    logger.warning("celery_saga sweeper: the saga store answers again")
-                failing = False
+                    logger.warning("celery_saga sweeper: sweeping again")
+                failing = ""
                 if report.claimed:
                     continue  # more may be due: look again before pausing
             except SagaStoreUnavailable as exc:
-                if not failing:
+                if failing != str(exc):
                     logger.warning("celery_saga sweeper: %s; deadlines wait until it answers", exc)
-                failing = True
+                failing = str(exc)
             except SagaError as exc:
-                logger.error("celery_saga sweeper: %s", exc)
-            except Exception:
-                logger.exception("celery_saga sweeper: unexpected error")
+                if failing != str(exc):
+                    logger.error("celery_saga sweeper: %s", exc)
+                failing = str(exc)
+            except Exception as exc:
+                if failing != repr(exc):
+                    logger.exception("celery_saga sweeper: unexpected error")
+                failing = repr(exc)
             self._stop_event.wait(max(0.0, self.interval - (time.monotonic() - started)))
 
     def stop(self, timeout: float = 5.0) -> None:

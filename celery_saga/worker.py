@@ -226,7 +226,8 @@ class SagaWorker(bootsteps.StartStopStep):  # type: ignore[misc]
             self.sweeper.stop()
             self.sweeper = None
 
-    shutdown = stop
+    # A cold shutdown (and the test worker's exit) sends "terminate", not "stop".
+    terminate = stop
 
 
 def connect_signals() -> None:

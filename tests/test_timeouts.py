@@ -519,3 +519,13 @@ def test_a_dead_sweepers_claim_comes_back_after_its_lease(app: Celery, shop: Any
     wait_for(lambda: sweep(app).acted, 5, "the claim to come back")
     assert res.status is SagaStatus.COMPENSATED
     assert res.state().step("timed.reserve").status is StepStatus.CANCELLED
+
+
+def test_the_worker_sweeper_runs_while_the_worker_does(app: Celery, shop: Any, worker) -> None:
+    def sweepers() -> list[str]:
+        return [t.name for t in threading.enumerate() if t.name.startswith("celery_saga-sweeper@") and t.is_alive()]
+
+    before = sweepers()
+    with worker():
+        assert len(sweepers()) == len(before) + 1
+    wait_for(lambda: sweepers() == before, 10, "the sweeper to stop with its worker")
