@@ -1,8 +1,13 @@
 """`make demo`: run the order saga for real and show what happened.
 
 Starts a private Redis (or uses ``REDIS_URL``), one worker per service as
-subprocesses, places a few orders, prints live progress and each saga's
-timeline, then stops everything it started: workers first, then Redis.
+subprocesses, and places four orders: one that completes, one whose card is
+declined, one whose carrier hangs past the shipping deadline (``reason``
+"timeout": the shipment is compensated blind, then again when the carrier
+answers late), and one that the demo cancels while its payment waits for the
+customer (``reason`` "cancelled"). It prints live progress, then each saga's
+timeline, what the services did and what is left, then stops everything it
+started: workers first, then Redis. Ctrl-C stops it all the same.
 """
 
 from __future__ import annotations
@@ -16,19 +21,40 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from datetime import datetime
+
+    from celery_saga import SagaState, StepRecord
 
 SERVICES = ("inventory", "payments", "shipping")
 ROOT = Path(__file__).resolve().parent.parent
 
-ORDERS: list[tuple[str, dict[str, Any]]] = [
-    ("happy order", {"order_id": 1, "items": ["book", "lamp"], "amount": 30, "card": "4242-4242-4242-4242",
-                     "address": "1 Main St"}),
-    ("card declined", {"order_id": 2, "items": ["chair"], "amount": 80, "card": "4000-0000-0000-0002",
-                       "address": "2 High St"}),
-    ("undeliverable", {"order_id": 3, "items": ["desk"], "amount": 120, "card": "4242-4242-4242-4242",
-                       "address": "nowhere"}),
-]  # fmt: skip
+# Orders by kind, as `python -m example_project.place KIND` names them. Card
+# 4000-0000-0000-0002 is declined; 4000-0027-6000-3184 waits for the customer to
+# confirm the payment; address "slow" makes the carrier hang past the shipping
+# deadline; address "nowhere" cannot be shipped to.
+ORDERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "happy": ("happy order", {"order_id": 1, "items": ["book", "lamp"], "amount": 30,
+                              "card": "4242-4242-4242-4242", "address": "1 Main St"}),
+    "declined": ("card declined", {"order_id": 2, "items": ["chair"], "amount": 80,
+                                   "card": "4000-0000-0000-0002", "address": "2 High St"}),
+    "slow": ("slow carrier", {"order_id": 3, "items": ["desk"], "amount": 120,
+                              "card": "4242-4242-4242-4242", "address": "slow"}),
+    "unconfirmed": ("unconfirmed payment", {"order_id": 4, "items": ["rug"], "amount": 60,
+                                              "card": "4000-0027-6000-3184", "address": "4 Low St"}),
+    "undeliverable": ("undeliverable", {"order_id": 5, "items": ["sofa"], "amount": 400,
+                                        "card": "4242-4242-4242-4242", "address": "nowhere"}),
+}  # fmt: skip
+#: The orders `make demo` places, in order.
+DEMO_ORDERS = ("happy", "declined", "slow", "unconfirmed")
+#: Where each gated order waits: its step, and the answer the demo gives when it opens the gate.
+GATES = {"slow": ("shipping.ship_order", "open"), "unconfirmed": ("payments.charge_card", "confirmed")}
+SWEEP_NOTE = (
+    "Deadlines are swept by every worker (a thread in each) and by "
+    "`celery -A example_project.app saga sweep`, should you run one."
+)
 
 
 class Demo:
@@ -36,7 +62,8 @@ class Demo:
         self.redis: Any = None
         self.workers: list[tuple[str, subprocess.Popen[bytes]]] = []
         self.logdir = tempfile.mkdtemp(prefix="celery-saga-demo-")
-        self.results: list[tuple[str, Any]] = []
+        self.results: list[tuple[str, str, Any]] = []  # (kind, label, SagaResult)
+        self.opened: set[str] = set()  # sagas whose gate was opened
         self.given_redis = bool(os.environ.get("REDIS_URL"))
 
     # -- set-up --------------------------------------------------------------
@@ -86,54 +113,102 @@ class Demo:
     def place_orders(self) -> None:
         from example_project.orders import place_order
 
+        print(SWEEP_NOTE)
         print()
         run = uuid.uuid4().hex[:6]
-        for label, order in ORDERS:
+        for kind in DEMO_ORDERS:
+            label, order = ORDERS[kind]
             res = place_order.apply_async(kwargs=order, idempotency_key=f"order-{order['order_id']}-{run}")
-            self.results.append((label, res))
+            self.results.append((kind, label, res))
             print(f"Placed {label!r}: saga {res.id} (the start returned at once: {res.status.value})")
         print()
         self.watch()
 
     def watch(self, timeout: float = 40) -> None:
+        """Print each saga's progress as it changes, and play the customer and the carrier."""
+        from celery_saga import CompensationStatus, StepStatus
+        from example_project import ledger
+
         seen: dict[str, str] = {}
+        noted: set[tuple[str, str]] = set()
+        cancelled: set[str] = set()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            done = True
-            for label, res in self.results:
+            settled = True
+            for kind, label, res in self.results:
                 state = res.state()
+                for s in state.steps:
+                    if s.status is StepStatus.UNKNOWN and s.stopped_by == "timeout" and (res.id, s.name) not in noted:
+                        noted.add((res.id, s.name))
+                        print(
+                            f"  -> {label}: {s.name} had no outcome {s.timeout or 0:g}s after it was dispatched: "
+                            "a worker's sweeper stopped waiting for it, and the saga compensates it blind"
+                        )
                 line = " ".join(f"{s.name.split('.')[-1]}={_short(s)}" for s in state.steps)
                 summary = f"{state.status.value:<12} {line}"
                 if seen.get(res.id) != summary:
                     seen[res.id] = summary
-                    print(f"  {label:<14} {summary}")
-                done = done and state.status.finished
-            if done:
+                    print(f"  {label:<20} {summary}")
+                charge = state.step("payments.charge_card")
+                if kind == "unconfirmed" and res.id not in cancelled and charge.status is StepStatus.RUNNING:
+                    cancelled.add(res.id)
+                    print(
+                        f"  -> {label}: the payment waits for the customer, who gives up: the shop cancels "
+                        f"the order, SagaResult.cancel() -> {res.cancel()}"
+                    )
+                    settled = False
+                    continue
+                gate = GATES.get(kind)
+                if gate and state.status.finished and res.id not in self.opened:
+                    waiting = state.step(gate[0])
+                    if waiting.status is StepStatus.UNKNOWN and (
+                        waiting.compensation_status is CompensationStatus.COMPENSATED and waiting.late_status is None
+                    ):
+                        self.opened.add(res.id)
+                        ledger.open_gate(f"{res.id}:{gate[0]}", gate[1])
+                        print(f"  -> {label}: {LATE[kind]}")
+                settled = settled and state.status.finished and not unsettled(state)
+            if settled:
                 return
             time.sleep(0.1)
-        print(f"Some sagas had not finished after {timeout}s.")
+        print(f"Some sagas had not settled after {timeout}s.")
 
     def report(self) -> None:
+        from celery_saga import SagaCompensated, SagaFailed, SagaStatus
         from celery_saga.timeline import render
-        from example_project import ledger
 
-        for label, res in self.results:
+        for _, label, res in self.results:
             state = res.state()
             took = (state.status_at - state.created_at).total_seconds() if state.status_at and state.created_at else 0
-            print(f"\n=== {label}: saga {res.id} ended {state.status.value} after {took:.2f}s")
+            why = f" ({state.reason})" if state.reason and state.status is not SagaStatus.COMPLETED else ""
+            print(f"\n=== {label}: saga {res.id} ended {state.status.value}{why} after {took:.2f}s")
             if state.failed_step:
                 print(f"    failed step: {state.failed_step}: {state.error}")
             print("    " + render(state).replace("\n", "\n    "))
-            left = {svc: list(ledger.effects(svc, res.id).values()) for svc in SERVICES}
-            print(
-                "    effects left in the services: " + (", ".join(f"{k}={v}" for k, v in left.items() if v) or "none")
-            )
+            for line in step_notes(state):
+                print(f"    {line}")
+            if state.status is not SagaStatus.COMPLETED:
+                print("    what the services did:")
+                for line in journal_lines(state):
+                    print(f"      {line}")
+            print(f"    effects left in the services: {effects_left(res.id)}")
+
+        print("\nOutcomes, as SagaResult.get() reports them:")
+        for _, label, res in self.results:
+            try:
+                res.get(timeout=5)
+                outcome = "COMPLETED"
+            except SagaCompensated as exc:
+                outcome = f"COMPENSATED  reason={exc.reason:<9}  rollback started by {exc.step}"
+            except SagaFailed as exc:
+                outcome = f"FAILED  compensations that gave up: {', '.join(exc.gave_up)}"
+            print(f"  {label:<20} {outcome}")
 
     # -- tear-down -----------------------------------------------------------
 
     def unfinished(self) -> list[str]:
         out = []
-        for label, res in self.results:
+        for _, label, res in self.results:
             try:
                 if not res.status.finished:
                     out.append(label)
@@ -141,7 +216,20 @@ class Demo:
                 out.append(label)
         return out
 
+    def release_gates(self) -> None:
+        """Let steps still waiting at a gate go on, so that their workers can stop at once."""
+        try:
+            from example_project import ledger
+
+            for kind, _, res in self.results:
+                if kind in GATES and res.id not in self.opened:
+                    self.opened.add(res.id)
+                    ledger.open_gate(f"{res.id}:{GATES[kind][0]}", "released")
+        except Exception as exc:
+            print(f"Could not release the steps waiting at a gate ({exc}); their workers may take longer to stop")
+
     def stop(self) -> None:
+        self.release_gates()
         # Workers first: they may still be recording outcomes in Redis.
         for _, proc in self.workers:
             if proc.poll() is None:
@@ -160,11 +248,92 @@ class Demo:
             self.redis = None
 
 
-def _short(step: Any) -> str:
+#: What the demo says when it opens a gate, by order kind.
+LATE = {
+    "slow": "the carrier answers at last; the saga keeps the late success and runs a second compensation round",
+    "unconfirmed": "the customer confirms the payment after all, too late: a second compensation round refunds it",
+}
+
+
+def _short(step: StepRecord) -> str:
     text = step.status.value.lower()
     if step.compensation_status is not None:
         text += f"/undo:{step.compensation_status.value.lower()}"
+    if step.late_status is not None:
+        text += f"/late:{step.late_status.value.lower()}"
+    if step.second_round is not None:
+        text += f"/undo2:{step.second_round.status.value.lower()}"
     return text
+
+
+def unsettled(state: SagaState) -> list[str]:
+    """Steps compensated blind whose late outcome has not arrived, or whose second round has not ended."""
+    from celery_saga import CompensationStatus, StepStatus
+
+    ended = (CompensationStatus.COMPENSATED, CompensationStatus.GAVE_UP)
+    out = []
+    for s in state.steps:
+        if s.status is not StepStatus.UNKNOWN or s.compensation is None:
+            continue
+        if s.late_status is None or (
+            s.late_status is StepStatus.COMPLETED and (s.second_round is None or s.second_round.status not in ended)
+        ):
+            out.append(s.name)
+    return out
+
+
+def _at(when: datetime | None, origin: datetime | None) -> str:
+    return f"+{(when - origin).total_seconds():.2f}s" if when is not None and origin is not None else "-"
+
+
+def step_notes(state: SagaState) -> list[str]:
+    """What the timeline table does not say: why the saga stopped waiting for a step, and what was not undone."""
+    from celery_saga import SagaStatus, StepStatus
+
+    lines = []
+    for s in state.steps:
+        if s.status is StepStatus.CANCELLED:
+            lines.append(f"{s.name} was fenced while still queued ({s.stopped_by}): it never ran")
+        elif s.status is StepStatus.UNKNOWN:
+            text = f"{s.name}: the saga stopped waiting for it ({s.stopped_by})"
+            if s.compensation:
+                text += " and compensated it blind, with step_result=None"
+            if s.late_status is StepStatus.COMPLETED:
+                text += f"; it succeeded late, {_at(s.late_at, state.created_at)}, returning {s.late_result}"
+                if s.second_round is not None:
+                    text += f", and round 2 compensated that: {s.second_round.status.value}"
+            elif s.late_status is not None:
+                text += f"; it ended late, {_at(s.late_at, state.created_at)}: {s.late_status.value}"
+            elif s.compensation:
+                text += "; if it succeeds late, a second round compensates it with its result"
+            lines.append(text)
+        elif s.status is StepStatus.COMPLETED and s.compensation is None and state.status is not SagaStatus.COMPLETED:
+            lines.append(f"{s.name} has nothing to undo (compensate=None), so its effect stays")
+    return lines
+
+
+def journal_lines(state: SagaState) -> list[str]:
+    """The services' journal of one saga: every effect applied and undone, and by which round."""
+    from example_project import ledger
+
+    origin = state.created_at.timestamp() if state.created_at else 0.0
+    lines = []
+    for e in ledger.journal(state.saga_id):
+        if e["round"]:
+            who = f"undo of {e['step']}, round {e['round']}" + ("" if e["result_known"] else ", result unknown")
+        else:
+            who = e["step"]
+        effect = f" {e['effect']}" if e["effect"] else ""
+        at = f"+{e['at'] - origin:.2f}s"
+        lines.append(f"{at:>7} {e['service']:<9} {who}: {e['what']}{effect}")
+    return lines or ["nothing"]
+
+
+def effects_left(saga_id: str) -> str:
+    from example_project import ledger
+
+    left = {svc: list(ledger.effects(svc, saga_id).values()) for svc in SERVICES}
+    return ", ".join(f"{k}={v}" for k, v in left.items() if v) or "none"
 
 
 def main() -> int:

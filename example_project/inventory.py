@@ -12,6 +12,7 @@ from .app import app
 
 @app.task(name="inventory.release_stock")
 def release_stock(order_id: int, items: list[str], step_result: dict[str, Any] | None = None) -> None:
+    # By the reservation's idempotency key, not step_result: blind-safe (see ledger.revert).
     ledger.revert("inventory")
 
 

@@ -1,31 +1,83 @@
-"""Place one order: ``python -m example_project.place happy|declined|undeliverable``."""
+"""Place one order, or confirm a waiting payment.
+
+``python -m example_project.place happy|declined|slow|unconfirmed|undeliverable``
+places an order of that kind (see ``demo.ORDERS``), waits for its saga to end,
+and for the late outcome of any step it stopped waiting for, then prints its
+timeline and what the services did.
+
+``python -m example_project.place confirm SAGA_ID`` is the customer confirming
+the payment of an ``unconfirmed`` order: the charge goes through, even if the
+order was cancelled meanwhile, in which case a second compensation round refunds it.
+"""
 
 from __future__ import annotations
 
 import sys
+import time
 import uuid
 
 from celery_saga import SagaCompensated, SagaFailed
 from celery_saga.timeline import render
 
-from .demo import ORDERS
+from . import ledger
+from .demo import GATES, ORDERS, effects_left, journal_lines, step_notes, unsettled
 from .orders import place_order
+from .payments import CONFIRM_WAIT
+from .shipping import CARRIER_DELAY
 
-KINDS = {"happy": 0, "declined": 1, "undeliverable": 2}
+USAGE = (
+    f"usage: python -m example_project.place {'|'.join(ORDERS)}\n       python -m example_project.place confirm SAGA_ID"
+)
+
+#: How long the gated steps may take to end late, seconds.
+LATE_WITHIN = {"shipping.ship_order": CARRIER_DELAY, "payments.charge_card": CONFIRM_WAIT}
+
+HINTS = {
+    "slow": f"The carrier hangs for {CARRIER_DELAY:g}s; the saga stops waiting for it after the shipping deadline.",
+    "unconfirmed": (
+        f"The payment waits up to {CONFIRM_WAIT:g}s for the customer to confirm it. Meanwhile, in another terminal:\n"
+        "  celery -A example_project.app saga cancel {id}       # the shop gives up: COMPENSATED, reason cancelled\n"
+        "  python -m example_project.place confirm {id}         # the customer confirms"
+    ),
+}
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 1 or argv[0] not in KINDS:
-        print(f"usage: python -m example_project.place {'|'.join(KINDS)}", file=sys.stderr)
+    if len(argv) == 2 and argv[0] == "confirm":
+        step, answer = GATES["unconfirmed"]
+        ledger.open_gate(f"{argv[1]}:{step}", answer)
+        print(f"saga {argv[1]}: the customer confirmed the payment")
+        return 0
+    if len(argv) != 1 or argv[0] not in ORDERS:
+        print(USAGE, file=sys.stderr)
         return 2
-    label, order = ORDERS[KINDS[argv[0]]]
+    label, order = ORDERS[argv[0]]
     res = place_order.apply_async(kwargs=order, idempotency_key=f"{argv[0]}-{uuid.uuid4().hex[:8]}")
     print(f"{label}: saga {res.id}")
+    if argv[0] in HINTS:
+        print(HINTS[argv[0]].format(id=res.id))
     try:
         res.get(timeout=60)
     except (SagaCompensated, SagaFailed) as exc:
         print(f"rolled back: {exc}")
-    print(render(res.state()))
+    state = res.state()
+    if unsettled(state):
+        wait = max(LATE_WITHIN.get(name, 10.0) for name in unsettled(state)) + 5
+        print(f"waiting up to {wait:g}s for the late outcome of {', '.join(unsettled(state))} (Ctrl-C stops waiting)")
+        deadline = time.monotonic() + wait
+        try:
+            while unsettled(state) and time.monotonic() < deadline:
+                time.sleep(0.2)
+                state = res.state()
+        except KeyboardInterrupt:
+            pass
+    print(render(state))
+    for line in step_notes(state):
+        print(line)
+    print("what the services did:")
+    for line in journal_lines(state):
+        print(f"  {line}")
+    print(f"effects left in the services: {effects_left(res.id)}")
     return 0
 
 

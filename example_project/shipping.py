@@ -1,4 +1,13 @@
-"""The shipping service: ship the parcel, cancel it; send the receipt."""
+"""The shipping service: ship the parcel, cancel it; send the receipt.
+
+``ship_order`` has a deadline of ``SHIPPING_TIMEOUT`` seconds. Shipping to
+``SLOW_ADDRESS`` makes the carrier book the parcel at once but hang before it
+answers, for up to ``CARRIER_DELAY`` seconds (less if someone opens the
+step's gate, see ``ledger.open_gate``): the step misses its deadline, a
+sweeper stops waiting for it (UNKNOWN), and ``cancel_shipment`` runs blind,
+finding the booking by the step's idempotency key. When the carrier answers
+at last, the saga runs a second compensation round with the real result.
+"""
 
 from __future__ import annotations
 
@@ -9,18 +18,30 @@ from celery_saga import saga_step
 from . import ledger
 from .app import app
 
+#: Seconds from dispatching ship_order to its outcome, before the saga stops waiting.
+SHIPPING_TIMEOUT = 3.0
+SLOW_ADDRESS = "slow"
+#: How long the slow carrier takes to answer, at most, seconds.
+CARRIER_DELAY = 10.0
+
 
 @app.task(name="shipping.cancel_shipment")
 def cancel_shipment(order_id: int, step_result: dict[str, Any] | None = None) -> None:
+    # step_result (the tracking number) is None when ship_order's outcome is
+    # unknown: the booking, if the carrier made one, is found by ship_order's
+    # idempotency key (current_step().forward_key). In the second round
+    # (current_step().round == 2) step_result is the late result.
     ledger.revert("shipping")
 
 
-@saga_step(compensate=cancel_shipment)
+@saga_step(compensate=cancel_shipment, timeout=SHIPPING_TIMEOUT)
 @app.task(name="shipping.ship_order")
 def ship_order(order_id: int, items: list[str], address: str) -> dict[str, Any]:
     if address == "nowhere":
         raise ValueError(f"cannot ship order {order_id} to {address!r}")
     ledger.apply("shipping", {"order_id": order_id, "to": address})
+    if address == SLOW_ADDRESS:
+        ledger.wait_at_gate(CARRIER_DELAY)  # the carrier booked it, and hangs before it says so
     return {"tracking": f"TRK-{order_id}"}
 
 

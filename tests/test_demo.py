@@ -1,4 +1,4 @@
-"""`make demo` end to end, in subprocesses: a full run, and a run cut short by Ctrl-C."""
+"""`make demo` end to end, in subprocesses: a full run, and runs cut short by Ctrl-C before and during the orders."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -30,6 +32,16 @@ def _alive(pid: int) -> bool:
     return stat.exists() and stat.read_text().split()[2] != "Z"
 
 
+def _sigint_as_from_a_terminal() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def _pids(text: str) -> list[int]:
+    pids = [int(p) for p in re.findall(r"\(pid (\d+)\)", text)]
+    assert len(pids) == 4, text  # Redis and three workers
+    return pids
+
+
 def test_demo_runs_orders_to_completed_and_compensated_and_stops_everything() -> None:
     out = subprocess.run(
         [sys.executable, "-m", "example_project.demo"],
@@ -41,16 +53,48 @@ def test_demo_runs_orders_to_completed_and_compensated_and_stops_everything() ->
     )
     assert out.returncode == 0, out.stdout + out.stderr
     text = out.stdout
-    assert "ended COMPLETED" in text and text.count("ended COMPENSATED") == 2
-    assert "compensation  COMPENSATED" in text  # the timeline has compensation rows
     assert "Traceback" not in out.stdout + out.stderr
-    pids = [int(p) for p in re.findall(r"\(pid (\d+)\)", text)]
-    assert len(pids) == 4  # Redis and three workers
+    # Four orders: one completes, three are rolled back, each for its own reason.
+    assert text.count("ended COMPLETED") == 1 and text.count("ended COMPENSATED") == 3, text
+    for label, reason in (
+        ("card declined", "failure"),
+        ("slow carrier", "timeout"),
+        ("unconfirmed payment", "cancelled"),
+    ):
+        assert f"=== {label}: saga " in text and re.search(rf"{label}\s+COMPENSATED\s+reason={reason}\b", text), text
+    assert re.search(r"happy order\s+COMPLETED$", text, re.M), text
+    assert re.search(r"compensation\s+COMPENSATED", text)  # the timeline has compensation rows
+    # The slow carrier: its deadline is swept, the shipment is cancelled blind (the
+    # booking found by its key), and the late success is compensated again.
+    assert "deadlines are swept by every worker" in text.lower() and "saga sweep" in text
+    assert "shipping.ship_order had no outcome 3s after it was dispatched" in text
+    assert "shipping.ship_order: the saga stopped waiting for it (timeout) and compensated it blind" in text
+    assert "undo of shipping.ship_order, round 1, result unknown: undone" in text
+    assert "undo of shipping.ship_order, round 2: nothing to undo" in text
+    # The cancelled order: cancelled while the payment waited, refunded blind
+    # (nothing yet), then the late charge refunded by the second round.
+    assert "SagaResult.cancel() -> True" in text
+    assert "payments.charge_card: the saga stopped waiting for it (cancelled) and compensated it blind" in text
+    assert "undo of payments.charge_card, round 1, result unknown: nothing to undo" in text
+    assert "undo of payments.charge_card, round 2: undone" in text
+    assert len(re.findall(r"compensation 2\s+COMPENSATED", text)) == 2  # both late successes, in the timelines
+    assert "had not settled" not in text
+    took = float(re.findall(r"Demo finished in ([\d.]+)s", text)[-1])
+    assert took < 60
+    pids = _pids(text)
     assert not [p for p in pids if _alive(p)]
     assert text.index("Stopped the shipping worker") < text.index("Stopped the private Redis")
 
 
-def test_demo_interrupted_with_ctrl_c_cleans_up_without_a_traceback() -> None:
+@pytest.mark.parametrize(
+    "when",
+    [
+        pytest.param("All workers are ready", id="before-the-orders"),
+        # The slow carrier still hangs at its gate, which the demo opens so its worker stops at once.
+        pytest.param("the shop cancels the order", id="while-the-carrier-hangs"),
+    ],
+)
+def test_demo_interrupted_with_ctrl_c_cleans_up_without_a_traceback(when: str) -> None:
     proc = subprocess.Popen(
         [sys.executable, "-m", "example_project.demo"],
         cwd=ROOT,
@@ -58,20 +102,28 @@ def test_demo_interrupted_with_ctrl_c_cleans_up_without_a_traceback() -> None:
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        # As from a terminal: a shell without job control starts background jobs ignoring SIGINT.
+        preexec_fn=_sigint_as_from_a_terminal,
     )
     assert proc.stdout is not None
     lines: list[str] = []
     deadline = time.monotonic() + 60
     for line in proc.stdout:
         lines.append(line)
-        if "All workers are ready" in line or time.monotonic() > deadline:
+        if when in line or time.monotonic() > deadline:
             break
+    interrupted = time.monotonic()
     proc.send_signal(signal.SIGINT)
     rest, _ = proc.communicate(timeout=60)
+    stopped_in = time.monotonic() - interrupted
     text = "".join(lines) + rest
+    assert when in text, text
     assert proc.returncode == 0, text
     assert "Interrupted." in text and "Traceback" not in text
     assert "Stopped the private Redis" in text
-    pids = [int(p) for p in re.findall(r"\(pid (\d+)\)", text)]
-    assert len(pids) == 4
+    assert text.index("Stopped the shipping worker") < text.index("Stopped the private Redis")
+    if when == "the shop cancels the order":
+        assert re.search(r"Sagas not finished: .*slow carrier", text), text
+        assert stopped_in < 8, text  # not the carrier's 10 s, nor the 15 s before a SIGKILL
+    pids = _pids(text)
     assert not [p for p in pids if _alive(p)]

@@ -6,6 +6,7 @@ run one in-process worker for all three services' queues.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -13,11 +14,13 @@ import pytest
 import redis
 from celery import Celery
 
+from celery_saga import CompensationStatus, SagaResult, SagaState, StepStatus
 from celery_saga.testing import SagaFaults, assert_compensated, assert_completed
 from example_project import ledger
 from example_project.app import app
 from example_project.orders import place_order
-from example_project.payments import DECLINED_CARD
+from example_project.payments import CONFIRM_CARD, DECLINED_CARD
+from example_project.shipping import SHIPPING_TIMEOUT, SLOW_ADDRESS
 
 pytest_plugins = ["celery_saga.testing"]
 
@@ -38,7 +41,7 @@ def saga_app() -> Celery:
 def shop_ledger(saga_redis_url: str, saga_prefix: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     # The ledger reads REDIS_URL and the demo prefix once, at import: point it
     # at the test Redis and this test's prefix, where saga_test_app cleans up.
-    client = redis.Redis.from_url(saga_redis_url, decode_responses=True)
+    client = redis.Redis.from_url(saga_redis_url, decode_responses=True, socket_timeout=120)
     monkeypatch.setattr(ledger, "_client", client)
     monkeypatch.setattr(ledger, "PREFIX", saga_prefix)
     yield
@@ -55,11 +58,11 @@ def test_a_happy_order_completes_with_every_effect(saga_worker: Any) -> None:
     state = assert_completed(result)
 
     assert state.data["tracking"] == "TRK-1"
-    assert effects(result.id) == {
-        "inventory": [{"order_id": 1, "reserved": ["book"]}],
-        "payments": [{"order_id": 1, "amount": 30}],
-        "shipping": [{"order_id": 1, "to": "1 Main"}, {"order_id": 1, "receipt": 30}],
-    }
+    left = effects(result.id)
+    assert left["inventory"] == [{"order_id": 1, "reserved": ["book"]}]
+    assert left["payments"] == [{"order_id": 1, "amount": 30}]
+    # Shipping and the receipt run in parallel: in either order.
+    assert sorted(left["shipping"], key=str) == [{"order_id": 1, "receipt": 30}, {"order_id": 1, "to": "1 Main"}]
 
 
 def test_a_declined_card_releases_the_stock(saga_worker: Any) -> None:
@@ -101,3 +104,92 @@ def test_a_compensation_that_fails_twice_is_retried_until_it_succeeds(
     assert state.step("inventory.reserve_stock").compensation_attempts == 3
     assert saga_faults.fired("inventory.reserve_stock", compensating=True) == 2
     assert effects(result.id)["inventory"] == []
+
+
+def wait_until(result: SagaResult, condition: Any, timeout: float = 15.0) -> SagaState:
+    deadline = time.monotonic() + timeout
+    while not condition(state := result.state()):
+        assert time.monotonic() < deadline, f"condition not met within {timeout}s: {state}"
+        time.sleep(0.05)
+    return state
+
+
+def journal(saga_id: str, step: str) -> list[tuple[str, int, bool]]:
+    """(what, round, result_known) of every apply and undo of one step, in order."""
+    return [(e["what"], e["round"], e["result_known"]) for e in ledger.journal(saga_id) if e["step"] == step]
+
+
+def test_a_shipment_past_its_deadline_is_cancelled_blind_and_again_when_the_carrier_answers(
+    saga_worker: Any,
+) -> None:
+    # Given a carrier that books the parcel, then hangs past the shipping deadline
+    result = place_order.delay(**order(5, address=SLOW_ADDRESS))
+
+    # Then a sweeper stops waiting for it: the shipment is cancelled blind, found by its key
+    state = assert_compensated(result, failed_step="shipping.ship_order", timeout=SHIPPING_TIMEOUT + 15)
+    assert state.reason == "timeout"
+    ship = state.step("shipping.ship_order")
+    assert ship.status is StepStatus.UNKNOWN and ship.stopped_by == "timeout" and ship.late_status is None
+    assert ship.compensation_status is CompensationStatus.COMPENSATED
+    assert journal(result.id, "shipping.ship_order") == [("applied", 0, True), ("undone", 1, False)]
+    left = effects(result.id)
+    assert left["inventory"] == [] and left["payments"] == []
+    assert left["shipping"] == [{"order_id": 5, "receipt": 30}]  # an e-mail cannot be unsent
+
+    # When the carrier answers at last
+    ledger.open_gate(f"{result.id}:shipping.ship_order")
+
+    # Then its late success is compensated again, with its result; nothing was left to cancel
+    def second_round_ended(s: SagaState) -> bool:
+        r2 = s.step("shipping.ship_order").second_round
+        return r2 is not None and r2.status is CompensationStatus.COMPENSATED
+
+    state = wait_until(result, second_round_ended)
+    ship = state.step("shipping.ship_order")
+    assert ship.late_status is StepStatus.COMPLETED and ship.late_result == {"tracking": "TRK-5"}
+    assert state.status.value == "COMPENSATED" and state.reason == "timeout"
+    assert journal(result.id, "shipping.ship_order")[-1] == ("nothing to undo", 2, True)
+    assert effects(result.id)["shipping"] == [{"order_id": 5, "receipt": 30}]
+
+
+def test_a_cancelled_order_refunds_blind_and_refunds_a_late_charge_again(saga_worker: Any) -> None:
+    # Given an order whose payment waits for the customer to confirm it
+    result = place_order.delay(**order(6, card=CONFIRM_CARD))
+    wait_until(result, lambda s: s.step("payments.charge_card").status is StepStatus.RUNNING)
+
+    # When the shop cancels it
+    assert result.cancel() is True
+
+    # Then the charge is refunded blind (there is none yet) and the stock released; shipping never starts
+    state = assert_compensated(result, steps=["payments.charge_card", "inventory.reserve_stock"])
+    assert state.reason == "cancelled"
+    charge = state.step("payments.charge_card")
+    assert charge.status is StepStatus.UNKNOWN and charge.stopped_by == "cancelled"
+    assert state.step("shipping.ship_order").status is StepStatus.WAITING
+    assert journal(result.id, "payments.charge_card") == [("nothing to undo", 1, False)]
+    assert effects(result.id) == {"inventory": [], "payments": [], "shipping": []}
+    assert result.cancel() is False  # it has finished
+
+    # When the customer confirms the payment after all
+    ledger.open_gate(f"{result.id}:payments.charge_card", "confirmed")
+
+    # Then the late charge is refunded by a second round
+    state = wait_until(
+        result,
+        lambda s: (
+            (r2 := s.step("payments.charge_card").second_round) is not None
+            and r2.status is CompensationStatus.COMPENSATED
+        ),
+    )
+    assert state.step("payments.charge_card").late_result == {"charge_id": "ch-6"}
+    assert journal(result.id, "payments.charge_card")[-2:] == [("applied", 0, True), ("undone", 2, True)]
+    assert effects(result.id) == {"inventory": [], "payments": [], "shipping": []}
+
+
+def test_a_payment_nobody_confirms_is_declined(saga_worker: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("example_project.payments.CONFIRM_WAIT", 0.2)
+
+    result = place_order.delay(**order(7, card=CONFIRM_CARD))
+
+    state = assert_compensated(result, steps=["inventory.reserve_stock"], failed_step="payments.charge_card")
+    assert state.reason == "failure" and state.error is not None and "did not confirm" in state.error
