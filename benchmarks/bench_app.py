@@ -9,7 +9,7 @@ environment:
 - ``BENCH_PREFIX``: the saga key prefix of this run.
 
 Called outside a saga the steps are plain tasks, so the same three tasks make
-both the saga and the reference chain.
+the sagas (with and without deadlines) and the reference chain.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import os
 
 from celery import Celery
 
-from celery_saga import Saga, saga_step
+from celery_saga import Saga, saga_step, step
 
 BROKER_URL = os.environ.get("BENCH_BROKER_URL", "redis://127.0.0.1:6379/9")
 QUEUE = os.environ.get("BENCH_QUEUE", "bench")
@@ -59,4 +59,9 @@ def step3() -> None:
     return None
 
 
+# Deadlines on, as by default: every step has saga_default_step_timeout (300 s).
 bench_saga = Saga("bench", [step1, step2, step3])
+# The same saga with no deadline at all, to show what deadlines cost.
+bench_saga_nodl = Saga(
+    "bench_nodl", [step(t, name=f"nodl{i}", timeout=None) for i, t in enumerate([step1, step2, step3])]
+)

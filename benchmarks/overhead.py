@@ -1,10 +1,12 @@
 """Saga overhead: N sagas of 3 no-op steps against N plain chains of the same 3 tasks.
 
-Both run interleaved, round after round, against one Redis (broker, result
-backend and saga store) and one ``celery worker -P prefork -c 2`` subprocess.
-Prints the saga/chain throughput ratio (target: >= 0.9) and the Redis
-commands per step of each. This is a script, not a timed test: it exits 0
-whatever the ratio.
+Three kinds run interleaved, round after round, against one Redis (broker,
+result backend and saga store) and one ``celery worker -P prefork -c 2``
+subprocess: plain chains, sagas with deadlines on (the default 300 s step
+timeout, swept by the worker's sweeper), and the same sagas with every
+deadline off. Prints the saga/chain throughput ratio with deadlines on
+(target: >= 0.9), the ratio without, and the Redis commands per step. This is
+a script, not a timed test: it exits 0 whatever the ratio.
 
 Redis: ``REDIS_URL`` if set; else 127.0.0.1:6379 database 9 if it answers;
 else a private server. Every run uses its own queue and key prefix and only
@@ -47,6 +49,8 @@ from celery_saga.store.redis import mask_url  # noqa: E402 - needs ROOT on sys.p
 
 TARGET = 0.9
 STEPS = 3
+#: A plain chain, a saga with deadlines (the default), a saga with none.
+KINDS = ("chain", "saga", "saga-nodl")
 
 
 # -- Redis --------------------------------------------------------------------------
@@ -190,6 +194,7 @@ class Batch:
     kind: str
     n: int
     seconds: float
+    round: int
     commands: Counter[str] | None
     #: CPU seconds used during the batch by this process, the worker (all its processes) and Redis.
     cpu: dict[str, float | None]
@@ -223,26 +228,27 @@ class Runner:
             results.append(c.apply_async())
         return results
 
-    def publish_sagas(self, n: int) -> list[Any]:
-        return [self.bench.bench_saga.delay() for _ in range(n)]
+    def publish_sagas(self, kind: str, n: int) -> list[Any]:
+        saga = self.bench.bench_saga if kind == "saga" else self.bench.bench_saga_nodl
+        return [saga.delay() for _ in range(n)]
 
     def wait(self, kind: str, results: list[Any], timeout: float) -> None:
         # Newest first: FIFO queues finish it last, so the others are done by then.
         deadline = time.monotonic() + timeout
         for res in reversed(results):
             left = max(0.1, deadline - time.monotonic())
-            if kind == "saga":
+            if kind != "chain":
                 data = res.get(timeout=left, interval=self.poll_interval)
                 if data != {}:
                     raise RuntimeError(f"saga {res.id} ended with unexpected data {data!r}")
             else:
                 res.get(timeout=left)
 
-    def batch(self, kind: str, n: int, timeout: float = 300.0) -> Batch:
+    def batch(self, kind: str, n: int, timeout: float = 300.0, round: int = 0) -> Batch:
         before = command_calls(self.client)
         cpu0 = self.cpu()
         start = time.perf_counter()
-        results = self.publish_sagas(n) if kind == "saga" else self.publish_chains(n)
+        results = self.publish_chains(n) if kind == "chain" else self.publish_sagas(kind, n)
         self.wait(kind, results, timeout)
         seconds = time.perf_counter() - start
         cpu1 = self.cpu()
@@ -253,7 +259,7 @@ class Runner:
             delta = after - before
             delta["info"] -= 1  # the INFO that took `before`
             delta = +delta
-        return Batch(kind, n, seconds, delta, cpu)
+        return Batch(kind, n, seconds, round, delta, cpu)
 
     def cpu(self) -> dict[str, float | None]:
         worker = worker_cpu(self.worker_pid)
@@ -356,7 +362,7 @@ def per_step(counter: Counter[str], steps: int) -> str:
 
 def report_cpu(batches: list[Batch]) -> None:
     print("\nCPU ms per saga / chain over the timed batches (2 cores shared by all; Redis is indicative)")
-    for kind in ("chain", "saga"):
+    for kind in KINDS:
         mine = [b for b in batches if b.kind == kind]
         n = sum(b.n for b in mine)
         parts = []
@@ -365,13 +371,13 @@ def report_cpu(batches: list[Batch]) -> None:
             if all(u is not None for u in used):
                 parts.append(f"{who} {1000 * sum(u for u in used if u is not None) / n:5.2f}")
         wall = 1000 * sum(b.seconds for b in mine) / n
-        print(f"  {kind:5}: wall {wall:5.2f}   " + "   ".join(parts))
+        print(f"  {kind:9}: wall {wall:5.2f}   " + "   ".join(parts))
 
 
 def report_commands(batches: list[Batch]) -> None:
     print("\nRedis commands per step, INFO commandstats over the timed batches (incl. calls inside Lua;")
     print("indicative only: a shared Redis also counts other clients)")
-    for kind in ("chain", "saga"):
+    for kind in KINDS:
         mine = [b for b in batches if b.kind == kind]
         if any(b.commands is None for b in mine):
             print("  (INFO commandstats not permitted; skipped)")
@@ -379,16 +385,16 @@ def report_commands(batches: list[Batch]) -> None:
         total: Counter[str] = Counter()
         for b in mine:
             total.update(b.commands or {})
-        print(f"  {kind:5}: {per_step(total, STEPS * sum(b.n for b in mine))}")
+        print(f"  {kind:9}: {per_step(total, STEPS * sum(b.n for b in mine))}")
 
 
 def report_sample(samples: dict[str, Sample], n: int) -> None:
     print(f"\nRedis round trips per step, MONITOR sample of {n} of each (publisher + worker + waiting;")
     print("a MULTI..EXEC pipeline counts once)")
     for kind, s in samples.items():
-        print(f"  {kind:5}: round trips {per_step(s.round_trips, STEPS * n)}")
+        print(f"  {kind:9}: round trips {per_step(s.round_trips, STEPS * n)}")
         if s.in_lua:
-            print(f"         inside Lua  {per_step(s.in_lua, STEPS * n)}")
+            print(f"             inside Lua  {per_step(s.in_lua, STEPS * n)}")
 
 
 # -- main -----------------------------------------------------------------------------
@@ -422,14 +428,14 @@ def main(argv: list[str] | None = None) -> int:
             wait_ready(bench, worker, ns)
             runner = Runner(bench, client, ns, args.poll_interval, worker.proc.pid)
             if args.warmup:
-                runner.batch("chain", args.warmup)
-                runner.batch("saga", args.warmup)
+                for kind in KINDS:
+                    runner.batch(kind, args.warmup)
             batches = run_rounds(runner, args.n, args.rounds)
             report_cpu(batches)
             report_commands(batches)
             if args.monitor_n > 0:
                 samples: dict[str, Sample] = {}
-                for kind in ("chain", "saga"):
+                for kind in KINDS:
                     s = monitor_sample(runner, url, _db(url), kind, args.monitor_n)
                     if s is None:
                         break
@@ -468,16 +474,16 @@ def _db(url: str) -> int:
 
 def run_rounds(runner: Runner, n: int, rounds: int) -> list[Batch]:
     batches: list[Batch] = []
-    print(f"\n{rounds} rounds of {n} chains and {n} sagas ({STEPS} no-op steps each), prefork -c 2")
+    print(f"\n{rounds} rounds of {n} of each ({STEPS} no-op steps each), prefork -c 2")
     for r in range(rounds):
-        # Alternate which goes first, so drift in the machine's load hits both.
-        order = ("chain", "saga") if r % 2 == 0 else ("saga", "chain")
-        got = {kind: runner.batch(kind, n) for kind in order}
+        # Rotate which goes first, so drift in the machine's load hits all kinds.
+        order = KINDS[r % len(KINDS) :] + KINDS[: r % len(KINDS)]
+        got = {kind: runner.batch(kind, n, round=r) for kind in order}
         batches += got.values()
-        c, s = got["chain"], got["saga"]
+        c = got["chain"]
         print(
-            f"  round {r + 1}: chain {c.rate:7.1f}/s ({c.seconds:5.2f}s)   "
-            f"saga {s.rate:7.1f}/s ({s.seconds:5.2f}s)   ratio {s.rate / c.rate:.3f}"
+            f"  round {r + 1}: chain {c.rate:6.1f}/s   "
+            + "   ".join(f"{k} {got[k].rate:6.1f}/s (ratio {got[k].rate / c.rate:.3f})" for k in KINDS[1:])
         )
     return batches
 
@@ -487,16 +493,27 @@ def report_ratio(batches: list[Batch]) -> None:
         mine = [b for b in batches if b.kind == kind]
         return sum(b.n for b in mine) / sum(b.seconds for b in mine)
 
-    chains, sagas = total("chain"), total("saga")
-    # Batches come in pairs of one chain and one saga batch, in either order.
-    rounds = [
-        (b2.rate / b1.rate) if b1.kind == "chain" else (b1.rate / b2.rate)
-        for b1, b2 in zip(batches[::2], batches[1::2], strict=True)
-    ]
+    def round_ratios(kind: str) -> list[float]:
+        by_round: dict[int, dict[str, float]] = {}
+        for b in batches:
+            by_round.setdefault(b.round, {})[b.kind] = b.rate
+        return [r[kind] / r["chain"] for r in by_round.values()]
+
+    chains, sagas, bare = total("chain"), total("saga"), total("saga-nodl")
     ratio = sagas / chains
-    print(f"\nchain: {chains:.1f}/s ({chains * STEPS:.0f} tasks/s)   saga: {sagas:.1f}/s ({sagas * STEPS:.0f} steps/s)")
-    print(f"saga/chain throughput ratio: {ratio:.2f} (median of rounds {statistics.median(rounds):.2f})")
-    print(f"target >= {TARGET}: {'met' if ratio >= TARGET else 'NOT met'}")
+    print(
+        f"\nchain: {chains:.1f}/s ({chains * STEPS:.0f} tasks/s)   saga: {sagas:.1f}/s ({sagas * STEPS:.0f} steps/s)"
+        f"   saga without deadlines: {bare:.1f}/s"
+    )
+    print(
+        f"saga/chain throughput ratio, deadlines on: {ratio:.2f} "
+        f"(median of rounds {statistics.median(round_ratios('saga')):.2f})"
+    )
+    print(
+        f"saga/chain throughput ratio, deadlines off: {bare / chains:.2f} "
+        f"(median of rounds {statistics.median(round_ratios('saga-nodl')):.2f})"
+    )
+    print(f"target >= {TARGET} with deadlines on: {'met' if ratio >= TARGET else 'NOT met'}")
 
 
 if __name__ == "__main__":
