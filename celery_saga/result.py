@@ -60,6 +60,7 @@ class SagaResult:
         Raises:
             SagaNotFound: there is no such saga.
             SagaRecordCorrupt: its record cannot be read.
+            SagaStoreUnavailable: the saga store cannot be reached; nothing changed.
         """
         from .dispatch import react
 
