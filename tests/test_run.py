@@ -358,7 +358,7 @@ def test_steps_and_compensations_keep_their_own_queues(app: Celery, r, prefix, n
 
     routes: dict[str, str] = {}
 
-    app.conf.task_routes = {"q.refund": {"queue": f"refunds-{ns}"}}
+    app.conf.task_routes = {"q.refund": {"queue": f"q-{ns}-refunds"}}
 
     @app.task(shared=False, name="q.refund", bind=True)
     def refund(self) -> None:  # type: ignore[no-untyped-def]
@@ -374,12 +374,12 @@ def test_steps_and_compensations_keep_their_own_queues(app: Celery, r, prefix, n
     def boom() -> None:
         raise RuntimeError("no")
 
-    queues = [app.conf.task_default_queue, f"payments-{ns}", f"refunds-{ns}"]
+    queues = [app.conf.task_default_queue, f"q-{ns}-payments", f"q-{ns}-refunds"]
     # The step's queue comes from its signature, the compensation's from task_routes.
-    saga = Saga("queues", [pay.s().set(queue=f"payments-{ns}"), boom])
+    saga = Saga("queues", [pay.s().set(queue=f"q-{ns}-payments"), boom])
     with (
         start_worker(app, pool="threads", perform_ping_check=False, queues=queues, shutdown_timeout=10),
         pytest.raises(SagaCompensated),
     ):
         saga.delay().get(timeout=20)
-    assert routes == {"pay": f"payments-{ns}", "refund": f"refunds-{ns}"}
+    assert routes == {"pay": f"q-{ns}-payments", "refund": f"q-{ns}-refunds"}
