@@ -227,6 +227,15 @@ local function advance(out)
   return false
 end
 
+-- Move the rollback on if the saga is rolling back. `changed` is the status
+-- this call found the saga in, if an earlier part of it changed it; that
+-- one, not COMPENSATING, is what the caller reports.
+local function settle(out, changed)
+  if hget('status') ~= 'COMPENSATING' then return changed end
+  local fin = advance(out)
+  return changed or fin
+end
+
 -- Stop waiting for forward step m: a queued one is fenced (it will never
 -- run), a started one has an unknown outcome. `why` is timeout, cancelled,
 -- lost or failure. Returns the step's new status, or nil if it was not in flight.
@@ -359,10 +368,7 @@ local function apply_deadlines(out)
       end
     end
   end)
-  if hget('status') == 'COMPENSATING' then
-    local fin = advance(out)
-    changed = changed or fin
-  end
+  changed = settle(out, changed)
   return changed
 end
 
@@ -456,10 +462,7 @@ if op == 'abort' then
       if hget('status') == 'RUNNING' then changed = begin_rollback(m, ARGV[4], 'failure') end
     end
   end
-  if hget('status') == 'COMPENSATING' then
-    local fin = advance(out)
-    changed = changed or fin
-  end
+  changed = settle(out, changed)
   return remember(rollback_reply('compensate', changed, out))
 end
 
@@ -481,11 +484,7 @@ if op == 'begin' then
       changed = halt('timeout', saga_timeout_text())
       advance(out)
     elseif dl and num(NOW) >= dl then
-      changed = time_out_step(m)
-      if hget('status') == 'COMPENSATING' then
-        local fin = advance(out)
-        changed = changed or fin
-      end
+      changed = settle(out, time_out_step(m))
     end
     s = hget('s:' .. m)
   end
@@ -601,11 +600,7 @@ if op == 'expire' then
   local dl = num(hget('dl:' .. m))
   if not dl or num(NOW) < dl then return {'early', status, ''} end
   local out = {}
-  local changed = time_out_step(m)
-  if hget('status') == 'COMPENSATING' then
-    local fin = advance(out)
-    changed = changed or fin
-  end
+  local changed = settle(out, time_out_step(m))
   return remember(rollback_reply('compensate', changed, out))
 end
 
@@ -632,8 +627,7 @@ if op == 'cancel' then
   else
     changed = halt('cancelled', ARGV[4])
   end
-  local fin = advance(out)
-  changed = changed or fin
+  changed = settle(out, changed)
   return remember(rollback_reply('compensate', changed, out))
 end
 
