@@ -7,8 +7,9 @@ are compensated in reverse order. A record in Redis is the source of truth.
 
 from __future__ import annotations
 
-from .admin import SagaStats, SagaSummary, cancel_saga, list_sagas, purge_saga, retry_saga, saga_state, saga_stats
-from .app import enable
+from .admin import cancel_saga, list_sagas, purge_saga, retry_saga, saga_state, saga_stats
+from .context import StepContext, current_step
+from .enable import enable
 from .errors import (
     IdempotencyConflict,
     SagaCompensated,
@@ -26,8 +27,9 @@ from .result import SagaResult
 from .saga import Saga, parallel
 from .signals import compensation_failed, saga_compensated, saga_completed, saga_failed, saga_started
 from .state import CompensationRound, CompensationStatus, SagaState, SagaStatus, StepRecord, StepStatus
-from .step import StepContext, current_step, saga_step, step
+from .step import saga_step, step
 from .sweeper import SweepReport, sweep
+from .views import SagaStats, SagaSummary
 
 __version__ = "0.1.0"
 

@@ -11,26 +11,23 @@ Listing reads the status indexes, newest first, never a SCAN: it costs a
 round trip per index read plus one for the records. Index entries outlive
 an expired record by up to the retention, so readers skip them.
 
-``*_json`` give the documented, stable JSON shapes printed by ``--json``
-(see `celery_saga.cli`). Times are ISO-8601 UTC with milliseconds and a
-``Z``, like ``2026-11-27T03:25:09.640Z``, or null when unknown.
+What these return looks like to people and tools (JSON, tables) is
+`celery_saga.views`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 from celery import Celery
 
-from .app import store_for
-from .dispatch import react
 from .errors import SagaNotFound, SagaRecordCorrupt, SagaStateError
+from .follow import follow
 from .result import SagaResult
-from .state import SagaState, SagaStatus, StepRecord
-from .store.base import SagaStore, Transition
+from .state import SagaState, SagaStatus
+from .store import Outcome, SagaStore, Transition
+from .stores import store_for
+from .views import SagaStats, SagaSummary, iso, state_json, summary_of
 
 __all__ = [
     "SagaStats",
@@ -45,53 +42,6 @@ __all__ = [
     "saga_stats",
     "state_json",
 ]
-
-
-@dataclass(frozen=True)
-class SagaSummary:
-    """One line of a saga list: what its record says, without parsing its plan."""
-
-    saga_id: str
-    name: str
-    status: SagaStatus
-    status_at: datetime | None
-    created_at: datetime | None
-    failed_step: str | None
-    error: str | None
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "id": self.saga_id,
-            "name": self.name,
-            "status": self.status.value,
-            "status_at": iso(self.status_at),
-            "created_at": iso(self.created_at),
-            "failed_step": self.failed_step,
-            "error": self.error,
-        }
-
-
-@dataclass(frozen=True)
-class SagaStats:
-    """Saga counts from the indexes; finished sagas only within this app's ``saga_retention``.
-
-    Attributes:
-        by_status: ``{status: count}``, every status present.
-        by_name: ``{saga_name: {status: count}}``, every status present.
-    """
-
-    by_status: Mapping[str, int]
-    by_name: Mapping[str, Mapping[str, int]]
-
-    def to_json(self) -> dict[str, Any]:
-        return {"by_status": dict(self.by_status), "by_name": {n: dict(c) for n, c in self.by_name.items()}}
-
-
-def iso(when: datetime | None) -> str | None:
-    """``2026-11-27T03:25:09.640Z``: ISO-8601, UTC, milliseconds (records keep no more)."""
-    if when is None:
-        return None
-    return when.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def list_sagas(
@@ -151,10 +101,9 @@ def retry_saga(app: Celery, saga_id: str) -> SagaResult:
         SagaStateError: the saga is not FAILED, or no compensation of it gave up.
     """
     store = store_for(app)
-    name = store.load(saga_id).get("name", "")
-    t = store.retry(saga_id, name)
+    t = store.retry(saga_id)
     _check(store, saga_id, t, "retry", "only a FAILED saga whose compensations gave up can be retried")
-    react(app, store, saga_id, name, "*", t)
+    follow(app, store, t)
     return SagaResult(saga_id, app)
 
 
@@ -184,68 +133,6 @@ def purge_saga(app: Celery, saga_id: str) -> None:
     _check(store, saga_id, t, "purge", "only a finished saga (COMPLETED, COMPENSATED or FAILED) can be purged")
 
 
-def state_json(state: SagaState) -> dict[str, Any]:
-    """The JSON shape of a saga record, as ``celery saga show --json`` prints it."""
-    return {
-        "id": state.saga_id,
-        "name": state.name,
-        "status": state.status.value,
-        "status_at": iso(state.status_at),
-        "created_at": iso(state.created_at),
-        "idempotency_key": state.idempotency_key,
-        "failed_step": state.failed_step,
-        "error": state.error,
-        "reason": state.reason,
-        "kwargs": state.kwargs,
-        "data": state.data,
-        "settings": state.settings,
-        "timeout": state.timeout,
-        "deadline": iso(state.deadline),
-        "steps": [_step_json(s) for s in state.steps],
-    }
-
-
-def _step_json(s: StepRecord) -> dict[str, Any]:
-    second = s.second_round
-    return {
-        "name": s.name,
-        "task": s.task,
-        "stage": s.stage,
-        "status": s.status.value,
-        "attempts": s.attempts,
-        "started_at": iso(s.started_at),
-        "ended_at": iso(s.ended_at),
-        "error": s.error,
-        "result": s.result,
-        "timeout": s.timeout,
-        "deadline": iso(s.deadline),
-        "stopped_by": s.stopped_by,
-        "late": None
-        if s.late_status is None
-        else {"status": s.late_status.value, "result": s.late_result, "error": s.late_error, "at": iso(s.late_at)},
-        "compensation": None
-        if s.compensation is None
-        else {
-            "task": s.compensation,
-            "status": s.compensation_status.value if s.compensation_status else None,
-            "attempts": s.compensation_attempts,
-            "started_at": iso(s.compensation_started_at),
-            "ended_at": iso(s.compensation_ended_at),
-            "error": s.compensation_error,
-            "deadline": iso(s.compensation_deadline),
-            "round2": None
-            if second is None
-            else {
-                "status": second.status.value,
-                "attempts": second.attempts,
-                "started_at": iso(second.started_at),
-                "ended_at": iso(second.ended_at),
-                "error": second.error,
-            },
-        },
-    }
-
-
 def _epoch(since: datetime | timedelta | None) -> float | None:
     if since is None:
         return None
@@ -263,7 +150,7 @@ def _read_index(
         ids = store.list_ids(status, name, want, since)
         live = [
             s
-            for s in (_summary(saga_id, raw) for saga_id, raw in zip(ids, store.load_many(ids), strict=True))
+            for s in (summary_of(saga_id, raw) for saga_id, raw in zip(ids, store.load_many(ids), strict=True))
             if s is not None and (s.status is status or not strict)
         ]
         if len(live) >= limit or len(ids) < want:
@@ -271,36 +158,10 @@ def _read_index(
         want *= 2
 
 
-def _summary(saga_id: str, raw: dict[str, str] | None) -> SagaSummary | None:
-    """Read leniently: a record whose plan is damaged still lists. None if it expired."""
-    if not raw:
-        return None
-    try:
-        status = SagaStatus(raw.get("status", ""))
-    except ValueError:
-        return None
-    return SagaSummary(
-        saga_id=saga_id,
-        name=raw.get("name", ""),
-        status=status,
-        status_at=_ms(raw.get("status_at")),
-        created_at=_ms(raw.get("created")),
-        failed_step=raw.get("failed_step") or None,
-        error=raw.get("error") or None,
-    )
-
-
-def _ms(raw: str | None) -> datetime | None:
-    try:
-        return datetime.fromtimestamp(int(raw) / 1000, tz=UTC) if raw else None
-    except (ValueError, OverflowError, OSError):
-        return None
-
-
 def _check(store: SagaStore, saga_id: str, t: Transition, action: str, allowed: str) -> None:
-    if t.tag == "missing":
+    if t.outcome is Outcome.MISSING:
         raise SagaNotFound(saga_id, store.where())
-    if t.tag == "notallowed":
-        raise SagaStateError(saga_id, t.status, action, allowed)
-    if t.tag == "corrupt":
+    if t.outcome is Outcome.NOT_ALLOWED:
+        raise SagaStateError(saga_id, t.status.value if t.status else "", action, allowed)
+    if t.outcome is Outcome.CORRUPT:
         raise SagaRecordCorrupt(saga_id, f"the store refused to {action} it")

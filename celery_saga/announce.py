@@ -10,7 +10,6 @@ the step's task id, so a skipped duplicate does not stay STARTED in Flower.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,12 +18,15 @@ from typing import Any
 from celery import Celery
 
 from . import signals
-from .state import SagaState
-from .store.base import Transition
+from .state import SagaState, SagaStatus
+from .store import Transition
 
 __all__ = ["configure_worker", "saga_event", "saga_transition", "step_event"]
 
 logger = logging.getLogger("celery_saga")
+
+_FORWARD = (SagaStatus.PENDING, SagaStatus.RUNNING)
+_ROLLING_BACK = (SagaStatus.COMPENSATING, SagaStatus.COMPENSATED, SagaStatus.FAILED)
 
 
 @dataclass
@@ -66,46 +68,43 @@ def step_event(app: Celery, kind: str, task_id: str, saga_id: str, name: str, st
     _send(app, f"task-saga-step-{kind}", task_id, saga_id=saga_id, saga_name=name, step=step, **fields)
 
 
-def saga_transition(app: Celery, saga_id: str, name: str, t: Transition, load: Callable[[], dict[str, str]]) -> None:
+def saga_transition(app: Celery, t: Transition, load: Callable[[], dict[str, str]]) -> None:
     """Send the events and signals for a change of saga status made by this process.
 
     ``load`` reads the record; it is called only when a signal needs it.
     """
-    old, new = t.changed_from, t.status
-    if not old or old == new:
+    old, new, saga_id, name = t.changed_from, t.status, t.saga_id, t.name
+    if old is None or new is None or old is new:
         return
-    if new == "RUNNING":
+    if new is SagaStatus.RUNNING:
         saga_event(app, "started", saga_id, name)
         return
-    if new in ("COMPENSATING", "COMPENSATED", "FAILED") and old in ("PENDING", "RUNNING"):
+    if new in _ROLLING_BACK and old in _FORWARD:
         saga_event(app, "compensating", saga_id, name)
-    if new == "COMPLETED":
+    if new is SagaStatus.COMPLETED:
         saga_event(app, "completed", saga_id, name)
         if signals.saga_completed.receivers:
             data = SagaState.from_record(saga_id, load()).data
             signals.saga_completed.send(
                 sender=name, saga_id=saga_id, saga_name=name, dedup_id=f"{saga_id}:completed", data=data
             )
-    elif new in ("COMPENSATED", "FAILED"):
+    elif new in (SagaStatus.COMPENSATED, SagaStatus.FAILED):
         raw = load()
         failed_step, error = raw.get("failed_step") or None, raw.get("error") or None
         # An operator retry of a FAILED saga ends it again: a new transition, a new id.
-        dedup = f"{saga_id}:{new.lower()}:{raw.get('rr', '0')}"
-        saga_event(app, new.lower(), saga_id, name, failed_step=failed_step, error=error)
-        signal = signals.saga_compensated if new == "COMPENSATED" else signals.saga_failed
+        kind = new.value.lower()
+        dedup = f"{saga_id}:{kind}:{raw.get('rr', '0')}"
+        saga_event(app, kind, saga_id, name, failed_step=failed_step, error=error)
+        signal = signals.saga_compensated if new is SagaStatus.COMPENSATED else signals.saga_failed
         signal.send(sender=name, saga_id=saga_id, saga_name=name, dedup_id=dedup, failed_step=failed_step, error=error)
 
 
-def saga_started(saga_id: str, name: str, kwargs_json: str, gen: str) -> None:
+def saga_started(saga_id: str, name: str, data: dict[str, Any], gen: str) -> None:
     """The start created the saga: the client's signal (never an event)."""
     if not signals.saga_started.receivers:
-        return  # every start pays for this: skip decoding the kwargs for nobody
+        return
     signals.saga_started.send(
-        sender=name,
-        saga_id=saga_id,
-        saga_name=name,
-        dedup_id=f"{saga_id}:started:{gen}",
-        kwargs=json.loads(kwargs_json),
+        sender=name, saga_id=saga_id, saga_name=name, dedup_id=f"{saga_id}:started:{gen}", kwargs=data
     )
 
 

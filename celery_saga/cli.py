@@ -47,7 +47,7 @@ import json
 import re
 import signal
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -58,10 +58,11 @@ from celery.bin.base import CeleryCommand, CeleryOption
 from celery.exceptions import CeleryCommandException
 from kombu.exceptions import OperationalError
 
-from . import admin
+from . import admin, views
 from .errors import SagaError, SagaStoreUnavailable
 from .state import SagaStatus
-from .timeline import render
+from .sweeper import SweeperThread
+from .sweeper import sweep as sweep_once
 
 __all__ = ["parse_since", "saga"]
 
@@ -113,14 +114,6 @@ def _echo_json(value: Any) -> None:
     click.echo(json.dumps(value, indent=2))
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    cells = [list(header), *[list(r) for r in rows]]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
 def _app(ctx: click.Context) -> Any:
     return ctx.obj.app
 
@@ -168,14 +161,7 @@ def list_(
     if as_json:
         _echo_json({"sagas": [s.to_json() for s in found]})
         return
-    if not found:
-        click.echo("no sagas found")
-        return
-    rows = [
-        (s.saga_id, s.name, s.status.value, admin.iso(s.status_at) or "-", s.failed_step or "", (s.error or "")[:48])
-        for s in found
-    ]
-    click.echo(_table(("id", "name", "status", "since", "failed step", "error"), rows))
+    click.echo(views.list_table(found) if found else "no sagas found")
 
 
 @saga.command(cls=CeleryCommand)
@@ -187,14 +173,9 @@ def show(ctx: click.Context, saga_id: str, as_json: bool) -> None:
     with _errors():
         state = admin.saga_state(_app(ctx), saga_id)
     if as_json:
-        _echo_json(admin.state_json(state))
+        _echo_json(views.state_json(state))
         return
-    click.echo(f"saga {state.saga_id} ({state.name}): {state.status.value} since {admin.iso(state.status_at)}")
-    click.echo(f"created {admin.iso(state.created_at)}")
-    if state.failed_step:
-        click.echo(f"failed step {state.failed_step}: {state.error}")
-    click.echo("")
-    click.echo(render(state))
+    click.echo(views.saga_text(state))
 
 
 @saga.command(cls=CeleryCommand)
@@ -207,12 +188,7 @@ def stats(ctx: click.Context, as_json: bool) -> None:
     if as_json:
         _echo_json(counts.to_json())
         return
-    statuses = [s.value for s in SagaStatus]
-    click.echo(_table(("status", "sagas"), [(s, str(counts.by_status[s])) for s in statuses]))
-    if counts.by_name:
-        rows = [(n, *(str(c.get(s, 0)) for s in statuses)) for n, c in counts.by_name.items()]
-        click.echo("")
-        click.echo(_table(("name", *statuses), rows))
+    click.echo(views.stats_tables(counts))
 
 
 @saga.command(cls=CeleryCommand)
@@ -259,9 +235,6 @@ def cancel(ctx: click.Context, saga_id: str) -> None:
 @click.pass_context
 def sweep(ctx: click.Context, once: bool, interval: float | None) -> None:
     """Act on due step, saga and compensation deadlines, like the sweeper inside every worker."""
-    from .sweeper import SweeperThread
-    from .sweeper import sweep as sweep_once
-
     app = _app(ctx)
     if once:
         with _errors():

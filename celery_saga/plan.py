@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Plan", "StepSpec"]
+__all__ = ["FORBIDDEN_IN_STEP_NAMES", "Plan", "StepSpec", "cached_plan", "remember_plan"]
 
 # Step names end up in Celery task ids ("<saga_id>:<step>") and in the
 # flat stage list the Lua scripts split on "," and ";".
@@ -113,3 +116,28 @@ class Plan:
 
     def digest(self) -> str:
         return hashlib.sha1(self.to_json().encode()).hexdigest()[:16]
+
+
+# Plans by digest. A plan never changes under its digest, so workers decode
+# each one once, not once per step; threads pools share the cache.
+_PLANS: OrderedDict[str, Plan] = OrderedDict()
+_PLANS_LOCK = threading.Lock()
+_PLANS_KEPT = 512
+
+
+def remember_plan(digest: str, plan: Plan) -> Plan:
+    """Cache ``plan`` under ``digest``, keeping the most recent few hundred."""
+    with _PLANS_LOCK:
+        _PLANS[digest] = plan
+        _PLANS.move_to_end(digest)
+        if len(_PLANS) > _PLANS_KEPT:
+            _PLANS.popitem(last=False)
+    return plan
+
+
+def cached_plan(digest: str, load: Callable[[], str]) -> Plan:
+    """The plan with ``digest``, decoded from ``load()`` (its JSON) only when not cached."""
+    plan = _PLANS.get(digest)
+    if plan is None:
+        plan = remember_plan(digest, Plan.from_json(load()))
+    return plan

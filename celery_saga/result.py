@@ -9,7 +9,10 @@ from celery import Celery
 from celery.exceptions import TimeoutError as CeleryTimeoutError
 
 from .errors import SagaCompensated, SagaFailed, SagaNotFound, SagaRecordCorrupt
+from .follow import follow
 from .state import CompensationStatus, SagaState, SagaStatus
+from .store import Outcome, SagaStore
+from .stores import store_for
 
 __all__ = ["SagaResult"]
 
@@ -30,19 +33,17 @@ class SagaResult:
     def __hash__(self) -> int:
         return hash(self.id)
 
-    def _store(self) -> Any:
-        from .app import store_for
-
+    def _store(self) -> SagaStore:
         return store_for(self.app)
 
     def state(self) -> SagaState:
         """A snapshot of the saga record. Raises SagaNotFound if there is none."""
-        return self._store().state(self.id)  # type: ignore[no-any-return]
+        return self._store().state(self.id)
 
     @property
     def status(self) -> SagaStatus:
         """The saga status. Raises SagaNotFound if there is no record."""
-        return self._store().status(self.id)  # type: ignore[no-any-return]
+        return self._store().status(self.id)
 
     def ready(self) -> bool:
         """True once the saga has finished: COMPLETED, COMPENSATED or FAILED."""
@@ -62,18 +63,15 @@ class SagaResult:
             SagaRecordCorrupt: its record cannot be read.
             SagaStoreUnavailable: the saga store cannot be reached; nothing changed.
         """
-        from .dispatch import react
-
         store = self._store()
-        name = store.load(self.id).get("name", "")
-        t = store.cancel(self.id, name, "cancelled on request")
-        if t.tag == "finished":
+        t = store.cancel(self.id, "cancelled on request")
+        if t.outcome is Outcome.FINISHED:
             return False
-        if t.tag == "missing":
+        if t.outcome is Outcome.MISSING:
             raise SagaNotFound(self.id, store.where())
-        if t.tag != "compensate":
-            raise SagaRecordCorrupt(self.id, f"the store refused to cancel it ({t.tag})")
-        react(self.app, store, self.id, name, "*", t)
+        if t.outcome is not Outcome.ROLLBACK:
+            raise SagaRecordCorrupt(self.id, f"the store refused to cancel it ({t.outcome.value})")
+        follow(self.app, store, t)
         return True
 
     def get(self, timeout: float | None = None, interval: float = 0.05) -> dict[str, Any]:

@@ -2,35 +2,34 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import inspect
 import json
 import logging
 import time
 import uuid
-import weakref
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 from celery import Celery
 from celery.canvas import Signature, _chain, _chord, group
 
-from . import announce
-from .dispatch import publish_step
 from .errors import IdempotencyConflict, SagaDataError, SagaDefinitionError
-from .plan import Plan, StepSpec
+from .follow import follow
+from .introspect import is_proxy, is_task, task_app, task_name
+from .messages import StageNotPublished
+from .plan import Plan, StepSpec, remember_plan
+from .registry import MISSING, register_saga, step_meta
 from .result import SagaResult
 from .settings import default_step_timeout, timeout_seconds
-from .step import MISSING, StepRef, check_step_name, registered
-from .store.base import StartRequest
-from .tasks import is_proxy, is_task, task_app, task_name
+from .step import StepRef, check_step_name
+from .store import Outcome, SagaStore, StartRequest, Transition
+from .stores import settings_of, store_for
 
-__all__ = ["Saga", "parallel", "sagas_of", "validate_sagas_of"]
+__all__ = ["Saga", "parallel"]
 
 logger = logging.getLogger("celery_saga")
-
-# Sagas whose definition must be checked when their app is finalized.
-_SAGAS: weakref.WeakSet[Saga] = weakref.WeakSet()
 
 _ROUTING_OPTIONS = ("queue", "exchange", "routing_key", "priority")
 _ID_NAMESPACE = uuid.UUID("6c6a1f55-3c1e-4b4e-9a51-3f5d1b8f1e2a")
@@ -87,7 +86,7 @@ def _leaf(item: Any) -> StepRef:
         return item
     if is_task(item) or isinstance(item, Signature):
         name = task_name(item)
-        meta = registered(name)
+        meta = step_meta(name)
         if meta is None:
             raise SagaDefinitionError(
                 f"task {name!r} is not a saga step: decorate it with @saga_step(compensate=...) "
@@ -147,7 +146,8 @@ class Saga:
         self._refs = stages
         self._app = app or next((r.app for stage in stages for r in stage if r.app is not None), None)
         self._plan: Plan | None = None
-        _SAGAS.add(self)
+        # Checked when its app is finalized, and read by the worker's checks.
+        register_saga(self)
         if self._app is not None and self._app.finalized:
             self.plan()
 
@@ -161,6 +161,10 @@ class Saga:
                 f"saga {self.name!r} names all its steps by task name, so its app is unknown: pass Saga(..., app=app)"
             )
         return self._app
+
+    def belongs_to(self, app: Celery) -> bool:
+        """True if this saga is defined on ``app``."""
+        return self._app is app
 
     def plan(self) -> Plan:
         """The checked plan. Needs the app finalized: compensation names are checked against its tasks."""
@@ -266,15 +270,12 @@ class Saga:
         saga_timeout = self.timeout if timeout is MISSING else timeout_seconds(f"saga {self.name!r}: timeout", timeout)
         plan = self.plan()
         app = self.app
-        from .app import settings_of, store_for
-
         settings = settings_of(app)
         store = store_for(app)
         key = idempotency_key or ""
         if idempotency_key is not None and (not isinstance(idempotency_key, str) or not idempotency_key):
             raise SagaDataError("idempotency_key must be a non-empty string")
         saga_id = str(uuid.uuid5(_ID_NAMESPACE, f"{self.name}\x00{key}")) if key else str(uuid.uuid4())
-        gen = uuid.uuid4().hex[:12]
         step_fields: list[tuple[str, str]] = []
         for spec in plan.steps:
             if spec.compensation is not None:
@@ -285,14 +286,15 @@ class Saga:
                 step_fields.append((f"to:{spec.name}", f"{spec.timeout * 1000:.0f}"))
         # The first deadline can be no sooner than the shortest timeout.
         first = min((x for x in (plan.shortest_timeout(), saga_timeout) if x is not None), default=None)
+        digest = plan.digest()
         req = StartRequest(
             saga_id=saga_id,
-            gen=gen,
+            gen=uuid.uuid4().hex[:12],
             name=self.name,
             fingerprint=hashlib.sha256(_canonical(data).encode()).hexdigest(),
             kwargs_json=kwargs_json,
             plan_json=plan.to_json(),
-            plan_digest=plan.digest(),
+            plan_digest=digest,
             stages=plan.lua_stages(),
             retention=settings.retention,
             settings_json=settings.saga_copy(),
@@ -305,28 +307,28 @@ class Saga:
             watch_at=None if first is None else time.time() + first,
         )
         t = store.start(req)
-        if t.tag == "conflict":
+        if t.outcome is Outcome.CONFLICT:
             raise IdempotencyConflict(self.name, key, saga_id)
-        if t.tag == "created" and t.changed_from == "NEW":
-            self._publish_first(store, saga_id, gen, plan, data)
-            announce.saga_started(saga_id, self.name, kwargs_json, gen)
+        if t.outcome is Outcome.CREATED:
+            remember_plan(digest, plan)
+            self._publish_first(store, dataclasses.replace(t, stage=0, data=data, plan_digest=digest))
         return SagaResult(saga_id, app=app)
 
-    def _publish_first(self, store: Any, saga_id: str, gen: str, plan: Plan, data: dict[str, Any]) -> None:
-        pending = list(plan.stages[0])
+    def _publish_first(self, store: SagaStore, created: Transition) -> None:
         try:
-            while pending:
-                publish_step(self.app, saga_id, self.name, gen, pending[0], data, first=True)
-                pending.pop(0)
-        except Exception as exc:
-            # Mark the saga failed and release its idempotency key, so no
-            # orphan RUNNING saga is left and the caller can simply retry.
-            error = f"publish failed: {type(exc).__name__}: {exc}"
-            try:
-                store.abort_start(saga_id, gen, self.name, error, [s.name for s in pending])
-            except Exception:
-                logger.exception("saga %s: could not mark the failed start", saga_id)
-            raise
+            follow(self.app, store, created)
+            return
+        except StageNotPublished as exc:
+            failed = exc
+        # Mark the saga failed and release its idempotency key, so no orphan
+        # RUNNING saga is left and the caller can simply retry.
+        cause = failed.__cause__ or failed
+        error = f"publish failed: {type(cause).__name__}: {cause}"
+        try:
+            store.abort_start(created.saga_id, created.gen, self.name, error, failed.unpublished)
+        except Exception:
+            logger.exception("saga %s: could not mark the failed start", created.saga_id)
+        raise cause  # the broker's own error, as publishing raised it
 
 
 def _routing_of(options: dict[str, Any]) -> dict[str, Any]:
@@ -358,18 +360,3 @@ def _callback_json(sig: Signature | None, which: str) -> str:
     if not isinstance(sig, Signature):
         raise SagaDataError(f"{which} must be a Celery signature such as notify.s(), not {sig!r}")
     return _dumps(dict(sig), which)
-
-
-def sagas_of(app: Celery) -> list[Saga]:
-    """The sagas defined on ``app`` in this process."""
-    return [saga for saga in list(_SAGAS) if saga._app is app]
-
-
-def validate_sagas_of(app: Celery) -> None:
-    """Check the sagas of a freshly finalized app; errors are logged, since finalize cannot raise them."""
-    for saga in list(_SAGAS):
-        if saga._app is app:
-            try:
-                saga.plan()
-            except SagaDefinitionError as exc:
-                logger.error("%s", exc)

@@ -21,7 +21,6 @@ saga_send_events                    None         ``task-saga-*`` events (None: a
 from __future__ import annotations
 
 import json
-import random
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -29,7 +28,7 @@ from celery import Celery
 
 from .errors import SagaDefinitionError
 
-__all__ = ["SagaSettings", "backoff_delay", "default_step_timeout", "timeout_seconds"]
+__all__ = ["SagaSettings", "default_step_timeout", "timeout_seconds"]
 
 _DEFAULTS: dict[str, Any] = {
     "saga_redis_url": None,
@@ -109,7 +108,11 @@ class SagaSettings:
         )
 
     def saga_copy(self) -> str:
-        """The settings every worker applies to a saga, as stored in its record."""
+        """The settings every worker applies to a saga, as stored in its record.
+
+        The compensation backoff is drawn from these by the transition that
+        decides a retry (``transitions.lua``), so all workers agree on it.
+        """
         copy = asdict(self)
         del copy["redis_url"], copy["key_prefix"], copy["default_step_timeout"], copy["sweep_interval"]
         return json.dumps(copy, sort_keys=True)
@@ -141,11 +144,3 @@ def default_step_timeout(app: Celery) -> float | None:
     if value is None and not _explicit(conf, "saga_default_step_timeout"):
         value = _DEFAULTS["saga_default_step_timeout"]
     return timeout_seconds("app.conf.saga_default_step_timeout", value)
-
-
-def backoff_delay(settings: dict[str, Any], attempt: int, rng: random.Random | None = None) -> float:
-    """Delay before retry ``attempt`` (1-based): equal jitter in [d/2, d], d = min(max, base * 2**(n-1))."""
-    base = float(settings.get("compensation_retry_backoff", _DEFAULTS["saga_compensation_retry_backoff"]))
-    cap = float(settings.get("compensation_retry_backoff_max", _DEFAULTS["saga_compensation_retry_backoff_max"]))
-    d = min(cap, base * 2.0 ** max(attempt - 1, 0))
-    return d / 2 + (rng or random).uniform(0, d / 2)

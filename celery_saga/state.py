@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import Enum
@@ -11,7 +12,17 @@ from typing import Any
 from .errors import SagaRecordCorrupt
 from .plan import Plan
 
-__all__ = ["CompensationRound", "CompensationStatus", "SagaState", "SagaStatus", "StepRecord", "StepStatus"]
+__all__ = [
+    "CompensationRound",
+    "CompensationStatus",
+    "SagaState",
+    "SagaStatus",
+    "StepRecord",
+    "StepStatus",
+    "data_before",
+    "fold",
+    "ms_time",
+]
 
 
 class SagaStatus(str, Enum):
@@ -73,7 +84,8 @@ class CompensationStatus(str, Enum):
         return self.value
 
 
-def _time(raw: str | None) -> datetime | None:
+def ms_time(raw: str | None) -> datetime | None:
+    """A record's time field (ms since the epoch) as a UTC datetime; None if unset."""
     if not raw:
         return None
     return datetime.fromtimestamp(int(raw) / 1000, tz=UTC)
@@ -197,28 +209,28 @@ class SagaState:
                         attempts=_int(raw.get(f"a:{n}")),
                         result=json.loads(result_raw) if result_raw is not None else None,
                         error=raw.get(f"e:{n}"),
-                        started_at=_time(raw.get(f"t0:{n}")),
-                        ended_at=_time(raw.get(f"t1:{n}")),
+                        started_at=ms_time(raw.get(f"t0:{n}")),
+                        ended_at=ms_time(raw.get(f"t1:{n}")),
                         compensation_status=CompensationStatus(comp_status) if comp_status else None,
                         compensation_attempts=_int(raw.get(f"ca:{n}")),
                         compensation_error=raw.get(f"ce:{n}"),
-                        compensation_started_at=_time(raw.get(f"ct0:{n}")),
-                        compensation_ended_at=_time(raw.get(f"ct1:{n}")),
+                        compensation_started_at=ms_time(raw.get(f"ct0:{n}")),
+                        compensation_ended_at=ms_time(raw.get(f"ct1:{n}")),
                         timeout=_seconds(raw.get(f"to:{n}")),
-                        deadline=_time(raw.get(f"dl:{n}")),
+                        deadline=ms_time(raw.get(f"dl:{n}")),
                         stopped_by=raw.get(f"w:{n}") or None,
                         late_status=StepStatus(raw[f"ls:{n}"]) if raw.get(f"ls:{n}") else None,
                         late_result=json.loads(late_raw) if late_raw is not None else None,
                         late_error=raw.get(f"le:{n}"),
-                        late_at=_time(raw.get(f"lt:{n}")),
-                        compensation_deadline=_time(raw.get(f"cdl:{n}")),
+                        late_at=ms_time(raw.get(f"lt:{n}")),
+                        compensation_deadline=ms_time(raw.get(f"cdl:{n}")),
                         second_round=CompensationRound(
                             status=CompensationStatus(round2),
                             attempts=_int(raw.get(f"ca2:{n}")),
                             error=raw.get(f"ce2:{n}"),
-                            started_at=_time(raw.get(f"ct02:{n}")),
-                            ended_at=_time(raw.get(f"ct12:{n}")),
-                            deadline=_time(raw.get(f"cdl2:{n}")),
+                            started_at=ms_time(raw.get(f"ct02:{n}")),
+                            ended_at=ms_time(raw.get(f"ct12:{n}")),
+                            deadline=ms_time(raw.get(f"cdl2:{n}")),
                         )
                         if round2
                         else None,
@@ -232,8 +244,8 @@ class SagaState:
             saga_id=saga_id,
             name=raw.get("name", ""),
             status=status,
-            status_at=_time(raw.get("status_at")),
-            created_at=_time(raw.get("created")),
+            status_at=ms_time(raw.get("status_at")),
+            created_at=ms_time(raw.get("created")),
             idempotency_key=raw.get("key") or None,
             kwargs=kwargs,
             data=data_before(plan, raw, len(plan.stages), kwargs),
@@ -243,25 +255,30 @@ class SagaState:
             reason=raw.get("reason") or None,
             settings=settings,
             timeout=_seconds(raw.get("sto")),
-            deadline=_time(raw.get("sdl")),
+            deadline=ms_time(raw.get("sdl")),
         )
 
 
-def data_before(plan: Plan, raw: dict[str, str], stage: int, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Saga data as seen by the steps of ``stage``.
+def fold(kwargs: dict[str, Any], results: Iterable[Any]) -> dict[str, Any]:
+    """Saga data: the start kwargs updated by each dict result, in order.
 
-    Data only changes between stages, so it is never stored: it is the start
-    kwargs folded with the dict results of earlier stages, in declaration order.
+    Data only changes between stages, so it is never stored: it is folded
+    from the start kwargs and the results of earlier stages, in declaration
+    order, by whoever needs it.
     """
     data = dict(kwargs)
-    for members in plan.stages[:stage]:
-        for spec in members:
-            if raw.get(f"s:{spec.name}") != "COMPLETED":
-                continue
-            result_raw = raw.get(f"r:{spec.name}")
-            if result_raw is None:
-                continue
-            result = json.loads(result_raw)
-            if isinstance(result, dict):
-                data.update(result)
+    for result in results:
+        if isinstance(result, dict):
+            data.update(result)
     return data
+
+
+def data_before(plan: Plan, raw: dict[str, str], stage: int, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Saga data as seen by the steps of ``stage``, folded from a raw record."""
+    results = (
+        json.loads(raw[f"r:{spec.name}"])
+        for members in plan.stages[:stage]
+        for spec in members
+        if raw.get(f"s:{spec.name}") == StepStatus.COMPLETED.value and f"r:{spec.name}" in raw
+    )
+    return fold(kwargs, results)

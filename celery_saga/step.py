@@ -1,53 +1,24 @@
-"""Declaring steps: ``saga_step``, ``step``, and ``current_step`` inside one."""
+"""Declaring steps: ``saga_step`` on an existing task, and ``step`` to name one explicitly."""
 
 from __future__ import annotations
 
-import contextvars
-import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from celery import Celery
-from celery._state import _get_active_apps, connect_on_app_finalize
 from celery.canvas import Signature
 
+from .enable import enable_apps_with_steps
 from .errors import SagaDefinitionError
+from .introspect import is_proxy, is_task, task_app, task_name
 from .plan import FORBIDDEN_IN_STEP_NAMES
-from .tasks import is_proxy, is_task, task_app, task_name
+from .registry import MISSING, StepMeta, register_step, step_meta
+from .settings import timeout_seconds
 
-__all__ = ["StepContext", "StepMeta", "StepRef", "current_step", "registered", "saga_step", "step"]
+__all__ = ["StepRef", "check_step_name", "saga_step", "step"]
 
 T = TypeVar("T")
-
-
-class _Missing:
-    def __repr__(self) -> str:
-        return "<missing>"
-
-
-MISSING: Any = _Missing()
-
-
-@dataclass(frozen=True)
-class StepMeta:
-    """What ``saga_step`` recorded about a task."""
-
-    compensation: str | None
-    compensate_on_failure: bool
-    #: Seconds, None for no deadline, or MISSING for the app's saga_default_step_timeout.
-    timeout: Any = MISSING
-
-
-# Step metadata by task name. Tasks stay untouched: a task called outside a
-# saga behaves exactly as before.
-_REGISTRY: dict[str, StepMeta] = {}
-_finalize_hook_installed = False
-
-
-def registered(name: str) -> StepMeta | None:
-    """The ``saga_step`` metadata of a task name, or None if it is not a step."""
-    return _REGISTRY.get(name)
 
 
 def _compensation_name(compensate: Any, where: str) -> str | None:
@@ -69,6 +40,7 @@ def _compensation_name(compensate: Any, where: str) -> str | None:
 
 
 def check_step_name(name: str) -> str:
+    """``name``, if it can name a step (it ends up in task ids and the Lua stage list)."""
     bad = sorted(set(name) & FORBIDDEN_IN_STEP_NAMES)
     if not name or bad:
         raise SagaDefinitionError(
@@ -76,21 +48,6 @@ def check_step_name(name: str) -> str:
             f"whitespace, ':', ';' or ','; give the step a name with step(task, name=...)"
         )
     return name
-
-
-def _enable_on_finalize(app: Celery | None) -> None:
-    """Make apps that contain saga steps enable themselves when finalized."""
-    global _finalize_hook_installed
-    from .app import enable_if_has_steps, enable_when_finalized  # the app layer imports this module
-
-    if not _finalize_hook_installed:
-        _finalize_hook_installed = True
-        # Celery calls these for every app it finalizes from now on; the
-        # callback itself checks whether the app has saga steps.
-        connect_on_app_finalize(enable_when_finalized)
-    for active in [app] if app is not None else list(_get_active_apps()):
-        if active is not None and active.finalized:
-            enable_if_has_steps(active)
 
 
 def saga_step(
@@ -120,8 +77,10 @@ def saga_step(
             )
         name = task_name(task)
         check_step_name(name)
-        _REGISTRY[name] = StepMeta(comp, bool(compensate_on_failure), step_timeout)
-        _enable_on_finalize(task_app(task))
+        register_step(name, StepMeta(comp, bool(compensate_on_failure), step_timeout))
+        # The link to enabling the app is Celery's finalize callback: the app
+        # enables itself once finalized, with every task registered.
+        enable_apps_with_steps(task_app(task))
         return task
 
     return decorate
@@ -144,8 +103,6 @@ class StepRef:
 
 
 def _timeout(value: Any, where: str) -> Any:
-    from .settings import timeout_seconds
-
     if value is MISSING:
         return MISSING
     return timeout_seconds(f"{where}: timeout", value)
@@ -188,7 +145,7 @@ def step(
     tname = task_name(task_or_name)
     if not tname:
         raise SagaDefinitionError("step() got an empty task name")
-    meta = registered(tname)
+    meta = step_meta(tname)
     if compensate is MISSING and meta is not None:
         comp = meta.compensation
         cof = meta.compensate_on_failure if compensate_on_failure is None else compensate_on_failure
@@ -208,76 +165,3 @@ def step(
         app=task_app(task_or_name),
         timeout=step_timeout,
     )
-
-
-@dataclass(frozen=True)
-class StepContext:
-    """Where the running code is, inside a saga.
-
-    Attributes:
-        saga_id: The saga.
-        saga_name: Its name.
-        step: The step name.
-        compensating: True inside the step's compensation.
-        idempotency_key: Stable across retries and redeliveries of this step or
-            compensation, and different between the two. Pass it to external
-            services, e.g. as a payment API's idempotency header.
-        attempt: 1 for the first execution, counting retries and redeliveries.
-        round: The compensation round: 1 for the rollback, 2 for a step that
-            succeeded after it had been compensated blind. 1 in a forward step.
-        result_known: False when ``step_result`` says nothing: in a blind
-            compensation (the step's outcome was unknown: it timed out, was
-            cancelled, or its worker was lost), and for a failed step
-            compensated under ``compensate_on_failure``. Look the effect up,
-            e.g. by ``forward_key``.
-        forward_key: The idempotency key the forward step ran with.
-    """
-
-    saga_id: str
-    saga_name: str
-    step: str
-    compensating: bool
-    idempotency_key: str
-    attempt: int
-    round: int = 1
-    result_known: bool = True
-    forward_key: str = ""
-
-
-_CURRENT: contextvars.ContextVar[StepContext | None] = contextvars.ContextVar("celery_saga_step", default=None)
-
-
-def current_step() -> StepContext | None:
-    """The saga step being executed, or None outside a saga step or compensation."""
-    return _CURRENT.get()
-
-
-def set_current(ctx: StepContext | None) -> contextvars.Token[StepContext | None]:
-    return _CURRENT.set(ctx)
-
-
-def reset_current(token: contextvars.Token[StepContext | None]) -> None:
-    _CURRENT.reset(token)
-
-
-@dataclass(frozen=True)
-class Params:
-    """Which keyword arguments a function accepts."""
-
-    names: frozenset[str]
-    takes_all: bool
-
-    def pick(self, data: dict[str, Any]) -> dict[str, Any]:
-        if self.takes_all:
-            return dict(data)
-        return {k: v for k, v in data.items() if k in self.names}
-
-
-def params_of(fn: Callable[..., Any]) -> Params:
-    try:
-        sig = inspect.signature(fn)
-    except (TypeError, ValueError):
-        return Params(frozenset(), True)
-    names = frozenset(p.name for p in sig.parameters.values() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
-    takes_all = any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
-    return Params(names, takes_all)

@@ -26,9 +26,10 @@ from dataclasses import dataclass
 
 from celery import Celery
 
-from .app import settings_of, store_for
-from .dispatch import react
 from .errors import SagaError, SagaStoreUnavailable
+from .follow import follow
+from .store import Outcome, SagaStore
+from .stores import settings_of, store_for
 
 __all__ = ["SweepReport", "SweeperThread", "sweep"]
 
@@ -67,7 +68,7 @@ def sweep(app: Celery, limit: int = 1000) -> SweepReport:
     acted = errors = 0
     for saga_id, claim in claimed:
         try:
-            acted += _sweep_one(app, saga_id, claim)
+            acted += _sweep_one(app, store, saga_id, claim)
         except SagaStoreUnavailable:
             raise
         except Exception:
@@ -77,31 +78,29 @@ def sweep(app: Celery, limit: int = 1000) -> SweepReport:
     return SweepReport(len(claimed), acted, errors)
 
 
-def _sweep_one(app: Celery, saga_id: str, claim: str) -> int:
-    store = store_for(app)
+def _sweep_one(app: Celery, store: SagaStore, saga_id: str, claim: str) -> int:
     t = store.sweep(saga_id)
-    if t.tag == "missing":
+    if t.outcome is Outcome.MISSING:
         # Expired after its retention, or purged: nothing can be due any more.
         store.rescore(saga_id, claim, "")
         return 0
-    if t.tag != "swept":
+    if t.outcome is not Outcome.SWEPT:
         logger.error(
             "saga %s: its record in %s is corrupt (%s), so its deadlines cannot be checked. Inspect it with "
             "`celery saga show %s`, or purge it",
             saga_id,
             store.where(),
-            t.tag,
+            t.outcome.value,
             saga_id,
         )
         store.rescore(saga_id, claim, f"{time.time() * 1000 + CORRUPT_RETRY_MS:.0f}")
         return 0
-    next_deadline, name = t.extra[0], t.extra[1]
-    react(app, store, saga_id, name, "*", t)
+    follow(app, store, t)
     # Rescored only after publishing: if this process dies before, the
     # claim comes due again, and anything whose message was lost is caught
     # by its own deadline.
-    store.rescore(saga_id, claim, next_deadline)
-    return int(bool(t.changed_from) or len(t.extra) > 2)
+    store.rescore(saga_id, claim, "" if t.next_deadline is None else str(t.next_deadline))
+    return int(t.changed_from is not None or bool(t.due))
 
 
 class SweeperThread(threading.Thread):

@@ -46,14 +46,17 @@ from typing import Any
 import pytest
 import redis
 from celery import Celery
+from celery.contrib.testing.worker import start_worker
 from celery.exceptions import TimeLimitExceeded
 
-from .app import forget_store
+from .context import StepContext
 from .redis_server import RedisServer, redis_answers
+from .registry import sagas_of
 from .result import SagaResult
 from .state import CompensationStatus, SagaState, SagaStatus, StepRecord
-from .step import StepContext
-from .timeline import render
+from .stores import forget_store
+from .views import render_timeline
+from .worker import wrapper
 
 __all__ = [
     *("app_queues", "configured", "isolated_settings"),
@@ -134,13 +137,11 @@ def app_queues(app: Celery) -> list[str]:
     Routes are looked up with empty arguments: add a queue that a router picks
     from a task's arguments with ``saga_worker_parameters``.
     """
-    from .saga import _SAGAS
-
     names = [app.conf.task_default_queue, *(q.name for q in app.conf.task_queues or ())]
     for name, task in list(app.tasks.items()):
         if not name.startswith("celery."):
             names.append(getattr(app.amqp.router.route({}, name, (), {}, task).get("queue"), "name", None))
-    names += [s.options.get("queue") for saga in list(_SAGAS) if saga._app is app for s in saga.plan().steps]
+    names += [s.options.get("queue") for saga in sagas_of(app) for s in saga.plan().steps]
     return list(dict.fromkeys(n for n in names if isinstance(n, str) and n))
 
 
@@ -242,7 +243,7 @@ def _describe(state: SagaState) -> str:
     text = f"saga {state.saga_id} ({state.name}) is {state.status.value}"
     if state.failed_step:
         text += f"; step {state.failed_step} failed: {state.error}"
-    return f"{text}\n{render(state, width=80)}"
+    return f"{text}\n{render_timeline(state, width=80)}"
 
 
 def wait_for_saga(result: SagaResult, timeout: float = 30.0) -> SagaState:
@@ -362,8 +363,6 @@ def saga_worker_parameters() -> dict[str, Any]:
 @pytest.fixture
 def saga_worker(saga_test_app: Celery, saga_worker_parameters: dict[str, Any]) -> Iterator[Any]:
     """An in-process worker (threads pool) consuming every queue of the app; stopped after the test."""
-    from celery.contrib.testing.worker import start_worker
-
     params: dict[str, Any] = {
         **{"pool": "threads", "concurrency": 4, "perform_ping_check": False, "loglevel": "WARNING"},
         **{"shutdown_timeout": 30.0, "queues": app_queues(saga_test_app), **saga_worker_parameters},
@@ -375,9 +374,7 @@ def saga_worker(saga_test_app: Celery, saga_worker_parameters: dict[str, Any]) -
 @pytest.fixture
 def saga_faults() -> Iterator[SagaFaults]:
     """Fault injection for this test (`SagaFaults`), removed after it."""
-    from . import runner  # the worker-side module; importing it connects nothing
-
-    faults, previous = SagaFaults(), runner._fault_hook
-    runner.set_fault_hook(faults)
+    faults, previous = SagaFaults(), wrapper.fault_hook()
+    wrapper.set_fault_hook(faults)
     yield faults
-    runner.set_fault_hook(previous)
+    wrapper.set_fault_hook(previous)

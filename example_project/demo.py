@@ -175,7 +175,7 @@ class Demo:
 
     def report(self) -> None:
         from celery_saga import SagaCompensated, SagaFailed, SagaStatus
-        from celery_saga.timeline import render
+        from celery_saga.views import render_timeline
 
         for _, label, res in self.results:
             state = res.state()
@@ -184,7 +184,7 @@ class Demo:
             print(f"\n=== {label}: saga {res.id} ended {state.status.value}{why} after {took:.2f}s")
             if state.failed_step:
                 print(f"    failed step: {state.failed_step}: {state.error}")
-            print("    " + render(state).replace("\n", "\n    "))
+            print("    " + render_timeline(state).replace("\n", "\n    "))
             for line in step_notes(state):
                 print(f"    {line}")
             if state.status is not SagaStatus.COMPLETED:

@@ -17,7 +17,7 @@ import time
 import uuid
 
 from celery_saga import SagaCompensated, SagaFailed
-from celery_saga.timeline import render
+from celery_saga.views import render_timeline
 
 from . import ledger
 from .demo import GATES, ORDERS, effects_left, journal_lines, step_notes, unsettled
@@ -71,7 +71,7 @@ def main(argv: list[str]) -> int:
                 state = res.state()
         except KeyboardInterrupt:
             pass
-    print(render(state))
+    print(render_timeline(state))
     for line in step_notes(state):
         print(line)
     print("what the services did:")

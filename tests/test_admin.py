@@ -30,9 +30,9 @@ from celery_saga import (
     saga_stats,
 )
 from celery_saga.admin import iso, state_json
-from celery_saga.app import store_for
 from celery_saga.redis_server import free_port
 from celery_saga.store.keys import Keys
+from celery_saga.stores import store_for
 from tests import cli_app
 from tests.cli_app import STATES, wait_for
 

@@ -84,7 +84,8 @@ def test_nothing_happens_at_import_and_finalize_enables_the_app() -> None:
         before = set(state._on_app_finalizers)
         import celery_saga
         from celery_saga import Saga, parallel, saga_step
-        from celery_saga.app import _STORES, is_enabled
+        from celery_saga.stores import _STORES
+        from celery_saga.worker.apps import is_enabled
         assert set(state._on_app_finalizers) == before
         assert not signals.task_failure.receivers and not signals.task_revoked.receivers
         app = Celery("imp", broker="redis://127.0.0.1:1/0", set_as_current=False)

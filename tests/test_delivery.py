@@ -9,10 +9,10 @@ import pytest
 from celery import Celery
 
 from celery_saga import SagaCompensated, SagaRecordCorrupt, SagaStatus, enable, step
-from celery_saga.app import store_for
-from celery_saga.dispatch import publish_step
+from celery_saga.messages import publish_stage
 from celery_saga.redis_server import RedisServer
 from celery_saga.saga import Saga
+from celery_saga.stores import store_for
 from tests import shop
 from tests.conftest import Ledger, configure, running_worker, wait_for
 
@@ -33,8 +33,8 @@ def test_duplicate_of_a_finished_step_does_not_run_again(
         # When a copy of the charge message arrives after the saga ended
         raw = store_for(app).load(res.id)
         spec = s.sequential.plan().step("shop.charge")
-        publish_step(app, res.id, "order_seq", raw["gen"], spec, {"order_id": 1, "reservation": "r-1"})
-        wait_for(lambda: _logged(caplog, "'shop.charge' skipped (dup)"), what="the copy to be skipped")
+        publish_stage(app, res.id, "order_seq", raw["gen"], [spec], {"order_id": 1, "reservation": "r-1"}, first=False)
+        wait_for(lambda: _logged(caplog, "'shop.charge' skipped (duplicate)"), what="the copy to be skipped")
     # Then the function did not run again, and nothing was re-sent.
     assert ledger.actions().count("do:shop.charge") == 1
     assert res.status is SagaStatus.COMPLETED
@@ -51,7 +51,7 @@ def test_duplicate_of_a_running_step_is_skipped(
         wait_for(lambda: r.llen(f"{prefix}:entered:reserve"), what="reserve to run")
         raw = store_for(app).load(res.id)
         spec = s.sequential.plan().step("shop.reserve")
-        publish_step(app, res.id, "order_seq", raw["gen"], spec, {"order_id": 2, "gates": ["reserve"]})
+        publish_stage(app, res.id, "order_seq", raw["gen"], [spec], {"order_id": 2, "gates": ["reserve"]}, first=False)
         wait_for(lambda: _logged(caplog, "'shop.reserve' skipped (busy)"), what="the copy to be skipped")
         r.rpush(f"{prefix}:gate:reserve", "open")
         res.get(timeout=20)
@@ -65,7 +65,7 @@ def test_step_message_without_a_record_is_not_executed_and_the_worker_goes_on(
     s = shop.build(app, r, prefix)
     spec = s.sequential.plan().step("shop.reserve")
     with worker():
-        publish_step(app, "no-such-saga", "order_seq", "g", spec, {"order_id": 1})
+        publish_stage(app, "no-such-saga", "order_seq", "g", [spec], {"order_id": 1}, first=False)
         wait_for(lambda: _logged(caplog, "saga no-such-saga: no record"), what="the error")
         assert s.sequential.delay(order_id=3).get(timeout=20)["tracking"] == "t-3"
     message = next(rec.getMessage() for rec in caplog.records if "no-such-saga" in rec.getMessage())

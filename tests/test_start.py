@@ -17,8 +17,8 @@ from celery_saga import (
     SagaStoreUnavailable,
     StepStatus,
 )
-from celery_saga.app import store_for
 from celery_saga.redis_server import free_port
+from celery_saga.stores import store_for
 from tests import shop
 from tests.conftest import Ledger, configure, wait_for
 

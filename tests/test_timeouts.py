@@ -32,8 +32,8 @@ from celery_saga import (
     step,
     sweep,
 )
-from celery_saga.app import store_for
-from celery_saga.worker import configuration_warnings
+from celery_saga.stores import store_for
+from celery_saga.worker.bootstep import configuration_warnings
 from tests import timed_shop
 from tests.conftest import wait_for
 

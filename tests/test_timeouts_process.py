@@ -28,7 +28,7 @@ import pytest
 import redis
 
 from celery_saga import CompensationStatus, Saga, SagaCompensated, SagaResult, SagaStatus, StepStatus, step
-from celery_saga.dispatch import task_id
+from celery_saga.messages import task_id
 from tests import proc_app, subprocs
 from tests.conftest import wait_for
 from tests.subprocs import Subprocs

@@ -1,8 +1,9 @@
-"""Saga stores: the contract and its Redis implementation."""
+"""Saga stores: the contract, its Redis implementation, and the protocol of their transitions."""
 
 from __future__ import annotations
 
-from .base import SagaStore, StartRequest, Transition
+from .base import SagaStore, StartRequest
+from .protocol import Due, Op, Outcome, Transition
 from .redis import RedisSagaStore, mask_url
 
-__all__ = ["RedisSagaStore", "SagaStore", "StartRequest", "Transition", "mask_url"]
+__all__ = ["Due", "Op", "Outcome", "RedisSagaStore", "SagaStore", "StartRequest", "Transition", "mask_url"]

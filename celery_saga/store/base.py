@@ -1,39 +1,24 @@
 """The saga store contract.
 
 A store keeps one record per saga and applies every transition to it
-atomically. Backends implement the primitives (``_transition``, ``_load``,
-``_index`` ...); the typed operations and record parsing live here, once.
+atomically. Backends implement the primitives (``_run``, ``_load``,
+``_index`` ...); the typed operations, reply decoding and record parsing
+live here, once. The ops and their replies are `celery_saga.store.protocol`.
 """
 
 from __future__ import annotations
 
 import abc
+import random
 import time
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..errors import SagaNotFound
 from ..state import SagaState, SagaStatus
+from .protocol import Op, Outcome, Transition
 
-__all__ = ["SagaStore", "StartRequest", "Transition"]
-
-
-@dataclass(frozen=True)
-class Transition:
-    """What one transition did.
-
-    Attributes:
-        tag: What happened: ``run``, ``dup``, ``next``, ``completed``, ``compensate`` ...
-        status: The saga status after the call ("" if there is no record).
-        changed_from: The status before, when the call changed it, else "".
-        extra: Values that depend on ``tag``.
-    """
-
-    tag: str
-    status: str
-    changed_from: str
-    extra: tuple[str, ...]
+__all__ = ["SagaStore", "StartRequest"]
 
 
 @dataclass(frozen=True)
@@ -60,6 +45,26 @@ class StartRequest:
     #: When sweepers should first look at the saga (epoch seconds), None if it has no deadline.
     watch_at: float | None = None
 
+    def fields(self) -> list[str]:
+        """The new record's fields as flat field/value pairs (`celery_saga.store.keys` lists them)."""
+        pairs = [
+            ("name", self.name),
+            ("fp", self.fingerprint),
+            ("kwargs", self.kwargs_json),
+            ("plan", self.plan_json),
+            ("ph", self.plan_digest),
+            ("stages", self.stages),
+            ("retention", repr(self.retention)),
+            ("settings", self.settings_json),
+            ("cb_ok", self.on_complete),
+            ("cb_fail", self.on_failure),
+            ("key", self.idempotency_key),
+            ("maxr", "" if self.max_retries is None else str(self.max_retries)),
+        ]
+        if self.saga_timeout is not None:
+            pairs.append(("sto", f"{self.saga_timeout * 1000:.0f}"))
+        return [x for pair in (*pairs, *self.step_fields) for x in pair]
+
 
 class SagaStore(abc.ABC):
     """One record per saga; every state change is one atomic transition."""
@@ -73,22 +78,23 @@ class SagaStore(abc.ABC):
     # -- primitives ---------------------------------------------------------
 
     @abc.abstractmethod
-    def _transition(
+    def _run(
         self,
         saga_id: str,
-        op: str,
+        op: Op,
+        tx: str,
         gen: str,
         args: Sequence[str],
-        dedupe: bool,
         index_first: tuple[str, str, str] | None = None,
         watch_at: float | None = None,
-    ) -> Transition:
-        """Apply one transition atomically; with ``dedupe``, a retried call returns the first reply.
+    ) -> str:
+        """Apply one transition atomically and return the script's JSON reply.
 
-        ``index_first`` is an index move ``(name, old, new)`` and ``watch_at``
-        a deadline-index entry (epoch seconds; it only ever moves earlier), both
-        sent in the same round trip, before the transition: a deadline is in
-        the index before the transition that starts it.
+        A non-empty ``tx`` de-duplicates: a retried call returns the first
+        reply. ``index_first`` is an index move ``(name, old, new)`` and
+        ``watch_at`` a deadline-index entry (epoch seconds; it only ever moves
+        earlier), both sent in the same round trip, before the transition: a
+        deadline is in the index before the transition that starts it.
         """
 
     @abc.abstractmethod
@@ -146,35 +152,20 @@ class SagaStore(abc.ABC):
     # -- operations -----------------------------------------------------------
 
     def start(self, req: StartRequest) -> Transition:
-        args = [
-            req.name,
-            req.fingerprint,
-            req.kwargs_json,
-            req.plan_json,
-            req.plan_digest,
-            req.stages,
-            repr(req.retention),
-            req.settings_json,
-            req.on_complete,
-            req.on_failure,
-            req.idempotency_key,
-            "" if req.max_retries is None else str(req.max_retries),
-        ]
+        """Write a saga's record (``created``), or find the one its idempotency key names."""
         # Index first, in the same round trip as the start: the index is only
         # a lookup aid, and the rare start that created nothing is fixed below.
-        args.append("" if req.saga_timeout is None else f"{req.saga_timeout * 1000:.0f}")
-        for field, value in req.step_fields:
-            args += [field, value]
-        t = self._transition(
+        reply = self._run(
             req.saga_id,
-            "start",
+            Op.START,
+            "",
             req.gen,
-            args,
-            dedupe=False,
+            req.fields(),
             index_first=(req.name, "", SagaStatus.PENDING.value),
             watch_at=req.watch_at,
         )
-        if t.tag != "created" and t.status != SagaStatus.PENDING.value:
+        t = Transition.from_reply(Op.START, req.saga_id, reply, req.name, req.gen)
+        if t.outcome is not Outcome.CREATED and t.status is not SagaStatus.PENDING:
             self._unindex(req.saga_id, req.name, SagaStatus.PENDING.value)
         return t
 
@@ -185,79 +176,86 @@ class SagaStore(abc.ABC):
         is not a dead letter (nothing to compensate), its record expires, and
         the caller got the error.
         """
-        t = self._transition(saga_id, "abort", gen, [error, *unpublished], dedupe=True)
-        if t.tag == "aborted":
+        t = self.apply(Op.ABORT, saga_id, gen, name, error, *unpublished, reindex=False)
+        if t.outcome is Outcome.ABORTED:
             self._unindex(saga_id, name, SagaStatus.PENDING.value)
         elif t.changed_from:
-            self.reindex(saga_id, name, t)
+            self.reindex(t)
         return t
 
-    def step(
+    def apply(
         self,
-        op: str,
+        op: Op,
         saga_id: str,
         gen: str,
         name: str,
         *args: str,
         first: bool = False,
         watch_at: float | None = None,
+        tx: str | None = None,
+        reindex: bool = True,
     ) -> Transition:
-        """Apply a step transition (``begin``, ``done``, ``fail``, ``cbegin`` ...) and index it.
+        """Apply transition ``op`` to a saga record, de-duplicated, and move its status index.
 
+        ``args`` are the op's own arguments (``transitions.lua`` lists them).
         ``first`` marks the begin of a first-stage step, which is what takes a
-        saga from PENDING to RUNNING.
+        saga from PENDING to RUNNING. ``tx`` is the transition id: a call
+        repeated with the same id gets the first reply back (default: a fresh id).
         """
+        if op in _DRAW_BACKOFF:
+            args = (*args, _jitter())
         # Every saga makes this move once: send it in the same round trip as
         # the begin, and put the entry right in the rare other cases.
-        move = (name, "PENDING", "RUNNING") if first else None
-        t = self._transition(saga_id, op, gen, args, dedupe=True, index_first=move, watch_at=watch_at)
+        move = (name, SagaStatus.PENDING.value, SagaStatus.RUNNING.value) if first else None
+        reply = self._run(saga_id, op, _new_tx() if tx is None else tx, gen, args, index_first=move, watch_at=watch_at)
+        t = Transition.from_reply(op, saga_id, reply, name, gen)
         if first:
-            if t.status and t.status != "RUNNING":
-                self._index(saga_id, name, "RUNNING", t.status, 0.0)
-        elif t.changed_from:
-            self.reindex(saga_id, name, t)
+            if t.status is not None and t.status is not SagaStatus.RUNNING:
+                self._index(saga_id, t.name, SagaStatus.RUNNING.value, t.status.value, 0.0)
+        elif reindex and t.changed_from:
+            self.reindex(t)
         return t
 
-    def reindex(self, saga_id: str, name: str, t: Transition) -> None:
+    def reindex(self, t: Transition) -> None:
+        """Move the saga of ``t`` from the index of its old status to its new one."""
+        assert t.changed_from is not None and t.status is not None
         # Trimming uses this process's retention, not the saga's own: it is
         # housekeeping only, since readers skip ids whose record expired.
         # FAILED sagas never expire, so their index is never trimmed.
-        expiring = t.status in ("COMPLETED", "COMPENSATED")
+        expiring = t.status in (SagaStatus.COMPLETED, SagaStatus.COMPENSATED)
         # A completed saga has no deadline left, so its deadline entry goes
         # with this move. Rolled-back sagas leave lazily: a step with an
         # unknown outcome may still report a late success whose second
         # compensation round needs a deadline, so a sweeper drops the entry
         # once the record says nothing more can come (or the record expired).
-        done = t.status == "COMPLETED"
-        self._index(saga_id, name, t.changed_from, t.status, self.retention if expiring else 0.0, unwatch=done)
+        done = t.status is SagaStatus.COMPLETED
+        retention = self.retention if expiring else 0.0
+        self._index(t.saga_id, t.name, t.changed_from.value, t.status.value, retention, unwatch=done)
 
     def purge(self, saga_id: str) -> Transition:
-        """Remove a finished saga and its index entries (``tag`` is ``purged`` or ``notallowed``)."""
-        t = self._transition(saga_id, "purge", "*", [], dedupe=False)
-        if t.tag == "purged":
-            self._unindex(saga_id, t.extra[0] if t.extra else "", t.status)
+        """Remove a finished saga and its index entries (``purged``, or ``not_allowed``)."""
+        t = self.apply(Op.PURGE, saga_id, "*", "", tx="", reindex=False)
+        if t.outcome is Outcome.PURGED and t.status is not None:
+            self._unindex(saga_id, t.name, t.status.value)
         return t
 
-    def retry(self, saga_id: str, name: str) -> Transition:
-        """Re-drive the compensations that gave up in a FAILED saga (``tag`` ``notallowed`` otherwise)."""
+    def retry(self, saga_id: str) -> Transition:
+        """Re-drive the compensations that gave up in a FAILED saga (``not_allowed`` otherwise)."""
         # Their new attempt deadlines need the saga back in the deadline
         # index; a sweeper looking now rescores it to the right time.
-        return self.step("retry", saga_id, "*", name, watch_at=time.time())
+        return self.apply(Op.RETRY, saga_id, "*", "", watch_at=time.time())
 
     def sweep(self, saga_id: str) -> Transition:
-        """Act on the saga's due deadlines.
+        """Act on the saga's due deadlines: ``swept``, or ``missing`` / ``corrupt``."""
+        return self.apply(Op.SWEEP, saga_id, "*", "")
 
-        ``tag`` is ``swept``, ``extra`` is (next deadline in ms or "", saga
-        name, what to publish ...); or ``missing`` / ``corrupt``.
-        """
-        t = self._transition(saga_id, "sweep", "*", [], dedupe=True)
-        if t.tag == "swept" and t.changed_from:
-            self.reindex(saga_id, t.extra[1], t)
-        return t
+    def cancel(self, saga_id: str, error: str) -> Transition:
+        """Stop the saga's forward progress and compensate (``finished`` if it had ended)."""
+        return self.apply(Op.CANCEL, saga_id, "*", "", error)
 
-    def cancel(self, saga_id: str, name: str, error: str) -> Transition:
-        """Stop the saga's forward progress and compensate (``tag`` ``finished`` if it had ended)."""
-        return self.step("cancel", saga_id, "*", name, error)
+    def compensation_failed(self, saga_id: str, gen: str, name: str, step: str, error: str, round: int) -> Transition:
+        """Record that an attempt of a compensation failed: ``backoff`` (it is sent again) or ``gave_up``."""
+        return self.apply(Op.COMP_FAIL, saga_id, gen, name, step, error, str(round))
 
     def load(self, saga_id: str) -> dict[str, str]:
         raw = self._load(saga_id)
@@ -274,6 +272,15 @@ class SagaStore(abc.ABC):
     def where(self) -> str:
         return f"store {self.location} under prefix {self.prefix!r}"
 
-    @staticmethod
-    def new_tx() -> str:
-        return uuid.uuid4().hex
+
+# Ops that may decide a compensation retry get a draw for its backoff's jitter
+# as their last argument (scripts draw no random numbers).
+_DRAW_BACKOFF = frozenset({Op.COMP_FAIL, Op.SWEEP})
+
+
+def _new_tx() -> str:
+    return f"{random.getrandbits(64):016x}"
+
+
+def _jitter() -> str:
+    return repr(random.random())

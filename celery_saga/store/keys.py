@@ -14,30 +14,36 @@ completes (with its status-index move), or, once rolled back, when a sweeper
 finds that nothing more can come: no attempt pending and no step whose
 outcome is unknown (a late success would need a deadline), or the record gone.
 
-Fields of the record hash ``<prefix>:{<saga_id>}``:
+Fields of the record hash ``<prefix>:{<saga_id>}``, every one the record
+has (``transitions.lua`` draws how they move):
 
 =================  ==========================================================
-v, gen             schema version; start generation (a fresh one per start)
+v, gen             schema version ("1"); start generation (a fresh one per start)
 name, key, fp      saga name; idempotency key; fingerprint of the kwargs
 kwargs, plan, ph   start kwargs (JSON); plan (JSON); plan digest
 stages             stage layout for Lua: members by ",", stages by ";"
-settings           saga_* settings in force at start (JSON)
-retention, maxr    TTL seconds once finished; compensation max retries
+settings           saga_* settings in force at start (JSON): the compensation
+                   backoff, which the script draws retries from
+retention, maxr    TTL seconds once finished; compensation max retries ("": none)
 cb_ok, cb_fail     on_complete / on_failure signatures (JSON, or "")
 cbs                "1" once the end callback was sent
-status, status_at  saga status and when it was entered (ms)
-sto, sdl           saga timeout; saga deadline (ms), for its forward progress
+status, status_at  saga status (SagaStatus) and when it was entered (ms)
+sto, sdl           saga timeout (ms); saga deadline (ms), for its forward progress
 created            start time (ms)
-stage, left        current forward stage; its steps still running
-cstage, copen      compensation frontier; compensations not yet ended
+stage, left        current forward stage (0-based); its steps still running
+cstage, copen      compensation frontier (stage); compensations not yet ended
 gaveup             compensations that gave up
-failed_step, error, reason   what started the rollback
-s:<step>           forward status; a:/e:/r: attempts, error, result (JSON)
+failed_step, error, reason   what started the rollback; reason is failure,
+                   timeout, cancelled, or publish (the start could not publish)
+startfail          "1": the start could not publish; the next start with the
+                   same idempotency key replaces the record
+s:<step>           forward status (StepStatus; absent = WAITING)
+a:/e:/r:<step>     attempts; error; result (JSON)
 td:/t0:/t1:<step>  dispatched, first started, ended (ms)
-to:/dl:<step>      step timeout; deadline of the step (ms)
+to:/dl:<step>      step timeout (ms); deadline of the step (ms)
 w:<step>           why it ended without an outcome: timeout, cancelled, lost, failure
 ls:/lr:/le:/lt:    a late outcome after a timeout: status, result, error, time
-cs:<step>          compensation status; ca:/ce: attempts, error
+cs:<step>          compensation status (CompensationStatus); ca:/ce: attempts, error
 ct0:/ct1:<step>    compensation first started, ended (ms)
 cdl:<step>         deadline of the current compensation attempt (ms)
 cs2:, ca2:, ...    the same for the second round (a late success)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from importlib import resources
 from typing import Any, TypeVar
@@ -15,8 +14,9 @@ from redis.retry import Retry
 
 from ..errors import SagaNotFound, SagaRecordCorrupt, SagaStoreUnavailable
 from ..state import SagaStatus
-from .base import SagaStore, Transition
+from .base import SagaStore
 from .keys import Keys
+from .protocol import Op
 
 __all__ = ["RedisSagaStore", "mask_url"]
 
@@ -113,24 +113,23 @@ class RedisSagaStore(SagaStore):
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             raise SagaStoreUnavailable(self.location, exc) from exc
 
-    def _transition(
+    def _run(
         self,
         saga_id: str,
-        op: str,
+        op: Op,
+        tx: str,
         gen: str,
         args: Sequence[str],
-        dedupe: bool,
         index_first: tuple[str, str, str] | None = None,
         watch_at: float | None = None,
-    ) -> Transition:
-        tx = uuid.uuid4().hex if dedupe else ""
-        keys, argv = [self.keys.record(saga_id)], [op, tx, gen, *args]
+    ) -> str:
+        keys, argv = [self.keys.record(saga_id)], [op.value, tx, gen, *args]
         if index_first is not None or watch_at is not None:
             move = self._index_call(saga_id, *index_first, 0.0) if index_first is not None else None
             reply: Any = self._call(lambda: self._pipelined(saga_id, watch_at, move, (keys, argv)))
         else:
             reply = self._call(lambda: self._script(keys=keys, args=argv))
-        return Transition(str(reply[0]), str(reply[1]), str(reply[2]), tuple(str(x) for x in reply[3:]))
+        return str(reply)
 
     def _pipelined(
         self,

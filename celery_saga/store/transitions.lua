@@ -1,35 +1,106 @@
--- Every state transition of a saga, run atomically inside Redis.
---
--- KEYS[1]  the saga record, a hash (see store/keys.py for its fields)
--- ARGV[1]  the operation
--- ARGV[2]  transition id, "" for none. redis-py retries a command after a
---          timeout, so a transition may arrive twice: the first reply is
---          kept under "tx:<id>" and returned again instead of re-applying.
--- ARGV[3]  the start generation the caller acts for: a message from a
---          start whose publish failed must not act on a later start.
---
--- Times are milliseconds of the store clock (Redis TIME), so every deadline
--- is measured on one clock whichever process sets or checks it.
---
--- Replies are flat arrays of strings: {tag, status, changed_from, ...}.
--- changed_from is the saga status before this call when the call changed
--- it, else "". Scripts have no rollback, so each validates before writing.
--- Nothing here decodes JSON: results and data stay opaque strings.
+--[[ celery_saga: every state transition of a saga, run atomically inside Redis.
+
+CALLING CONVENTION
+  KEYS[1]   the saga record, a hash; its fields are listed in store/keys.py
+  ARGV[1]   the op (store/protocol.py: Op)
+  ARGV[2]   transition id, "" for none. redis-py retries a command after a
+            timeout, so a transition may arrive twice: the first reply is
+            kept under "tx:<id>" and returned again instead of re-applying.
+  ARGV[3]   the start generation the caller acts for ("*": whatever is
+            current, for operators and sweepers). A message from a start
+            whose publish failed must not act on a later start.
+  ARGV[4..] the op's own arguments, listed at each op below.
+
+  Times are milliseconds of the store clock (Redis TIME), so every deadline
+  is measured on one clock whichever process sets or checks it. Scripts have
+  no rollback: each op validates before it writes. Nothing here decodes saga
+  data: kwargs and results stay opaque JSON text.
+
+REPLY: one JSON object (store/protocol.py: Transition.from_reply)
+  outcome        what happened (store/protocol.py: Outcome)
+  status         the saga status after the call; "" if there is no record
+  from           the status before, present only when this call changed it
+  due            compensations to publish: {step, round, attempt, delay, gave_up}
+                 (attempt 0: send now; else attempt n failed and the next is
+                 sent after `delay` seconds, or not at all once it gave_up)
+  attempt        run: the attempt that begins; backoff/gave_up: the one that failed
+  stage, plan_digest, data   next_stage: the stage to publish and its data
+                 ([start kwargs, results of earlier stages ...], folded by the caller)
+  callback       completed: the on_complete signature (JSON) or ""
+  next_deadline  swept: the record's next deadline (ms) or ""
+  step_status    duplicate (of a forward step): what the record has
+  name, gen      ops called with generation "*": the record's
+
+OPS, in lifecycle order
+  op             caller                           acts when (saga; step)            replies
+  start          Saga.apply_async                 no record, or a failed start      created | exists | conflict
+  abort          Saga.apply_async, publish failed PENDING; or a stage-0 sibling ran rollback | aborted
+  begin          step wrapper, before the call    step DISPATCHED, RUNNING          run | busy | fenced | duplicate | not_dispatched
+  done           step wrapper, after a return     step RUNNING (UNKNOWN: late)      wait | next_stage | completed | rollback | late | duplicate
+  fail           wrapper; main process (revoked)  step RUNNING, DISPATCHED          rollback | late | duplicate
+  lost           wrapper (time limit); main proc. step RUNNING, DISPATCHED          rollback | late | duplicate
+                 (lost worker, hard time limit)
+  expire         main process (expired message)   step DISPATCHED, deadline due     rollback | early | duplicate
+  sweep          sweeper                          any unfinished deadline           swept
+  cancel         SagaResult.cancel                PENDING, RUNNING, COMPENSATING    rollback | finished
+  comp_begin     wrapper, before a compensation   compensation DISPATCHED, RUNNING, RETRYING
+                                                                                    run | busy | duplicate | not_dispatched
+  comp_done      wrapper, after it returned       compensation RUNNING, RETRYING    rollback | recorded | duplicate
+  comp_fail      wrapper; main process (lost)     compensation RUNNING              backoff | gave_up | duplicate
+  callback_sent  whoever sent on_complete/on_failure   a finished saga              recorded
+  retry          retry_saga (operator)            FAILED, a compensation GAVE_UP    rollback | not_allowed
+  purge          purge_saga (operator)            COMPLETED, COMPENSATED, FAILED    purged | not_allowed
+  Every op but start replies missing without a record; every op but start and
+  purge replies corrupt for a record it cannot read and stale for a message
+  of another generation.
+
+THE SAGA
+                  start          a first-stage step begins
+     (none) ────────────► PENDING ──────────────────► RUNNING ── last stage done ──► COMPLETED
+                             │ │                         │
+         abort: publish failed │ └──── a step fails, times out, its worker is lost; the
+                             │            saga times out or is cancelled ─────┐
+                             ▼                                                ▼
+                          FAILED ◄── a compensation gave up ── COMPENSATING ──┘
+                             │                                   │  ▲
+                             │ retry (operator) ─────────────────┼──┘
+                             │                                   ▼ every compensation ended
+                             └ (kept until purged)           COMPENSATED
+
+A STEP (s:<step>; none = WAITING: its stage was not dispatched yet)
+     WAITING ── stage dispatched ──► DISPATCHED ── begin ──► RUNNING ── done ──► COMPLETED
+                                        │                      │ ├──── fail ──► FAILED
+       fenced: a sibling failed, the    │                      │ └ deadline, cancel, lost worker,
+       deadline passed or a cancel ─────┤                      │   time limit ──► UNKNOWN
+                                        ▼                      │        (compensated blind;
+                                     CANCELLED (never runs)    │         a late outcome is kept
+                                                               ▼         in ls:/lr:/le:)
+
+A COMPENSATION (cs:<step>; cs2:<step> for round 2, a late success)
+     (none) ── rollback reaches it ──► DISPATCHED ── comp_begin ──► RUNNING ── comp_done ──► COMPENSATED
+                                          ▲                            │
+                  retry (operator) ───────┤                comp_fail, or its deadline
+                                          │                            ▼
+                                       GAVE_UP ◄── out of retries ── RETRYING ── comp_begin ──► RUNNING
+     round 2: WAITING ── the first round ends ──► DISPATCHED ── ...
+
+Moving a rollback on is always settle(): it walks the compensation
+frontier back (advance) whenever the saga is COMPENSATING.
+]]
 
 local K = KEYS[1]
-local op = ARGV[1]
-local tx = ARGV[2]
-local gen = ARGV[3]
+local op, tx, gen = ARGV[1], ARGV[2], ARGV[3]
 
 if tx ~= '' then
   local prev = redis.call('HGET', K, 'tx:' .. tx)
-  if prev then return cjson.decode(prev) end
+  if prev then return prev end
 end
 
 local clock = redis.call('TIME')
 local NOW = string.format('%.0f', tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000))
 
 local function hget(f) return redis.call('HGET', K, f) end
+local function num(x) return tonumber(x) end
 
 local function split(s, sep)
   local out = {}
@@ -38,8 +109,6 @@ local function split(s, sep)
   return out
 end
 
-local function num(x) return tonumber(x) end
-
 -- Compensation fields of round r: round 1 is the rollback ("cs:<step>"),
 -- round 2 re-compensates a late success with its real result ("cs2:<step>").
 local function cf(f, m, r)
@@ -47,8 +116,9 @@ local function cf(f, m, r)
   return f .. ':' .. m
 end
 
--- The fields every operation reads, in one call.
+-- The fields every op reads, in one call.
 local HEAD = redis.call('HMGET', K, 'status', 'gen', 'v', 'stages', 'cstage')
+local status = HEAD[1]
 
 local STAGES = nil
 local function stages()
@@ -65,6 +135,38 @@ local function each_step(fn)
   end
 end
 
+-- -- replies -----------------------------------------------------------------
+
+-- The reply object. `changed` is the status before this call when the call
+-- changed it. `raw` is JSON text spliced in as is (saga data stays opaque).
+local function respond(outcome, changed, fields, raw)
+  local r = fields or {}
+  r.outcome = outcome
+  if r.status == nil then r.status = hget('status') or '' end
+  if changed and changed ~= '' then r.from = changed end
+  if r.due and #r.due == 0 then r.due = nil end
+  if gen == '*' then
+    if r.name == nil then r.name = hget('name') or '' end
+    r.gen = hget('gen') or ''
+  end
+  local text = cjson.encode(r)
+  if raw then text = string.sub(text, 1, -2) .. ',' .. raw .. '}' end
+  return text
+end
+
+local function remember(text)
+  if tx ~= '' then redis.call('HSET', K, 'tx:' .. tx, text) end
+  return text
+end
+
+-- A compensation of round r to publish now.
+local function due_now(m, r)
+  if r == '2' then return {step = m, round = 2} end
+  return {step = m}
+end
+
+-- -- statuses ----------------------------------------------------------------
+
 local function set_status(new)
   local old = hget('status')
   redis.call('HSET', K, 'status', new, 'status_at', NOW)
@@ -76,18 +178,13 @@ local function expire_after_retention()
   if ttl and ttl > 0 then redis.call('PEXPIRE', K, math.floor(ttl * 1000)) end
 end
 
-local function remember(reply)
-  if tx ~= '' then redis.call('HSET', K, 'tx:' .. tx, cjson.encode(reply)) end
-  return reply
-end
-
--- -- deadlines ------------------------------------------------------------
+-- -- deadlines ---------------------------------------------------------------
 --
 -- A step's deadline runs from the transition that dispatches it to its
 -- recorded outcome ("dl:<step>" = dispatch time + "to:<step>"), so it covers
 -- a message nobody consumes and the step's own Celery retries. Each
 -- compensation attempt has one too ("cdl:<step>"), counted from the moment
--- it may start (after its retry countdown).
+-- it may start (after its retry delay).
 
 local function dispatch_step(m)
   redis.call('HSET', K, 's:' .. m, 'DISPATCHED', 'td:' .. m, NOW)
@@ -105,14 +202,17 @@ local function dispatch_compensation(m, r, delay_ms)
   end
 end
 
--- The longest retry countdown before compensation attempt n+1 (the worker
--- draws its delay at or below it), so the attempt's deadline covers it.
-local function max_backoff_ms(n)
+-- The delay before the attempt after attempt n, in ms: equal jitter in
+-- [d/2, d], d = min(backoff_max, backoff * 2^(n-1)), from the settings the
+-- saga started with. Scripts draw no random numbers: the caller passes `u`
+-- in [0, 1). This is the one place a compensation's backoff is computed.
+local function backoff_ms(n, u)
   local ok, settings = pcall(cjson.decode, hget('settings') or '{}')
   if not ok or type(settings) ~= 'table' then settings = {} end
-  local base = num(settings['compensation_retry_backoff']) or 1
-  local cap = num(settings['compensation_retry_backoff_max']) or 600
-  return math.floor(math.min(cap, base * 2 ^ math.max(n - 1, 0)) * 1000)
+  local base = num(settings['compensation_retry_backoff']) or 0
+  local cap = num(settings['compensation_retry_backoff_max']) or 0
+  local d = math.min(cap, base * 2 ^ math.max(n - 1, 0)) * 1000
+  return math.floor(d / 2 + u * d / 2)
 end
 
 local IN_FLIGHT = {DISPATCHED = true, RUNNING = true, RETRYING = true, WAITING = true}
@@ -159,14 +259,14 @@ local function next_deadline()
   return ''
 end
 
--- -- ending a saga ----------------------------------------------------------
+-- -- ending a saga -----------------------------------------------------------
 
 -- Second-round compensations wait for the first round to end.
 local function dispatch_waiting_rounds(out)
   each_step(function(m)
     if hget('cs2:' .. m) == 'WAITING' then
       dispatch_compensation(m, '2', 0)
-      out[#out + 1] = m .. ':2'
+      out[#out + 1] = due_now(m, '2')
     end
   end)
 end
@@ -185,14 +285,16 @@ local function finish(new, out)
   return old
 end
 
+-- -- rolling back ------------------------------------------------------------
+
 -- Walk the compensation frontier back from the stage that failed.
 -- A stage holds back earlier stages until each of its steps has been
 -- compensated, has ended without effect, or has had its compensation fail
 -- once (a failing compensation keeps retrying, but must not block others).
 -- A step whose outcome is unknown (UNKNOWN) may have had its effect, so it
 -- is compensated blind, with no result.
--- Appends the steps whose compensation must be dispatched now to `out`, and
--- returns the status before the saga ended, or false if it did not end.
+-- Appends the compensations to dispatch now to `out`, and returns the
+-- status before the saga ended, or false if it did not end.
 local function advance(out)
   local st = stages()
   local c = num(hget('cstage'))
@@ -208,7 +310,7 @@ local function advance(out)
           if not cs then
             dispatch_compensation(m, '1', 0)
             redis.call('HINCRBY', K, 'copen', 1)
-            out[#out + 1] = m
+            out[#out + 1] = due_now(m, '1')
             settled = false
           elseif cs == 'DISPATCHED' or cs == 'RUNNING' then
             settled = false
@@ -227,13 +329,14 @@ local function advance(out)
   return false
 end
 
--- Move the rollback on if the saga is rolling back. `changed` is the status
--- this call found the saga in, if an earlier part of it changed it; that
--- one, not COMPENSATING, is what the caller reports.
+-- The one way a rollback moves on: if the saga is rolling back, walk the
+-- frontier. `changed` is the status this call found the saga in, if an
+-- earlier part of it changed it; that one, not COMPENSATING, is what the
+-- caller reports.
 local function settle(out, changed)
   if hget('status') ~= 'COMPENSATING' then return changed end
-  local fin = advance(out)
-  return changed or fin
+  local ended = advance(out)
+  return changed or ended
 end
 
 -- Stop waiting for forward step m: a queued one is fenced (it will never
@@ -285,10 +388,6 @@ local function secs(ms)
   return text .. 's'
 end
 
-local function timeout_text(m)
-  return 'timeout: step ' .. m .. ' had no outcome ' .. secs(hget('to:' .. m)) .. ' after it was dispatched'
-end
-
 local function saga_timeout_text()
   return 'timeout: the saga did not finish within ' .. secs(hget('sto'))
 end
@@ -296,19 +395,21 @@ end
 -- Step m missed its deadline: fence or stop waiting for it, and roll back.
 -- Returns the status the saga had before, when it changed.
 local function time_out_step(m)
-  local err = timeout_text(m)
+  local err = 'timeout: step ' .. m .. ' had no outcome ' .. secs(hget('to:' .. m)) .. ' after it was dispatched'
   local st = hget('status')
   stop_waiting(m, 'timeout', err)
   if st == 'PENDING' or st == 'RUNNING' then return begin_rollback(m, err, 'timeout') end
   return false
 end
 
--- A compensation attempt failed (or missed its deadline): retry it with
--- backoff, or give up after the saga's max retries. Returns 'retry' or
--- 'gaveup', and the attempts so far.
-local function compensation_failed(m, r, err)
+-- A compensation attempt failed (or missed its deadline): retry it after a
+-- backoff drawn with `u`, or give up after the saga's max retries. Returns
+-- its due entry, with the attempts so far.
+local function compensation_failed(m, r, err, u)
   redis.call('HSET', K, cf('ce', m, r), err)
   local n = num(hget(cf('ca', m, r))) or 0
+  local entry = due_now(m, r)
+  entry.attempt = n
   local maxr = hget('maxr')
   -- An operator retry gives each compensation a fresh budget from cb0:<step>.
   if maxr and maxr ~= '' and n - (num(hget(cf('cb0', m, r))) or 0) > num(maxr) then
@@ -317,21 +418,21 @@ local function compensation_failed(m, r, err)
       redis.call('HINCRBY', K, 'copen', -1)
       redis.call('HINCRBY', K, 'gaveup', 1)
     end
-    return 'gaveup', n
+    entry.gave_up = true
+    return entry
   end
+  local delay = backoff_ms(n, u)
   redis.call('HSET', K, cf('cs', m, r), 'RETRYING')
   local to = num(hget('to:' .. m))
-  if to then redis.call('HSET', K, cf('cdl', m, r), NOW + max_backoff_ms(n) + to) end
-  return 'retry', n
+  if to then redis.call('HSET', K, cf('cdl', m, r), NOW + delay + to) end
+  entry.delay = delay / 1000
+  return entry
 end
 
--- Act on every deadline that has passed. Appends to `out` what must be
--- published: "<step>" / "<step>:2" for a compensation to send now,
--- "<step>@<n>" / "<step>:2@<n>" for one to send again after the backoff of
--- attempt n, and "<step>!<n>" / "<step>:2!<n>" for one that gave up after
--- attempt n (nothing to send; it is announced). Returns the saga status
--- before, when it changed, else false.
-local function apply_deadlines(out)
+-- Act on every deadline that has passed; `u` draws the backoff of the
+-- compensations it retries. Appends their due entries to `out`. Returns the
+-- saga status before, when it changed, else false.
+local function apply_deadlines(out, u)
   local changed = false
   local st = hget('status')
   if st == 'PENDING' or st == 'RUNNING' then
@@ -356,26 +457,13 @@ local function apply_deadlines(out)
         -- A missed deadline counts as a failed attempt, also when the
         -- attempt never began (its message was lost).
         if cs ~= 'RUNNING' then redis.call('HINCRBY', K, cf('ca', m, r), 1) end
-        local verdict, n = compensation_failed(m, r,
-          'timeout: compensation attempt had no outcome ' .. secs(hget('to:' .. m)) .. ' after it was due')
-        local ref = m
-        if r == '2' then ref = m .. ':2' end
-        if verdict == 'retry' then
-          out[#out + 1] = ref .. '@' .. n
-        else
-          out[#out + 1] = ref .. '!' .. n
-        end
+        local err = 'timeout: compensation attempt had no outcome ' .. secs(hget('to:' .. m)) .. ' after it was due'
+        -- Several retries drawn in one sweep get different jitter.
+        out[#out + 1] = compensation_failed(m, r, err, (u + #out * 0.6180339887) % 1)
       end
     end
   end)
-  changed = settle(out, changed)
-  return changed
-end
-
-local function rollback_reply(tag, changed, out)
-  local reply = {tag, hget('status'), changed or ''}
-  for _, m in ipairs(out) do reply[#reply + 1] = m end
-  return reply
+  return settle(out, changed)
 end
 
 -- A copy that finds its step running is another copy of the same message,
@@ -387,70 +475,60 @@ local function busy(seen_field)
   return (num(ARGV[5]) or 0) <= (num(hget(seen_field)) or -1)
 end
 
-local status = HEAD[1]
+local function finished(st)
+  return st == 'COMPLETED' or st == 'COMPENSATED' or st == 'FAILED'
+end
 
-if op == 'start' then
-  -- ARGV: 4 name, 5 fingerprint, 6 kwargs, 7 plan, 8 plan digest, 9 stages,
-  --       10 retention, 11 settings, 12 on_complete, 13 on_failure,
-  --       14 idempotency key, 15 max compensation retries,
-  --       16 saga timeout (ms, "" for none), 17.. field/value pairs
+-- -- the ops, in lifecycle order ----------------------------------------------
+
+local OPS = {}
+
+-- ARGV[4..]: field/value pairs of the new record (StartRequest.fields()).
+OPS.start = function()
+  local f = {}
+  for i = 4, #ARGV, 2 do f[ARGV[i]] = ARGV[i + 1] end
   if status then
     if hget('startfail') == '1' then
       -- A start whose publish failed released its key: start afresh.
       redis.call('DEL', K)
-    elseif hget('gen') == gen then
+    elseif HEAD[2] == gen then
       -- This very start, sent again after its reply was lost: the caller
       -- has not published yet, so answer as the first time.
-      return {'created', status, 'NEW', gen}
-    elseif hget('fp') == ARGV[5] then
-      return {'exists', status, '', hget('gen')}
+      return respond('created', nil, {gen = gen})
+    elseif hget('fp') == f.fp then
+      return respond('exists', nil, {gen = HEAD[2]})
     else
-      return {'conflict', status, ''}
+      return respond('conflict')
     end
   end
-  redis.call('HSET', K, 'v', '1', 'gen', gen, 'name', ARGV[4], 'fp', ARGV[5], 'kwargs', ARGV[6],
-    'plan', ARGV[7], 'ph', ARGV[8], 'stages', ARGV[9], 'retention', ARGV[10], 'settings', ARGV[11],
-    'cb_ok', ARGV[12], 'cb_fail', ARGV[13], 'key', ARGV[14], 'maxr', ARGV[15],
-    'created', NOW, 'status', 'PENDING', 'status_at', NOW, 'stage', '0', 'copen', '0', 'gaveup', '0')
-  if ARGV[16] ~= '' then redis.call('HSET', K, 'sto', ARGV[16], 'sdl', NOW + num(ARGV[16])) end
-  for i = 17, #ARGV, 2 do redis.call('HSET', K, ARGV[i], ARGV[i + 1]) end
-  HEAD[4] = ARGV[9]
+  local i = 4
+  while i <= #ARGV do
+    local j = math.min(i + 199, #ARGV)
+    redis.call('HSET', K, unpack(ARGV, i, j))
+    i = j + 1
+  end
+  redis.call('HSET', K, 'v', '1', 'gen', gen, 'created', NOW, 'status', 'PENDING', 'status_at', NOW,
+    'stage', '0', 'copen', '0', 'gaveup', '0')
+  if f.sto then redis.call('HSET', K, 'sdl', NOW + num(f.sto)) end
+  HEAD[4] = f.stages
   local first = stages()[1]
   for _, m in ipairs(first) do dispatch_step(m) end
   redis.call('HSET', K, 'left', #first)
-  return {'created', 'PENDING', 'NEW', gen}
+  return respond('created', nil, {gen = gen})
 end
 
-if not status then return {'missing', '', ''} end
-
-if op == 'purge' then
-  -- Operators may remove any finished saga, even one whose record is damaged.
-  if status ~= 'COMPLETED' and status ~= 'COMPENSATED' and status ~= 'FAILED' then
-    return {'notallowed', status, ''}
-  end
-  local name = hget('name') or ''
-  redis.call('DEL', K)
-  return {'purged', status, '', name}
-end
-
-local KNOWN = {PENDING = true, RUNNING = true, COMPENSATING = true, COMPLETED = true, COMPENSATED = true, FAILED = true}
-if not KNOWN[status] or HEAD[3] ~= '1' or not HEAD[4] or (not HEAD[5] and status == 'COMPENSATING') then
-  return {'corrupt', status, ''}
-end
--- Operators and sweepers act on whatever generation is current ("*").
-if gen ~= '*' and HEAD[2] ~= gen then return {'stale', status, ''} end
-
-if op == 'abort' then
-  -- ARGV: 4 error, 5.. steps whose message was never published
+-- ARGV: 4 error, 5.. first-stage steps whose message was never published.
+OPS.abort = function()
   if status == 'PENDING' then
     for _, m in ipairs(stages()[1]) do
       redis.call('HSET', K, 's:' .. m, 'CANCELLED', 't1:' .. m, NOW)
     end
+    -- "startfail" releases the idempotency key; reason "publish" says why.
     redis.call('HSET', K, 'startfail', '1', 'error', ARGV[4], 'reason', 'publish')
     local changed = finish('FAILED')
     -- Nothing ran, so there is nothing for an operator to retry: expire it.
     expire_after_retention()
-    return remember({'aborted', 'FAILED', changed})
+    return remember(respond('aborted', changed))
   end
   -- A published sibling already began: fail the unpublished ones instead,
   -- so the saga rolls back rather than waiting for them forever.
@@ -462,12 +540,11 @@ if op == 'abort' then
       if hget('status') == 'RUNNING' then changed = begin_rollback(m, ARGV[4], 'failure') end
     end
   end
-  changed = settle(out, changed)
-  return remember(rollback_reply('compensate', changed, out))
+  return remember(respond('rollback', settle(out, changed), {due = out}))
 end
 
-if op == 'begin' then
-  -- ARGV: 4 step, 5 Celery retries of this message, 6 "1" if redelivered
+-- ARGV: 4 step, 5 Celery retries of this message, 6 "1" if redelivered.
+OPS.begin = function()
   local m = ARGV[4]
   local s = hget('s:' .. m)
   local out, changed = {}, false
@@ -479,10 +556,9 @@ if op == 'begin' then
     if status == 'COMPENSATING' and s == 'DISPATCHED' then
       -- Defensive: queued steps are fenced when the rollback starts.
       stop_waiting(m, hget('reason') or 'failure')
-      changed = advance(out)
+      changed = settle(out, changed)
     elseif (status == 'PENDING' or status == 'RUNNING') and sdl and num(NOW) >= sdl then
-      changed = halt('timeout', saga_timeout_text())
-      advance(out)
+      changed = settle(out, halt('timeout', saga_timeout_text()))
     elseif dl and num(NOW) >= dl then
       changed = settle(out, time_out_step(m))
     end
@@ -491,25 +567,23 @@ if op == 'begin' then
   if s == 'CANCELLED' or s == 'UNKNOWN' then
     -- Fenced, or compensated blind: this copy runs nothing and, unlike a
     -- duplicate of a finished step, re-drives nothing.
-    return remember(rollback_reply('fenced', changed, out))
+    return remember(respond('fenced', changed, {due = out}))
   end
-  if s == 'DISPATCHED' or s == 'RUNNING' then
-    if status == 'PENDING' or status == 'RUNNING' or status == 'COMPENSATING' then
-      if s == 'RUNNING' and busy('rt:' .. m) then return {'busy', status, ''} end
-      if status == 'PENDING' then changed = set_status('RUNNING') end
-      local n = redis.call('HINCRBY', K, 'a:' .. m, 1)
-      redis.call('HSET', K, 's:' .. m, 'RUNNING', 'rt:' .. m, ARGV[5])
-      redis.call('HSETNX', K, 't0:' .. m, NOW)
-      return remember({'run', hget('status'), changed or '', tostring(n)})
-    end
+  if (s == 'DISPATCHED' or s == 'RUNNING') and not finished(status) then
+    if s == 'RUNNING' and busy('rt:' .. m) then return respond('busy') end
+    if status == 'PENDING' then changed = set_status('RUNNING') end
+    local n = redis.call('HINCRBY', K, 'a:' .. m, 1)
+    redis.call('HSET', K, 's:' .. m, 'RUNNING', 'rt:' .. m, ARGV[5])
+    redis.call('HSETNX', K, 't0:' .. m, NOW)
+    return remember(respond('run', changed, {attempt = n}))
   end
-  if not s then return {'skip', status, ''} end
+  if not s then return respond('not_dispatched') end
   -- The outcome is recorded already: a duplicate or a redelivered copy.
-  return {'dup', status, '', s}
+  return respond('duplicate', nil, {step_status = s})
 end
 
-if op == 'done' then
-  -- ARGV: 4 step, 5 result (JSON)
+-- ARGV: 4 step, 5 result (JSON).
+OPS.done = function()
   local m = ARGV[4]
   local s = hget('s:' .. m)
   if s == 'UNKNOWN' and not hget('ls:' .. m) then
@@ -521,55 +595,59 @@ if op == 'done' then
     if hget('comp:' .. m) and not hget('cs2:' .. m) then
       if status == 'COMPENSATED' or status == 'FAILED' then
         dispatch_compensation(m, '2', 0)
-        out[#out + 1] = m .. ':2'
+        out[#out + 1] = due_now(m, '2')
       else
         redis.call('HSET', K, 'cs2:' .. m, 'WAITING')
       end
     end
-    return remember(rollback_reply('late', false, out))
+    return remember(respond('late', false, {due = out}))
   end
-  if s ~= 'RUNNING' then return {'dup', status, '', s or ''} end
+  if s ~= 'RUNNING' then return respond('duplicate', nil, {step_status = s or ''}) end
   redis.call('HSET', K, 's:' .. m, 'COMPLETED', 'r:' .. m, ARGV[5], 't1:' .. m, NOW)
   if status == 'RUNNING' then
     local left = redis.call('HINCRBY', K, 'left', -1)
-    if left > 0 then return remember({'wait', status, ''}) end
+    if left > 0 then return remember(respond('wait')) end
     -- The last step of the stage to finish dispatches the next stage: the
     -- join lives here, not in a chord, so a lost header task cannot hang it.
     local k = num(hget('stage')) + 1
     local st = stages()
     if k >= #st then
-      return remember({'completed', 'COMPLETED', finish('COMPLETED'), hget('cb_ok') or ''})
+      return remember(respond('completed', finish('COMPLETED'), {callback = hget('cb_ok') or ''}))
     end
     redis.call('HSET', K, 'stage', k, 'left', #st[k + 1])
     for _, n in ipairs(st[k + 1]) do dispatch_step(n) end
     -- Data is never stored: the caller folds the start kwargs with the
     -- results of every finished stage, in declaration order.
-    local reply = {'next', status, '', hget('ph'), tostring(k), hget('kwargs')}
+    local parts = {hget('kwargs')}
     for j = 1, k do
-      for _, n in ipairs(st[j]) do reply[#reply + 1] = hget('r:' .. n) end
+      for _, n in ipairs(st[j]) do
+        local result = hget('r:' .. n)
+        if result then parts[#parts + 1] = result end
+      end
     end
-    return remember(reply)
+    local data = '"data":[' .. table.concat(parts, ',') .. ']'
+    return remember(respond('next_stage', false, {stage = k, plan_digest = hget('ph')}, data))
   end
   if status == 'COMPENSATING' then
     -- A sibling that was still running when another failed: undo it now.
     local out = {}
-    return remember(rollback_reply('compensate', advance(out), out))
+    return remember(respond('rollback', settle(out, false), {due = out}))
   end
-  return remember({'late', status, ''})
+  return remember(respond('late'))
 end
 
-if op == 'fail' or op == 'lost' then
-  -- ARGV: 4 step, 5 error; for lost: 6 why ("timeout" for a hard time limit,
-  -- "lost" for a lost worker). A lost outcome is unknown: the step may have
-  -- had its effect, so it is compensated blind.
+-- fail ARGV: 4 step, 5 error. lost ARGV: 4 step, 5 error, 6 why ("timeout"
+-- for a hard time limit, "lost" for a lost worker). A lost outcome is
+-- unknown: the step may have had its effect, so it is compensated blind.
+local function fail_or_lose()
   local m = ARGV[4]
   local s = hget('s:' .. m)
   if s == 'UNKNOWN' and not hget('ls:' .. m) then
     -- A late failure changes nothing but the record.
     redis.call('HSET', K, 'ls:' .. m, 'FAILED', 'le:' .. m, ARGV[5], 'lt:' .. m, NOW)
-    return remember({'late', status, ''})
+    return remember(respond('late'))
   end
-  if s ~= 'RUNNING' and s ~= 'DISPATCHED' then return {'dup', status, '', s or ''} end
+  if s ~= 'RUNNING' and s ~= 'DISPATCHED' then return respond('duplicate', nil, {step_status = s or ''}) end
   local reason = 'failure'
   if op == 'lost' then
     stop_waiting(m, ARGV[6], ARGV[5])
@@ -577,112 +655,110 @@ if op == 'fail' or op == 'lost' then
   else
     redis.call('HSET', K, 's:' .. m, 'FAILED', 'e:' .. m, ARGV[5], 't1:' .. m, NOW)
   end
-  local out = {}
+  local out, changed = {}, false
   if status == 'PENDING' or status == 'RUNNING' then
-    local changed = begin_rollback(m, ARGV[5], reason)
-    advance(out)
-    return remember(rollback_reply('compensate', changed, out))
+    changed = begin_rollback(m, ARGV[5], reason)
+  elseif status ~= 'COMPENSATING' then
+    return remember(respond('late'))
   end
-  if status == 'COMPENSATING' then
-    return remember(rollback_reply('compensate', advance(out), out))
-  end
-  return remember({'late', status, ''})
+  return remember(respond('rollback', settle(out, changed), {due = out}))
 end
+OPS.fail = fail_or_lose
+OPS.lost = fail_or_lose
 
-if op == 'expire' then
-  -- ARGV: 4 step. Its message expired (expires = its deadline) before any
-  -- copy began: a timeout of a step that never started, not a failure.
+-- ARGV: 4 step. Its message expired (expires = its deadline) before any
+-- copy began: a timeout of a step that never started, not a failure.
+OPS.expire = function()
   local m = ARGV[4]
-  if hget('s:' .. m) ~= 'DISPATCHED' then return {'dup', status, '', hget('s:' .. m) or ''} end
+  local s = hget('s:' .. m)
+  if s ~= 'DISPATCHED' then return respond('duplicate', nil, {step_status = s or ''}) end
   -- Celery expired it by the worker's clock; the store's clock decides. If
   -- the deadline is not due yet, the message is gone anyway and the sweeper
   -- fences the step at its deadline.
   local dl = num(hget('dl:' .. m))
-  if not dl or num(NOW) < dl then return {'early', status, ''} end
+  if not dl or num(NOW) < dl then return respond('early') end
   local out = {}
-  local changed = settle(out, time_out_step(m))
-  return remember(rollback_reply('compensate', changed, out))
+  return remember(respond('rollback', settle(out, time_out_step(m)), {due = out}))
 end
 
-if op == 'sweep' then
-  -- Act on every deadline due by the store clock. Reply:
-  -- {'swept', status, changed, next deadline ('' = none), name, to publish ...}
+-- ARGV: 4 u, the jitter of any compensation retry this sweep decides.
+OPS.sweep = function()
   local out = {}
-  local changed = apply_deadlines(out)
-  local reply = {'swept', hget('status'), changed or '', next_deadline(), hget('name') or ''}
-  for _, x in ipairs(out) do reply[#reply + 1] = x end
+  local changed = apply_deadlines(out, num(ARGV[4]) or 0)
+  local text = respond('swept', changed, {due = out, next_deadline = next_deadline()})
   -- Most sweeps find nothing due: keep no reply for those (nothing to redo).
-  if not changed and #out == 0 then return reply end
-  return remember(reply)
+  if not changed and #out == 0 then return text end
+  return remember(text)
 end
 
-if op == 'cancel' then
-  -- ARGV: 4 error. Like a saga timeout, on demand.
-  if status == 'COMPLETED' or status == 'COMPENSATED' or status == 'FAILED' then
-    return {'finished', status, ''}
-  end
+-- ARGV: 4 error. Like a saga timeout, on demand.
+OPS.cancel = function()
+  if finished(status) then return respond('finished') end
   local out, changed = {}, false
   if status == 'COMPENSATING' then
     each_step(function(m) stop_waiting(m, 'cancelled') end)
   else
     changed = halt('cancelled', ARGV[4])
   end
-  changed = settle(out, changed)
-  return remember(rollback_reply('compensate', changed, out))
+  return remember(respond('rollback', settle(out, changed), {due = out}))
 end
 
-if op == 'cbegin' then
-  -- ARGV: 4 step, 5 Celery retries of this message, 6 "1" if redelivered, 7 round
+-- ARGV: 4 step, 5 Celery retries of this message, 6 "1" if redelivered, 7 round.
+OPS.comp_begin = function()
   local m, r = ARGV[4], ARGV[7]
   local cs = hget(cf('cs', m, r))
   if cs == 'DISPATCHED' or cs == 'RUNNING' or cs == 'RETRYING' then
-    if cs == 'RUNNING' and busy(cf('crt', m, r)) then return {'busy', status, ''} end
+    if cs == 'RUNNING' and busy(cf('crt', m, r)) then return respond('busy') end
     local n = redis.call('HINCRBY', K, cf('ca', m, r), 1)
     redis.call('HSET', K, cf('cs', m, r), 'RUNNING', cf('crt', m, r), ARGV[5])
     redis.call('HSETNX', K, cf('ct0', m, r), NOW)
-    return remember({'run', status, '', tostring(n)})
+    return remember(respond('run', false, {attempt = n}))
   end
-  if not cs then return {'skip', status, ''} end
-  return {'dup', status, '', cs}
+  if not cs then return respond('not_dispatched') end
+  return respond('duplicate')
 end
 
-if op == 'cdone' then
-  -- ARGV: 4 step, 5 round
+-- ARGV: 4 step, 5 round.
+OPS.comp_done = function()
   local m, r = ARGV[4], ARGV[5]
   local cs = hget(cf('cs', m, r))
-  if cs ~= 'RUNNING' and cs ~= 'RETRYING' then return {'dup', status, '', cs or ''} end
+  if cs ~= 'RUNNING' and cs ~= 'RETRYING' then return respond('duplicate') end
   redis.call('HSET', K, cf('cs', m, r), 'COMPENSATED', cf('ct1', m, r), NOW)
-  if r == '2' then return remember({'done', status, ''}) end
+  if r == '2' then return remember(respond('recorded')) end
   redis.call('HINCRBY', K, 'copen', -1)
   local out = {}
-  return remember(rollback_reply('compensate', advance(out), out))
+  return remember(respond('rollback', settle(out, false), {due = out}))
 end
 
-if op == 'cfail' then
-  -- ARGV: 4 step, 5 error, 6 round
+-- ARGV: 4 step, 5 error, 6 round, 7 u, the jitter of its retry backoff.
+OPS.comp_fail = function()
   local m, r = ARGV[4], ARGV[6]
-  local cs = hget(cf('cs', m, r))
-  if cs ~= 'RUNNING' then return {'dup', status, '', cs or ''} end
-  local verdict, n = compensation_failed(m, r, ARGV[5])
-  local out = {}
+  if hget(cf('cs', m, r)) ~= 'RUNNING' then return respond('duplicate') end
+  local failed = compensation_failed(m, r, ARGV[5], num(ARGV[7]) or 0)
+  local out = {failed}
   local changed = false
-  if r == '1' then changed = advance(out) end
-  if verdict == 'gaveup' then return remember(rollback_reply('gaveup', changed, out)) end
-  local reply = {'retry', hget('status'), changed or '', tostring(n)}
-  for _, d in ipairs(out) do reply[#reply + 1] = d end
-  return remember(reply)
+  if r == '1' then changed = settle(out, false) end
+  local outcome = 'backoff'
+  if failed.gave_up then outcome = 'gave_up' end
+  return remember(respond(outcome, changed, {due = out, attempt = failed.attempt}))
 end
 
-if op == 'retry' then
-  -- An operator re-drives the compensations that gave up in a FAILED saga.
-  if status ~= 'FAILED' or (num(hget('gaveup')) or 0) == 0 then return {'notallowed', status, ''} end
+-- Not de-duplicated: setting the flag twice is harmless.
+OPS.callback_sent = function()
+  redis.call('HSET', K, 'cbs', '1')
+  return respond('recorded')
+end
+
+-- An operator re-drives the compensations that gave up in a FAILED saga.
+OPS.retry = function()
+  if status ~= 'FAILED' or (num(hget('gaveup')) or 0) == 0 then return respond('not_allowed') end
   local out = {}
   each_step(function(m)
     if hget('cs:' .. m) == 'GAVE_UP' then
       dispatch_compensation(m, '1', 0)
       redis.call('HSET', K, 'cb0:' .. m, hget('ca:' .. m) or '0')
       redis.call('HDEL', K, 'ct1:' .. m)
-      out[#out + 1] = m
+      out[#out + 1] = due_now(m, '1')
     end
   end)
   redis.call('HSET', K, 'gaveup', '0')
@@ -691,12 +767,30 @@ if op == 'retry' then
   redis.call('HDEL', K, 'cbs')
   local changed = set_status('COMPENSATING')
   redis.call('PERSIST', K)
-  return remember(rollback_reply('compensate', changed, out))
+  return remember(respond('rollback', changed, {due = out}))
 end
 
-if op == 'cbsent' then
-  redis.call('HSET', K, 'cbs', '1')
-  return {'ok', status, ''}
+-- Operators may remove any finished saga, even one whose record is damaged.
+OPS.purge = function()
+  if not finished(status) then return respond('not_allowed') end
+  local name = hget('name') or ''
+  redis.call('DEL', K)
+  return respond('purged', nil, {status = status, name = name})
 end
 
-return redis.error_reply('celery_saga: unknown operation ' .. tostring(op))
+-- -- dispatch ------------------------------------------------------------------
+
+local handler = OPS[op]
+if not handler then return redis.error_reply('celery_saga: unknown op ' .. tostring(op)) end
+if op == 'start' then return handler() end
+if not status then return respond('missing') end
+if op ~= 'purge' then
+  local KNOWN = {PENDING = true, RUNNING = true, COMPENSATING = true, COMPLETED = true, COMPENSATED = true,
+    FAILED = true}
+  if not KNOWN[status] or HEAD[3] ~= '1' or not HEAD[4] or (not HEAD[5] and status == 'COMPENSATING') then
+    return respond('corrupt')
+  end
+  -- Operators and sweepers act on whatever generation is current ("*").
+  if gen ~= '*' and HEAD[2] ~= gen then return respond('stale') end
+end
+return handler()

@@ -1,20 +1,26 @@
-"""Looking at Celery task objects without evaluating them.
+"""Looking at Celery task objects and functions without running or evaluating them.
 
 ``@app.task`` returns a lazy proxy until the app is finalized, and touching
 any attribute of it creates the task and loads the app's configuration.
 Decorating and defining sagas happens at import time, where that must not
 happen, so names and apps are read from the proxy's own arguments.
+
+`params_of` reads which keyword arguments a function takes, so that steps,
+compensations and callbacks get only the saga data they declare.
 """
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from celery import Celery, Task
 from celery.canvas import Signature
 from celery.local import PromiseProxy, Proxy
 
-__all__ = ["is_proxy", "is_task", "task_app", "task_name"]
+__all__ = ["Params", "is_proxy", "is_task", "params_of", "task_app", "task_name"]
 
 
 def _promise_parts(obj: Proxy) -> tuple[Celery, Any, dict[str, Any]] | None:
@@ -70,3 +76,28 @@ def task_app(obj: Any) -> Celery | None:
         app = obj._app
         return app if isinstance(app, Celery) else None
     return None
+
+
+@dataclass(frozen=True)
+class Params:
+    """Which keyword arguments a function accepts."""
+
+    names: frozenset[str]
+    takes_all: bool
+
+    def pick(self, data: dict[str, Any]) -> dict[str, Any]:
+        """The part of ``data`` the function accepts."""
+        if self.takes_all:
+            return dict(data)
+        return {k: v for k, v in data.items() if k in self.names}
+
+
+def params_of(fn: Callable[..., Any]) -> Params:
+    """The keyword parameters of ``fn``; a signature that cannot be read takes everything."""
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return Params(frozenset(), True)
+    names = frozenset(p.name for p in sig.parameters.values() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+    takes_all = any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
+    return Params(names, takes_all)

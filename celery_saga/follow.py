@@ -1,0 +1,145 @@
+"""What follows a transition: the one function that decides it, for every process that makes one.
+
+``Saga.apply_async``, the step wrapper in the pool child, the handlers in the
+worker's main process, the sweeper and the operator actions each apply a
+transition to a saga record and hand the result to `follow`. From the
+transition's outcome it decides, in this order:
+
+1. the events and signals of a change of saga status (announce first: the
+   messages published next lead to later events, which must not overtake it);
+2. the event of the message the transition was made for (done, skipped);
+3. ``compensation_failed`` for each compensation attempt that failed;
+4. what to publish: the first or next stage; compensations, a retry after
+   the backoff the transition drew; or, for a copy of a message whose
+   outcome is already recorded, whatever the record says was dispatched,
+   since the first copy may have died before publishing (``redrive``);
+5. ``on_complete`` / ``on_failure`` when the saga ends, marked sent after.
+
+Publishing comes after the transition, so it is at-least-once: receivers
+de-duplicate against the record.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from celery import Celery
+
+from . import announce
+from .messages import publish_compensation, publish_stage, send_callback
+from .plan import cached_plan
+from .state import SagaStatus, StepStatus, data_before
+from .store import Op, Outcome, SagaStore, Transition
+
+__all__ = ["Delivery", "follow", "redrive"]
+
+# Outcomes whose ``due`` compensations are published.
+_ROLLBACK = frozenset({Outcome.ROLLBACK, Outcome.FENCED, Outcome.BACKOFF, Outcome.GAVE_UP, Outcome.LATE, Outcome.SWEPT})
+# A message's copy is not run for these; a step event says why.
+_BEGIN_OPS = frozenset({Op.BEGIN, Op.COMP_BEGIN})
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """The message a transition was made for, when it was made for one."""
+
+    task_id: str
+    step: str
+    compensation: bool = False
+
+
+def follow(app: Celery, store: SagaStore, t: Transition, delivery: Delivery | None = None) -> None:
+    """Announce, publish and call back whatever transition ``t`` calls for."""
+    raw: dict[str, str] | None = None
+
+    def load() -> dict[str, str]:
+        nonlocal raw
+        if raw is None:
+            raw = store.load(t.saga_id)
+        return raw
+
+    if t.changed_from is not None:
+        announce.saga_transition(app, t, load)
+    if delivery is not None:
+        _announce_delivery(app, t, delivery)
+    outcome = t.outcome
+    if outcome in (Outcome.CREATED, Outcome.NEXT_STAGE):
+        _publish_stage(app, store, t)
+        if outcome is Outcome.CREATED:
+            announce.saga_started(t.saga_id, t.name, t.data or {}, t.gen)
+    elif outcome is Outcome.COMPLETED:
+        if t.callback:
+            _call_back(app, store, t.saga_id, t.gen, t.name, "on_complete", t.callback)
+    elif outcome in _ROLLBACK:
+        _publish_rollback(app, store, t, load)
+    elif outcome is Outcome.DUPLICATE and t.op in _BEGIN_OPS and t.status is not None:
+        redrive(app, store, t.saga_id)
+
+
+def _announce_delivery(app: Celery, t: Transition, delivery: Delivery) -> None:
+    extra = {"compensation": True} if delivery.compensation else {}
+    if t.op in _BEGIN_OPS and t.outcome is not Outcome.RUN:
+        announce.step_event(
+            app, "skipped", delivery.task_id, t.saga_id, t.name, delivery.step, reason=t.outcome.value, **extra
+        )
+    elif t.op is Op.DONE and t.outcome not in (Outcome.DUPLICATE, Outcome.MISSING):
+        announce.step_event(app, "done", delivery.task_id, t.saga_id, t.name, delivery.step)
+
+
+def _publish_stage(app: Celery, store: SagaStore, t: Transition) -> None:
+    assert t.stage is not None and t.data is not None
+    plan = cached_plan(t.plan_digest, lambda: store.load(t.saga_id)["plan"])
+    publish_stage(app, t.saga_id, t.name, t.gen, plan.stages[t.stage], t.data, first=t.stage == 0)
+
+
+def _publish_rollback(app: Celery, store: SagaStore, t: Transition, load: Callable[[], dict[str, str]]) -> None:
+    if not t.due and not t.ended:
+        return
+    raw = load()
+    plan = cached_plan(raw["ph"], lambda: raw["plan"])
+    for due in t.due:
+        if due.attempt:
+            # A missed deadline counts as a failed attempt, and is announced as one.
+            error = raw.get(f"ce:{due.step}" if due.round == 1 else f"ce2:{due.step}") or "timeout"
+            announce.compensation_attempt_failed(
+                t.saga_id, t.name, due.step, due.attempt, error, due.gave_up, due.round
+            )
+        if not due.gave_up:
+            countdown = due.delay if due.attempt else None
+            publish_compensation(app, t.saga_id, raw, plan, due.step, countdown=countdown, round=due.round)
+    if t.ended:
+        _call_back(app, store, t.saga_id, t.gen, t.name, "on_failure", raw.get("cb_fail", ""))
+
+
+def _call_back(app: Celery, store: SagaStore, saga_id: str, gen: str, name: str, which: str, sig_json: str) -> None:
+    if not sig_json:
+        return
+    send_callback(app, saga_id, which, sig_json)
+    store.apply(Op.CALLBACK_SENT, saga_id, gen or "*", name, tx="")
+
+
+def redrive(app: Celery, store: SagaStore, saga_id: str) -> None:
+    """Re-publish whatever the record says was dispatched, for a copy whose first run may have died.
+
+    Receivers skip copies of a step that is already running or done, so a
+    needless re-publish costs a message, never a second effect.
+    """
+    raw = store.load(saga_id)
+    plan = cached_plan(raw["ph"], lambda: raw["plan"])
+    status, name, gen = raw["status"], raw.get("name", ""), raw.get("gen", "")
+    dispatched = StepStatus.DISPATCHED.value
+    if status in (SagaStatus.PENDING.value, SagaStatus.RUNNING.value):
+        k = int(raw.get("stage", "0"))
+        data = data_before(plan, raw, k, json.loads(raw["kwargs"]))
+        specs = [spec for spec in plan.stages[k] if raw.get(f"s:{spec.name}") == dispatched]
+        publish_stage(app, saga_id, name, gen, specs, data, first=k == 0)
+    elif status == SagaStatus.COMPENSATING.value:
+        for spec in plan.steps:
+            if raw.get(f"cs:{spec.name}") == dispatched:
+                publish_compensation(app, saga_id, raw, plan, spec.name)
+    elif raw.get("cbs") != "1":
+        completed = status == SagaStatus.COMPLETED.value
+        which, key = ("on_complete", "cb_ok") if completed else ("on_failure", "cb_fail")
+        _call_back(app, store, saga_id, gen, name, which, raw.get(key, ""))

@@ -1,0 +1,216 @@
+"""Saga messages: the headers that carry a saga's context, their task ids, and publishing them.
+
+Every saga message is the user's own task, sent by name with the saga's
+context in its headers; the step wrapper reads them on the other side. What
+to publish, and when, is decided by `celery_saga.follow`; this module only
+knows how.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from celery import Celery, Task
+from celery.exceptions import Retry
+
+from .plan import Plan, StepSpec
+from .state import StepStatus, data_before
+
+__all__ = [
+    "Headers",
+    "StageNotPublished",
+    "parse_task_id",
+    "publish_compensation",
+    "publish_stage",
+    "resend",
+    "send_callback",
+    "task_id",
+]
+
+
+class Headers:
+    """Names of the message headers that carry the saga context."""
+
+    ID = "saga_id"
+    NAME = "saga_name"
+    STEP = "saga_step"
+    GEN = "saga_gen"
+    UNDO = "saga_undo"
+    BOUND = "saga_bound"
+    FIRST = "saga_first"
+    ROUND = "saga_round"
+    KNOWN = "saga_known"
+
+
+def task_id(saga_id: str, step: str, undo: bool = False, round: int = 1) -> str:
+    """Deterministic Celery task id, also the idempotency key the function sees.
+
+    Duplicates of one message share it, and Flower finds it by saga id:
+    ``<saga>:<step>``, ``<saga>:<step>:undo``, ``<saga>:<step>:undo:2``.
+    """
+    if not undo:
+        return f"{saga_id}:{step}"
+    return f"{saga_id}:{step}:undo" if round == 1 else f"{saga_id}:{step}:undo:{round}"
+
+
+def parse_task_id(tid: str | None) -> tuple[str, str, int] | None:
+    """(saga_id, step, round) of a saga task id, round 0 for the forward step; None for other ids."""
+    parts = (tid or "").split(":")
+    if len(parts) == 2:
+        return parts[0], parts[1], 0
+    if len(parts) == 3 and parts[2] == "undo":
+        return parts[0], parts[1], 1
+    if len(parts) == 4 and parts[2] == "undo" and parts[3].isdigit():
+        return parts[0], parts[1], int(parts[3])
+    return None
+
+
+class StageNotPublished(Exception):
+    """Publishing a stage stopped part-way (the broker failed); ``unpublished`` names the steps not sent.
+
+    Its ``__cause__`` is the broker's error. A start catches it to release
+    the saga; in a worker it reaches the log, and the record's deadlines or a
+    redelivered copy (which re-publishes) take over.
+    """
+
+    def __init__(self, saga_id: str, unpublished: Sequence[str]) -> None:
+        self.saga_id = saga_id
+        self.unpublished = tuple(unpublished)
+        super().__init__(f"saga {saga_id}: could not publish step(s) {', '.join(self.unpublished)}")
+
+
+def publish_stage(
+    app: Celery, saga_id: str, saga_name: str, gen: str, specs: Sequence[StepSpec], data: dict[str, Any], first: bool
+) -> None:
+    """Send the steps of one stage, in order.
+
+    Raises:
+        StageNotPublished: a send failed; its cause is the broker's error.
+    """
+    for k, spec in enumerate(specs):
+        try:
+            _publish_step(app, saga_id, saga_name, gen, spec, data, first)
+        except Exception as exc:
+            raise StageNotPublished(saga_id, [s.name for s in specs[k:]]) from exc
+
+
+def _publish_step(
+    app: Celery, saga_id: str, saga_name: str, gen: str, spec: StepSpec, data: dict[str, Any], first: bool
+) -> None:
+    """Send one forward step as the user's own task, with the saga context in its headers."""
+    options = dict(spec.options)
+    if spec.timeout is not None:
+        # A worker drops the message once its deadline has passed (Celery
+        # reports it revoked-expired, which the saga records as a timeout of
+        # a step that never started); the record's deadline decides anyway.
+        # A number is seconds from now for Celery, not an epoch time.
+        options["expires"] = spec.timeout
+    app.send_task(
+        spec.task,
+        args=(),
+        kwargs=data,
+        task_id=task_id(saga_id, spec.name),
+        root_id=saga_id,
+        headers={
+            Headers.ID: saga_id,
+            Headers.NAME: saga_name,
+            Headers.STEP: spec.name,
+            Headers.GEN: gen,
+            Headers.UNDO: 0,
+            Headers.BOUND: spec.bound,
+            Headers.FIRST: int(first),
+        },
+        # The saga record holds every result; a result-backend write per step
+        # would only cost a round trip.
+        ignore_result=True,
+        serializer="json",
+        **options,
+    )
+
+
+def publish_compensation(
+    app: Celery,
+    saga_id: str,
+    raw: dict[str, str],
+    plan: Plan,
+    step: str,
+    countdown: float | None = None,
+    round: int = 1,
+) -> None:
+    """Send the compensation of ``step``, built from the raw record ``raw``.
+
+    Round 1 carries the result the record has (None if the outcome is
+    unknown); round 2 the late result of a step that was compensated blind.
+    """
+    spec = plan.step(step)
+    assert spec.compensation is not None
+    kwargs = data_before(plan, raw, spec.stage, json.loads(raw["kwargs"]))
+    kwargs.update(spec.bound)
+    if round == 2:
+        result_raw, known = raw.get(f"lr:{step}"), True
+    else:
+        known = raw.get(f"s:{step}") == StepStatus.COMPLETED.value
+        result_raw = raw.get(f"r:{step}") if known else None
+    kwargs["step_result"] = json.loads(result_raw) if result_raw is not None else None
+    app.send_task(
+        spec.compensation,
+        args=(),
+        kwargs=kwargs,
+        task_id=task_id(saga_id, step, undo=True, round=round),
+        root_id=saga_id,
+        countdown=countdown,
+        headers={
+            Headers.ID: saga_id,
+            Headers.NAME: raw.get("name", ""),
+            Headers.STEP: step,
+            Headers.GEN: raw.get("gen", ""),
+            Headers.UNDO: 1,
+            Headers.ROUND: round,
+            Headers.KNOWN: int(known),
+        },
+        ignore_result=True,
+        serializer="json",
+        **spec.compensation_options,
+    )
+
+
+def send_callback(app: Celery, saga_id: str, which: str, sig_json: str) -> None:
+    """Send on_complete / on_failure with the saga id first; its task id makes a resend a duplicate."""
+    sig = app.signature(json.loads(sig_json))
+    sig.apply_async(args=(saga_id,), task_id=f"{saga_id}:{which}", root_id=saga_id)
+
+
+def resend(task: Task, request: Any, kwargs: dict[str, Any], countdown: float, exc: BaseException) -> Retry:
+    """Send this very message again after ``countdown``, as a Celery retry of the same task id.
+
+    For a message that could not even be checked against its record (the
+    store is down). Not ``task.retry()``: it would count against the task's
+    own max_retries, and Celery type-checks its kwargs, which for a step hold
+    the whole saga data (the participant filters on receipt). The caller
+    raises the returned Retry.
+    """
+    # Route it where this copy came from, as Celery's own retry does.
+    delivery = request.delivery_info or {}
+    exchange, routing_key = delivery.get("exchange"), delivery.get("routing_key")
+    route: dict[str, Any] = {}
+    if exchange == "" and routing_key:
+        route["queue"] = routing_key
+    elif routing_key:
+        route.update(exchange=exchange, routing_key=routing_key)
+    task.app.send_task(
+        task.name,
+        args=(),
+        kwargs=kwargs,
+        task_id=request.id,
+        countdown=countdown,
+        headers=dict(request.headers or {}),
+        retries=int(request.retries or 0) + 1,
+        root_id=request.root_id,
+        parent_id=request.parent_id,
+        ignore_result=True,
+        serializer="json",
+        **route,
+    )
+    return Retry(f"saga retry in {countdown:.2f}s", exc=exc, when=countdown)

@@ -1,0 +1,68 @@
+"""The saga store and settings of each app: one store per (URL, prefix) and process.
+
+Everything that reads or writes a saga record gets its store here. This
+module knows nothing of workers or sagas, so every layer above may use it.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from typing import Any
+
+from celery import Celery
+
+from .settings import SagaSettings
+from .store import RedisSagaStore, SagaStore
+
+__all__ = ["forget_store", "settings_of", "store_for"]
+
+_STORES: dict[tuple[str, str], SagaStore] = {}
+_BY_APP: weakref.WeakKeyDictionary[Celery, tuple[tuple[Any, ...], SagaStore]] = weakref.WeakKeyDictionary()
+_LOCK = threading.Lock()
+
+
+def settings_of(app: Celery) -> SagaSettings:
+    """The validated ``saga_*`` settings of ``app``."""
+    return SagaSettings.from_app(app)
+
+
+def store_for(app: Celery) -> SagaStore:
+    """The saga store of ``app``, one per (URL, prefix) and process.
+
+    redis-py pools notice a fork and reconnect, so prefork children reuse it.
+    """
+    # Steps call this on every message: skip validating the settings again
+    # while the raw values they come from are unchanged.
+    conf = app.conf
+    raw = (conf.get("saga_redis_url"), conf.get("saga_key_prefix"), conf.get("saga_retention"), conf.broker_url)
+    cached = _BY_APP.get(app)
+    if cached is not None and cached[0] == raw:
+        return cached[1]
+    store = _shared_store(settings_of(app))
+    _BY_APP[app] = (raw, store)
+    return store
+
+
+def forget_store(app: Celery) -> None:
+    """Close and drop the store ``app`` uses now, e.g. before pointing the app elsewhere."""
+    cached = _BY_APP.pop(app, None)
+    if cached is None:
+        return
+    store = cached[1]
+    with _LOCK:
+        for key in [k for k, v in _STORES.items() if v is store]:
+            del _STORES[key]
+    store.close()  # another app sharing it reconnects on its next command
+
+
+def _shared_store(settings: SagaSettings) -> SagaStore:
+    key = (settings.redis_url, settings.key_prefix)
+    store = _STORES.get(key)
+    if store is None:
+        with _LOCK:
+            store = _STORES.get(key)
+            if store is None:
+                store = RedisSagaStore(settings.redis_url, settings.key_prefix, retention=settings.retention)
+                _STORES[key] = store
+    return store

@@ -1,0 +1,310 @@
+"""What a saga looks like to people and tools: the JSON shapes, the timeline, and the tables.
+
+``celery saga ... --json`` prints `state_json` and `SagaSummary.to_json`,
+whose schema `celery_saga.cli` documents; ``celery saga show``, the demo and
+the test helpers print `render_timeline`. Times are ISO-8601 UTC with
+milliseconds and a ``Z``, like ``2026-11-27T03:25:09.640Z``, or null when
+unknown.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from .state import SagaState, SagaStatus, StepRecord, StepStatus, ms_time
+
+__all__ = [
+    "SagaStats",
+    "SagaSummary",
+    "TimelineRow",
+    "iso",
+    "list_table",
+    "render_timeline",
+    "saga_text",
+    "state_json",
+    "stats_tables",
+    "summary_of",
+    "table",
+    "timeline",
+]
+
+
+def iso(when: datetime | None) -> str | None:
+    """``2026-11-27T03:25:09.640Z``: ISO-8601, UTC, milliseconds (records keep no more)."""
+    if when is None:
+        return None
+    return when.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A plain-text table: a header, a rule, and left-aligned columns."""
+    cells = [list(header), *[list(r) for r in rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+# -- the saga list -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SagaSummary:
+    """One line of a saga list: what its record says, without parsing its plan."""
+
+    saga_id: str
+    name: str
+    status: SagaStatus
+    status_at: datetime | None
+    created_at: datetime | None
+    failed_step: str | None
+    error: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.saga_id,
+            "name": self.name,
+            "status": self.status.value,
+            "status_at": iso(self.status_at),
+            "created_at": iso(self.created_at),
+            "failed_step": self.failed_step,
+            "error": self.error,
+        }
+
+
+@dataclass(frozen=True)
+class SagaStats:
+    """Saga counts from the indexes; finished sagas only within this app's ``saga_retention``.
+
+    Attributes:
+        by_status: ``{status: count}``, every status present.
+        by_name: ``{saga_name: {status: count}}``, every status present.
+    """
+
+    by_status: Mapping[str, int]
+    by_name: Mapping[str, Mapping[str, int]]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"by_status": dict(self.by_status), "by_name": {n: dict(c) for n, c in self.by_name.items()}}
+
+
+def summary_of(saga_id: str, raw: dict[str, str] | None) -> SagaSummary | None:
+    """Read leniently: a record whose plan is damaged still lists. None if it expired."""
+    if not raw:
+        return None
+    try:
+        status = SagaStatus(raw.get("status", ""))
+    except ValueError:
+        return None
+    return SagaSummary(
+        saga_id=saga_id,
+        name=raw.get("name", ""),
+        status=status,
+        status_at=_lenient_time(raw.get("status_at")),
+        created_at=_lenient_time(raw.get("created")),
+        failed_step=raw.get("failed_step") or None,
+        error=raw.get("error") or None,
+    )
+
+
+def _lenient_time(raw: str | None) -> datetime | None:
+    try:
+        return ms_time(raw)
+    except (ValueError, OverflowError, OSError):
+        return None
+
+
+def list_table(sagas: Sequence[SagaSummary]) -> str:
+    """``celery saga list``: one row per saga."""
+    rows = [
+        (s.saga_id, s.name, s.status.value, iso(s.status_at) or "-", s.failed_step or "", (s.error or "")[:48])
+        for s in sagas
+    ]
+    return table(("id", "name", "status", "since", "failed step", "error"), rows)
+
+
+def stats_tables(stats: SagaStats) -> str:
+    """``celery saga stats``: counts by status, then by saga name."""
+    statuses = [s.value for s in SagaStatus]
+    text = table(("status", "sagas"), [(s, str(stats.by_status[s])) for s in statuses])
+    if stats.by_name:
+        rows = [(n, *(str(c.get(s, 0)) for s in statuses)) for n, c in stats.by_name.items()]
+        text += "\n\n" + table(("name", *statuses), rows)
+    return text
+
+
+# -- one saga ------------------------------------------------------------------
+
+
+def state_json(state: SagaState) -> dict[str, Any]:
+    """The JSON shape of a saga record, as ``celery saga show --json`` prints it."""
+    return {
+        "id": state.saga_id,
+        "name": state.name,
+        "status": state.status.value,
+        "status_at": iso(state.status_at),
+        "created_at": iso(state.created_at),
+        "idempotency_key": state.idempotency_key,
+        "failed_step": state.failed_step,
+        "error": state.error,
+        "reason": state.reason,
+        "kwargs": state.kwargs,
+        "data": state.data,
+        "settings": state.settings,
+        "timeout": state.timeout,
+        "deadline": iso(state.deadline),
+        "steps": [_step_json(s) for s in state.steps],
+    }
+
+
+def _step_json(s: StepRecord) -> dict[str, Any]:
+    second = s.second_round
+    return {
+        "name": s.name,
+        "task": s.task,
+        "stage": s.stage,
+        "status": s.status.value,
+        "attempts": s.attempts,
+        "started_at": iso(s.started_at),
+        "ended_at": iso(s.ended_at),
+        "error": s.error,
+        "result": s.result,
+        "timeout": s.timeout,
+        "deadline": iso(s.deadline),
+        "stopped_by": s.stopped_by,
+        "late": None
+        if s.late_status is None
+        else {"status": s.late_status.value, "result": s.late_result, "error": s.late_error, "at": iso(s.late_at)},
+        "compensation": None
+        if s.compensation is None
+        else {
+            "task": s.compensation,
+            "status": s.compensation_status.value if s.compensation_status else None,
+            "attempts": s.compensation_attempts,
+            "started_at": iso(s.compensation_started_at),
+            "ended_at": iso(s.compensation_ended_at),
+            "error": s.compensation_error,
+            "deadline": iso(s.compensation_deadline),
+            "round2": None
+            if second is None
+            else {
+                "status": second.status.value,
+                "attempts": second.attempts,
+                "started_at": iso(second.started_at),
+                "ended_at": iso(second.ended_at),
+                "error": second.error,
+            },
+        },
+    }
+
+
+@dataclass(frozen=True)
+class TimelineRow:
+    """One action of a saga: a step's forward run, or its compensation."""
+
+    step: str
+    action: str  # "step", "compensation", "late outcome" or "compensation 2"
+    task: str
+    status: str
+    attempts: int
+    started_at: datetime | None
+    ended_at: datetime | None
+    error: str | None
+
+
+def _step_error(s: StepRecord) -> str | None:
+    if s.status is StepStatus.CANCELLED and s.stopped_by:
+        return s.error or f"fenced before it started ({s.stopped_by})"
+    if s.status is StepStatus.UNKNOWN:
+        return s.error or f"outcome unknown ({s.stopped_by})"
+    return s.error
+
+
+def timeline(state: SagaState) -> list[TimelineRow]:
+    """Rows in the order things happened.
+
+    Steps in plan order, then compensations by start time, then any late
+    outcome (a step that finished after it was compensated blind) and its
+    second compensation round.
+    """
+    rows = [
+        TimelineRow(s.name, "step", s.task, s.status.value, s.attempts, s.started_at, s.ended_at, _step_error(s))
+        for s in state.steps
+    ]
+    undo = [
+        TimelineRow(
+            s.name,
+            "compensation",
+            s.compensation or "",
+            s.compensation_status.value,
+            s.compensation_attempts,
+            s.compensation_started_at,
+            s.compensation_ended_at,
+            s.compensation_error,
+        )
+        for s in state.steps
+        if s.compensation_status is not None
+    ]
+    undo.sort(key=lambda row: (row.started_at is None, row.started_at or datetime.min.replace(tzinfo=None)))
+    late: list[TimelineRow] = []
+    for s in state.steps:
+        if s.late_status is not None:
+            late.append(
+                TimelineRow(s.name, "late outcome", s.task, s.late_status.value, 0, None, s.late_at, s.late_error)
+            )
+        if s.second_round is not None:
+            r = s.second_round
+            late.append(
+                TimelineRow(
+                    s.name,
+                    "compensation 2",
+                    s.compensation or "",
+                    r.status.value,
+                    r.attempts,
+                    r.started_at,
+                    r.ended_at,
+                    r.error,
+                )
+            )
+    return rows + undo + late
+
+
+def _clock(when: datetime | None, origin: datetime | None) -> str:
+    if when is None:
+        return "-"
+    stamp = when.strftime("%H:%M:%S.") + f"{when.microsecond // 1000:03d}"
+    if origin is not None:
+        stamp += f" (+{(when - origin).total_seconds():.2f}s)"
+    return stamp
+
+
+def render_timeline(state: SagaState, width: int = 48) -> str:
+    """The timeline as a plain-text table."""
+    header = ("step", "action", "status", "tries", "started", "ended", "error")
+    rows = [
+        (
+            r.step,
+            r.action,
+            r.status if r.status != StepStatus.WAITING.value else "-",
+            str(r.attempts) if r.action != "late outcome" else "-",
+            _clock(r.started_at, state.created_at),
+            _clock(r.ended_at, state.created_at),
+            (r.error or "")[:width],
+        )
+        for r in timeline(state)
+    ]
+    return table(header, rows)
+
+
+def saga_text(state: SagaState) -> str:
+    """``celery saga show``: the saga's status, then its timeline."""
+    lines = [
+        f"saga {state.saga_id} ({state.name}): {state.status.value} since {iso(state.status_at)}",
+        f"created {iso(state.created_at)}",
+    ]
+    if state.failed_step:
+        lines.append(f"failed step {state.failed_step}: {state.error}")
+    return "\n".join([*lines, "", render_timeline(state)])

@@ -1,0 +1,118 @@
+"""The bootstep every enabled worker runs, in its main process: configuration checks and the sweeper."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import Celery, bootsteps
+
+from ..announce import configure_worker
+from ..errors import SagaError
+from ..plan import StepSpec
+from ..registry import sagas_of, step_meta
+from ..stores import settings_of
+from ..sweeper import SweeperThread
+from .apps import install, is_enabled
+
+__all__ = ["SagaWorker", "configuration_warnings"]
+
+logger = logging.getLogger("celery_saga")
+
+
+def configuration_warnings(app: Celery) -> list[str]:
+    """What the library can tell is wrong between the broker's visibility timeout and saga timing.
+
+    With a Redis (or SQS) broker, a message not acknowledged within
+    ``visibility_timeout`` is delivered again, even while its first copy
+    still runs or waits for its countdown. Returns one line per problem found.
+    """
+    transport = str(app.conf.broker_url or "").split("://", 1)[0]
+    if transport not in ("redis", "rediss", "sentinel", "sqs", "unix"):
+        return []
+    options = app.conf.broker_transport_options or {}
+    vt = float(options.get("visibility_timeout", 3600))
+    conf = app.conf
+    warnings = []
+    settings = settings_of(app)
+    if settings.compensation_retry_backoff_max > vt:
+        warnings.append(
+            f"saga_compensation_retry_backoff_max ({settings.compensation_retry_backoff_max:g}s) exceeds the "
+            f"broker's visibility_timeout ({vt:g}s): a compensation waiting for its retry countdown is "
+            f"delivered again meanwhile. Raise visibility_timeout or lower the backoff cap"
+        )
+    for name, task in sorted(app.tasks.items()):
+        if name.startswith("celery.") or step_meta(name) is None:
+            continue
+        limit = task.time_limit or conf.task_time_limit
+        if task.acks_late and limit and float(limit) > vt:
+            warnings.append(
+                f"step {name!r}: time_limit ({float(limit):g}s) exceeds the broker's visibility_timeout ({vt:g}s) "
+                f"and the task is acks_late: a run longer than {vt:g}s is delivered again while it still runs"
+            )
+    for spec in _step_specs(app):
+        task = app.tasks.get(spec.task)
+        if task is None or not task.acks_late:
+            continue
+        if spec.timeout is not None and spec.timeout <= vt:
+            warnings.append(
+                f"saga step {spec.name!r} ({spec.task}): its timeout ({spec.timeout:g}s) does not exceed the "
+                f"broker's visibility_timeout ({vt:g}s), so after a worker crash its acks_late redelivery comes "
+                f"after the deadline and the step is compensated, not completed"
+            )
+    return warnings
+
+
+def _step_specs(app: Celery) -> list[StepSpec]:
+    specs: dict[str, StepSpec] = {}
+    for saga in sagas_of(app):
+        try:
+            for spec in saga.plan().steps:
+                specs.setdefault(spec.name, spec)
+        except SagaError:
+            continue  # reported at finalize
+    return list(specs.values())
+
+
+class SagaWorker(bootsteps.StartStopStep):  # type: ignore[misc]
+    """Runs in every worker of an enabled app, in its main process, before the pool starts.
+
+    It also runs the deadline sweeper in a thread of the main process, so
+    every worker with the saga hooks acts on deadlines without an extra
+    process. A thread, not the worker's timer: a sweep does blocking Redis
+    calls, which must not stall the consumer's event loop.
+    """
+
+    label = "celery_saga"
+    # Started after the pool: the sweeper thread is not there when it forks.
+    requires = ("celery.worker.components:Pool",)
+
+    def __init__(self, w: Any, **kwargs: Any) -> None:
+        super().__init__(w, **kwargs)
+        self.sweeper: SweeperThread | None = None
+        if is_enabled(w.app):
+            install(w.app)  # tasks registered after finalize
+            configure_worker(w.app, w.hostname, bool(w.task_events))
+            try:
+                for line in configuration_warnings(w.app):
+                    logger.warning("celery_saga: %s", line)
+            except SagaError as exc:
+                logger.error("celery_saga: %s", exc)
+
+    def start(self, w: Any) -> None:
+        if not is_enabled(w.app) or w.app.conf.get("saga_sweeper") is False:
+            return
+        try:
+            self.sweeper = SweeperThread(w.app, name=f"celery_saga-sweeper@{w.hostname}")
+        except SagaError as exc:
+            logger.error("celery_saga: no deadline sweeper in this worker: %s", exc)
+            return
+        self.sweeper.start()
+
+    def stop(self, w: Any) -> None:
+        if self.sweeper is not None:
+            self.sweeper.stop()
+            self.sweeper = None
+
+    # A cold shutdown (and the test worker's exit) sends "terminate", not "stop".
+    terminate = stop

@@ -1,0 +1,100 @@
+"""Outcomes Celery reports only in the worker's main process, where no step wrapper runs.
+
+A lost pool child, a hard time limit, a revoke or an expired message end a
+task in the worker's main process, and Celery calls no errback for revokes.
+These handlers record the outcome there. A hard time limit fires
+task_failure twice in Celery 5.7; the transitions only apply to a step still
+running, so the second call changes nothing.
+
+Celery sends task_failure for a lost worker only when it neither requeues
+(acks_late + reject_on_worker_lost) nor retries (retry_on_worker_lost) the
+message: when the app asked for redelivery, the step stays running and the
+next copy (or the deadline) decides.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from billiard.exceptions import WorkerLostError
+from celery import Task, signals
+from celery.exceptions import TimeLimitExceeded
+
+from ..errors import SagaError
+from ..follow import follow
+from ..messages import Headers, parse_task_id
+from ..store import Op
+from ..stores import store_for
+from .apps import is_enabled
+from .wrapper import error_text
+
+__all__ = ["connect_signals"]
+
+logger = logging.getLogger("celery_saga")
+
+_connected = False
+
+
+def _record(task: Task, task_id: str | None, gen: str | None, op: Op, error: str, why: str = "") -> None:
+    """Apply ``op`` (or, for a compensation, ``comp_fail``) for the message ``task_id`` and follow it."""
+    app = task.app
+    if not is_enabled(app):
+        return
+    parsed = parse_task_id(task_id)
+    if parsed is None:
+        return
+    saga_id, step, round_ = parsed
+    try:
+        store = store_for(app)
+        raw = store.load(saga_id)
+        # The message's own generation, when known: a message from an aborted
+        # start must not fail the step of a later start with the same key.
+        name, gen = raw.get("name", ""), gen or raw.get("gen", "")
+        if round_:
+            t = store.compensation_failed(saga_id, gen, name, step, error, round_)
+        else:
+            t = store.apply(op, saga_id, gen, name, step, error, *([why] if why else []))
+        follow(app, store, t)
+    except SagaError as exc:
+        logger.error("saga %s: could not record %s of %r: %s", saga_id, error, step, exc)
+    except Exception:
+        logger.exception("saga %s: could not record %s of %r", saga_id, error, step)
+
+
+def _on_task_failure(
+    sender: Task | None = None, task_id: str | None = None, exception: BaseException | None = None, **_: Any
+) -> None:
+    # Failures raised inside the task were recorded by the wrapper already.
+    if sender is None or not isinstance(exception, (WorkerLostError, TimeLimitExceeded)):
+        return
+    # For a lost worker Celery pushes the request before sending the signal;
+    # for a hard time limit it does not, and the record's generation is used.
+    request = sender.request
+    gen = request.get(Headers.GEN) if request.id == task_id else None
+    # The function was cut off mid-way: its effect is unknown, not absent.
+    why = "timeout" if isinstance(exception, TimeLimitExceeded) else "lost"
+    _record(sender, task_id, gen, Op.LOST, error_text(exception), why)
+
+
+def _on_task_revoked(sender: Task | None = None, request: Any = None, expired: bool = False, **_: Any) -> None:
+    if sender is None or request is None:
+        return
+    gen = (getattr(request, "request_dict", None) or {}).get(Headers.GEN)
+    task_id = getattr(request, "id", None)
+    if expired:
+        # A step message expires at its deadline: a timeout of a step that
+        # never started, not a failure.
+        _record(sender, task_id, gen, Op.EXPIRE, "expired: the message expired before it ran")
+    else:
+        _record(sender, task_id, gen, Op.FAIL, "revoked: the message was revoked before it ran")
+
+
+def connect_signals() -> None:
+    """Connect the main-process handlers once per process; they ignore apps that are not enabled."""
+    global _connected
+    if _connected:
+        return
+    _connected = True
+    signals.task_failure.connect(_on_task_failure, weak=False, dispatch_uid="celery_saga.task_failure")
+    signals.task_revoked.connect(_on_task_revoked, weak=False, dispatch_uid="celery_saga.task_revoked")

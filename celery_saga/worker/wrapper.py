@@ -1,0 +1,274 @@
+"""The step wrapper: what runs around a step's or compensation's function, where the task runs.
+
+In a prefork worker that is the pool child; in a solo or threads worker, the
+worker's own process. An enabled app wraps each task's ``run``: a message
+without saga headers runs the task exactly as before; one with them is
+checked against the saga record first (may it run at all?), and its
+outcome is recorded after. What follows each transition is `follow`'s to
+decide.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import redis
+from celery import Task
+from celery.exceptions import Ignore, Reject, Retry, SoftTimeLimitExceeded, TimeLimitExceeded
+
+from ..context import StepContext, current_step, reset_current, set_current
+from ..errors import SagaError, SagaStoreUnavailable, StepResultNotSerializable
+from ..follow import Delivery, follow
+from ..introspect import Params, params_of
+from ..messages import Headers, resend, task_id
+from ..store import Op, Outcome, SagaStore, Transition
+from ..stores import store_for
+
+__all__ = ["error_text", "set_fault_hook", "wrap", "wrapped"]
+
+logger = logging.getLogger("celery_saga")
+
+_WRAPPED: weakref.WeakSet[Task] = weakref.WeakSet()
+
+# Store outages are retried after 1, 2, 4 ... up to 60 seconds.
+_OUTAGE_RETRY_MAX = 60.0
+
+
+def wrapped(task: Task) -> bool:
+    """True if ``task`` has the saga wrapper already."""
+    return task in _WRAPPED
+
+
+# Called with the step context right before a step or compensation function
+# runs; what it raises counts as the function's own failure. Only
+# celery_saga.testing sets it, to inject faults; it is None in production.
+_fault_hook: Callable[[StepContext], None] | None = None
+
+
+def set_fault_hook(hook: Callable[[StepContext], None] | None) -> None:
+    """Install (or remove, with None) the fault-injection hook of ``celery_saga.testing``."""
+    global _fault_hook
+    _fault_hook = hook
+
+
+def fault_hook() -> Callable[[StepContext], None] | None:
+    """The fault-injection hook installed now, if any."""
+    return _fault_hook
+
+
+def _with_fault_hook(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        if _fault_hook is not None:
+            ctx = current_step()
+            if ctx is not None:
+                _fault_hook(ctx)
+        return fn(*args, **kwargs)
+
+    return call
+
+
+def wrap(task: Task) -> None:
+    """Wrap ``task.run``; messages without saga headers run it exactly as before."""
+    # Injected faults must go where a real exception would come from: inside
+    # Celery's autoretry wrapper, when the task has one, so they are retried.
+    if hasattr(task, "_orig_run"):
+        task._orig_run = _with_fault_hook(task._orig_run)
+        original = task.run
+    else:
+        original = _with_fault_hook(task.run)
+    params = params_of(original)
+
+    @functools.wraps(original)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        request = task.request
+        saga_id = request.get(Headers.ID)
+        if not saga_id or request.called_directly:
+            return original(*args, **kwargs)
+        message = _Message(task, request, kwargs)
+        if request.get(Headers.UNDO):
+            return _compensate(message, original, params)
+        return _forward(message, original, params)
+
+    task.run = run
+    _WRAPPED.add(task)
+
+
+def error_text(exc: BaseException) -> str:
+    """How an exception is recorded: its type and message, bounded."""
+    return f"{type(exc).__name__}: {exc}"[:2000]
+
+
+class _Message:
+    """One saga message being handled: its task, request, kwargs and saga headers."""
+
+    def __init__(self, task: Task, request: Any, kwargs: dict[str, Any]) -> None:
+        self.task = task
+        self.request = request
+        self.kwargs = kwargs
+        self.saga_id: str = request.get(Headers.ID)
+        self.name: str = request.get(Headers.NAME) or ""
+        self.step: str = request.get(Headers.STEP) or ""
+        self.gen: str = request.get(Headers.GEN) or ""
+        self.round = int(request.get(Headers.ROUND) or 1)
+        self.retries = str(int(request.retries or 0))
+        delivery = request.delivery_info or {}
+        self.redelivered = "1" if delivery.get("redelivered") else ""
+        self.first = bool(request.get(Headers.FIRST))
+        self.delivery = Delivery(request.id, self.step, compensation=bool(request.get(Headers.UNDO)))
+
+    def apply(self, store: SagaStore, op: Op, *args: str, first: bool = False) -> Transition:
+        """Apply ``op`` to this message's saga and follow it; a store outage re-sends the message."""
+        try:
+            t = store.apply(op, self.saga_id, self.gen, self.name, *args, first=first)
+            follow(self.task.app, store, t, self.delivery)
+        except SagaStoreUnavailable as exc:
+            raise self.retry_later(exc) from exc
+        return t
+
+    def retry_later(self, exc: SagaStoreUnavailable) -> Retry:
+        """The store is down: send this message again with backoff; it never runs without a record."""
+        delay = min(_OUTAGE_RETRY_MAX, 2.0 ** min(int(self.request.retries or 0), 6))
+        logger.warning("saga %s: %s; retrying %s in %.0fs", self.saga_id, exc, self.task.name, delay)
+        return resend(self.task, self.request, self.kwargs, delay, exc)
+
+    def what(self) -> str:
+        return f"compensation of {self.step!r}" if self.delivery.compensation else f"step {self.step!r}"
+
+
+def _begin(message: _Message, op: Op, *args: str) -> tuple[SagaStore, Transition]:
+    """Ask the record whether this copy may run; raise Ignore (acking it) if not."""
+    try:
+        store = store_for(message.task.app)
+        t = message.apply(store, op, *args, first=message.first and op is Op.BEGIN)
+    except Retry:
+        raise
+    except (SagaError, redis.RedisError, ValueError, KeyError) as exc:
+        logger.error("saga %s: cannot run %s, record unusable: %s", message.saga_id, message.what(), error_text(exc))
+        raise Ignore() from exc
+    if t.outcome is not Outcome.RUN:
+        _log_not_run(store, message, t)
+        raise Ignore()
+    return store, t
+
+
+def _log_not_run(store: SagaStore, message: _Message, t: Transition) -> None:
+    saga_id, what = message.saga_id, message.what()
+    if t.outcome is Outcome.MISSING:
+        logger.error(
+            "saga %s: no record for %s in %s; it never existed there or expired. Every worker "
+            "must use the same saga_redis_url and saga_key_prefix as the app that started the saga",
+            saga_id,
+            what,
+            store.where(),
+        )
+    elif t.outcome is Outcome.CORRUPT:
+        logger.error(
+            "saga %s: the record of %s in %s is corrupt; nothing was run. Inspect it with "
+            "`celery saga show %s`, or purge it",
+            saga_id,
+            what,
+            store.where(),
+            saga_id,
+        )
+    elif t.outcome is Outcome.STALE:
+        logger.warning("saga %s: %s belongs to an earlier start of this saga; skipped", saga_id, what)
+    else:
+        logger.info("saga %s: %s skipped (%s)", saga_id, what, t.outcome.value)
+
+
+def _forward(message: _Message, original: Any, params: Params) -> Any:
+    store, t = _begin(message, Op.BEGIN, message.step, message.retries, message.redelivered)
+    request = message.request
+    call = params.pick({**message.kwargs, **(request.get(Headers.BOUND) or {})})
+    # A retry (the task's own, or ours) re-sends request.kwargs, and Celery
+    # checks them against the signature: send only what the function takes.
+    request.kwargs = call
+    key = task_id(message.saga_id, message.step)
+    token = set_current(
+        StepContext(message.saga_id, message.name, message.step, False, key, t.attempt, forward_key=key)
+    )
+    try:
+        result = original(**call)
+    except Retry:
+        raise
+    except (TimeLimitExceeded, SoftTimeLimitExceeded) as exc:
+        # Cut off mid-way: the effect is unknown, not absent.
+        message.apply(store, Op.LOST, message.step, error_text(exc), "timeout")
+        raise
+    except Reject as exc:
+        if not exc.requeue:
+            message.apply(store, Op.FAIL, message.step, error_text(exc))
+        raise
+    except Ignore:
+        raise
+    except Exception as exc:
+        message.apply(store, Op.FAIL, message.step, error_text(exc))
+        raise
+    finally:
+        reset_current(token)
+    try:
+        result_json = json.dumps(result)
+    except (TypeError, ValueError) as exc:
+        error = StepResultNotSerializable(message.step, exc)
+        message.apply(store, Op.FAIL, message.step, error_text(error))
+        raise error from exc
+    # The effect happened: if the store is down now, the message is sent
+    # again, and running again is what the step's idempotency key is for.
+    t = message.apply(store, Op.DONE, message.step, result_json)
+    if t.outcome is Outcome.MISSING:
+        logger.warning(
+            "saga %s: step %r finished after its record expired (saga_retention) or was purged; "
+            "its effect is not compensated",
+            message.saga_id,
+            message.step,
+        )
+    return result
+
+
+def _compensate(message: _Message, original: Any, params: Params) -> Any:
+    round_ = str(message.round)
+    store, t = _begin(message, Op.COMP_BEGIN, message.step, message.retries, message.redelivered, round_)
+    request = message.request
+    known = request.get(Headers.KNOWN)
+    ctx = StepContext(
+        message.saga_id,
+        message.name,
+        message.step,
+        True,
+        task_id(message.saga_id, message.step, undo=True, round=message.round),
+        t.attempt,
+        round=message.round,
+        result_known=True if known is None else bool(known),
+        forward_key=task_id(message.saga_id, message.step),
+    )
+    token = set_current(ctx)
+    call = request.kwargs = params.pick(message.kwargs)
+    try:
+        result = original(**call)
+    except Retry:
+        raise
+    except Exception as exc:
+        t = message.apply(store, Op.COMP_FAIL, message.step, error_text(exc), round_)
+        if t.outcome is Outcome.BACKOFF:
+            # follow() has sent the next attempt; Retry only tells Celery so.
+            delay = next(d.delay for d in t.due if d.step == message.step and d.attempt)
+            logger.warning(
+                "saga %s: compensation of %r failed (attempt %s): %s; retrying in %.2fs",
+                message.saga_id,
+                message.step,
+                t.attempt,
+                error_text(exc),
+                delay,
+            )
+            raise Retry(f"saga retry in {delay:.2f}s", exc=exc, when=delay) from exc
+        raise
+    finally:
+        reset_current(token)
+    message.apply(store, Op.COMP_DONE, message.step, round_)
+    return result
