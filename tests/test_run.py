@@ -101,10 +101,13 @@ def test_parallel_failure_waits_for_the_slow_sibling_before_earlier_stages(
 ) -> None:
     s = shop.build(app, r, prefix)
     with worker():
-        # Given ship is held at its gate while receipt fails
-        res = s.mixed.delay(order_id=3, fail={"receipt": "printer on fire"}, gates=["ship"])
-        wait_for(lambda: res.status is SagaStatus.COMPENSATING, what="rollback to start")
+        # Given ship is held at its gate while receipt fails (receipt is held
+        # too until ship runs: failing first would fence ship while queued)
+        res = s.mixed.delay(order_id=3, fail={"receipt": "printer on fire"}, gates=["ship", "receipt"])
         wait_for(lambda: r.llen(f"{prefix}:entered:ship"), what="ship to be running")
+        wait_for(lambda: r.llen(f"{prefix}:entered:receipt"), what="receipt to be running")
+        r.rpush(f"{prefix}:gate:receipt", "open")
+        wait_for(lambda: res.status is SagaStatus.COMPENSATING, what="rollback to start")
         # Then nothing earlier is compensated while ship may still take effect
         state = res.state()
         assert state.step("shop.ship").status is StepStatus.RUNNING
