@@ -37,7 +37,7 @@ import redis
 from celery import Celery
 
 from celery_saga import Saga, SagaResult, SagaStatus, current_step, saga_step, step
-from tests.conftest import wait_for
+from tests.helpers import Gates, wait_for
 
 ENV_REDIS = "CELERY_SAGA_CLI_REDIS"
 ENV_PREFIX = "CELERY_SAGA_CLI_PREFIX"
@@ -68,11 +68,11 @@ def create(redis_url: str, prefix: str, queue: str) -> SimpleNamespace:
     # redis-py 8 defaults to a 5 s socket timeout, shorter than the gates block.
     client = redis.Redis.from_url(redis_url, decode_responses=True, socket_timeout=120)
 
+    gates = Gates(client, prefix)
+
     def behave(name: str, token: str, fail: str | None, hold: str | None) -> None:
         if hold == name:
-            client.rpush(f"{prefix}:entered:{token}", name)
-            if client.blpop([f"{prefix}:gate:{token}"], timeout=60) is None:
-                raise TimeoutError(f"gate {token} never opened")
+            gates.enter(token, name)
         if fail == name:
             raise RuntimeError(f"{name} declined")
 
@@ -197,7 +197,7 @@ def every_state(redis_url: str, prefix: str, only: tuple[str, ...] = STATES) -> 
                 if status == "PENDING":
                     continue
                 if status == "RUNNING":
-                    wait_for(lambda: client.llen(f"{prefix}:entered:{tokens['RUNNING']}"), what="the held step")
+                    shop.gates.wait_entered(tokens["RUNNING"])
                 elif status == "COMPENSATING":
                     # Both compensations failed at least once and are retrying.
                     wait_for(
@@ -223,7 +223,7 @@ def every_state(redis_url: str, prefix: str, only: tuple[str, ...] = STATES) -> 
             finally:
                 for token in tokens.values():
                     client.delete(f"{prefix}:broken:{token}")
-                    client.rpush(f"{prefix}:gate:{token}", "open")
+                    shop.gates.open(token)
                 if "RUNNING" in only:
                     wait_for(lambda: status_of("RUNNING").finished, what="the held saga to finish")
                 if "COMPENSATING" in only:

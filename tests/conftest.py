@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import os
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -16,6 +14,7 @@ from celery import Celery
 from celery.contrib.testing.worker import start_worker
 
 from celery_saga.redis_server import RedisServer, redis_answers
+from tests.helpers import Ledger
 
 
 @pytest.fixture(scope="session")
@@ -86,23 +85,6 @@ def worker(app: Celery) -> Callable[..., Any]:
     return lambda concurrency=4: running_worker(app, concurrency)
 
 
-class Ledger:
-    """What took effect, in order, as written by the test tasks into Redis."""
-
-    def __init__(self, client: redis.Redis, key: str) -> None:
-        self.client = client
-        self.key = key
-
-    def entries(self) -> list[list[Any]]:
-        return [json.loads(x) for x in self.client.lrange(self.key, 0, -1)]
-
-    def actions(self) -> list[str]:
-        return [f"{e[0]}:{e[1]}" for e in self.entries()]
-
-    def times(self, action: str) -> list[float]:
-        return [e[-1] for e in self.entries() if f"{e[0]}:{e[1]}" == action]
-
-
 @pytest.fixture
 def prefix(app: Celery) -> str:
     return str(app.conf.saga_key_prefix)
@@ -111,15 +93,3 @@ def prefix(app: Celery) -> str:
 @pytest.fixture
 def ledger(r: redis.Redis, prefix: str) -> Ledger:
     return Ledger(r, f"{prefix}:ledger")
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = 15.0, what: str = "condition") -> Any:
-    """Poll ``predicate`` until it returns something truthy, or fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)

@@ -58,6 +58,7 @@ import redis
 from celery import Celery, signals
 
 from celery_saga import Saga, current_step, enable, saga_step
+from tests.helpers import Gates, kombu_prefix
 
 ENV_BROKER = "CELERY_SAGA_TEST_BROKER"
 ENV_PREFIX = "CELERY_SAGA_TEST_PREFIX"
@@ -73,11 +74,6 @@ def worker_env(redis_url: str, prefix: str, queue: str) -> dict[str, str]:
     env.pop(ENV_SWEEPER, None)
     env.pop("FLOWER_UNAUTHENTICATED_API", None)
     return env
-
-
-def kombu_prefix(prefix: str) -> str:
-    """Kombu's global key prefix: queues and the unacked hash are private to one test."""
-    return f"{prefix}:kombu:"
 
 
 def _in_pool_child() -> bool:
@@ -115,6 +111,10 @@ def create(broker_url: str, prefix: str, queue: str, visibility_timeout: float |
     # are connected before the worker hooks below.
     enable(app)
     client = redis.Redis.from_url(broker_url, decode_responses=True)
+    # A client of its own for the gates: redis-py's default 5 s socket timeout
+    # would end a BLPOP early.
+    gate_client = redis.Redis.from_url(broker_url, decode_responses=True, socket_timeout=120)
+    gates = Gates(gate_client, prefix)
     ledger = f"{prefix}:ledger"
 
     def log(action: str, step: str, *extra: Any) -> None:
@@ -129,11 +129,9 @@ def create(broker_url: str, prefix: str, queue: str, visibility_timeout: float |
                 raise RuntimeError("die_in only works in a prefork pool child")
             os.kill(os.getpid(), signal.SIGKILL)
         if data.get("block_in") == name:
-            client.rpush(f"{prefix}:entered:{name}", "1")
             # Nobody opens this gate: the hard time limit must end the step
-            # long before the timeout does.
-            if client.blpop([f"{prefix}:gate:{name}"], timeout=90) is None:
-                raise TimeoutError(f"gate {name} never opened")
+            # long before the gate's own timeout does.
+            gates.enter(name)
         fail = data.get("fail") or {}
         if name in fail:
             raise RuntimeError(fail[name])
@@ -179,9 +177,6 @@ def create(broker_url: str, prefix: str, queue: str, visibility_timeout: float |
     limited = Saga("proc_limit", [one, two, slow, three])
 
     # -- deadline tasks (tests/test_timeouts_process.py) ------------------------------
-    # A client of its own for the gates: redis-py's default 5 s socket timeout
-    # would end a BLPOP early.
-    gate_client = redis.Redis.from_url(broker_url, decode_responses=True, socket_timeout=120)
     effects, stock = f"{prefix}:effects", f"{prefix}:stock"
 
     def t_gate(name: str, data: dict[str, Any]) -> None:
@@ -189,9 +184,7 @@ def create(broker_url: str, prefix: str, queue: str, visibility_timeout: float |
             return
         request = app.current_task.request if app.current_task else None
         redelivered = bool(((request.delivery_info if request else None) or {}).get("redelivered"))
-        client.rpush(f"{prefix}:entered:{name}", json.dumps([os.getpid(), os.getpgid(0), redelivered]))
-        if gate_client.blpop([f"{prefix}:gate:{name}"], timeout=60) is None:
-            raise TimeoutError(f"gate {name} never opened")
+        gates.enter(name, json.dumps([os.getpid(), os.getpgid(0), redelivered]))
 
     def t_forward(name: str, qty: int, data: dict[str, Any]) -> dict[str, Any]:
         ctx = current_step()
@@ -259,10 +252,9 @@ def create(broker_url: str, prefix: str, queue: str, visibility_timeout: float |
 
     def entered(name: str) -> list[list[Any]]:
         """Who entered gate ``name``: [pid, worker pid, redelivered] per entry."""
-        return [json.loads(x) for x in client.lrange(f"{prefix}:entered:{name}", 0, -1)]
+        return [json.loads(x) for x in gates.entered(name)]
 
-    def open_gate(name: str) -> None:
-        client.rpush(f"{prefix}:gate:{name}", "1")
+    open_gate = gates.open
 
     def left() -> tuple[int, dict[str, str]]:
         """What forward effect is left: (stock, effects by forward key)."""

@@ -16,6 +16,7 @@ import redis
 from celery import Celery
 
 from celery_saga import Saga, current_step, parallel, saga_step
+from tests.helpers import Gates
 
 
 def build(app: Celery, client: redis.Redis, prefix: str) -> SimpleNamespace:
@@ -26,11 +27,11 @@ def build(app: Celery, client: redis.Redis, prefix: str) -> SimpleNamespace:
         step = ctx.step if ctx else "-"
         client.rpush(ledger, json.dumps([action, step, *extra, time.time()]))
 
-    def behave(name: str, fail: dict[str, str] | None, gates: list[str] | None) -> None:
-        if gates and name in gates:
-            client.rpush(f"{prefix}:entered:{name}", "1")
-            if client.blpop([f"{prefix}:gate:{name}"], timeout=60) is None:
-                raise TimeoutError(f"gate {name} never opened")
+    gates = Gates(client, prefix)
+
+    def behave(name: str, fail: dict[str, str] | None, held: list[str] | None) -> None:
+        if held and name in held:
+            gates.enter(name)
         if fail and name in fail:
             raise RuntimeError(fail[name])
 

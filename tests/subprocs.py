@@ -16,8 +16,6 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import TypeVar
 
-import redis
-
 from tests import proc_app
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -101,24 +99,44 @@ def running(procs: S) -> Iterator[S]:
         sys.stderr.write(procs.logs())
 
 
+class Procs(Subprocs):
+    """The ``celery worker`` and ``celery saga sweep`` subprocesses of one test, on its queue."""
+
+    def __init__(self, tmp_path: Path, env: SimpleNamespace, ns: str) -> None:
+        super().__init__(tmp_path)
+        self.env = env
+        self.ns = ns
+
+    def worker(self, queues: str | None = None, visibility: float | None = None, sweeper: bool = True) -> Popen:
+        """A prefork worker (-c 2) on ``queues`` (default: the test's queue), with its deadline sweeper unless told."""
+        env = dict(self.env.proc_env)
+        if visibility is not None:
+            env[proc_app.ENV_VISIBILITY] = str(visibility)
+        if not sweeper:
+            env[proc_app.ENV_SWEEPER] = "0"
+        n = len(self.procs)
+        args = worker_args(queues or self.env.queue, f"w{n}-{self.ns}@%h", "--without-heartbeat")
+        proc, _ = self.celery(f"worker-{n}", args, env)
+        return proc
+
+    def sweeper(self, interval: float = 0.05) -> tuple[Popen, Path]:
+        """A standalone sweeper: ``celery -A tests.proc_app saga sweep``."""
+        args = ["saga", "sweep", "--interval", str(interval)]
+        return self.celery(f"sweeper-{len(self.procs)}", args, self.env.proc_env)
+
+    def kill(self, proc: Popen) -> int:
+        """SIGKILL a worker's main process and its whole process group (its pool children) at once."""
+        self.kill_group(proc)
+        return self.wait_dead(proc)
+
+    def stop_all(self) -> None:
+        # Killed, not stopped: a warm shutdown would wait for steps blocked on gates.
+        for _, proc, _ in reversed(self.procs):
+            self.kill_group(proc)
+            proc.wait(15)
+
+
 def proc_env(redis_url: str, prefix: str, queue: str) -> SimpleNamespace:
     """A test's Redis, key prefix and queue, and the environment of its subprocesses."""
     env = proc_app.worker_env(redis_url, prefix, queue)
     return SimpleNamespace(redis_url=redis_url, prefix=prefix, queue=queue, proc_env=env)
-
-
-def prefix_redis(redis_url: str, prefix: str) -> Iterator[redis.Redis]:
-    """A client; afterwards it deletes only the keys under ``prefix`` (saga records, ledger, gates, kombu's)."""
-    client = redis.Redis.from_url(redis_url, decode_responses=True)
-    yield client
-    for key in client.scan_iter(match=f"{prefix}:*", count=500):
-        client.unlink(key)
-    client.close()
-
-
-def shop(env: SimpleNamespace) -> Iterator[SimpleNamespace]:
-    """The test's side: the same tasks and sagas, to start sagas and read their records."""
-    s = proc_app.create(env.redis_url, env.prefix, env.queue)
-    yield s
-    s.app.close()
-    s.client.close()

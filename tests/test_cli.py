@@ -32,7 +32,8 @@ from celery_saga.cli import parse_since
 from celery_saga.redis_server import RedisServer, free_port
 from celery_saga.store.keys import Keys
 from tests import cli_app
-from tests.cli_app import HASTY_TIMEOUT, STATES, cli_env, wait_for
+from tests.cli_app import HASTY_TIMEOUT, STATES, cli_env
+from tests.helpers import store_now, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 ISO = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
@@ -89,11 +90,6 @@ def step_of(record: dict[str, Any], name: str) -> dict[str, Any]:
 def queued_ids(client: Any, prefix: str, queue: str) -> list[str]:
     """Task ids of the messages waiting in ``queue`` (kombu's list, under the prefix)."""
     return [json.loads(m)["headers"]["id"] for m in client.lrange(f"{prefix}:kombu:{queue}", 0, -1)]
-
-
-def store_time(client: Any) -> float:
-    seconds, micros = client.time()
-    return float(seconds) + micros / 1e6
 
 
 def test_list_every_state(world) -> None:
@@ -445,7 +441,7 @@ def test_cancel_a_running_saga_compensates_the_running_step_blind(fresh) -> None
         assert saga_id in {s["id"] for s in listed(cli(w.env, "list", "--status", "COMPENSATED", "--json"))}
 
         # When the held step then succeeds after all
-        w.client.rpush(f"{w.prefix}:gate:{token}", "open")
+        w.shop.gates.open(token)
 
         # Then its real result is compensated in a second round; the saga stays COMPENSATED
         wait_for(lambda: len(w.shop.undo_log(token)) == 3, what="the second compensation round")
@@ -495,8 +491,8 @@ def test_cancel_fences_a_step_still_queued(idle) -> None:
             wait_for(handled.is_set, what="the worker to skip the fenced message")
     finally:
         signals.task_postrun.disconnect(on_postrun)
-        idle.client.rpush(f"{idle.prefix}:gate:queued", "open")
-    assert idle.client.llen(f"{idle.prefix}:entered:queued") == 0
+        idle.shop.gates.open("queued")
+    assert idle.shop.gates.entered("queued") == []
     after = res.state().step("cli.reserve")
     assert (after.status.value, after.attempts, after.compensation_status) == ("CANCELLED", 0, None)
 
@@ -506,7 +502,7 @@ def test_sweep_once_times_out_a_step_nobody_ran(idle) -> None:
     res = idle.shop.hasty.apply_async(kwargs={"token": "hasty"}, on_failure=idle.shop.notify.s("failed"))
     deadline = res.state().step("cli.reserve").deadline
     assert deadline is not None
-    wait_for(lambda: store_time(idle.client) > deadline.timestamp() + 0.05, 5, "the step's deadline to pass")
+    wait_for(lambda: store_now(idle.client) > deadline.timestamp() + 0.05, 5, "the step's deadline to pass")
     assert res.status is SagaStatus.PENDING  # nothing acts on a deadline by itself
 
     # When an operator sweeps once

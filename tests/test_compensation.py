@@ -9,7 +9,7 @@ from celery import Celery
 
 from celery_saga import CompensationStatus, SagaCompensated, SagaFailed, SagaStatus
 from tests import shop
-from tests.conftest import Ledger, wait_for
+from tests.helpers import Ledger, wait_for
 
 
 def test_compensation_failing_n_times_is_retried_with_growing_backoff(

@@ -14,7 +14,8 @@ from celery_saga.redis_server import RedisServer
 from celery_saga.saga import Saga
 from celery_saga.stores import store_for
 from tests import shop
-from tests.conftest import Ledger, configure, running_worker, wait_for
+from tests.conftest import configure, running_worker
+from tests.helpers import Ledger, wait_for
 
 
 def _logged(caplog: pytest.LogCaptureFixture, text: str) -> bool:
@@ -48,14 +49,14 @@ def test_duplicate_of_a_running_step_is_skipped(
     s = shop.build(app, r, prefix)
     with worker():
         res = s.sequential.delay(order_id=2, gates=["reserve"])
-        wait_for(lambda: r.llen(f"{prefix}:entered:reserve"), what="reserve to run")
+        s.gates.wait_entered("reserve")
         raw = store_for(app).load(res.id)
         spec = s.sequential.plan().step("shop.reserve")
         publish_stage(app, res.id, "order_seq", raw["gen"], [spec], {"order_id": 2, "gates": ["reserve"]}, first=False)
         wait_for(lambda: _logged(caplog, "'shop.reserve' skipped (busy)"), what="the copy to be skipped")
-        r.rpush(f"{prefix}:gate:reserve", "open")
+        s.gates.open("reserve")
         res.get(timeout=20)
-    assert r.llen(f"{prefix}:entered:reserve") == 1
+    assert len(s.gates.entered("reserve")) == 1
     assert res.state().step("shop.reserve").attempts == 1
 
 

@@ -20,7 +20,7 @@ from celery_saga import (
     step,
 )
 from tests import shop
-from tests.conftest import Ledger, wait_for
+from tests.helpers import Ledger, wait_for
 
 
 def test_sequential_happy_path_merges_dict_results_into_data(app: Celery, r, prefix, ledger: Ledger, worker) -> None:
@@ -104,9 +104,9 @@ def test_parallel_failure_waits_for_the_slow_sibling_before_earlier_stages(
         # Given ship is held at its gate while receipt fails (receipt is held
         # too until ship runs: failing first would fence ship while queued)
         res = s.mixed.delay(order_id=3, fail={"receipt": "printer on fire"}, gates=["ship", "receipt"])
-        wait_for(lambda: r.llen(f"{prefix}:entered:ship"), what="ship to be running")
-        wait_for(lambda: r.llen(f"{prefix}:entered:receipt"), what="receipt to be running")
-        r.rpush(f"{prefix}:gate:receipt", "open")
+        s.gates.wait_entered("ship")
+        s.gates.wait_entered("receipt")
+        s.gates.open("receipt")
         wait_for(lambda: res.status is SagaStatus.COMPENSATING, what="rollback to start")
         # Then nothing earlier is compensated while ship may still take effect
         state = res.state()
@@ -114,7 +114,7 @@ def test_parallel_failure_waits_for_the_slow_sibling_before_earlier_stages(
         assert state.step("shop.charge").compensation_status is None
         assert not [a for a in ledger.actions() if a.startswith("undo")]
         # When ship finishes, it is compensated first, then the earlier stages in reverse
-        r.rpush(f"{prefix}:gate:ship", "open")
+        s.gates.open("ship")
         with pytest.raises(SagaCompensated):
             res.get(timeout=20)
     undos = [a for a in ledger.actions() if a.startswith("undo")]
@@ -313,10 +313,10 @@ def test_revoked_step_is_a_failure(app: Celery, r, prefix, ledger: Ledger, worke
     s = shop.build(app, r, prefix)
     with worker():
         res = s.sequential.delay(order_id=1, gates=["reserve"])
-        wait_for(lambda: r.llen(f"{prefix}:entered:reserve"), what="reserve to run")
+        s.gates.wait_entered("reserve")
         # Celery calls no errback for a revoked task: the worker's signal handler records it.
         app.control.revoke(f"{res.id}:shop.charge", reply=True, timeout=5)
-        r.rpush(f"{prefix}:gate:reserve", "open")
+        s.gates.open("reserve")
         with pytest.raises(SagaCompensated) as info:
             res.get(timeout=20)
     assert info.value.step == "shop.charge"
@@ -334,13 +334,13 @@ def test_completed_sibling_is_compensated_at_once_while_another_still_runs(
         # Given ship completed, charge is held at its gate, and receipt fails
         res = saga.delay(order_id=8, fail={"receipt": "no paper"}, gates=["charge", "receipt"])
         wait_for(lambda: res.state().step("shop.ship").status is StepStatus.COMPLETED, what="ship to complete")
-        r.rpush(f"{prefix}:gate:receipt", "open")
+        s.gates.open("receipt")
         # Then ship is compensated without waiting for charge
         wait_for(lambda: "undo:shop.ship" in ledger.actions(), what="ship's compensation")
         assert res.state().step("shop.charge").status is StepStatus.RUNNING
         assert "undo:shop.reserve" not in ledger.actions()
         # And once charge finishes it is compensated, then the earlier stage
-        r.rpush(f"{prefix}:gate:charge", "open")
+        s.gates.open("charge")
         with pytest.raises(SagaCompensated):
             res.get(timeout=20)
     undone = [a for a in ledger.actions() if a.startswith("undo")]

@@ -20,7 +20,8 @@ from celery_saga import (
 from celery_saga.redis_server import free_port
 from celery_saga.stores import store_for
 from tests import shop
-from tests.conftest import Ledger, configure, wait_for
+from tests.conftest import configure
+from tests.helpers import Ledger, wait_for
 
 
 def _saga_keys(r: redis.Redis, prefix: str) -> list[str]:
@@ -160,11 +161,11 @@ def test_status_indexes_follow_the_saga_without_a_scan(app: Celery, r, prefix, w
     res = s.sequential.delay(order_id=1, gates=["validate"])
     assert store.list_ids(SagaStatus.PENDING, name="order_seq") == [res.id]
     with worker():
-        wait_for(lambda: r.llen(f"{prefix}:entered:validate"), what="the first step to run")
+        s.gates.wait_entered("validate")
         # The first step is still running: the saga is listed as RUNNING, not PENDING.
         assert store.list_ids(SagaStatus.RUNNING) == [res.id]
         assert store.list_ids(SagaStatus.PENDING) == []
-        r.rpush(f"{prefix}:gate:validate", "open")
+        s.gates.open("validate")
         res.get(timeout=20)
     assert store.list_ids(SagaStatus.RUNNING) == []
     assert store.list_ids(SagaStatus.COMPLETED, name="order_seq") == [res.id]

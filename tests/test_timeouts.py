@@ -24,7 +24,6 @@ from celery_saga import (
     Saga,
     SagaCompensated,
     SagaDefinitionError,
-    SagaResult,
     SagaStatus,
     StepStatus,
     compensation_failed,
@@ -35,21 +34,12 @@ from celery_saga import (
 from celery_saga.stores import store_for
 from celery_saga.worker.bootstep import configuration_warnings
 from tests import timed_shop
-from tests.conftest import wait_for
+from tests.helpers import finished, store_now, wait_for
 
 
 @pytest.fixture
 def shop(app: Celery, r: redis.Redis, prefix: str) -> Any:
     return timed_shop.build(app, r, prefix)
-
-
-def finished(res: SagaResult, timeout: float = 20.0) -> SagaStatus:
-    return wait_for(lambda: res.status if res.status.finished else None, timeout, f"saga {res.id} to finish")  # type: ignore[no-any-return]
-
-
-def store_now(r: redis.Redis) -> float:
-    seconds, micros = r.time()
-    return seconds + micros / 1e6
 
 
 @pytest.fixture

@@ -20,6 +20,7 @@ import redis
 from celery import Celery
 
 from celery_saga import current_step, saga_step
+from tests.helpers import Gates
 
 
 def build(app: Celery, client: redis.Redis, prefix: str) -> SimpleNamespace:
@@ -29,11 +30,11 @@ def build(app: Celery, client: redis.Redis, prefix: str) -> SimpleNamespace:
     def log(*entry: Any) -> None:
         client.rpush(ledger, json.dumps(list(entry)))
 
-    def gate(name: str, gates: list[str] | None) -> None:
-        if gates and name in gates:
-            client.rpush(f"{prefix}:entered:{name}", "1")
-            if client.blpop([f"{prefix}:gate:{name}"], timeout=60) is None:
-                raise TimeoutError(f"gate {name} never opened")
+    gates = Gates(client, prefix)
+
+    def gate(name: str, held: list[str] | None) -> None:
+        if held and name in held:
+            gates.enter(name)
 
     def apply(qty: int) -> dict[str, Any]:
         ctx = current_step()
@@ -91,10 +92,9 @@ def build(app: Celery, client: redis.Redis, prefix: str) -> SimpleNamespace:
         """What forward effect is left: (stock, effects)."""
         return int(client.get(stock) or 0), client.hgetall(effects)  # type: ignore[return-value]
 
-    def open_gate(name: str) -> None:
-        client.rpush(f"{prefix}:gate:{name}", "1")
+    open_gate = gates.open
 
     def entered(name: str) -> int:
-        return int(client.llen(f"{prefix}:entered:{name}"))
+        return len(gates.entered(name))
 
     return SimpleNamespace(**{k: v for k, v in locals().items() if not k.startswith("_")})

@@ -18,107 +18,17 @@ from __future__ import annotations
 
 import json
 import subprocess
-from collections.abc import Iterator
 from datetime import datetime
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
-import redis
 
 from celery_saga import CompensationStatus, Saga, SagaCompensated, SagaResult, SagaStatus, StepStatus, step
 from celery_saga.messages import task_id
-from tests import proc_app, subprocs
-from tests.conftest import wait_for
-from tests.subprocs import Subprocs
+from tests.helpers import drained, finished, queue_key, store_now, unacked, wait_for
 
 Popen = subprocess.Popen[bytes]
-
-
-class Procs(Subprocs):
-    """The `celery worker` and `celery saga sweep` subprocesses of one test."""
-
-    def __init__(self, tmp_path: Path, env: dict[str, str], queue: str, ns: str) -> None:
-        super().__init__(tmp_path)
-        self.env = env
-        self.queue = queue
-        self.ns = ns
-
-    def worker(self, queues: str | None = None, visibility: float | None = None, sweeper: bool = True) -> Popen:
-        """A prefork worker (-c 2) on ``queues`` (default: the test's queue), with its deadline sweeper unless told."""
-        env = dict(self.env)
-        if visibility is not None:
-            env[proc_app.ENV_VISIBILITY] = str(visibility)
-        if not sweeper:
-            env[proc_app.ENV_SWEEPER] = "0"
-        n = len(self.procs)
-        args = subprocs.worker_args(queues or self.queue, f"t{n}-{self.ns}@%h", "--without-heartbeat")
-        proc, _ = self.celery(f"worker-{n}", args, env)
-        return proc
-
-    def sweeper(self, interval: float = 0.05) -> tuple[Popen, Path]:
-        """A standalone sweeper: ``celery -A tests.proc_app saga sweep``."""
-        return self.celery(f"sweeper-{len(self.procs)}", ["saga", "sweep", "--interval", str(interval)], self.env)
-
-    def kill(self, proc: Popen) -> int:
-        """SIGKILL a worker's main process and its whole process group (its pool children) at once."""
-        self.kill_group(proc)
-        return self.wait_dead(proc)
-
-    def stop_all(self) -> None:
-        # Killed, not stopped: a warm shutdown would wait for steps blocked on gates.
-        for _, proc, _ in reversed(self.procs):
-            self.kill_group(proc)
-            proc.wait(15)
-
-
-@pytest.fixture
-def env(redis_url: str, ns: str) -> SimpleNamespace:
-    return subprocs.proc_env(redis_url, f"sagatproc-{ns}", f"q-{ns}")
-
-
-@pytest.fixture
-def r(redis_url: str, env: SimpleNamespace) -> Iterator[redis.Redis]:
-    yield from subprocs.prefix_redis(redis_url, env.prefix)
-
-
-@pytest.fixture
-def procs(env: SimpleNamespace, tmp_path: Path, ns: str, r: redis.Redis) -> Iterator[Procs]:
-    # Takes `r` so the subprocesses are gone before `r` deletes the test's keys.
-    with subprocs.running(Procs(tmp_path, env.proc_env, env.queue, ns)) as p:
-        yield p
-
-
-@pytest.fixture
-def shop(env: SimpleNamespace) -> Iterator[SimpleNamespace]:
-    s = proc_app.create(env.redis_url, env.prefix, env.queue)
-    yield s
-    s.app.close()
-    s.client.close()
-    s.gate_client.close()
-
-
-def queue_key(env: SimpleNamespace, queue: str | None = None) -> str:
-    return f"{proc_app.kombu_prefix(env.prefix)}{queue or env.queue}"
-
-
-def unacked(r: redis.Redis, env: SimpleNamespace) -> int:
-    return int(r.hlen(f"{proc_app.kombu_prefix(env.prefix)}unacked"))
-
-
-def drained(r: redis.Redis, env: SimpleNamespace) -> bool:
-    """Nothing queued on the test's queue and nothing delivered but unacknowledged."""
-    return r.llen(queue_key(env)) == 0 and unacked(r, env) == 0
-
-
-def finished(res: SagaResult, timeout: float = 30.0) -> SagaStatus:
-    return wait_for(lambda: res.status if res.status.finished else None, timeout, f"saga {res.id} to finish")  # type: ignore[no-any-return]
-
-
-def store_now(r: redis.Redis) -> float:
-    seconds, micros = r.time()
-    return seconds + micros / 1e6
 
 
 def undo_entry(res: SagaResult, name: str, round_: int, result: Any) -> list[Any]:
@@ -178,7 +88,7 @@ def test_hung_step_is_compensated_blind_then_again_with_its_late_result(env, pro
         30,
         "the second compensation round",
     )
-    wait_for(lambda: drained(r, env), 15, "the queue to drain")
+    wait_for(lambda: drained(r, env.prefix, env.queue), 15, "the queue to drain")
     assert shop.entries("ledger")[3:] == [
         do_entry(res, "proc.t.hang"),
         undo_entry(res, "proc.t.hang", 2, {"proc.t.hang_qty": 3}),
@@ -220,7 +130,7 @@ def test_step_queued_past_its_deadline_never_runs_when_a_consumer_comes(env, pro
     assert state.status is SagaStatus.COMPENSATING and state.reason == "timeout"
     hang = state.step("proc.t.hang")
     assert hang.status is StepStatus.CANCELLED and hang.timed_out and hang.attempts == 0
-    assert r.llen(queue_key(env, later)) == 1
+    assert r.llen(queue_key(env.prefix, later)) == 1
 
     # When a worker consuming that queue starts
     procs.worker(queues=later)
@@ -231,7 +141,7 @@ def test_step_queued_past_its_deadline_never_runs_when_a_consumer_comes(env, pro
         return [e for e in shop.entries("revoked") + shop.entries("postrun") if e[0] == hang_id]
 
     assert wait_for(taken, 30, "the message to be taken") in ([[hang_id, True]], [[hang_id, "IGNORED"]])
-    assert r.llen(queue_key(env, later)) == 0
+    assert r.llen(queue_key(env.prefix, later)) == 0
     assert [e for e in shop.entries("ledger") if e[1] == "proc.t.hang"] == []
 
     # When the rollback ends
@@ -268,7 +178,7 @@ def test_worker_killed_mid_step_acks_late_is_redelivered_and_completes(env, proc
     assert state.status is SagaStatus.RUNNING
     acked = state.step("proc.t.hang_acked")
     assert acked.status is StepStatus.RUNNING
-    assert unacked(r, env) + r.llen(queue_key(env)) == 1
+    assert unacked(r, env.prefix) + r.llen(queue_key(env.prefix, env.queue)) == 1
     before, attempts = len(shop.entered("proc.t.hang_acked")), acked.attempts
 
     # When a worker starts again: kombu restores the message after the
@@ -298,14 +208,14 @@ def test_worker_killed_mid_step_without_acks_late_is_compensated_by_the_deadline
     saga = Saga("t_lost", [shop.t_reserve, step(shop.t_hang, timeout=2)])
     res = saga.delay(qty=5, gates=["proc.t.hang"])
     wait_for(lambda: shop.entered("proc.t.hang"), 30, "the step to start")
-    wait_for(lambda: drained(r, env), 15, "the step's message to be acknowledged")
+    wait_for(lambda: drained(r, env.prefix, env.queue), 15, "the step's message to be acknowledged")
 
     # When the whole worker is SIGKILLed
     procs.kill(first)
 
     # Then the message is gone with it, and the step stays RUNNING
     assert res.state().step("proc.t.hang").status is StepStatus.RUNNING
-    assert drained(r, env)
+    assert drained(r, env.prefix, env.queue)
 
     # When another worker starts, its sweeper acts on the passed deadline
     procs.worker()
@@ -319,7 +229,7 @@ def test_worker_killed_mid_step_without_acks_late_is_compensated_by_the_deadline
     assert hang.status is StepStatus.UNKNOWN and hang.timed_out and hang.attempts == 1
     assert hang.deadline is not None and hang.ended_at is not None and hang.ended_at >= hang.deadline
     assert hang.compensation_status is CompensationStatus.COMPENSATED and hang.compensation_attempts == 1
-    wait_for(lambda: drained(r, env), 15, "the queue to drain")
+    wait_for(lambda: drained(r, env.prefix, env.queue), 15, "the queue to drain")
     assert shop.entries("ledger") == [
         do_entry(res, "proc.t.reserve"),
         undo_entry(res, "proc.t.hang", 1, None),
@@ -371,10 +281,10 @@ def test_lost_compensation_message_is_sent_again_after_its_deadline(env, procs, 
     saga = Saga("t_lost_undo", [step(shop.t_reserve, compensate=shop.t_undo_elsewhere, timeout=2), shop.t_last])
     res = saga.delay(qty=4, fail={"proc.t.last": "declined"})
     undo_id = task_id(res.id, "proc.t.reserve", undo=True)
-    wait_for(lambda: r.llen(queue_key(env, elsewhere)) == 1, 30, "the compensation to be sent")
+    wait_for(lambda: r.llen(queue_key(env.prefix, elsewhere)) == 1, 30, "the compensation to be sent")
 
     # When its message is lost from the broker before anyone consumes it
-    assert r.delete(queue_key(env, elsewhere)) == 1
+    assert r.delete(queue_key(env.prefix, elsewhere)) == 1
     state = res.state()
     assert state.status is SagaStatus.COMPENSATING
     assert state.step("proc.t.reserve").compensation_status is CompensationStatus.DISPATCHED
@@ -420,7 +330,7 @@ def test_racing_sweeper_processes_send_each_compensation_once(env, procs, shop, 
     # once, by one of the sweeper processes
     for res in results:
         assert finished(res) is SagaStatus.COMPENSATED
-    wait_for(lambda: drained(r, env), 15, "the queue to drain")
+    wait_for(lambda: drained(r, env.prefix, env.queue), 15, "the queue to drain")
     sweeper_pids = {p.pid for p, _ in sweepers}
     publishers = set()
     for res in results:
@@ -484,7 +394,7 @@ def test_cancel_a_running_saga_and_a_finished_one(env, procs, shop, r) -> None:
         30,
         "the late success's second round",
     )
-    wait_for(lambda: drained(r, env), 15, "the queue to drain")
+    wait_for(lambda: drained(r, env.prefix, env.queue), 15, "the queue to drain")
     assert res.status is SagaStatus.COMPENSATED
     assert done.status is SagaStatus.COMPLETED
     # Only the completed saga's effects are left.
@@ -507,7 +417,7 @@ def test_sagas_started_with_no_worker_complete_or_time_out_when_one_starts(env, 
     assert deadline is not None
     wait_for(lambda: store_now(r) > deadline.timestamp() + 0.2, 10, "the deadline to pass")
     assert waits.status is SagaStatus.PENDING and expires.status is SagaStatus.PENDING
-    assert r.llen(queue_key(env)) == 2
+    assert r.llen(queue_key(env.prefix, env.queue)) == 2
 
     # When a worker starts
     procs.worker()
@@ -522,7 +432,7 @@ def test_sagas_started_with_no_worker_complete_or_time_out_when_one_starts(env, 
     assert first.status is StepStatus.CANCELLED and first.timed_out and first.attempts == 0
     assert first.compensation_status is None
     assert state.step("proc.t.last").status is StepStatus.WAITING
-    wait_for(lambda: drained(r, env), 15, "the queue to drain")
+    wait_for(lambda: drained(r, env.prefix, env.queue), 15, "the queue to drain")
     assert shop.entries("ledger") == [do_entry(waits, "proc.t.reserve"), do_entry(waits, "proc.t.last")]
     assert shop.left() == (2, {f"{waits.id}:proc.t.reserve": "1", f"{waits.id}:proc.t.last": "1"})
 
@@ -532,7 +442,7 @@ def test_a_step_message_expires_at_its_deadline(env, shop, r) -> None:
     res = Saga("t_expiry", [step(shop.t_reserve, timeout=2)]).delay(qty=1)
 
     # Then its queued message expires when the step's deadline passes
-    message = json.loads(r.lindex(queue_key(env), 0) or "{}")
+    message = json.loads(r.lindex(queue_key(env.prefix, env.queue), 0) or "{}")
     expires = datetime.fromisoformat(message["headers"]["expires"])
     deadline = res.state().step("proc.t.reserve").deadline
     assert deadline is not None

@@ -15,13 +15,11 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
-import redis
 
 from celery_saga import SagaCompensated
 from tests import subprocs
@@ -80,28 +78,6 @@ class FlowerAPI:
             key = (labels["type"], labels["task"])
             counts[key] = counts.get(key, 0.0) + float(m["value"])
         return counts
-
-
-@pytest.fixture
-def env(redis_url: str, ns: str) -> SimpleNamespace:
-    return subprocs.proc_env(redis_url, f"sagaflower-{ns}", f"q-{ns}")
-
-
-@pytest.fixture
-def r(redis_url: str, env: SimpleNamespace) -> Iterator[redis.Redis]:
-    yield from subprocs.prefix_redis(redis_url, env.prefix)
-
-
-@pytest.fixture
-def procs(tmp_path: Path, r: redis.Redis) -> Iterator[Subprocs]:
-    # Takes `r` so the processes stop before `r` deletes the test's keys.
-    with subprocs.running(Subprocs(tmp_path)) as p:
-        yield p
-
-
-@pytest.fixture
-def shop(env: SimpleNamespace) -> Iterator[SimpleNamespace]:
-    yield from subprocs.shop(env)
 
 
 def _start_flower(procs: Subprocs, env: SimpleNamespace) -> FlowerAPI:

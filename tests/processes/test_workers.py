@@ -9,83 +9,22 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-from collections.abc import Iterator
-from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import redis
 
-from celery_saga import SagaCompensated, SagaResult, SagaStatus
-from tests import proc_app, subprocs
-from tests.conftest import Ledger, wait_for
-from tests.subprocs import Subprocs
-
-
-class Workers(Subprocs):
-    """`celery worker` prefork subprocesses of one test."""
-
-    def __init__(self, tmp_path: Path, env: dict[str, str], queue: str, ns: str) -> None:
-        super().__init__(tmp_path)
-        self.env = env
-        self.queue = queue
-        self.ns = ns
-
-    def start(self, visibility_timeout: float | None = None) -> subprocess.Popen[bytes]:
-        env = dict(self.env)
-        if visibility_timeout is not None:
-            env[proc_app.ENV_VISIBILITY] = str(visibility_timeout)
-        n = len(self.procs)
-        name = f"w{n}-{self.ns}@%h"
-        proc, _ = self.celery(f"worker-{n}", subprocs.worker_args(self.queue, name, "--without-heartbeat"), env)
-        return proc
-
-
-@pytest.fixture
-def env(redis_url: str, ns: str) -> SimpleNamespace:
-    return subprocs.proc_env(redis_url, f"sagaproc-{ns}", f"q-{ns}")
-
-
-@pytest.fixture
-def workers(env: SimpleNamespace, tmp_path: Path, ns: str, r: redis.Redis) -> Iterator[Workers]:
-    # Takes `r` so the workers stop before `r` deletes the test's keys.
-    with subprocs.running(Workers(tmp_path, env.proc_env, env.queue, ns)) as w:
-        yield w
-
-
-@pytest.fixture
-def r(redis_url: str, env: SimpleNamespace) -> Iterator[redis.Redis]:
-    yield from subprocs.prefix_redis(redis_url, env.prefix)
-
-
-@pytest.fixture
-def shop(env: SimpleNamespace) -> Iterator[SimpleNamespace]:
-    yield from subprocs.shop(env)
-
-
-def _status(res: SagaResult) -> SagaStatus:
-    return res.state().status
-
-
-def _wait_finished(res: SagaResult, timeout: float = 30.0) -> SagaStatus:
-    return wait_for(lambda: res.state().status.finished and res.state().status, timeout, f"saga {res.id} to finish")
+from celery_saga import SagaCompensated, SagaStatus
+from tests.helpers import Ledger, drained, finished, kombu_prefix, wait_for
 
 
 def _failures(r: redis.Redis, prefix: str) -> list[list[Any]]:
     return [json.loads(x) for x in r.lrange(f"{prefix}:failures", 0, -1)]
 
 
-def _drained(r: redis.Redis, env: SimpleNamespace) -> bool:
-    """Nothing queued and nothing delivered but unacknowledged (every task here that may run late is acks_late)."""
-    kp = proc_app.kombu_prefix(env.prefix)
-    return r.llen(f"{kp}{env.queue}") == 0 and r.hlen(f"{kp}unacked") == 0
-
-
-def test_prefork_worker_happy_and_compensated(env, workers, shop, r) -> None:
+def test_prefork_worker_happy_and_compensated(env, procs, shop, r) -> None:
     ledger = Ledger(r, f"{env.prefix}:ledger")
-    workers.start()
+    procs.worker()
 
     # Happy path: the results of each stage flow into the next one.
     ok = shop.sequential.delay(order_id=7)
@@ -111,18 +50,18 @@ def test_prefork_worker_happy_and_compensated(env, workers, shop, r) -> None:
 
 
 @pytest.mark.timeout(90)
-def test_worker_killed_between_record_and_publish(env, workers, shop, r) -> None:
+def test_worker_killed_between_record_and_publish(env, procs, shop, r) -> None:
     # Given workers with a visibility timeout of 2 s, so a dead worker's
     # acks_late message comes back quickly, and a hook that SIGKILLs the whole
     # worker while step 1's pool child publishes step 2, that is after step 1's
     # "done" was recorded.
     ledger = Ledger(r, f"{env.prefix}:ledger")
-    kp = proc_app.kombu_prefix(env.prefix)
-    first = workers.start(visibility_timeout=2)
+    kp = kombu_prefix(env.prefix)
+    first = procs.worker(visibility=2)
     res = shop.sequential.delay(order_id=3, crash_worker_before="proc.two")
 
     # When the worker dies mid-publish
-    assert workers.wait_dead(first, timeout=30) == -signal.SIGKILL
+    assert procs.wait_dead(first, timeout=30) == -signal.SIGKILL
     # Then step 1's outcome is recorded, step 2 is marked dispatched but was
     # never published, and step 1's message is still unacknowledged.
     state = res.state()
@@ -135,7 +74,7 @@ def test_worker_killed_between_record_and_publish(env, workers, shop, r) -> None
 
     # When a new worker starts, kombu restores step 1's message after the
     # visibility timeout; its begin finds the outcome recorded and re-drives.
-    workers.start(visibility_timeout=2)
+    procs.worker(visibility=2)
     data = res.get(timeout=40)
 
     # Then the saga completes, and step 1's function ran exactly once.
@@ -144,26 +83,26 @@ def test_worker_killed_between_record_and_publish(env, workers, shop, r) -> None
     assert res.state().step("proc.one").attempts == 1
 
 
-def test_saga_started_with_no_worker_completes_when_one_starts(env, workers, shop, r) -> None:
-    kp = proc_app.kombu_prefix(env.prefix)
+def test_saga_started_with_no_worker_completes_when_one_starts(env, procs, shop, r) -> None:
+    kp = kombu_prefix(env.prefix)
     # Given a saga started while nothing consumes its queue
     res = shop.sequential.delay(order_id=5)
 
     # Then it waits, PENDING, with its first step's message in the queue
-    assert _status(res) is SagaStatus.PENDING
+    assert res.state().status is SagaStatus.PENDING
     assert res.state().step("proc.one").status.value == "DISPATCHED"
     assert r.llen(f"{kp}{env.queue}") == 1
     assert not res.ready()
 
     # When a worker starts, it completes
-    workers.start()
+    procs.worker()
     assert res.get(timeout=30)["tracking"] == "t-5-p-5-r-5"
     assert Ledger(r, f"{env.prefix}:ledger").actions() == ["do:proc.one", "do:proc.two", "do:proc.three"]
 
 
-def test_pool_child_killed_mid_step_compensates(env, workers, shop, r) -> None:
+def test_pool_child_killed_mid_step_compensates(env, procs, shop, r) -> None:
     ledger = Ledger(r, f"{env.prefix}:ledger")
-    workers.start()
+    procs.worker()
 
     # When the third step's pool child is SIGKILLed mid-step
     res = shop.dies.delay(order_id=4, die_in="proc.die")
@@ -171,7 +110,7 @@ def test_pool_child_killed_mid_step_compensates(env, workers, shop, r) -> None:
     # Then Celery reports WorkerLostError in the main process. The step may
     # have had its effect before it died, so it is compensated blind (with
     # step_result=None), then the steps before it, latest first
-    assert _wait_finished(res) is SagaStatus.COMPENSATED
+    assert finished(res) is SagaStatus.COMPENSATED
     state = res.state()
     assert state.failed_step == "proc.die"
     assert "WorkerLostError" in (state.error or "")
@@ -195,16 +134,16 @@ def test_pool_child_killed_mid_step_compensates(env, workers, shop, r) -> None:
     )
 
 
-def test_hard_time_limit_compensates(env, workers, shop, r) -> None:
+def test_hard_time_limit_compensates(env, procs, shop, r) -> None:
     ledger = Ledger(r, f"{env.prefix}:ledger")
-    workers.start()
+    procs.worker()
 
     # When a step with time_limit=1 blocks on a gate that never opens
     res = shop.limited.delay(order_id=6, block_in="proc.slow")
-    wait_for(lambda: r.llen(f"{env.prefix}:entered:proc.slow"), 30, "the slow step to start")
+    shop.gates.wait_entered("proc.slow", timeout=30)
 
     # Then the hard time limit kills it mid-way and the saga rolls back
-    assert _wait_finished(res) is SagaStatus.COMPENSATED
+    assert finished(res) is SagaStatus.COMPENSATED
     state = res.state()
     assert state.failed_step == "proc.slow"
     assert "TimeLimitExceeded" in (state.error or "")
@@ -218,7 +157,7 @@ def test_hard_time_limit_compensates(env, workers, shop, r) -> None:
         15,
         "task_failure to fire twice for the hard time limit",
     )
-    wait_for(lambda: _drained(r, env), 15, "the queue to drain")
+    wait_for(lambda: drained(r, env.prefix, env.queue), 15, "the queue to drain")
 
     # Its outcome is unknown: it is compensated blind, once, then each
     # earlier step exactly once, latest first.
