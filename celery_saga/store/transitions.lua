@@ -738,9 +738,9 @@ OPS.comp_fail = function()
   local out = {failed}
   local changed = false
   if r == '1' then changed = settle(out, false) end
-  local outcome = 'backoff'
-  if failed.gave_up then outcome = 'gave_up' end
-  return remember(respond(outcome, changed, {due = out, attempt = failed.attempt}))
+  local fields = {due = out, attempt = failed.attempt}
+  if failed.gave_up then return remember(respond('gave_up', changed, fields)) end
+  return remember(respond('backoff', changed, fields))
 end
 
 -- Not de-duplicated: setting the flag twice is harmless.

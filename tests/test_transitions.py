@@ -1,0 +1,473 @@
+"""Every op of ``transitions.lua``, called directly against Redis: no worker, no Celery message.
+
+Each op runs from each state it accepts and from at least one it refuses,
+and a replayed transition id gets the first reply back without applying
+twice. Deadlines are made due by moving them into the past in the record.
+
+The plan: stage 0 is ``a`` (compensated by ``t.undo_a``); stage 1 runs ``b``
+(compensated by ``t.undo_b``) and ``c`` (nothing to undo) in parallel.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+import pytest
+
+from celery_saga import CompensationStatus, SagaStatus, StepStatus
+from celery_saga.plan import Plan, StepSpec
+from celery_saga.store import Op, Outcome, RedisSagaStore, StartRequest, Transition
+
+PLAN = Plan(
+    (
+        (StepSpec("a", "t.a", "t.undo_a", timeout=60.0),),
+        (StepSpec("b", "t.b", "t.undo_b", stage=1, timeout=60.0), StepSpec("c", "t.c", None, stage=1, timeout=60.0)),
+    )
+)
+GEN = "g1"
+
+
+@pytest.fixture
+def store(redis_url: str, ns: str) -> Iterator[RedisSagaStore]:
+    s = RedisSagaStore(redis_url, f"sagatest-{ns}")
+    yield s
+    for key in s.client.scan_iter(match=f"sagatest-{ns}:*", count=500):
+        s.client.unlink(key)
+    s.close()
+
+
+@dataclass
+class Saga:
+    """One record under test, and shortcuts to drive it."""
+
+    store: RedisSagaStore
+    saga_id: str
+
+    def apply(self, op: Op, *args: str, gen: str = GEN, tx: str | None = None) -> Transition:
+        return self.store.apply(op, self.saga_id, gen, "s", *args, tx=tx)
+
+    def raw(self) -> dict[str, str]:
+        return self.store.load(self.saga_id)
+
+    def status(self) -> SagaStatus:
+        return self.store.status(self.saga_id)
+
+    def step(self, name: str) -> Any:
+        return self.store.state(self.saga_id).step(name)
+
+    def past(self, field: str) -> None:
+        """Move a deadline field into the past (the sweeper's clock is Redis TIME)."""
+        self.store.client.hset(self.store.keys.record(self.saga_id), field, "1")
+
+
+def request(
+    saga_id: str, gen: str = GEN, kwargs: dict[str, Any] | None = None, maxr: int | None = None
+) -> StartRequest:
+    fields = [(f"comp:{s.name}", s.compensation) for s in PLAN.steps if s.compensation]
+    fields += [(f"to:{s.name}", "60000") for s in PLAN.steps]
+    kwargs_json = json.dumps(kwargs or {"order": 1})
+    return StartRequest(
+        saga_id=saga_id,
+        gen=gen,
+        name="s",
+        fingerprint=kwargs_json,
+        kwargs_json=kwargs_json,
+        plan_json=PLAN.to_json(),
+        plan_digest=PLAN.digest(),
+        stages=PLAN.lua_stages(),
+        retention=60.0,
+        settings_json=json.dumps({"compensation_retry_backoff": 0.0, "compensation_retry_backoff_max": 0.0}),
+        on_complete="",
+        on_failure="",
+        idempotency_key="",
+        max_retries=maxr,
+        step_fields=tuple(fields),
+    )
+
+
+# -- reaching each state -------------------------------------------------------------
+#
+# Each builder returns a saga in the state its name says, made by the same ops
+# the workers apply.
+
+
+def pending(store: RedisSagaStore, maxr: int | None = None) -> Saga:
+    saga = Saga(store, str(uuid.uuid4()))
+    assert store.start(request(saga.saga_id, maxr=maxr)).outcome is Outcome.CREATED
+    return saga
+
+
+def running(store: RedisSagaStore, maxr: int | None = None) -> Saga:
+    saga = pending(store, maxr)
+    assert saga.apply(Op.BEGIN, "a", "0", "").outcome is Outcome.RUN
+    return saga
+
+
+def second_stage(store: RedisSagaStore, maxr: int | None = None) -> Saga:
+    saga = running(store, maxr)
+    assert saga.apply(Op.DONE, "a", '{"reservation": "r1"}').outcome is Outcome.NEXT_STAGE
+    return saga
+
+
+def completed(store: RedisSagaStore) -> Saga:
+    saga = second_stage(store)
+    for m in ("b", "c"):
+        saga.apply(Op.BEGIN, m, "0", "")
+        saga.apply(Op.DONE, m, "null")
+    assert saga.status() is SagaStatus.COMPLETED
+    return saga
+
+
+def lost(store: RedisSagaStore) -> Saga:
+    """a's worker was lost mid-step: its outcome is unknown, and it is compensated blind."""
+    saga = running(store)
+    assert saga.apply(Op.LOST, "a", "WorkerLostError", "lost").outcome is Outcome.ROLLBACK
+    return saga
+
+
+def compensating(store: RedisSagaStore, maxr: int | None = None) -> Saga:
+    """b failed, c was still queued (fenced), a's compensation is dispatched."""
+    saga = second_stage(store, maxr)
+    saga.apply(Op.BEGIN, "b", "0", "")
+    t = saga.apply(Op.FAIL, "b", "RuntimeError: declined")
+    assert t.outcome is Outcome.ROLLBACK and [d.step for d in t.due] == ["a"]
+    return saga
+
+
+def last_step_running(store: RedisSagaStore) -> Saga:
+    """b completed; c, the last step of the last stage, runs."""
+    saga = second_stage(store)
+    saga.apply(Op.BEGIN, "b", "0", "")
+    saga.apply(Op.DONE, "b", "null")
+    saga.apply(Op.BEGIN, "c", "0", "")
+    return saga
+
+
+def compensating_once(store: RedisSagaStore) -> Saga:
+    """Like `compensating`, with no compensation retries allowed; a's compensation runs."""
+    saga = compensating(store, maxr=0)
+    saga.apply(Op.COMP_BEGIN, "a", "0", "", "1")
+    return saga
+
+
+def compensated(store: RedisSagaStore) -> Saga:
+    saga = compensating(store)
+    saga.apply(Op.COMP_BEGIN, "a", "0", "", "1")
+    assert saga.apply(Op.COMP_DONE, "a", "1").status is SagaStatus.COMPENSATED
+    return saga
+
+
+def failed(store: RedisSagaStore) -> Saga:
+    """a's compensation gave up (no retries allowed)."""
+    saga = compensating(store, maxr=0)
+    saga.apply(Op.COMP_BEGIN, "a", "0", "", "1")
+    assert saga.apply(Op.COMP_FAIL, "a", "RuntimeError: refund down", "1").outcome is Outcome.GAVE_UP
+    assert saga.status() is SagaStatus.FAILED
+    return saga
+
+
+Build = Callable[[RedisSagaStore], Saga]
+
+
+@dataclass(frozen=True)
+class Case:
+    """One op applied to a saga built by ``given``: the outcome and saga status expected."""
+
+    op: Op
+    given: Build
+    args: tuple[str, ...]
+    outcome: Outcome
+    status: SagaStatus | None
+    check: Callable[[Saga, Transition], None] | None = None
+    prepare: Callable[[Saga], None] | None = None
+
+    def __str__(self) -> str:
+        return f"{self.op.value}-{self.given.__name__}-{self.outcome.value}"
+
+
+def _step_is(name: str, status: StepStatus) -> Callable[[Saga, Transition], None]:
+    def check(saga: Saga, t: Transition) -> None:
+        assert saga.step(name).status is status
+
+    return check
+
+
+def _comp_is(name: str, status: CompensationStatus) -> Callable[[Saga, Transition], None]:
+    def check(saga: Saga, t: Transition) -> None:
+        assert saga.step(name).compensation_status is status
+
+    return check
+
+
+def _comp2_is(saga: Saga, name: str, status: CompensationStatus) -> None:
+    second = saga.step(name).second_round
+    assert second is not None and second.status is status
+
+
+def _next_stage(saga: Saga, t: Transition) -> None:
+    assert t.stage == 1 and t.plan_digest == PLAN.digest()
+    assert t.data == {"order": 1, "reservation": "r1"}
+
+
+def _due(*steps: str) -> Callable[[Saga, Transition], None]:
+    def check(saga: Saga, t: Transition) -> None:
+        assert [d.step for d in t.due] == list(steps)
+
+    return check
+
+
+def _backoff(saga: Saga, t: Transition) -> None:
+    (d,) = t.due
+    assert (d.step, d.attempt, d.gave_up, d.delay) == ("a", 1, False, 0.0)
+    assert saga.step("a").compensation_status is CompensationStatus.RETRYING
+
+
+CASES = [
+    # begin: a dispatched step runs; a copy of a running one is busy; others are refused
+    Case(Op.BEGIN, pending, ("a", "0", ""), Outcome.RUN, SagaStatus.RUNNING, _step_is("a", StepStatus.RUNNING)),
+    Case(Op.BEGIN, running, ("a", "0", ""), Outcome.BUSY, SagaStatus.RUNNING),
+    Case(Op.BEGIN, running, ("a", "0", "1"), Outcome.RUN, SagaStatus.RUNNING),  # a redelivered copy
+    Case(Op.BEGIN, second_stage, ("a", "0", ""), Outcome.DUPLICATE, SagaStatus.RUNNING),
+    Case(Op.BEGIN, pending, ("b", "0", ""), Outcome.NOT_DISPATCHED, SagaStatus.PENDING),
+    Case(Op.BEGIN, compensating, ("c", "0", ""), Outcome.FENCED, SagaStatus.COMPENSATING),
+    Case(
+        Op.BEGIN,
+        pending,
+        ("a", "0", ""),
+        Outcome.FENCED,
+        SagaStatus.COMPENSATED,  # nothing ran, so nothing to undo
+        _step_is("a", StepStatus.CANCELLED),
+        prepare=lambda saga: saga.past("dl:a"),
+    ),
+    # done: the join; the last step of the last stage completes the saga
+    Case(Op.DONE, running, ("a", '{"reservation": "r1"}'), Outcome.NEXT_STAGE, SagaStatus.RUNNING, _next_stage),
+    Case(
+        Op.DONE,
+        second_stage,
+        ("b", "null"),
+        Outcome.WAIT,
+        SagaStatus.RUNNING,
+        prepare=lambda saga: saga.apply(Op.BEGIN, "b", "0", "") and None,
+    ),
+    Case(Op.DONE, last_step_running, ("c", "null"), Outcome.COMPLETED, SagaStatus.COMPLETED),
+    Case(Op.DONE, second_stage, ("a", "null"), Outcome.DUPLICATE, SagaStatus.RUNNING),
+    Case(Op.DONE, compensating, ("c", "null"), Outcome.DUPLICATE, SagaStatus.COMPENSATING),
+    Case(  # a late success: kept, and compensated again once the first round ends
+        Op.DONE,
+        lost,
+        ("a", '{"reservation": "r1"}'),
+        Outcome.LATE,
+        SagaStatus.COMPENSATING,
+        lambda saga, t: _comp2_is(saga, "a", CompensationStatus.WAITING),
+    ),
+    Case(Op.FAIL, lost, ("a", "RuntimeError: late"), Outcome.LATE, SagaStatus.COMPENSATING),
+    # fail and lost: a running step starts the rollback
+    Case(Op.FAIL, running, ("a", "RuntimeError: no"), Outcome.ROLLBACK, SagaStatus.COMPENSATED),
+    Case(Op.FAIL, second_stage, ("a", "RuntimeError: no"), Outcome.DUPLICATE, SagaStatus.RUNNING),
+    Case(
+        Op.LOST,
+        running,
+        ("a", "WorkerLostError", "lost"),
+        Outcome.ROLLBACK,
+        SagaStatus.COMPENSATING,
+        lambda saga, t: _step_is("a", StepStatus.UNKNOWN)(saga, t) or _due("a")(saga, t),
+    ),
+    Case(Op.LOST, completed, ("a", "WorkerLostError", "lost"), Outcome.DUPLICATE, SagaStatus.COMPLETED),
+    # expire: only at the store clock's deadline
+    Case(Op.EXPIRE, pending, ("a",), Outcome.EARLY, SagaStatus.PENDING),
+    Case(
+        Op.EXPIRE,
+        pending,
+        ("a",),
+        Outcome.ROLLBACK,
+        SagaStatus.COMPENSATED,
+        _step_is("a", StepStatus.CANCELLED),
+        prepare=lambda saga: saga.past("dl:a"),
+    ),
+    Case(Op.EXPIRE, running, ("a",), Outcome.DUPLICATE, SagaStatus.RUNNING),
+    # sweep: acts on what is due, and says when to look next
+    Case(Op.SWEEP, running, (), Outcome.SWEPT, SagaStatus.RUNNING, lambda saga, t: _no_change(t)),
+    Case(
+        Op.SWEEP,
+        running,
+        (),
+        Outcome.SWEPT,
+        SagaStatus.COMPENSATING,
+        _due("a"),
+        prepare=lambda saga: saga.past("dl:a"),
+    ),
+    # cancel
+    Case(Op.CANCEL, second_stage, ("cancelled",), Outcome.ROLLBACK, SagaStatus.COMPENSATING, _due("a")),
+    Case(Op.CANCEL, compensating, ("cancelled",), Outcome.ROLLBACK, SagaStatus.COMPENSATING),
+    Case(Op.CANCEL, completed, ("cancelled",), Outcome.FINISHED, SagaStatus.COMPLETED),
+    # compensations
+    Case(Op.COMP_BEGIN, compensating, ("a", "0", "", "1"), Outcome.RUN, SagaStatus.COMPENSATING),
+    Case(Op.COMP_BEGIN, compensating, ("b", "0", "", "1"), Outcome.NOT_DISPATCHED, SagaStatus.COMPENSATING),
+    Case(Op.COMP_BEGIN, compensated, ("a", "0", "", "1"), Outcome.DUPLICATE, SagaStatus.COMPENSATED),
+    Case(
+        Op.COMP_DONE,
+        compensating,
+        ("a", "1"),
+        Outcome.ROLLBACK,
+        SagaStatus.COMPENSATED,
+        _comp_is("a", CompensationStatus.COMPENSATED),
+        prepare=lambda saga: saga.apply(Op.COMP_BEGIN, "a", "0", "", "1") and None,
+    ),
+    Case(Op.COMP_DONE, compensating, ("a", "1"), Outcome.DUPLICATE, SagaStatus.COMPENSATING),
+    Case(
+        Op.COMP_FAIL,
+        compensating,
+        ("a", "RuntimeError: down", "1"),
+        Outcome.BACKOFF,
+        SagaStatus.COMPENSATING,
+        _backoff,
+        prepare=lambda saga: saga.apply(Op.COMP_BEGIN, "a", "0", "", "1") and None,
+    ),
+    Case(
+        Op.COMP_FAIL,
+        compensating_once,
+        ("a", "RuntimeError: down", "1"),
+        Outcome.GAVE_UP,
+        SagaStatus.FAILED,
+        _comp_is("a", CompensationStatus.GAVE_UP),
+    ),
+    Case(Op.COMP_FAIL, compensating, ("a", "RuntimeError: down", "1"), Outcome.DUPLICATE, SagaStatus.COMPENSATING),
+    # callbacks, and the operator's actions
+    Case(Op.CALLBACK_SENT, completed, (), Outcome.RECORDED, SagaStatus.COMPLETED, lambda s, t: _flag(s, "cbs")),
+    Case(Op.RETRY, failed, (), Outcome.ROLLBACK, SagaStatus.COMPENSATING, _due("a")),
+    Case(Op.RETRY, completed, (), Outcome.NOT_ALLOWED, SagaStatus.COMPLETED),
+    Case(Op.PURGE, compensated, (), Outcome.PURGED, SagaStatus.COMPENSATED, lambda s, t: _gone(s)),
+    Case(Op.PURGE, running, (), Outcome.NOT_ALLOWED, SagaStatus.RUNNING),
+]
+
+
+def _no_change(t: Transition) -> None:
+    assert t.changed_from is None and not t.due and t.next_deadline is not None
+
+
+def _flag(saga: Saga, field: str) -> None:
+    assert saga.raw().get(field) == "1"
+
+
+def _gone(saga: Saga) -> None:
+    assert not saga.store.client.exists(saga.store.keys.record(saga.saga_id))
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_op(store: RedisSagaStore, case: Case) -> None:
+    saga = case.given(store)
+    if case.prepare is not None:
+        case.prepare(saga)
+    gen = "*" if case.op in (Op.SWEEP, Op.CANCEL, Op.RETRY, Op.PURGE) else GEN
+    t = saga.apply(case.op, *case.args, gen=gen)
+    assert (t.op, t.outcome, t.status) == (case.op, case.outcome, case.status)
+    if case.check is not None:
+        case.check(saga, t)
+
+
+def test_every_op_and_outcome_is_covered() -> None:
+    assert {c.op for c in CASES} | {Op.START, Op.ABORT} == set(Op)
+    elsewhere = {Outcome.CREATED, Outcome.EXISTS, Outcome.CONFLICT, Outcome.ABORTED}  # start and abort, below
+    elsewhere |= {Outcome.MISSING, Outcome.STALE, Outcome.CORRUPT}  # refusals every op shares, below
+    assert {c.outcome for c in CASES} | elsewhere == set(Outcome)
+
+
+# -- start and abort -----------------------------------------------------------------
+
+
+def test_start_creates_then_finds_the_same_saga_and_refuses_other_kwargs(store: RedisSagaStore) -> None:
+    saga_id = str(uuid.uuid4())
+    created = store.start(request(saga_id))
+    assert (created.outcome, created.status, created.gen) == (Outcome.CREATED, SagaStatus.PENDING, GEN)
+    assert Saga(store, saga_id).step("a").status is StepStatus.DISPATCHED
+    # The same start again (its reply was lost): answered as the first time.
+    assert store.start(request(saga_id)).outcome is Outcome.CREATED
+    # Another start with the same id and kwargs finds it; other kwargs conflict.
+    again = store.start(request(saga_id, gen="g2"))
+    assert (again.outcome, again.gen) == (Outcome.EXISTS, GEN)
+    assert store.start(request(saga_id, gen="g3", kwargs={"order": 2})).outcome is Outcome.CONFLICT
+
+
+def test_abort_releases_a_pending_start_and_rolls_back_a_started_one(store: RedisSagaStore) -> None:
+    saga = pending(store)
+    t = store.abort_start(saga.saga_id, GEN, "s", "publish failed: boom", ["a"])
+    assert (t.outcome, t.status, t.changed_from) == (Outcome.ABORTED, SagaStatus.FAILED, SagaStatus.PENDING)
+    assert saga.raw()["reason"] == "publish"
+    # The released key starts afresh.
+    assert store.start(request(saga.saga_id, gen="g2")).outcome is Outcome.CREATED
+    # A sibling already ran: the unpublished steps fail and the saga rolls back.
+    two = Saga(store, str(uuid.uuid4()))
+    store.start(request(two.saga_id))
+    two.apply(Op.BEGIN, "a", "0", "")
+    t = store.abort_start(two.saga_id, GEN, "s", "publish failed: boom", ["a"])
+    assert (t.outcome, t.status) == (Outcome.ROLLBACK, SagaStatus.RUNNING)  # a ran: it decides
+
+
+def test_refusals_every_op_shares(store: RedisSagaStore) -> None:
+    saga = running(store)
+    for op in Op:
+        if op in (Op.START, Op.PURGE):
+            continue
+        assert store.apply(op, "no-such-saga", "*", "s").outcome is Outcome.MISSING
+        if op not in (Op.SWEEP, Op.CANCEL, Op.RETRY):
+            assert saga.apply(op, "a", "0", "", gen="other").outcome is Outcome.STALE
+    store.client.hset(store.keys.record(saga.saga_id), "v", "0")
+    assert saga.apply(Op.BEGIN, "a", "0", "").outcome is Outcome.CORRUPT
+
+
+# -- replay -----------------------------------------------------------------------------
+
+
+REPLAYED = [
+    (Op.BEGIN, pending, ("a", "0", "")),
+    (Op.DONE, running, ("a", '{"reservation": "r1"}')),
+    (Op.FAIL, running, ("a", "RuntimeError: no")),
+    (Op.CANCEL, second_stage, ("cancelled",)),
+    (Op.COMP_FAIL, compensating, ("a", "RuntimeError: down", "1")),
+]
+
+
+@pytest.mark.parametrize(("op", "given", "args"), REPLAYED, ids=lambda x: getattr(x, "__name__", str(x)))
+def test_a_replayed_transition_id_gets_the_first_reply_and_changes_nothing(
+    store: RedisSagaStore, op: Op, given: Build, args: tuple[str, ...]
+) -> None:
+    saga = given(store)
+    if op is Op.COMP_FAIL:
+        saga.apply(Op.COMP_BEGIN, "a", "0", "", "1")
+    gen = "*" if op is Op.CANCEL else GEN
+    first = saga.apply(op, *args, gen=gen, tx="tx-1")
+    record = {k: v for k, v in saga.raw().items()}
+    again = saga.apply(op, *args, gen=gen, tx="tx-1")
+    assert again == first
+    assert saga.raw() == record
+    # A fresh id is a new call, which finds the first one applied.
+    assert saga.apply(op, *args, gen=gen) != first
+
+
+# -- the script speaks the enums' language --------------------------------------------
+
+
+LUA = resources.files("celery_saga.store").joinpath("transitions.lua").read_text()
+
+
+def test_every_state_in_the_script_is_a_status_of_state_py() -> None:
+    statuses = {s.value for enum in (SagaStatus, StepStatus, CompensationStatus) for s in enum}
+    code = "\n".join(line.split("--", 1)[0] for line in LUA.splitlines() if not line.lstrip().startswith("--"))
+    code = code[code.index("]]") :]  # after the header's drawing
+    code = re.sub(r"redis\.call\('\w+'", "", code)  # Redis commands are not states
+    found = set(re.findall(r"'([A-Z][A-Z_]+)'", code)) | set(re.findall(r"\b([A-Z][A-Z_]{3,}) = true", code))
+    assert found, "no state found: the pattern no longer matches the script"
+    assert found <= statuses, f"not a status in state.py: {sorted(found - statuses)}"
+
+
+def test_the_script_handles_exactly_the_ops_and_replies_only_outcomes() -> None:
+    handled = set(re.findall(r"^OPS\.(\w+) = ", LUA, re.M))
+    assert handled == {op.value for op in Op}
+    replied = set(re.findall(r"respond\('(\w+)'", LUA))
+    assert replied == {o.value for o in Outcome}
