@@ -118,7 +118,9 @@ end
 
 -- The fields every op reads, in one call.
 local HEAD = redis.call('HMGET', K, 'status', 'gen', 'v', 'stages', 'cstage')
+-- `status` is what the saga was when this call began; `live`, what it is now.
 local status = HEAD[1]
+local live = status
 
 local STAGES = nil
 local function stages()
@@ -142,7 +144,7 @@ end
 local function respond(outcome, changed, fields, raw)
   local r = fields or {}
   r.outcome = outcome
-  if r.status == nil then r.status = hget('status') or '' end
+  if r.status == nil then r.status = live or '' end
   if changed and changed ~= '' then r.from = changed end
   if r.due and #r.due == 0 then r.due = nil end
   if gen == '*' then
@@ -168,8 +170,9 @@ end
 -- -- statuses ----------------------------------------------------------------
 
 local function set_status(new)
-  local old = hget('status')
+  local old = live
   redis.call('HSET', K, 'status', new, 'status_at', NOW)
+  live = new
   return old
 end
 
@@ -241,7 +244,7 @@ local function next_deadline()
     x = num(x)
     if x and (not best or x < best) then best = x end
   end
-  local st = hget('status')
+  local st = live
   if st == 'PENDING' or st == 'RUNNING' then consider(hget('sdl')) end
   local shortest = nil
   each_step(function(m)
@@ -334,7 +337,7 @@ end
 -- earlier part of it changed it; that one, not COMPENSATING, is what the
 -- caller reports.
 local function settle(out, changed)
-  if hget('status') ~= 'COMPENSATING' then return changed end
+  if live ~= 'COMPENSATING' then return changed end
   local ended = advance(out)
   return changed or ended
 end
@@ -396,7 +399,7 @@ end
 -- Returns the status the saga had before, when it changed.
 local function time_out_step(m)
   local err = 'timeout: step ' .. m .. ' had no outcome ' .. secs(hget('to:' .. m)) .. ' after it was dispatched'
-  local st = hget('status')
+  local st = live
   stop_waiting(m, 'timeout', err)
   if st == 'PENDING' or st == 'RUNNING' then return begin_rollback(m, err, 'timeout') end
   return false
@@ -434,7 +437,7 @@ end
 -- saga status before, when it changed, else false.
 local function apply_deadlines(out, u)
   local changed = false
-  local st = hget('status')
+  local st = live
   if st == 'PENDING' or st == 'RUNNING' then
     local sdl = num(hget('sdl'))
     if sdl and num(NOW) >= sdl then
@@ -507,8 +510,8 @@ OPS.start = function()
     redis.call('HSET', K, unpack(ARGV, i, j))
     i = j + 1
   end
-  redis.call('HSET', K, 'v', '1', 'gen', gen, 'created', NOW, 'status', 'PENDING', 'status_at', NOW,
-    'stage', '0', 'copen', '0', 'gaveup', '0')
+  redis.call('HSET', K, 'v', '1', 'gen', gen, 'created', NOW, 'stage', '0', 'copen', '0', 'gaveup', '0')
+  set_status('PENDING')
   if f.sto then redis.call('HSET', K, 'sdl', NOW + num(f.sto)) end
   HEAD[4] = f.stages
   local first = stages()[1]
@@ -537,7 +540,7 @@ OPS.abort = function()
     local m = ARGV[i]
     if hget('s:' .. m) == 'DISPATCHED' then
       redis.call('HSET', K, 's:' .. m, 'FAILED', 'e:' .. m, ARGV[4], 't1:' .. m, NOW)
-      if hget('status') == 'RUNNING' then changed = begin_rollback(m, ARGV[4], 'failure') end
+      if live == 'RUNNING' then changed = begin_rollback(m, ARGV[4], 'failure') end
     end
   end
   return remember(respond('rollback', settle(out, changed), {due = out}))
