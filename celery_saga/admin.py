@@ -17,12 +17,14 @@ What these return looks like to people and tools (JSON, tables) is
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from celery import Celery
 
 from .errors import SagaNotFound, SagaRecordCorrupt, SagaStateError
 from .follow import follow
+from .registry import sagas_of
 from .result import SagaResult
 from .state import SagaState, SagaStatus
 from .store import Outcome, SagaStore, Transition
@@ -30,6 +32,9 @@ from .stores import store_for
 from .views import SagaStats, SagaSummary, iso, state_json, summary_of
 
 __all__ = [
+    "RegistrationReport",
+    "Unregistered",
+    "check_registration",
     "SagaStats",
     "SagaSummary",
     "cancel_saga",
@@ -105,6 +110,54 @@ def retry_saga(app: Celery, saga_id: str) -> SagaResult:
     _check(store, saga_id, t, "retry", "only a FAILED saga whose compensations gave up can be retried")
     follow(app, store, t)
     return SagaResult(saga_id, app)
+
+
+@dataclass(frozen=True)
+class Unregistered:
+    """A task a saga needs that no running worker has: ``saga``'s step ``step``, or its compensation."""
+
+    saga: str
+    step: str
+    task: str
+    compensation: bool
+
+    def __str__(self) -> str:
+        what = "compensation of step" if self.compensation else "step"
+        return f"saga {self.saga!r}: {what} {self.step!r}: task {self.task!r}"
+
+
+@dataclass(frozen=True)
+class RegistrationReport:
+    """What ``celery saga check`` found: the workers that answered, and the tasks none of them has."""
+
+    workers: tuple[str, ...]
+    missing: tuple[Unregistered, ...]
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.workers) and not self.missing
+
+
+def check_registration(app: Celery, timeout: float = 1.0) -> RegistrationReport:
+    """Ask the running workers (``inspect registered``) whether each saga's steps and compensations have a worker.
+
+    Every saga defined on ``app`` is checked, after importing the app's task
+    modules (``imports``, ``include``, autodiscovered ones) as a worker does.
+    A message for a task no worker has fails its step (or attempt) at once,
+    rolling the saga back: this finds the typo before a saga meets it.
+    """
+    app.loader.import_default_modules()
+    app.finalize()
+    replies = app.control.inspect(timeout=timeout).registered() or {}
+    registered = {name.split(" ", 1)[0] for names in replies.values() for name in names or ()}
+    missing: list[Unregistered] = []
+    for saga in sorted(sagas_of(app), key=lambda s: s.name):
+        for spec in saga.plan().steps:
+            if spec.task not in registered:
+                missing.append(Unregistered(saga.name, spec.name, spec.task, False))
+            if spec.compensation is not None and spec.compensation not in registered:
+                missing.append(Unregistered(saga.name, spec.name, spec.compensation, True))
+    return RegistrationReport(tuple(sorted(replies)), tuple(missing))
 
 
 def ping(app: Celery) -> None:

@@ -10,6 +10,9 @@ Commands::
     celery -A proj saga cancel ID    stop a running saga and compensate it (exit 1 if it had finished)
     celery -A proj saga sweep [--once] [--interval S]
                                      act on due deadlines: a standalone sweeper (workers run one too)
+    celery -A proj saga check [--timeout S]
+                                     is every step and compensation registered on a running worker?
+                                     (exit 1 if not, 69 if no worker answers)
 
 ``--since`` takes ISO-8601 (``2026-11-27T03:00``, UTC unless it has an
 offset) or a time ago: ``30s``, ``10m``, ``2h``, ``1d``, ``1w``. It filters on
@@ -60,6 +63,7 @@ from kombu.exceptions import OperationalError
 
 from . import admin, views
 from .errors import SagaError, SagaStoreUnavailable
+from .settings import redact_keys
 from .state import SagaStatus
 from .sweeper import SweeperThread
 from .sweeper import sweep as sweep_once
@@ -118,12 +122,18 @@ def _app(ctx: click.Context) -> Any:
     return ctx.obj.app
 
 
+def _hint(ctx: click.Context, *words: str) -> str:
+    """A command to run next, with the ``-A`` this one was given."""
+    given = ctx.find_root().params.get("app")
+    return views.command(given if isinstance(given, str) else _app(ctx).main, *words)
+
+
 _JSON = click.option("--json", "as_json", cls=CeleryOption, is_flag=True, help="Print JSON (schema: see cli.py).")
 
 
 @click.group(name="saga")
 def saga() -> None:
-    """Operate on sagas: list, show, stats, retry, purge, cancel, sweep."""
+    """Operate on sagas: list, show, stats, retry, purge, cancel, sweep, check."""
 
 
 @saga.command(name="list", cls=CeleryCommand)
@@ -173,7 +183,7 @@ def show(ctx: click.Context, saga_id: str, as_json: bool) -> None:
     with _errors():
         state = admin.saga_state(_app(ctx), saga_id)
     if as_json:
-        _echo_json(views.state_json(state))
+        _echo_json(views.state_json(state, redact_keys(_app(ctx))))
         return
     click.echo(views.saga_text(state))
 
@@ -198,7 +208,8 @@ def retry(ctx: click.Context, saga_id: str) -> None:
     """Re-drive the compensations that gave up in a FAILED saga."""
     with _errors():
         admin.retry_saga(_app(ctx), saga_id)
-    click.echo(f"saga {saga_id}: compensations that gave up were sent again; follow it with `celery saga show`")
+    follow_it = _hint(ctx, "show", saga_id)
+    click.echo(f"saga {saga_id}: compensations that gave up were sent again; follow it with `{follow_it}`")
 
 
 @saga.command(cls=CeleryCommand)
@@ -220,7 +231,38 @@ def cancel(ctx: click.Context, saga_id: str) -> None:
         cancelled = admin.cancel_saga(_app(ctx), saga_id)
     if not cancelled:
         raise CeleryCommandException(message=f"saga {saga_id} had already finished", exit_code=EX_REFUSED)
-    click.echo(f"saga {saga_id} cancelled: it is being compensated; follow it with `celery saga show`")
+    click.echo(f"saga {saga_id} cancelled: it is being compensated; follow it with `{_hint(ctx, 'show', saga_id)}`")
+
+
+@saga.command(cls=CeleryCommand)
+@click.option(
+    "--timeout",
+    cls=CeleryOption,
+    type=click.FloatRange(min=0.1),
+    default=1.0,
+    show_default=True,
+    help="Seconds to wait for the workers' answers.",
+)
+@click.pass_context
+def check(ctx: click.Context, timeout: float) -> None:
+    """Check that every step and compensation of the app's sagas is registered on some running worker."""
+    with _errors():
+        report = admin.check_registration(_app(ctx), timeout=timeout)
+    if not report.workers:
+        raise CeleryCommandException(
+            message=f"no worker answered within {timeout:g}s: start the workers, or pass a longer --timeout",
+            exit_code=EX_UNAVAILABLE,
+        )
+    click.echo(f"{len(report.workers)} worker(s) answered: {', '.join(report.workers)}")
+    if report.missing:
+        click.echo("not registered on any worker:")
+        for missing in report.missing:
+            click.echo(f"  {missing}")
+        raise CeleryCommandException(
+            message=f"{len(report.missing)} task(s) the sagas need are not registered on any worker",
+            exit_code=EX_REFUSED,
+        )
+    click.echo("every step and compensation is registered")
 
 
 @saga.command(cls=CeleryCommand)

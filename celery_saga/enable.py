@@ -9,7 +9,6 @@ calls `enable` itself.
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from celery import Celery
@@ -21,8 +20,6 @@ from .worker.apps import install, mark_enabled
 from .worker.bootstep import SagaWorker
 
 __all__ = ["enable", "enable_apps_with_steps"]
-
-logger = logging.getLogger("celery_saga")
 
 _finalize_hook_installed = False
 
@@ -38,7 +35,6 @@ def enable(app: Celery) -> Celery:
         return app
     main_process.connect_signals()
     app.steps["worker"].add(SagaWorker)
-    _warn_about_pickle(app)
     if app.finalized:
         install(app)
     else:
@@ -76,12 +72,3 @@ def _enable_when_finalized(app: Celery) -> None:
 def _enable_after_finalize(sender: Celery, **_: Any) -> None:
     if has_steps(sender):
         enable(sender)
-
-
-def _warn_about_pickle(app: Celery) -> None:
-    accepted = {str(c).lower() for c in (app.conf.accept_content or ())}
-    if accepted & {"pickle", "application/x-python-serialize"}:
-        logger.warning(
-            "celery_saga sends JSON only, but app.conf.accept_content includes pickle: "
-            "a pickled message can run arbitrary code; remove it from accept_content"
-        )

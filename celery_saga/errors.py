@@ -4,7 +4,7 @@ Every error derives from one root, so ``except SagaError`` catches them all::
 
     SagaError
     ├── SagaDefinitionError      a saga or step is defined wrongly; fix the code
-    │   └── SagaDataError        start data that JSON cannot hold (also a TypeError)
+    │   └── SagaDataError        start data the record cannot hold (also a TypeError)
     ├── SagaCompensated          get(): the saga was rolled back
     ├── SagaFailed               get(): compensation gave up
     ├── IdempotencyConflict      same idempotency key, different kwargs
@@ -12,7 +12,7 @@ Every error derives from one root, so ``except SagaError`` catches them all::
     ├── SagaNotFound             no record: never started, or expired
     ├── SagaStateError           an operator action the saga's status does not allow
     ├── SagaRecordCorrupt        a record exists but cannot be read
-    └── StepResultNotSerializable a step returned something JSON cannot hold
+    └── StepResultNotSerializable a step returned something the record cannot hold
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ class SagaDefinitionError(SagaError):
 
 
 class SagaDataError(SagaDefinitionError, TypeError):
-    """Data given to a saga cannot be used: not JSON-serializable, or positional. Nothing was written."""
+    """Data given to a saga cannot be used: the record cannot hold it, or it is positional. Nothing was written."""
 
 
 class SagaCompensated(SagaError):
@@ -156,16 +156,27 @@ class SagaRecordCorrupt(SagaError):
         self.saga_id = saga_id
         super().__init__(
             f"saga record {saga_id} is corrupt: {detail}; inspect the Redis hash, "
-            f"or remove it with `celery saga purge {saga_id}` if the saga is over"
+            f"or remove it with `celery -A <app> saga purge {saga_id}` if the saga is over"
         )
 
 
 class StepResultNotSerializable(SagaError, TypeError):
-    """A step returned a value that cannot be serialized as JSON."""
+    """A step returned a value the saga record cannot hold.
 
-    def __init__(self, step: str, cause: BaseException) -> None:
+    Its function ran, so its effect may be there: the step is recorded
+    UNKNOWN and compensated blind.
+
+    Attributes:
+        step: The step.
+        path: Where in the result the value is (``"result"``, ``"result.items[2].price"``).
+        type_name: The type of that value.
+    """
+
+    def __init__(self, step: str, path: str, type_name: str, storable: str = "") -> None:
         self.step = step
+        self.path = path
+        self.type_name = type_name
         super().__init__(
-            f"step {step!r} returned a value that cannot be serialized as JSON ({cause}); "
-            f"return JSON types only (dict, list, str, int, float, bool, None)"
+            f"step {step!r} returned a value the saga record cannot hold: {path} is of type {type_name}; "
+            f"it is compensated blind, since its effect may be there. Return {storable or 'JSON types'}"
         )

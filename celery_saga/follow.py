@@ -21,16 +21,15 @@ de-duplicate against the record.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from celery import Celery
 
-from . import announce
+from . import announce, codec
 from .messages import publish_compensation, publish_stage, send_callback
 from .plan import cached_plan
-from .state import SagaStatus, StepStatus, data_before
+from .state import SagaState, SagaStatus, StepStatus, data_before
 from .store import Op, Outcome, SagaStore, Transition
 
 __all__ = ["Delivery", "follow", "redrive"]
@@ -71,7 +70,7 @@ def follow(app: Celery, store: SagaStore, t: Transition, delivery: Delivery | No
             announce.saga_started(t.saga_id, t.name, t.data or {}, t.gen)
     elif outcome is Outcome.COMPLETED:
         if t.callback:
-            _call_back(app, store, t.saga_id, t.gen, t.name, "on_complete", t.callback)
+            _call_back(app, store, t.saga_id, t.gen, t.name, "on_complete", t.callback, load)
     elif outcome in _ROLLBACK:
         _publish_rollback(app, store, t, load)
     elif outcome is Outcome.DUPLICATE and t.op in _BEGIN_OPS and t.status is not None:
@@ -91,7 +90,8 @@ def _announce_delivery(app: Celery, t: Transition, delivery: Delivery) -> None:
 def _publish_stage(app: Celery, store: SagaStore, t: Transition) -> None:
     assert t.stage is not None and t.data is not None
     plan = cached_plan(t.plan_digest, lambda: store.load(t.saga_id)["plan"])
-    publish_stage(app, t.saga_id, t.name, t.gen, plan.stages[t.stage], t.data, first=t.stage == 0)
+    stage, secrets = plan.stages[t.stage], plan.redacted_keys
+    publish_stage(app, t.saga_id, t.name, t.gen, stage, t.data, first=t.stage == 0, redact=secrets)
 
 
 def _publish_rollback(app: Celery, store: SagaStore, t: Transition, load: Callable[[], dict[str, str]]) -> None:
@@ -110,13 +110,22 @@ def _publish_rollback(app: Celery, store: SagaStore, t: Transition, load: Callab
             countdown = due.delay if due.attempt else None
             publish_compensation(app, t.saga_id, raw, plan, due.step, countdown=countdown, round=due.round)
     if t.ended:
-        _call_back(app, store, t.saga_id, t.gen, t.name, "on_failure", raw.get("cb_fail", ""))
+        _call_back(app, store, t.saga_id, t.gen, t.name, "on_failure", raw.get("cb_fail", ""), load)
 
 
-def _call_back(app: Celery, store: SagaStore, saga_id: str, gen: str, name: str, which: str, sig_json: str) -> None:
+def _call_back(
+    app: Celery,
+    store: SagaStore,
+    saga_id: str,
+    gen: str,
+    name: str,
+    which: str,
+    sig_json: str,
+    load: Callable[[], dict[str, str]],
+) -> None:
     if not sig_json:
         return
-    send_callback(app, saga_id, which, sig_json)
+    send_callback(app, saga_id, which, sig_json, lambda: SagaState.from_record(saga_id, load()))
     store.apply(Op.CALLBACK_SENT, saga_id, gen or "*", name, tx="")
 
 
@@ -132,9 +141,9 @@ def redrive(app: Celery, store: SagaStore, saga_id: str) -> None:
     dispatched = StepStatus.DISPATCHED.value
     if status in (SagaStatus.PENDING.value, SagaStatus.RUNNING.value):
         k = int(raw.get("stage", "0"))
-        data = data_before(plan, raw, k, json.loads(raw["kwargs"]))
+        data = data_before(plan, raw, k, codec.loads(raw["kwargs"]))
         specs = [spec for spec in plan.stages[k] if raw.get(f"s:{spec.name}") == dispatched]
-        publish_stage(app, saga_id, name, gen, specs, data, first=k == 0)
+        publish_stage(app, saga_id, name, gen, specs, data, first=k == 0, redact=plan.redacted_keys)
     elif status == SagaStatus.COMPENSATING.value:
         for spec in plan.steps:
             if raw.get(f"cs:{spec.name}") == dispatched:
@@ -142,4 +151,4 @@ def redrive(app: Celery, store: SagaStore, saga_id: str) -> None:
     elif raw.get("cbs") != "1":
         completed = status == SagaStatus.COMPLETED.value
         which, key = ("on_complete", "cb_ok") if completed else ("on_failure", "cb_fail")
-        _call_back(app, store, saga_id, gen, name, which, raw.get(key, ""))
+        _call_back(app, store, saga_id, gen, name, which, raw.get(key, ""), lambda: raw)

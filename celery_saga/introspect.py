@@ -16,9 +16,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from celery import Celery, Task
+from celery import Celery, Task, current_app
 from celery.canvas import Signature
 from celery.local import PromiseProxy, Proxy
+from celery.utils.imports import gen_task_name
 
 __all__ = ["Params", "is_proxy", "is_task", "params_of", "task_app", "task_name"]
 
@@ -34,6 +35,25 @@ def _promise_parts(obj: Proxy) -> tuple[Celery, Any, dict[str, Any]] | None:
     if not isinstance(app, Celery) or not args:
         return None
     return app, args[0], dict(kwargs)
+
+
+def _shared_parts(obj: Proxy) -> tuple[str | None, Any] | None:
+    """(name option, function) of a ``@shared_task`` proxy, else None.
+
+    ``@shared_task`` returns a proxy that looks its task up in the current
+    app on every use; evaluating it would finalize that app, at import time.
+    Its name option and function are the free variables of its lookup.
+    """
+    if isinstance(obj, PromiseProxy):
+        return None
+    local = object.__getattribute__(obj, "_Proxy__local")
+    code = getattr(local, "__code__", None)
+    if getattr(local, "__name__", "") != "task_by_cons" or code is None or local.__closure__ is None:
+        return None
+    cells = dict(zip(code.co_freevars, (c.cell_contents for c in local.__closure__), strict=True))
+    if "fun" not in cells:
+        return None
+    return cells.get("name"), cells["fun"]
 
 
 def is_proxy(obj: Any) -> bool:
@@ -53,6 +73,11 @@ def task_name(obj: Any) -> str:
         if parts is not None:
             app, fun, opts = parts
             return str(opts.get("name") or app.gen_task_name(fun.__name__, fun.__module__))
+        shared = _shared_parts(obj)
+        if shared is not None:
+            name, fun = shared
+            # Named as every app names it; only a task defined in __main__ takes the app's name.
+            return str(name or gen_task_name(current_app, fun.__name__, fun.__module__))
         return str(obj.name)
     if isinstance(obj, str):
         return obj

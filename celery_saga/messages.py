@@ -8,22 +8,29 @@ knows how.
 
 from __future__ import annotations
 
-import json
-from collections.abc import Sequence
+import weakref
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 from celery import Celery, Task
 from celery.exceptions import Retry
+from celery.utils.saferepr import saferepr
+from kombu.serialization import registry
 
+from . import codec
+from .errors import SagaDefinitionError
+from .introspect import params_of
 from .plan import Plan, StepSpec
-from .state import StepStatus, data_before
+from .state import SagaState, StepStatus, data_before
 
 __all__ = [
     "Headers",
     "StageNotPublished",
     "parse_task_id",
     "publish_compensation",
+    "message_serializer",
     "publish_stage",
+    "queue_of",
     "resend",
     "send_callback",
     "task_id",
@@ -67,6 +74,47 @@ def parse_task_id(tid: str | None) -> tuple[str, str, int] | None:
     return None
 
 
+def message_serializer(app: Celery) -> str:
+    """The serializer saga messages go out with: the app's ``task_serializer``.
+
+    Raises:
+        SagaDefinitionError: the app's workers would not accept it (it is not
+            in ``accept_content``), so they would drop every saga message.
+    """
+    conf = app.conf
+    name, accepted = conf.task_serializer or "json", tuple(conf.accept_content or ("json",))
+    key = (name, accepted)
+    if _CHECKED.get(app) != key:
+        _check_serializer(name, accepted)
+        _CHECKED[app] = key
+    return str(name)
+
+
+_CHECKED: weakref.WeakKeyDictionary[Celery, tuple[str, tuple[str, ...]]] = weakref.WeakKeyDictionary()
+
+
+def _check_serializer(name: str, accepted: tuple[str, ...]) -> None:
+    content_type = registry.name_to_type.get(name)
+    if content_type is None:
+        raise SagaDefinitionError(
+            f"app.conf.task_serializer is {name!r}, which kombu does not know: saga messages cannot be sent. "
+            f"Set it to a registered serializer such as 'json'"
+        )
+    if content_type not in {registry.name_to_type.get(c, c) for c in accepted} and name not in accepted:
+        raise SagaDefinitionError(
+            f"saga messages go out with app.conf.task_serializer ({name!r}), which app.conf.accept_content "
+            f"{list(accepted)} does not accept: workers would drop every saga message. Set task_serializer to "
+            f"one of accept_content, or add {name!r} to accept_content"
+        )
+
+
+def queue_of(app: Celery, spec: StepSpec) -> str:
+    """The queue ``spec``'s messages go to: its own routing, else the app's ``task_routes``, else the default."""
+    route = app.amqp.router.route(dict(spec.options), spec.task, (), {})
+    queue = route.get("queue")
+    return str(getattr(queue, "name", queue) or app.conf.task_default_queue)
+
+
 class StageNotPublished(Exception):
     """Publishing a stage stopped part-way (the broker failed); ``unpublished`` names the steps not sent.
 
@@ -82,25 +130,53 @@ class StageNotPublished(Exception):
 
 
 def publish_stage(
-    app: Celery, saga_id: str, saga_name: str, gen: str, specs: Sequence[StepSpec], data: dict[str, Any], first: bool
+    app: Celery,
+    saga_id: str,
+    saga_name: str,
+    gen: str,
+    specs: Sequence[StepSpec],
+    data: dict[str, Any],
+    first: bool,
+    redact: Collection[str] = (),
 ) -> None:
-    """Send the steps of one stage, in order.
+    """Send the steps of one stage, in order; ``redact`` keys are masked where their arguments are shown.
 
     Raises:
         StageNotPublished: a send failed; its cause is the broker's error.
     """
+    # Every step gets the whole saga data (a participant filters on receipt),
+    # so a key one step redacts is masked in every message of the saga.
+    shown = _shown(data, redact)
     for k, spec in enumerate(specs):
         try:
-            _publish_step(app, saga_id, saga_name, gen, spec, data, first)
+            _publish_step(app, saga_id, saga_name, gen, spec, data, first, shown)
         except Exception as exc:
             raise StageNotPublished(saga_id, [s.name for s in specs[k:]]) from exc
 
 
+def _shown(kwargs: dict[str, Any], redact: Collection[str]) -> dict[str, Any]:
+    """The ``kwargsrepr`` option that masks ``redact`` (Flower, events and logs show it), or none."""
+    if not redact:
+        return {}
+    return {"kwargsrepr": saferepr(codec.masked(kwargs, redact), _REPR_MAXSIZE)}
+
+
+# Celery's own limit for a message's argument repr.
+_REPR_MAXSIZE = 1024
+
+
 def _publish_step(
-    app: Celery, saga_id: str, saga_name: str, gen: str, spec: StepSpec, data: dict[str, Any], first: bool
+    app: Celery,
+    saga_id: str,
+    saga_name: str,
+    gen: str,
+    spec: StepSpec,
+    data: dict[str, Any],
+    first: bool,
+    shown: dict[str, Any],
 ) -> None:
     """Send one forward step as the user's own task, with the saga context in its headers."""
-    options = dict(spec.options)
+    options = {**spec.options, **shown}
     if spec.timeout is not None:
         # A worker drops the message once its deadline has passed (Celery
         # reports it revoked-expired, which the saga records as a timeout of
@@ -125,7 +201,7 @@ def _publish_step(
         # The saga record holds every result; a result-backend write per step
         # would only cost a round trip.
         ignore_result=True,
-        serializer="json",
+        serializer=message_serializer(app),
         **options,
     )
 
@@ -146,14 +222,15 @@ def publish_compensation(
     """
     spec = plan.step(step)
     assert spec.compensation is not None
-    kwargs = data_before(plan, raw, spec.stage, json.loads(raw["kwargs"]))
+    kwargs = data_before(plan, raw, spec.stage, codec.loads(raw["kwargs"]))
     kwargs.update(spec.bound)
     if round == 2:
         result_raw, known = raw.get(f"lr:{step}"), True
     else:
         known = raw.get(f"s:{step}") == StepStatus.COMPLETED.value
         result_raw = raw.get(f"r:{step}") if known else None
-    kwargs["step_result"] = json.loads(result_raw) if result_raw is not None else None
+    kwargs["step_result"] = codec.loads(result_raw) if result_raw is not None else None
+    options = {**spec.compensation_options, **_shown(kwargs, plan.redacted_keys)}
     app.send_task(
         spec.compensation,
         args=(),
@@ -171,15 +248,29 @@ def publish_compensation(
             Headers.KNOWN: int(known),
         },
         ignore_result=True,
-        serializer="json",
-        **spec.compensation_options,
+        serializer=message_serializer(app),
+        **options,
     )
 
 
-def send_callback(app: Celery, saga_id: str, which: str, sig_json: str) -> None:
-    """Send on_complete / on_failure with the saga id first; its task id makes a resend a duplicate."""
-    sig = app.signature(json.loads(sig_json))
-    sig.apply_async(args=(saga_id,), task_id=f"{saga_id}:{which}", root_id=saga_id)
+def send_callback(app: Celery, saga_id: str, which: str, sig_json: str, state: Callable[[], SagaState]) -> None:
+    """Send on_complete / on_failure with the saga id first; its task id makes a resend a duplicate.
+
+    A callback task of this app whose function takes ``status`` or ``data``
+    (or ``**kwargs``) gets the saga's final status and data too, as steps get
+    the saga data: filtered by its signature. ``state`` reads the saga.
+    """
+    sig = app.signature(codec.loads(sig_json))
+    task = app.tasks.get(sig.task)
+    extra: dict[str, Any] = {}
+    params = params_of(task.run) if task is not None else None
+    if params is not None and (params.takes_all or params.names & {"status", "data"}):
+        final = state()
+        extra = params.pick({"status": final.status.value, "data": final.data})
+        shown = _shown({**(sig.kwargs or {}), **extra}, final.redact)
+    else:
+        shown = {}
+    sig.apply_async(args=(saga_id,), kwargs=extra, task_id=f"{saga_id}:{which}", root_id=saga_id, **shown)
 
 
 def resend(task: Task, request: Any, kwargs: dict[str, Any], countdown: float, exc: BaseException) -> Retry:
@@ -207,10 +298,13 @@ def resend(task: Task, request: Any, kwargs: dict[str, Any], countdown: float, e
         countdown=countdown,
         headers=dict(request.headers or {}),
         retries=int(request.retries or 0) + 1,
+        # The copy shows what the original showed: its masked arguments, if any.
+        argsrepr=getattr(request, "argsrepr", None),
+        kwargsrepr=getattr(request, "kwargsrepr", None),
         root_id=request.root_id,
         parent_id=request.parent_id,
         ignore_result=True,
-        serializer="json",
+        serializer=message_serializer(task.app),
         **route,
     )
     return Retry(f"saga retry in {countdown:.2f}s", exc=exc, when=countdown)

@@ -7,12 +7,14 @@ saga's code, can dispatch the next stage or compensate a step.
 from __future__ import annotations
 
 import hashlib
-import json
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
+
+from . import codec
 
 __all__ = ["FORBIDDEN_IN_STEP_NAMES", "Plan", "StepSpec", "cached_plan", "remember_plan"]
 
@@ -36,6 +38,8 @@ class StepSpec:
         compensation_options: Publish options of the compensation.
         timeout: Seconds from dispatch to a recorded outcome, and for each
             compensation attempt; None for no deadline.
+        redact: Keys whose values are masked wherever the step's and its
+            compensation's arguments are shown (Flower, events, logs, views).
     """
 
     name: str
@@ -47,6 +51,7 @@ class StepSpec:
     stage: int = 0
     compensation_options: dict[str, Any] = field(default_factory=dict)
     timeout: float | None = None
+    redact: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -58,6 +63,7 @@ class StepSpec:
             "options": self.options,
             "compensation_options": self.compensation_options,
             "timeout": self.timeout,
+            "redact": list(self.redact),
         }
 
 
@@ -78,11 +84,11 @@ class Plan:
         raise KeyError(name)
 
     def to_json(self) -> str:
-        return json.dumps([[s.to_json() for s in stage] for stage in self.stages], sort_keys=True)
+        return codec.dumps([[s.to_json() for s in stage] for stage in self.stages], sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> Plan:
-        raw = json.loads(text)
+        raw = codec.loads(text)
         if not isinstance(raw, list):
             raise ValueError("plan is not a list of stages")
         stages = []
@@ -99,6 +105,7 @@ class Plan:
                         stage=k,
                         compensation_options=dict(s.get("compensation_options") or {}),
                         timeout=float(s["timeout"]) if s.get("timeout") is not None else None,
+                        redact=tuple(str(k) for k in s.get("redact") or ()),
                     )
                     for s in stage
                 )
@@ -113,6 +120,11 @@ class Plan:
         """The shortest step timeout, None if no step has one."""
         timeouts = [s.timeout for s in self.steps if s.timeout is not None]
         return min(timeouts) if timeouts else None
+
+    @cached_property
+    def redacted_keys(self) -> frozenset[str]:
+        """Every key any step masks: a secret of one step is a secret of the saga."""
+        return frozenset(k for s in self.steps for k in s.redact)
 
     def digest(self) -> str:
         return hashlib.sha1(self.to_json().encode()).hexdigest()[:16]

@@ -35,6 +35,8 @@ class StepMeta:
     compensate_on_failure: bool
     #: Seconds, None for no deadline, or MISSING for the app's saga_default_step_timeout.
     timeout: Any = MISSING
+    #: Keys masked where the step's arguments are shown.
+    redact: tuple[str, ...] = ()
 
 
 class DefinedSaga(Protocol):

@@ -10,6 +10,8 @@ from celery.exceptions import TimeoutError as CeleryTimeoutError
 
 from .errors import SagaCompensated, SagaFailed, SagaNotFound, SagaRecordCorrupt
 from .follow import follow
+from .messages import queue_of
+from .plan import cached_plan
 from .state import CompensationStatus, SagaState, SagaStatus
 from .store import Outcome, SagaStore
 from .stores import store_for
@@ -92,10 +94,21 @@ class SagaResult:
             if status.finished:
                 return _outcome(store.state(self.id))
             if deadline is not None and time.monotonic() >= deadline:
-                raise CeleryTimeoutError(f"saga {self.id} did not finish within {timeout}s (it is {status.value})")
+                raise CeleryTimeoutError(f"saga {self.id} did not finish within {timeout}s: {self._why(store, status)}")
             wait = pause if deadline is None else max(0.0, min(pause, deadline - time.monotonic()))
             time.sleep(wait)
             pause = min(interval, pause * 2)
+
+    def _why(self, store: SagaStore, status: SagaStatus) -> str:
+        if status is not SagaStatus.PENDING:
+            return f"it is {status.value}"
+        raw = store.load(self.id)
+        plan = cached_plan(raw["ph"], lambda: raw["plan"])
+        queues = ", ".join(sorted({repr(queue_of(self.app, spec)) for spec in plan.stages[0]}))
+        return (
+            f"it is PENDING: no worker has begun its first step. Is a worker of app {self.app.main!r} "
+            f"consuming queue {queues}?"
+        )
 
 
 def _outcome(state: SagaState) -> dict[str, Any]:

@@ -5,24 +5,24 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import inspect
-import json
 import logging
 import time
 import uuid
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from celery import Celery
+from celery import Celery, current_app
 from celery.canvas import Signature, _chain, _chord, group
 
+from . import codec
 from .errors import IdempotencyConflict, SagaDataError, SagaDefinitionError
 from .follow import follow
 from .introspect import is_proxy, is_task, task_app, task_name
-from .messages import StageNotPublished
+from .messages import StageNotPublished, message_serializer
 from .plan import Plan, StepSpec, remember_plan
 from .registry import MISSING, register_saga, step_meta
 from .result import SagaResult
-from .settings import default_step_timeout, timeout_seconds
+from .settings import default_step_timeout, redact_keys, timeout_seconds
 from .step import StepRef, check_step_name
 from .store import Outcome, SagaStore, StartRequest, Transition
 from .stores import settings_of, store_for
@@ -103,6 +103,7 @@ def _leaf(item: Any) -> StepRef:
             options=dict(sig.options or {}) if sig is not None else {},
             app=task_app(item),
             timeout=meta.timeout,
+            redact=meta.redact,
         )
     raise SagaDefinitionError(
         f"{item!r} cannot be a saga step: use a task decorated with @saga_step, its signature, "
@@ -145,7 +146,8 @@ class Saga:
                 seen.add(ref.name)
         self._refs = stages
         self._app = app or next((r.app for stage in stages for r in stage if r.app is not None), None)
-        self._plan: Plan | None = None
+        # The plan, and the app it was built for: a saga of shared tasks follows the current app.
+        self._plan: tuple[Celery, Plan] | None = None
         # Checked when its app is finalized, and read by the worker's checks.
         register_saga(self)
         if self._app is not None and self._app.finalized:
@@ -156,25 +158,35 @@ class Saga:
 
     @property
     def app(self) -> Celery:
-        if self._app is None:
-            raise SagaDefinitionError(
-                f"saga {self.name!r} names all its steps by task name, so its app is unknown: pass Saga(..., app=app)"
-            )
-        return self._app
+        """The app the saga runs on: ``app=``, else its tasks' app, else the current app.
+
+        Steps made with ``@shared_task`` belong to no app: like Celery's own
+        canvas, the saga then uses the current app when it starts.
+        """
+        if self._app is not None:
+            return self._app
+        app: Celery = current_app._get_current_object()
+        return app
 
     def belongs_to(self, app: Celery) -> bool:
-        """True if this saga is defined on ``app``."""
-        return self._app is app
+        """True if this saga runs on ``app``: it was given, or (with shared tasks) ``app`` has its steps."""
+        if self._app is not None:
+            return self._app is app
+        tasks = app._tasks  # not app.tasks: that would finalize the app
+        return any(ref.task in tasks for stage in self._refs for ref in stage)
 
     def plan(self) -> Plan:
         """The checked plan. Needs the app finalized: compensation names are checked against its tasks."""
-        if self._plan is None:
-            self._plan = self._build_plan()
-        return self._plan
+        app = self.app
+        if self._plan is None or self._plan[0] is not app:
+            self._plan = (app, self._build_plan(app))
+        return self._plan[1]
 
-    def _build_plan(self) -> Plan:
-        tasks = self.app.tasks  # finalizes the app, which is what checking needs
-        default_timeout = default_step_timeout(self.app)
+    def _build_plan(self, app: Celery) -> Plan:
+        tasks = app.tasks  # finalizes the app, which is what checking needs
+        default_timeout = default_step_timeout(app)
+        # Keys the app redacts everywhere travel in the plan, with each step's own.
+        app_secrets = set(redact_keys(app))
         stages = []
         for k, stage in enumerate(self._refs):
             specs = []
@@ -183,19 +195,14 @@ class Saga:
                 if ref.compensation is not None and local is not None and ref.compensation not in tasks:
                     raise SagaDefinitionError(
                         f"saga {self.name!r}: step {ref.name!r} is compensated by {ref.compensation!r}, "
-                        f"but app {self.app.main!r} has no task of that name; check the name or import its module"
+                        f"but app {app.main!r} has no task of that name; check the name or import its module"
                     )
                 bound = dict(ref.bound)
                 if ref.args:
                     bound = self._bind_args(ref, local, bound)
                 options = {**_routing(local), **_routing_of(ref.options)}
                 comp_options = _routing(tasks.get(ref.compensation)) if ref.compensation else {}
-                try:
-                    json.dumps(bound)
-                except (TypeError, ValueError) as exc:
-                    raise SagaDefinitionError(
-                        f"saga {self.name!r}: arguments bound to step {ref.name!r} cannot be serialized as JSON: {exc}"
-                    ) from exc
+                _dumps(bound, f"saga {self.name!r}: the arguments bound to step {ref.name!r}")
                 specs.append(
                     StepSpec(
                         ref.name,
@@ -207,6 +214,7 @@ class Saga:
                         k,
                         comp_options,
                         timeout=default_timeout if ref.timeout is MISSING else ref.timeout,
+                        redact=tuple(sorted(app_secrets | set(ref.redact))),
                     )
                 )
             stages.append(tuple(specs))
@@ -270,6 +278,7 @@ class Saga:
         saga_timeout = self.timeout if timeout is MISSING else timeout_seconds(f"saga {self.name!r}: timeout", timeout)
         plan = self.plan()
         app = self.app
+        message_serializer(app)  # raises before anything is written if workers would drop the messages
         settings = settings_of(app)
         store = store_for(app)
         key = idempotency_key or ""
@@ -311,12 +320,12 @@ class Saga:
             raise IdempotencyConflict(self.name, key, saga_id)
         if t.outcome is Outcome.CREATED:
             remember_plan(digest, plan)
-            self._publish_first(store, dataclasses.replace(t, stage=0, data=data, plan_digest=digest))
+            self._publish_first(app, store, dataclasses.replace(t, stage=0, data=data, plan_digest=digest))
         return SagaResult(saga_id, app=app)
 
-    def _publish_first(self, store: SagaStore, created: Transition) -> None:
+    def _publish_first(self, app: Celery, store: SagaStore, created: Transition) -> None:
         try:
-            follow(self.app, store, created)
+            follow(app, store, created)
             return
         except StageNotPublished as exc:
             failed = exc
@@ -341,16 +350,16 @@ def _routing(task: Any) -> dict[str, Any]:
 
 
 def _canonical(data: Any) -> str:
-    return json.dumps(data, sort_keys=True, separators=(",", ":"))
+    return codec.dumps(data, sort_keys=True, separators=(",", ":"))
 
 
 def _dumps(data: Any, what: str) -> str:
     try:
-        return json.dumps(data, allow_nan=False)
+        return codec.dumps(data)
     except (TypeError, ValueError) as exc:
         raise SagaDataError(
-            f"{what} cannot be serialized as JSON ({exc}); pass JSON types only "
-            f"(dict, list, str, int, float, bool, None), e.g. ids instead of objects"
+            f"{what} cannot be stored in the saga record: {codec.why_unstorable(data)}. "
+            f"Pass {codec.STORABLE}; e.g. ids instead of objects"
         ) from exc
 
 

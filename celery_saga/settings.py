@@ -15,6 +15,9 @@ saga_sweep_interval                 0.5          seconds between a worker's dead
 saga_sweeper                        True         False: no sweeper thread in workers (run
                                                  ``celery saga sweep`` processes instead)
 saga_send_events                    None         ``task-saga-*`` events (None: as ``-E``)
+saga_redact_keys                    ()           keys masked in every saga message's shown
+                                                 arguments and in ``celery saga show``
+saga_config_warnings                True         False: no configuration warning at worker start
 =================================== ============ =====================================
 """
 
@@ -28,7 +31,7 @@ from celery import Celery
 
 from .errors import SagaDefinitionError
 
-__all__ = ["SagaSettings", "default_step_timeout", "timeout_seconds"]
+__all__ = ["SagaSettings", "default_step_timeout", "redact_keys", "timeout_seconds"]
 
 _DEFAULTS: dict[str, Any] = {
     "saga_redis_url": None,
@@ -144,3 +147,18 @@ def default_step_timeout(app: Celery) -> float | None:
     if value is None and not _explicit(conf, "saga_default_step_timeout"):
         value = _DEFAULTS["saga_default_step_timeout"]
     return timeout_seconds("app.conf.saga_default_step_timeout", value)
+
+
+def redact_keys(app: Celery) -> tuple[str, ...]:
+    """``saga_redact_keys``, validated: keys masked in every saga's shown arguments."""
+    return keys_to_redact(app.conf.get("saga_redact_keys") or (), "app.conf.saga_redact_keys")
+
+
+def keys_to_redact(value: Any, what: str) -> tuple[str, ...]:
+    """Validate a list of keys to redact."""
+    if isinstance(value, str) or not isinstance(value, (list, tuple, set, frozenset)):
+        raise SagaDefinitionError(f"{what} must be a list of key names, like ['card_number'], not {value!r}")
+    for key in value:
+        if not isinstance(key, str) or not key:
+            raise SagaDefinitionError(f"{what} must hold non-empty strings (key names), not {key!r}")
+    return tuple(sorted(set(value)))

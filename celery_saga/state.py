@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 from enum import Enum
 from typing import Any
 
+from . import codec
 from .errors import SagaRecordCorrupt
 from .plan import Plan
 
@@ -118,7 +119,8 @@ class StepRecord:
     ``timeout`` is the step's deadline in seconds (None: none) and
     ``deadline`` when the current dispatch runs out. ``stopped_by`` says why
     the saga stopped waiting for a CANCELLED or UNKNOWN step: ``"timeout"``,
-    ``"cancelled"``, ``"lost"`` (its worker) or ``"failure"`` (of a sibling).
+    ``"cancelled"``, ``"lost"`` (its worker), ``"failure"`` (of a sibling) or
+    ``"unstorable"`` (it returned a result the record cannot hold).
     ``late_status``/``late_result``/``late_error`` hold an outcome that
     arrived after that; ``second_round`` the compensation of a late success.
     """
@@ -177,6 +179,8 @@ class SagaState:
     settings: dict[str, Any]
     timeout: float | None = None
     deadline: datetime | None = None
+    #: Keys the saga's steps redact: masked wherever its data is shown.
+    redact: frozenset[str] = frozenset()
 
     def step(self, name: str) -> StepRecord:
         for s in self.steps:
@@ -189,7 +193,7 @@ class SagaState:
         """Parse a raw record (a Redis hash). Never trusts it to name classes."""
         try:
             plan = Plan.from_json(raw["plan"])
-            kwargs = json.loads(raw["kwargs"])
+            kwargs = codec.loads(raw["kwargs"])
             status = SagaStatus(raw["status"])
             settings = json.loads(raw.get("settings") or "{}")
             steps = []
@@ -207,7 +211,7 @@ class SagaState:
                         compensation=spec.compensation,
                         status=StepStatus(raw.get(f"s:{n}") or "WAITING"),
                         attempts=_int(raw.get(f"a:{n}")),
-                        result=json.loads(result_raw) if result_raw is not None else None,
+                        result=codec.loads(result_raw) if result_raw is not None else None,
                         error=raw.get(f"e:{n}"),
                         started_at=ms_time(raw.get(f"t0:{n}")),
                         ended_at=ms_time(raw.get(f"t1:{n}")),
@@ -220,7 +224,7 @@ class SagaState:
                         deadline=ms_time(raw.get(f"dl:{n}")),
                         stopped_by=raw.get(f"w:{n}") or None,
                         late_status=StepStatus(raw[f"ls:{n}"]) if raw.get(f"ls:{n}") else None,
-                        late_result=json.loads(late_raw) if late_raw is not None else None,
+                        late_result=codec.loads(late_raw) if late_raw is not None else None,
                         late_error=raw.get(f"le:{n}"),
                         late_at=ms_time(raw.get(f"lt:{n}")),
                         compensation_deadline=ms_time(raw.get(f"cdl:{n}")),
@@ -256,6 +260,7 @@ class SagaState:
             settings=settings,
             timeout=_seconds(raw.get("sto")),
             deadline=ms_time(raw.get("sdl")),
+            redact=plan.redacted_keys,
         )
 
 
@@ -276,7 +281,7 @@ def fold(kwargs: dict[str, Any], results: Iterable[Any]) -> dict[str, Any]:
 def data_before(plan: Plan, raw: dict[str, str], stage: int, kwargs: dict[str, Any]) -> dict[str, Any]:
     """Saga data as seen by the steps of ``stage``, folded from a raw record."""
     results = (
-        json.loads(raw[f"r:{spec.name}"])
+        codec.loads(raw[f"r:{spec.name}"])
         for members in plan.stages[:stage]
         for spec in members
         if raw.get(f"s:{spec.name}") == StepStatus.COMPLETED.value and f"r:{spec.name}" in raw

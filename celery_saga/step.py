@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -14,7 +14,7 @@ from .errors import SagaDefinitionError
 from .introspect import is_proxy, is_task, task_app, task_name
 from .plan import FORBIDDEN_IN_STEP_NAMES
 from .registry import MISSING, StepMeta, register_step, step_meta
-from .settings import timeout_seconds
+from .settings import keys_to_redact, timeout_seconds
 
 __all__ = ["StepRef", "check_step_name", "saga_step", "step"]
 
@@ -51,7 +51,10 @@ def check_step_name(name: str) -> str:
 
 
 def saga_step(
-    compensate: Any = MISSING, compensate_on_failure: bool = False, timeout: Any = MISSING
+    compensate: Any = MISSING,
+    compensate_on_failure: bool = False,
+    timeout: Any = MISSING,
+    redact: Iterable[str] = (),
 ) -> Callable[[T], T]:
     """Mark an existing Celery task as a saga step.
 
@@ -65,10 +68,14 @@ def saga_step(
         timeout: Seconds from the step's dispatch to its recorded outcome, also
             the deadline of each compensation attempt. Defaults to
             ``app.conf.saga_default_step_timeout`` (300); None means no deadline.
+        redact: Keys whose values are shown as ``***`` wherever the saga's
+            messages and records are shown (Flower, events, logs, ``celery
+            saga show``); the task itself gets the real values.
     """
     where = "@saga_step"
     comp = _compensation_name(compensate, where)
     step_timeout = _timeout(timeout, where)
+    secret = keys_to_redact(redact, f"{where}: redact")
 
     def decorate(task: T) -> T:
         if not is_task(task):
@@ -77,7 +84,7 @@ def saga_step(
             )
         name = task_name(task)
         check_step_name(name)
-        register_step(name, StepMeta(comp, bool(compensate_on_failure), step_timeout))
+        register_step(name, StepMeta(comp, bool(compensate_on_failure), step_timeout, secret))
         # The link to enabling the app is Celery's finalize callback: the app
         # enables itself once finalized, with every task registered.
         enable_apps_with_steps(task_app(task))
@@ -100,6 +107,8 @@ class StepRef:
     app: Celery | None = None
     #: Seconds, None for no deadline, or MISSING for the app's default.
     timeout: Any = MISSING
+    #: Keys masked where the step's arguments are shown.
+    redact: tuple[str, ...] = ()
 
 
 def _timeout(value: Any, where: str) -> Any:
@@ -114,6 +123,7 @@ def step(
     name: str | None = None,
     compensate_on_failure: bool | None = None,
     timeout: Any = MISSING,
+    redact: Iterable[str] | None = None,
 ) -> StepRef:
     """Name a step explicitly.
 
@@ -129,8 +139,11 @@ def step(
         timeout: Seconds from the step's dispatch to its recorded outcome (and
             for each compensation attempt); None for no deadline. Defaults to
             the one given to ``saga_step``, else ``saga_default_step_timeout``.
+        redact: Keys shown as ``***`` (see `saga_step`); defaults to the ones
+            given to ``saga_step``.
     """
     step_timeout = _timeout(timeout, f"step({task_or_name!r})")
+    secret = None if redact is None else keys_to_redact(redact, f"step({task_or_name!r}): redact")
     bound: dict[str, Any] = {}
     args: tuple[Any, ...] = ()
     options: dict[str, Any] = {}
@@ -154,6 +167,8 @@ def step(
         cof = bool(compensate_on_failure)
     if step_timeout is MISSING and meta is not None:
         step_timeout = meta.timeout
+    if secret is None:
+        secret = meta.redact if meta is not None else ()
     return StepRef(
         name=check_step_name(name or tname),
         task=tname,
@@ -164,4 +179,5 @@ def step(
         options=options,
         app=task_app(task_or_name),
         timeout=step_timeout,
+        redact=secret,
     )

@@ -30,6 +30,7 @@ from .errors import SagaError, SagaStoreUnavailable
 from .follow import follow
 from .store import Outcome, SagaStore
 from .stores import settings_of, store_for
+from .views import command
 
 __all__ = ["SweepReport", "SweeperThread", "sweep"]
 
@@ -87,11 +88,11 @@ def _sweep_one(app: Celery, store: SagaStore, saga_id: str, claim: str) -> int:
     if t.outcome is not Outcome.SWEPT:
         logger.error(
             "saga %s: its record in %s is corrupt (%s), so its deadlines cannot be checked. Inspect it with "
-            "`celery saga show %s`, or purge it",
+            "`%s`, or purge it",
             saga_id,
             store.where(),
             t.outcome.value,
-            saga_id,
+            command(app.main, "show", saga_id),
         )
         store.rescore(saga_id, claim, f"{time.time() * 1000 + CORRUPT_RETRY_MS:.0f}")
         return 0

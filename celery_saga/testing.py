@@ -172,11 +172,15 @@ class SagaFaults:
     runs, where the function's own exception would come from: the task's
     ``autoretry_for`` retries it like a real one. ``times=None``
     means every time; ``saga`` limits a fault to the sagas of that name.
+
+    With ``app``, a step name that no saga of the app has (a typo would make
+    a test pass for the wrong reason) raises ValueError naming the known steps.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, app: Celery | None = None) -> None:
         self._faults: list[_Fault] = []
         self._lock = threading.Lock()
+        self._app = app
 
     def fail(
         self,
@@ -219,8 +223,30 @@ class SagaFaults:
     def _add(self, fault: _Fault) -> None:
         if fault.times is not None and fault.times < 1:
             raise ValueError(f"times must be None (always) or at least 1, not {fault.times!r}")
+        if self._app is not None:
+            self._check(fault)
         with self._lock:
             self._faults.append(fault)
+
+    def _check(self, fault: _Fault) -> None:
+        assert self._app is not None
+        app = self._app
+        app.tasks  # noqa: B018 - finalizes the app: sagas of shared tasks belong to it from then on
+        plans = {saga.name: saga.plan() for saga in sagas_of(app)}
+        if fault.saga is not None:
+            if fault.saga not in plans:
+                raise ValueError(f"saga_faults: app {app.main!r} has no saga {fault.saga!r}; sagas: {sorted(plans)}")
+            plans = {fault.saga: plans[fault.saga]}
+        specs = [spec for plan in plans.values() for spec in plan.steps]
+        named = [spec for spec in specs if spec.name == fault.step]
+        if not named:
+            where = f"saga {fault.saga!r}" if fault.saga else f"any saga of app {app.main!r}"
+            known = sorted({spec.name for spec in specs}) or "none (is the module that defines the sagas imported?)"
+            raise ValueError(
+                f"saga_faults: {fault.step!r} is not a step of {where}, so nothing would be injected; steps: {known}"
+            )
+        if fault.compensating and all(spec.compensation is None for spec in named):
+            raise ValueError(f"saga_faults: step {fault.step!r} has no compensation to fail (compensate=None)")
 
     def __call__(self, ctx: StepContext) -> None:
         """The worker's fault hook: raise the first fault that matches ``ctx`` and has not run out."""
@@ -372,9 +398,9 @@ def saga_worker(saga_test_app: Celery, saga_worker_parameters: dict[str, Any]) -
 
 
 @pytest.fixture
-def saga_faults() -> Iterator[SagaFaults]:
-    """Fault injection for this test (`SagaFaults`), removed after it."""
-    faults, previous = SagaFaults(), wrapper.fault_hook()
+def saga_faults(saga_app: Celery) -> Iterator[SagaFaults]:
+    """Fault injection for this test (`SagaFaults`) into the sagas of ``saga_app``, removed after it."""
+    faults, previous = SagaFaults(saga_app), wrapper.fault_hook()
     wrapper.set_fault_hook(faults)
     yield faults
     wrapper.set_fault_hook(previous)

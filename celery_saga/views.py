@@ -9,11 +9,12 @@ unknown.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from . import codec
 from .state import SagaState, SagaStatus, StepRecord, StepStatus, ms_time
 
 __all__ = [
@@ -22,6 +23,7 @@ __all__ = [
     "TimelineRow",
     "iso",
     "list_table",
+    "command",
     "render_timeline",
     "saga_text",
     "state_json",
@@ -37,6 +39,11 @@ def iso(when: datetime | None) -> str | None:
     if when is None:
         return None
     return when.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def command(app_name: str | None, *words: str) -> str:
+    """A ``celery saga`` command line to tell someone to run, with the app's ``-A``."""
+    return " ".join(["celery", "-A", app_name or "<app>", "saga", *words])
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -139,8 +146,17 @@ def stats_tables(stats: SagaStats) -> str:
 # -- one saga ------------------------------------------------------------------
 
 
-def state_json(state: SagaState) -> dict[str, Any]:
-    """The JSON shape of a saga record, as ``celery saga show --json`` prints it."""
+def state_json(state: SagaState, redact: Collection[str] = ()) -> dict[str, Any]:
+    """The JSON shape of a saga record, as ``celery saga show --json`` prints it.
+
+    Values of the keys the saga redacts, and of ``redact``, are ``"***"``;
+    kombu's types (datetime, Decimal, UUID ...) are strings.
+    """
+    secrets = state.redact | frozenset(redact)
+
+    def shown(value: Any) -> Any:
+        return codec.jsonable(codec.masked(value, secrets))
+
     return {
         "id": state.saga_id,
         "name": state.name,
@@ -151,16 +167,16 @@ def state_json(state: SagaState) -> dict[str, Any]:
         "failed_step": state.failed_step,
         "error": state.error,
         "reason": state.reason,
-        "kwargs": state.kwargs,
-        "data": state.data,
+        "kwargs": shown(state.kwargs),
+        "data": shown(state.data),
         "settings": state.settings,
         "timeout": state.timeout,
         "deadline": iso(state.deadline),
-        "steps": [_step_json(s) for s in state.steps],
+        "steps": [_step_json(s, shown) for s in state.steps],
     }
 
 
-def _step_json(s: StepRecord) -> dict[str, Any]:
+def _step_json(s: StepRecord, shown: Callable[[Any], Any]) -> dict[str, Any]:
     second = s.second_round
     return {
         "name": s.name,
@@ -171,13 +187,18 @@ def _step_json(s: StepRecord) -> dict[str, Any]:
         "started_at": iso(s.started_at),
         "ended_at": iso(s.ended_at),
         "error": s.error,
-        "result": s.result,
+        "result": shown(s.result),
         "timeout": s.timeout,
         "deadline": iso(s.deadline),
         "stopped_by": s.stopped_by,
         "late": None
         if s.late_status is None
-        else {"status": s.late_status.value, "result": s.late_result, "error": s.late_error, "at": iso(s.late_at)},
+        else {
+            "status": s.late_status.value,
+            "result": shown(s.late_result),
+            "error": s.late_error,
+            "at": iso(s.late_at),
+        },
         "compensation": None
         if s.compensation is None
         else {

@@ -7,7 +7,8 @@ declined, one whose carrier hangs past the shipping deadline (``reason``
 answers late), and one that the demo cancels while its payment waits for the
 customer (``reason`` "cancelled"). It prints live progress, then each saga's
 timeline, what the services did and what is left, then stops everything it
-started: workers first, then Redis. Ctrl-C stops it all the same.
+started: workers first, then Redis (with ``REDIS_URL``, it deletes every key
+it wrote there instead). Ctrl-C stops it all the same.
 """
 
 from __future__ import annotations
@@ -242,10 +243,26 @@ class Demo:
                 proc.wait(5)
             print(f"Stopped the {service} worker")
         self.workers = []
+        if self.given_redis:
+            self.delete_keys()
         if self.redis is not None:
             self.redis.stop()
             print("Stopped the private Redis")
             self.redis = None
+
+    def delete_keys(self) -> None:
+        """Someone else's Redis: delete everything the demo wrote there, all of it under its own prefix."""
+        import redis
+
+        prefix = os.environ["SAGA_DEMO_PREFIX"]
+        try:
+            with redis.Redis.from_url(os.environ["REDIS_URL"]) as client:
+                keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
+                for i in range(0, len(keys), 500):
+                    client.unlink(*keys[i : i + 500])
+            print(f"Deleted the {len(keys)} keys the demo wrote under prefix {prefix!r} in REDIS_URL")
+        except redis.RedisError as exc:
+            print(f"Could not delete the demo's keys under prefix {prefix!r}: {exc}")
 
 
 #: What the demo says when it opens a gate, by order kind.
@@ -351,7 +368,7 @@ def main() -> int:
         pending = demo.unfinished() if demo.redis is not None or demo.given_redis else []
         if pending:
             where = (
-                "They stay in the Redis of REDIS_URL and finish when the workers run again."
+                "They are deleted with the rest of the demo's keys in REDIS_URL."
                 if demo.given_redis
                 else "This demo's private Redis keeps nothing on disk, so they are discarded with it."
             )

@@ -37,7 +37,7 @@ def refund_card(order_id: int, step_result: dict[str, Any] | None = None) -> Non
     ledger.revert("payments")
 
 
-@saga_step(compensate=refund_card)
+@saga_step(compensate=refund_card, redact=["card"])  # Flower and `saga show` see card="***"
 @app.task(name="payments.charge_card")
 def charge_card(order_id: int, amount: int, card: str, reservation_id: str) -> dict[str, Any]:
     if card == DECLINED_CARD:

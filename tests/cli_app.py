@@ -21,6 +21,8 @@ step_result]`` to ``<prefix>:undo-log:<token>``.
 
 ``cli_hasty`` is ``cli_order`` with a first step whose deadline is
 ``HASTY_TIMEOUT`` seconds: with no worker, it times out almost at once.
+``cli_remote`` has a step of another service, named ``svc.charge``, whose
+compensation ``svc.refund`` that service does not have.
 """
 
 from __future__ import annotations
@@ -110,6 +112,8 @@ def create(redis_url: str, prefix: str, queue: str) -> SimpleNamespace:
     order = Saga("cli_order", [reserve, charge, ship])
     refund = Saga("cli_refund", [reserve, ship])
     hasty = Saga("cli_hasty", [step(reserve, timeout=HASTY_TIMEOUT), charge, ship])
+    # A step of another service, by name, whose refund task that service lacks.
+    remote = Saga("cli_remote", [reserve, step("svc.charge", compensate="svc.refund")])
 
     def callbacks(saga_id: str) -> list[str]:
         return [tag for tag, sid in map(json.loads, client.lrange(f"{prefix}:callbacks", 0, -1)) if sid == saga_id]
@@ -258,4 +262,6 @@ def idle(redis_url: str, prefix: str) -> Iterator[SimpleNamespace]:
 
 
 if os.environ.get(ENV_REDIS):
-    app = create(os.environ[ENV_REDIS], os.environ[ENV_PREFIX], os.environ[ENV_QUEUE]).app
+    # The whole namespace stays referenced: sagas are found through a weak registry, as module globals are.
+    shop = create(os.environ[ENV_REDIS], os.environ[ENV_PREFIX], os.environ[ENV_QUEUE])
+    app = shop.app

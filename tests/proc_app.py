@@ -172,7 +172,16 @@ def create(broker_url: str, prefix: str, queue: str, visibility_timeout: float |
     def slow(order_id: int, **data: Any) -> None:
         behave("proc.slow", data)
 
+    # Takes a card number, which Flower and `celery saga show` must never show.
+    @saga_step(compensate=undo, redact=["card_number"])
+    @app.task(name="proc.pay", shared=False, acks_late=True)
+    def pay(order_id: int, card_number: str, **data: Any) -> dict[str, Any]:
+        log("paid", "proc.pay", card_number)
+        behave("proc.pay", data)
+        return {"payment": f"p-{order_id}"}
+
     sequential = Saga("proc_seq", [one, two, three])
+    secret = Saga("proc_secret", [one, pay, three])
     dies = Saga("proc_die", [one, two, die, three])
     limited = Saga("proc_limit", [one, two, slow, three])
 

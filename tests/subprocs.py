@@ -31,12 +31,14 @@ class Subprocs:
         self.tmp_path = tmp_path
         self.procs: list[tuple[str, Popen, Path]] = []
 
-    def celery(self, label: str, args: list[str], env: dict[str, str]) -> tuple[Popen, Path]:
-        """Start ``celery -A tests.proc_app <args>``, logging to ``<label>.log``."""
+    def celery(
+        self, label: str, args: list[str], env: dict[str, str], app: str = "tests.proc_app"
+    ) -> tuple[Popen, Path]:
+        """Start ``celery -A <app> <args>``, logging to ``<label>.log``."""
         log_path = self.tmp_path / f"{label}.log"
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "celery", "-A", "tests.proc_app", *args],
+                [sys.executable, "-m", "celery", "-A", app, *args],
                 env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,

@@ -24,7 +24,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from celery import signals
+from celery import Celery, signals
 from celery.contrib.testing.worker import start_worker
 
 from celery_saga import SagaStatus
@@ -66,7 +66,7 @@ def listed(proc: subprocess.CompletedProcess[str]) -> list[dict[str, str | None]
 
 
 fresh, world = cli_app.world_fixtures("sagacli")
-COMMANDS = ("list", "show", "stats", "retry", "purge", "cancel", "sweep")
+COMMANDS = ("list", "show", "stats", "retry", "purge", "cancel", "sweep", "check")
 
 
 @pytest.fixture
@@ -425,6 +425,7 @@ def test_cancel_a_running_saga_compensates_the_running_step_blind(fresh) -> None
         # is compensated blind (step_result=None) before the step that completed
         assert proc.returncode == 0, proc.stderr
         assert f"saga {saga_id} cancelled" in proc.stdout
+        assert f"`celery -A tests.cli_app saga show {saga_id}`" in proc.stdout  # a hint to copy and run
         wait_for(lambda: w.results["RUNNING"].state().status is SagaStatus.COMPENSATED, what="the saga to compensate")
         record = shown(w.env, saga_id)
         assert (record["status"], record["reason"], record["failed_step"]) == ("COMPENSATED", "cancelled", "cli.charge")
@@ -559,3 +560,29 @@ def test_sweep_runs_until_interrupted(idle, tmp_path: Path) -> None:
     output = log_path.read_text()
     assert "Traceback" not in output, output
     assert output.splitlines() == ["sweeping saga deadlines every 0.1s; Ctrl-C to stop", "stopping"]
+
+
+def test_check_lists_the_tasks_no_running_worker_has(idle: SimpleNamespace) -> None:
+    # Given no worker at all: nobody answers
+    none = cli(idle.env, "check", "--timeout", "0.3")
+    assert none.returncode == 69 and "no worker answered" in none.stderr
+
+    # Given a worker of this app, and one of the service whose svc.charge the
+    # cli_remote saga calls, but that has no svc.refund
+    service = Celery(f"svc-{idle.prefix}", broker=idle.shop.app.conf.broker_url, set_as_current=False)
+    service.conf.update(broker_transport_options=idle.shop.app.conf.broker_transport_options)
+
+    @service.task(name="svc.charge", shared=False)
+    def charge() -> None: ...
+
+    with (
+        start_worker(idle.shop.app, pool="threads", perform_ping_check=False, hostname=f"cli@{idle.prefix}"),
+        start_worker(service, pool="threads", perform_ping_check=False, hostname=f"svc@{idle.prefix}"),
+    ):
+        proc = cli(idle.env, "check")
+    # Then check lists the missing compensation, and only it, and exits 1
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "2 worker(s) answered" in proc.stdout
+    missing = [line.strip() for line in proc.stdout.splitlines() if line.startswith("  ")]
+    assert missing == ["saga 'cli_remote': compensation of step 'svc.charge': task 'svc.refund'"]
+    assert "1 task(s) the sagas need are not registered on any worker" in proc.stderr

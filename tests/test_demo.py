@@ -11,6 +11,9 @@ import time
 from pathlib import Path
 
 import pytest
+import redis
+
+from celery_saga.redis_server import RedisServer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -127,3 +130,22 @@ def test_demo_interrupted_with_ctrl_c_cleans_up_without_a_traceback(when: str) -
         assert stopped_in < 8, text  # not the carrier's 10 s, nor the 15 s before a SIGKILL
     pids = _pids(text)
     assert not [p for p in pids if _alive(p)]
+
+
+def test_demo_on_someone_elses_redis_deletes_every_key_it_wrote() -> None:
+    # Given a Redis of someone else's, holding a key of theirs
+    with RedisServer() as server, redis.Redis.from_url(server.url) as client:
+        client.set("theirs", "1")
+        out = subprocess.run(
+            [sys.executable, "-m", "example_project.demo"],
+            cwd=ROOT,
+            env={**_env(), "REDIS_URL": server.url},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert "ended COMPLETED" in out.stdout
+        # Then nothing of the demo is left there, and nothing of theirs was touched
+        assert re.search(r"Deleted the \d+ keys the demo wrote under prefix 'saga-demo-\w+'", out.stdout), out.stdout
+        assert sorted(client.keys("*")) == [b"theirs"]

@@ -276,23 +276,30 @@ def test_on_complete_and_on_failure_are_sent_once_with_the_saga_id(app: Celery, 
     assert calls[2] == ["sentinel", "sentinel"]
 
 
-def test_unserializable_result_fails_the_step_with_a_clear_error(
+def test_a_result_the_record_cannot_hold_is_an_unknown_outcome_compensated_blind(
     app: Celery, r, prefix, ledger: Ledger, worker
 ) -> None:
     s = shop.build(app, r, prefix)
 
-    @saga_step(compensate=None)
+    @saga_step(compensate=s.undo)
     @app.task(shared=False, name="bad.result")
-    def weird() -> object:
+    def weird(order_id: int) -> object:
+        log_effect = s.log  # the function ran: its effect is there
+        log_effect("do", order_id)
         return {"when": object()}
 
     with worker():
         res = Saga("badresult", [s.reserve, weird]).delay(order_id=1)
         with pytest.raises(SagaCompensated) as info:
             res.get(timeout=20)
-    assert info.value.step == "bad.result"
-    assert "cannot be serialized as JSON" in (info.value.error or "")
-    assert [a for a in ledger.actions() if a.startswith("undo")] == ["undo:shop.reserve"]
+    # The error names the step, where in the result the value is, and its type.
+    assert info.value.step == "bad.result" and info.value.reason == "failure"
+    assert "step 'bad.result'" in (info.value.error or "") and "result.when is of type object" in info.value.error
+    step = res.state().step("bad.result")
+    assert (step.status, step.stopped_by) == (StepStatus.UNKNOWN, "unstorable")
+    # Its effect may be there: it is compensated blind, before the step that completed.
+    undos = [(e[1], e[2]) for e in ledger.entries() if e[0] == "undo"]
+    assert undos == [("bad.result", None), ("shop.reserve", {"reservation": "r-1"})]
 
 
 def test_reject_without_requeue_is_a_failure(app: Celery, r, prefix, ledger: Ledger, worker) -> None:

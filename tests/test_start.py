@@ -82,12 +82,15 @@ def test_same_key_with_different_kwargs_conflicts(app: Celery, r, prefix) -> Non
     assert other.id != first.id
 
 
-def test_kwargs_that_are_not_json_fail_before_anything_is_written(app: Celery, r, prefix) -> None:
+def test_kwargs_the_record_cannot_hold_fail_before_anything_is_written(app: Celery, r, prefix) -> None:
     s = shop.build(app, r, prefix)
-    with pytest.raises(SagaDataError, match="cannot be serialized as JSON") as info:
+    with pytest.raises(SagaDataError, match="order_id is of type object") as info:
         s.sequential.delay(order_id=object())
-    assert isinstance(info.value, TypeError)
-    with pytest.raises(SagaDataError):
+    assert isinstance(info.value, TypeError) and "JSON types" in str(info.value)
+    # The error says where: the key path into nested data, and the type.
+    with pytest.raises(SagaDataError, match=r"items\[1\]\.price is of type complex"):
+        s.sequential.delay(order_id=1, items=[{"price": 1}, {"price": 2j}])
+    with pytest.raises(SagaDataError, match="order_id is of type float nan"):
         s.sequential.delay(order_id=float("nan"))
     assert _saga_keys(r, prefix) == []
     assert r.llen(app.conf.task_default_queue) == 0

@@ -253,3 +253,18 @@ def test_an_injected_fault_is_retried_by_the_tasks_own_autoretry(saga_worker: An
     # Then the fault is retried like a real exception, and the saga completes
     state = assert_completed(flaky_saga.delay())
     assert state.step("plug.flaky").attempts == 2
+
+
+def test_a_fault_for_a_step_no_saga_has_is_refused_with_the_known_steps(saga_faults: SagaFaults) -> None:
+    # A typo would inject nothing, and the test would pass for the wrong reason.
+    with pytest.raises(ValueError, match="'nope' is not a step of any saga") as info:
+        saga_faults.fail("nope")
+    assert "plug.charge" in str(info.value) and "plug.reserve" in str(info.value)
+    with pytest.raises(ValueError, match="not a step of saga 'plug_deposit'"):
+        saga_faults.fail("plug.ship", saga="plug_deposit")
+    with pytest.raises(ValueError, match="no saga 'plug_typo'"):
+        saga_faults.timeout("plug.ship", saga="plug_typo")
+    with pytest.raises(ValueError, match="has no compensation"):
+        saga_faults.fail_compensation("plug.flaky")
+    saga_faults.fail("plug.ship", saga="plug_order")  # a real step is accepted
+    assert saga_faults.fired("plug.ship") == 0

@@ -41,7 +41,8 @@ s:<step>           forward status (StepStatus; absent = WAITING)
 a:/e:/r:<step>     attempts; error; result (JSON)
 td:/t0:/t1:<step>  dispatched, first started, ended (ms)
 to:/dl:<step>      step timeout (ms); deadline of the step (ms)
-w:<step>           why it ended without an outcome: timeout, cancelled, lost, failure
+w:<step>           why it ended without an outcome: timeout, cancelled, lost,
+                   failure (of a sibling), unstorable (its result)
 ls:/lr:/le:/lt:    a late outcome after a timeout: status, result, error, time
 cs:<step>          compensation status (CompensationStatus); ca:/ce: attempts, error
 ct0:/ct1:<step>    compensation first started, ended (ms)

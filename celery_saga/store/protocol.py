@@ -10,11 +10,11 @@ Statuses inside the script are exactly the values of the enums in
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
+from .. import codec
 from ..state import SagaStatus, StepStatus, fold
 
 __all__ = ["Due", "Op", "Outcome", "Transition"]
@@ -165,7 +165,7 @@ class Transition:
     @classmethod
     def from_reply(cls, op: Op, saga_id: str, reply: str, name: str = "", gen: str = "") -> Transition:
         """Decode the script's JSON reply; ``name`` and ``gen`` are the caller's when the reply has none."""
-        raw: dict[str, Any] = json.loads(reply)
+        raw: dict[str, Any] = codec.loads(reply)
         data = None
         if "data" in raw:
             # The start kwargs and, in order, the results of every completed

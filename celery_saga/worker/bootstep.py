@@ -25,7 +25,8 @@ def configuration_warnings(app: Celery) -> list[str]:
 
     With a Redis (or SQS) broker, a message not acknowledged within
     ``visibility_timeout`` is delivered again, even while its first copy
-    still runs or waits for its countdown. Returns one line per problem found.
+    still runs or waits for its countdown. Returns one line per kind of
+    problem, naming every step it affects.
     """
     transport = str(app.conf.broker_url or "").split("://", 1)[0]
     if transport not in ("redis", "rediss", "sentinel", "sqs", "unix"):
@@ -41,25 +42,29 @@ def configuration_warnings(app: Celery) -> list[str]:
             f"broker's visibility_timeout ({vt:g}s): a compensation waiting for its retry countdown is "
             f"delivered again meanwhile. Raise visibility_timeout or lower the backoff cap"
         )
+    long_runs = []
     for name, task in sorted(app.tasks.items()):
         if name.startswith("celery.") or step_meta(name) is None:
             continue
         limit = task.time_limit or conf.task_time_limit
         if task.acks_late and limit and float(limit) > vt:
-            warnings.append(
-                f"step {name!r}: time_limit ({float(limit):g}s) exceeds the broker's visibility_timeout ({vt:g}s) "
-                f"and the task is acks_late: a run longer than {vt:g}s is delivered again while it still runs"
-            )
+            long_runs.append(f"step {name!r}: time_limit ({float(limit):g}s)")
+    if long_runs:
+        warnings.append(
+            f"acks_late steps whose time_limit exceeds the broker's visibility_timeout ({vt:g}s), so a run "
+            f"longer than {vt:g}s is delivered again while it still runs: {'; '.join(long_runs)}"
+        )
+    short_deadlines = []
     for spec in _step_specs(app):
         task = app.tasks.get(spec.task)
-        if task is None or not task.acks_late:
-            continue
-        if spec.timeout is not None and spec.timeout <= vt:
-            warnings.append(
-                f"saga step {spec.name!r} ({spec.task}): its timeout ({spec.timeout:g}s) does not exceed the "
-                f"broker's visibility_timeout ({vt:g}s), so after a worker crash its acks_late redelivery comes "
-                f"after the deadline and the step is compensated, not completed"
-            )
+        if task is not None and task.acks_late and spec.timeout is not None and spec.timeout <= vt:
+            short_deadlines.append(f"saga step {spec.name!r} ({spec.task}): timeout ({spec.timeout:g}s)")
+    if short_deadlines:
+        warnings.append(
+            f"acks_late saga steps whose timeout does not exceed the broker's visibility_timeout ({vt:g}s), so "
+            f"after a worker crash their redelivery comes after the deadline and they are compensated, not "
+            f"completed: {'; '.join(short_deadlines)}"
+        )
     return warnings
 
 
@@ -72,6 +77,21 @@ def _step_specs(app: Celery) -> list[StepSpec]:
         except SagaError:
             continue  # reported at finalize
     return list(specs.values())
+
+
+def _warn(app: Celery) -> None:
+    """One WARNING per worker start, listing every configuration problem and the steps it affects."""
+    try:
+        lines = configuration_warnings(app)
+    except SagaError as exc:
+        logger.error("celery_saga: %s", exc)
+        return
+    if lines:
+        logger.warning(
+            "celery_saga: %d configuration warning(s); set saga_config_warnings = False to silence them:\n- %s",
+            len(lines),
+            "\n- ".join(lines),
+        )
 
 
 class SagaWorker(bootsteps.StartStopStep):  # type: ignore[misc]
@@ -93,11 +113,8 @@ class SagaWorker(bootsteps.StartStopStep):  # type: ignore[misc]
         if is_enabled(w.app):
             install(w.app)  # tasks registered after finalize
             configure_worker(w.app, w.hostname, bool(w.task_events))
-            try:
-                for line in configuration_warnings(w.app):
-                    logger.warning("celery_saga: %s", line)
-            except SagaError as exc:
-                logger.error("celery_saga: %s", exc)
+            if w.app.conf.get("saga_config_warnings") is not False:
+                _warn(w.app)
 
     def start(self, w: Any) -> None:
         if not is_enabled(w.app) or w.app.conf.get("saga_sweeper") is False:

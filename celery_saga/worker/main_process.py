@@ -1,7 +1,8 @@
 """Outcomes Celery reports only in the worker's main process, where no step wrapper runs.
 
-A lost pool child, a hard time limit, a revoke or an expired message end a
-task in the worker's main process, and Celery calls no errback for revokes.
+A lost pool child, a hard time limit, a revoke, an expired message or a
+message for a task the worker does not have end a task in the worker's main
+process, and Celery calls no errback for revokes.
 These handlers record the outcome there. A hard time limit fires
 task_failure twice in Celery 5.7; the transitions only apply to a step still
 running, so the second call changes nothing.
@@ -24,7 +25,7 @@ from celery.exceptions import TimeLimitExceeded
 from ..errors import SagaError
 from ..follow import follow
 from ..messages import Headers, parse_task_id
-from ..store import Op
+from ..store import Op, Outcome
 from ..stores import store_for
 from .apps import is_enabled
 from .wrapper import error_text
@@ -90,6 +91,37 @@ def _on_task_revoked(sender: Task | None = None, request: Any = None, expired: b
         _record(sender, task_id, gen, Op.FAIL, "revoked: the message was revoked before it ran")
 
 
+def _on_task_unknown(sender: Any = None, message: Any = None, name: str | None = None, **_: Any) -> None:
+    """A saga message for a task this worker does not have: fail it now, not at its deadline.
+
+    Celery rejects the message (it is not delivered again); without this the
+    saga would wait for the step's deadline and record only "timeout".
+    """
+    headers = getattr(message, "headers", None) or {}
+    saga_id = headers.get(Headers.ID)
+    app = getattr(sender, "app", None)
+    if not saga_id or app is None or not is_enabled(app):
+        return
+    step, gen, saga_name = headers.get(Headers.STEP) or "", headers.get(Headers.GEN) or "", headers.get(Headers.NAME)
+    error = f"NotRegistered: task {name!r} is not registered on worker {getattr(sender, 'hostname', '?')}"
+    try:
+        store = store_for(app)
+        if headers.get(Headers.UNDO):
+            # An attempt that cannot even begin counts as a failed attempt.
+            round_ = str(int(headers.get(Headers.ROUND) or 1))
+            t = store.apply(Op.COMP_BEGIN, saga_id, gen, saga_name or "", step, "0", "", round_)
+            if t.outcome is Outcome.RUN:
+                t = store.apply(Op.COMP_FAIL, saga_id, gen, t.name, step, error, round_)
+        else:
+            t = store.apply(Op.FAIL, saga_id, gen, saga_name or "", step, error)
+        logger.error("saga %s: %s", saga_id, error)
+        follow(app, store, t)
+    except SagaError as exc:
+        logger.error("saga %s: could not record that task %r is not registered: %s", saga_id, name, exc)
+    except Exception:
+        logger.exception("saga %s: could not record that task %r is not registered", saga_id, name)
+
+
 def connect_signals() -> None:
     """Connect the main-process handlers once per process; they ignore apps that are not enabled."""
     global _connected
@@ -98,3 +130,4 @@ def connect_signals() -> None:
     _connected = True
     signals.task_failure.connect(_on_task_failure, weak=False, dispatch_uid="celery_saga.task_failure")
     signals.task_revoked.connect(_on_task_revoked, weak=False, dispatch_uid="celery_saga.task_revoked")
+    signals.task_unknown.connect(_on_task_unknown, weak=False, dispatch_uid="celery_saga.task_unknown")

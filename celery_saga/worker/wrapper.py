@@ -11,7 +11,6 @@ decide.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import weakref
 from collections.abc import Callable
@@ -21,6 +20,7 @@ import redis
 from celery import Task
 from celery.exceptions import Ignore, Reject, Retry, SoftTimeLimitExceeded, TimeLimitExceeded
 
+from .. import codec
 from ..context import StepContext, current_step, reset_current, set_current
 from ..errors import SagaError, SagaStoreUnavailable, StepResultNotSerializable
 from ..follow import Delivery, follow
@@ -28,6 +28,7 @@ from ..introspect import Params, params_of
 from ..messages import Headers, resend, task_id
 from ..store import Op, Outcome, SagaStore, Transition
 from ..stores import store_for
+from ..views import command
 
 __all__ = ["error_text", "set_fault_hook", "wrap", "wrapped"]
 
@@ -169,12 +170,11 @@ def _log_not_run(store: SagaStore, message: _Message, t: Transition) -> None:
         )
     elif t.outcome is Outcome.CORRUPT:
         logger.error(
-            "saga %s: the record of %s in %s is corrupt; nothing was run. Inspect it with "
-            "`celery saga show %s`, or purge it",
+            "saga %s: the record of %s in %s is corrupt; nothing was run. Inspect it with `%s`, or purge it",
             saga_id,
             what,
             store.where(),
-            saga_id,
+            command(message.task.app.main, "show", saga_id),
         )
     elif t.outcome is Outcome.STALE:
         logger.warning("saga %s: %s belongs to an earlier start of this saga; skipped", saga_id, what)
@@ -213,10 +213,13 @@ def _forward(message: _Message, original: Any, params: Params) -> Any:
     finally:
         reset_current(token)
     try:
-        result_json = json.dumps(result)
+        result_json = codec.dumps(result)
     except (TypeError, ValueError) as exc:
-        error = StepResultNotSerializable(message.step, exc)
-        message.apply(store, Op.FAIL, message.step, error_text(error))
+        # The function ran: its effect may be there, so the outcome is
+        # unknown and the step is compensated blind, not left as a failure.
+        path, type_name = codec.unstorable(result, "result") or ("result", type(result).__name__)
+        error = StepResultNotSerializable(message.step, path, type_name, codec.STORABLE)
+        message.apply(store, Op.LOST, message.step, error_text(error), "unstorable")
         raise error from exc
     # The effect happened: if the store is down now, the message is sent
     # again, and running again is what the step's idempotency key is for.

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.parse
@@ -23,7 +25,7 @@ import pytest
 
 from celery_saga import SagaCompensated
 from tests import subprocs
-from tests.subprocs import Subprocs
+from tests.subprocs import ROOT, Subprocs
 
 # Flower 2.2 logs "Visit me at http://127.0.0.1:<port>" once it listens.
 _LISTENING = re.compile(r"Visit me at http://127\.0\.0\.1:(\d+)")
@@ -169,3 +171,43 @@ def test_flower_finds_saga_steps_and_compensations_by_saga_id(env, procs, shop, 
     )
     saga_types = {t for t, _ in counts if t.startswith("task-saga-")}
     assert saga_types == {t for t, _ in want}
+
+
+def test_redacted_keys_never_reach_flower_or_show_while_the_task_gets_them(env, procs, shop, r, ns) -> None:
+    # Given Flower watching a worker, and a saga whose payment step redacts card_number
+    api = _start_flower(procs, env)
+    _start_worker(procs, env, f"secret-{ns}@%h")
+    poll(
+        lambda: api.json("/api/workers", status="true"),
+        lambda v: any(k.startswith(f"secret-{ns}@") and alive for k, alive in v.items()),
+        30,
+        "flower to see the worker online",
+    )
+    card = "4111-1111-1111-1111"
+
+    # When the saga runs, and is rolled back after the payment (its compensation gets it too)
+    res = shop.secret.delay(order_id=5, card_number=card, fail={"proc.three": "no stock"})
+    with pytest.raises(SagaCompensated):
+        res.get(timeout=30)
+
+    # Then the payment step received the real number
+    assert ["paid", "proc.pay", card] in shop.entries("ledger")
+    # ... Flower shows every message of the saga with the number masked, in every field
+    expected = {f"{res.id}:{name}" for name in ("proc.one", "proc.pay", "proc.three", "proc.pay:undo", "proc.one:undo")}
+    tasks = poll(lambda: api.json("/api/tasks", search=res.id), lambda t: expected <= set(t), 20, "flower's tasks")
+    assert card not in json.dumps(tasks)
+    for tid in expected:
+        assert "'card_number': '***'" in tasks[tid]["kwargs"], tasks[tid]
+    # ... and so does `celery saga show --json`
+    show = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "tests.proc_app", "saga", "show", res.id, "--json"],
+        env=env.proc_env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert show.returncode == 0, show.stderr
+    assert card not in show.stdout
+    record = json.loads(show.stdout)
+    assert record["kwargs"]["card_number"] == "***" and record["data"]["card_number"] == "***"
