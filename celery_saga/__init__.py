@@ -20,6 +20,7 @@ from .errors import (
     SagaNotFound,
     SagaRecordCorrupt,
     SagaStateError,
+    SagaStoreMisconfigured,
     SagaStoreUnavailable,
     StepResultNotSerializable,
 )
@@ -78,6 +79,7 @@ __all__ = [
     "SagaFailed",
     "IdempotencyConflict",
     "SagaStoreUnavailable",
+    "SagaStoreMisconfigured",
     "SagaNotFound",
     "SagaRecordCorrupt",
     "StepResultNotSerializable",

@@ -197,13 +197,21 @@ def _epoch(since: datetime | timedelta | None) -> float | None:
 def _read_index(
     store: SagaStore, status: SagaStatus, name: str | None, limit: int, since: float | None, strict: bool
 ) -> list[SagaSummary]:
-    """Up to ``limit`` live sagas from one index, reading further only past entries whose record expired."""
+    """Up to ``limit`` live sagas from one index, reading further only past entries whose record is gone.
+
+    Entries whose record is gone (expired, purged, lost in a reset of the
+    store) are removed as they are met, so no reader meets them twice.
+    """
     want = limit
     while True:
         ids = store.list_ids(status, name, want, since)
+        records = store.load_many(ids)
+        for saga_id, raw in zip(ids, records, strict=True):
+            if raw is None:
+                store.drop_from_index(saga_id, status, name or "")
         live = [
             s
-            for s in (summary_of(saga_id, raw) for saga_id, raw in zip(ids, store.load_many(ids), strict=True))
+            for s in (summary_of(saga_id, raw) for saga_id, raw in zip(ids, records, strict=True))
             if s is not None and (s.status is status or not strict)
         ]
         if len(live) >= limit or len(ids) < want:

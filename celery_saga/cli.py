@@ -62,7 +62,7 @@ from celery.exceptions import CeleryCommandException
 from kombu.exceptions import OperationalError
 
 from . import admin, views
-from .errors import SagaError, SagaStoreUnavailable
+from .errors import SagaError, SagaStoreMisconfigured, SagaStoreUnavailable
 from .settings import redact_keys
 from .state import SagaStatus
 from .sweeper import SweeperThread
@@ -101,7 +101,9 @@ def _errors() -> Iterator[None]:
     """Our errors as one line and an exit code; click prints ``Error: <message>`` on stderr."""
     try:
         yield
-    # SagaStoreUnavailable's message has the URL with its password masked.
+    # The store's errors have the URL with its password masked.
+    except SagaStoreMisconfigured as exc:  # it answers, and refuses: permissions, a key of the wrong type
+        raise CeleryCommandException(message=str(exc), exit_code=EX_REFUSED) from exc
     except SagaStoreUnavailable as exc:
         raise CeleryCommandException(message=str(exc), exit_code=EX_UNAVAILABLE) from exc
     except OperationalError as exc:  # publishing a retry: the broker is down

@@ -8,8 +8,9 @@ Every error derives from one root, so ``except SagaError`` catches them all::
     ├── SagaCompensated          get(): the saga was rolled back
     ├── SagaFailed               get(): compensation gave up
     ├── IdempotencyConflict      same idempotency key, different kwargs
-    ├── SagaStoreUnavailable     the saga store (Redis) cannot be reached
-    ├── SagaNotFound             no record: never started, or expired
+    ├── SagaStoreUnavailable     the saga store (Redis) cannot take the call now
+    │   └── SagaStoreMisconfigured   it refuses it: a missing ACL permission, a key of the wrong type
+    ├── SagaNotFound             no record: never started, expired, or the store was reset
     ├── SagaStateError           an operator action the saga's status does not allow
     ├── SagaRecordCorrupt        a record exists but cannot be read
     └── StepResultNotSerializable a step returned something the record cannot hold
@@ -27,6 +28,7 @@ __all__ = [
     "SagaNotFound",
     "SagaRecordCorrupt",
     "SagaStateError",
+    "SagaStoreMisconfigured",
     "SagaStoreUnavailable",
     "StepResultNotSerializable",
 ]
@@ -113,24 +115,60 @@ class IdempotencyConflict(SagaError):
 
 
 class SagaStoreUnavailable(SagaError):
-    """The saga store cannot be reached. ``url`` has its password masked."""
+    """The saga store cannot take the call now; the same call later may succeed.
 
-    def __init__(self, url: str, cause: BaseException | None = None) -> None:
+    Unreachable, read-only (a demoted primary), out of memory, loading, busy,
+    failing over, or a write not yet on ``saga_redis_wait_replicas``
+    replicas. Workers re-send the message, or write the outcome again, until
+    it works. ``url`` has its password masked.
+    """
+
+    def __init__(self, url: str, cause: BaseException | None = None, detail: str = "", reachable: bool = False) -> None:
         self.url = url
-        detail = f": {type(cause).__name__}: {cause}" if cause is not None else ""
+        self.cause = cause
+        what = detail or (f"{type(cause).__name__}: {cause}" if cause is not None else "no answer")
+        state = "cannot take the call now" if reachable else "is unreachable"
         super().__init__(
-            f"saga store {url} is unreachable{detail}; check that Redis runs and that "
+            f"saga store {url} {state} ({what}); check that Redis runs, has memory and a primary, and that "
             f"saga_redis_url (or the broker URL) points at it"
         )
 
 
-class SagaNotFound(SagaError):
-    """No saga record has this id: it was never started, or it expired after retention."""
+class SagaStoreMisconfigured(SagaStoreUnavailable):
+    """The saga store refuses the call: the Redis user lacks a permission (NOPERM), or a key has the wrong type.
 
-    def __init__(self, saga_id: str, where: str = "") -> None:
+    Retried like an unavailable store, so that fixing the ACL (or the key)
+    lets the sagas finish; logged at ERROR with what is missing.
+    """
+
+    def __init__(self, url: str, cause: BaseException) -> None:
+        super().__init__(url, cause)
+        self.args = (
+            f"saga store {url} refuses the call: {type(cause).__name__}: {cause}. Grant the saga user the "
+            f"commands and key pattern listed in docs/deployments.md, or remove the key of the wrong type",
+        )
+
+
+class SagaNotFound(SagaError):
+    """No saga record has this id: it was never started, it expired after retention, or the store was reset.
+
+    Attributes:
+        saga_id: The saga.
+        reset: True if the store lost its data (a restart without
+            persistence, eviction) since this process saw the saga.
+    """
+
+    def __init__(self, saga_id: str, where: str = "", reset: bool = False) -> None:
         self.saga_id = saga_id
+        self.reset = reset
         suffix = f" in {where}" if where else ""
-        super().__init__(f"saga {saga_id} not found or expired{suffix}")
+        if reset:
+            super().__init__(
+                f"saga {saga_id} not found{suffix}: the saga store was reset (restarted without persistence, "
+                f"or its keys were evicted) and lost it"
+            )
+        else:
+            super().__init__(f"saga {saga_id} not found or expired{suffix}")
 
 
 class SagaStateError(SagaError):

@@ -13,7 +13,8 @@ transition's outcome it decides, in this order:
    the backoff the transition drew; or, for a copy of a message whose
    outcome is already recorded, whatever the record says was dispatched,
    since the first copy may have died before publishing (``redrive``);
-5. ``on_complete`` / ``on_failure`` when the saga ends, marked sent after.
+5. ``on_complete`` / ``on_failure`` when the saga ends, marked sent after
+   (and, from a sweeper, for a finished saga nobody marked sent).
 
 Publishing comes after the transition, so it is at-least-once: receivers
 de-duplicate against the record.
@@ -73,6 +74,10 @@ def follow(app: Celery, store: SagaStore, t: Transition, delivery: Delivery | No
             _call_back(app, store, t.saga_id, t.gen, t.name, "on_complete", t.callback, load)
     elif outcome in _ROLLBACK:
         _publish_rollback(app, store, t, load)
+        if outcome is Outcome.SWEPT and t.callback:
+            # The process that ended the saga died before sending it.
+            which = "on_complete" if t.status is SagaStatus.COMPLETED else "on_failure"
+            _call_back(app, store, t.saga_id, t.gen, t.name, which, t.callback, load)
     elif outcome is Outcome.DUPLICATE and t.op in _BEGIN_OPS and t.status is not None:
         redrive(app, store, t.saga_id)
 
@@ -91,7 +96,8 @@ def _publish_stage(app: Celery, store: SagaStore, t: Transition) -> None:
     assert t.stage is not None and t.data is not None
     plan = cached_plan(t.plan_digest, lambda: store.load(t.saga_id)["plan"])
     stage, secrets = plan.stages[t.stage], plan.redacted_keys
-    publish_stage(app, t.saga_id, t.name, t.gen, stage, t.data, first=t.stage == 0, redact=secrets)
+    first = t.stage == 0
+    publish_stage(app, t.saga_id, t.name, t.gen, stage, t.data, first=first, redact=secrets, epoch=store.epoch())
 
 
 def _publish_rollback(app: Celery, store: SagaStore, t: Transition, load: Callable[[], dict[str, str]]) -> None:
@@ -108,7 +114,9 @@ def _publish_rollback(app: Celery, store: SagaStore, t: Transition, load: Callab
             )
         if not due.gave_up:
             countdown = due.delay if due.attempt else None
-            publish_compensation(app, t.saga_id, raw, plan, due.step, countdown=countdown, round=due.round)
+            publish_compensation(
+                app, t.saga_id, raw, plan, due.step, countdown=countdown, round=due.round, epoch=store.epoch()
+            )
     if t.ended:
         _call_back(app, store, t.saga_id, t.gen, t.name, "on_failure", raw.get("cb_fail", ""), load)
 
@@ -143,11 +151,12 @@ def redrive(app: Celery, store: SagaStore, saga_id: str) -> None:
         k = int(raw.get("stage", "0"))
         data = data_before(plan, raw, k, codec.loads(raw["kwargs"]))
         specs = [spec for spec in plan.stages[k] if raw.get(f"s:{spec.name}") == dispatched]
-        publish_stage(app, saga_id, name, gen, specs, data, first=k == 0, redact=plan.redacted_keys)
+        secrets, epoch = plan.redacted_keys, store.epoch()
+        publish_stage(app, saga_id, name, gen, specs, data, first=k == 0, redact=secrets, epoch=epoch)
     elif status == SagaStatus.COMPENSATING.value:
         for spec in plan.steps:
             if raw.get(f"cs:{spec.name}") == dispatched:
-                publish_compensation(app, saga_id, raw, plan, spec.name)
+                publish_compensation(app, saga_id, raw, plan, spec.name, epoch=store.epoch())
     elif raw.get("cbs") != "1":
         completed = status == SagaStatus.COMPLETED.value
         which, key = ("on_complete", "cb_ok") if completed else ("on_failure", "cb_fail")

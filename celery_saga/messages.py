@@ -49,6 +49,7 @@ class Headers:
     FIRST = "saga_first"
     ROUND = "saga_round"
     KNOWN = "saga_known"
+    EPOCH = "saga_epoch"
 
 
 def task_id(saga_id: str, step: str, undo: bool = False, round: int = 1) -> str:
@@ -138,8 +139,12 @@ def publish_stage(
     data: dict[str, Any],
     first: bool,
     redact: Collection[str] = (),
+    epoch: str = "",
 ) -> None:
     """Send the steps of one stage, in order; ``redact`` keys are masked where their arguments are shown.
+
+    ``epoch`` is the store's: a receiver that finds no record tells a lost
+    saga (the store was reset since) from an expired one by it.
 
     Raises:
         StageNotPublished: a send failed; its cause is the broker's error.
@@ -149,7 +154,7 @@ def publish_stage(
     shown = _shown(data, redact)
     for k, spec in enumerate(specs):
         try:
-            _publish_step(app, saga_id, saga_name, gen, spec, data, first, shown)
+            _publish_step(app, saga_id, saga_name, gen, spec, data, first, shown, epoch)
         except Exception as exc:
             raise StageNotPublished(saga_id, [s.name for s in specs[k:]]) from exc
 
@@ -174,6 +179,7 @@ def _publish_step(
     data: dict[str, Any],
     first: bool,
     shown: dict[str, Any],
+    epoch: str,
 ) -> None:
     """Send one forward step as the user's own task, with the saga context in its headers."""
     options = {**spec.options, **shown}
@@ -197,6 +203,7 @@ def _publish_step(
             Headers.UNDO: 0,
             Headers.BOUND: spec.bound,
             Headers.FIRST: int(first),
+            Headers.EPOCH: epoch,
         },
         # The saga record holds every result; a result-backend write per step
         # would only cost a round trip.
@@ -214,6 +221,7 @@ def publish_compensation(
     step: str,
     countdown: float | None = None,
     round: int = 1,
+    epoch: str = "",
 ) -> None:
     """Send the compensation of ``step``, built from the raw record ``raw``.
 
@@ -246,6 +254,7 @@ def publish_compensation(
             Headers.UNDO: 1,
             Headers.ROUND: round,
             Headers.KNOWN: int(known),
+            Headers.EPOCH: epoch,
         },
         ignore_result=True,
         serializer=message_serializer(app),

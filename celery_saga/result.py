@@ -20,11 +20,17 @@ __all__ = ["SagaResult"]
 
 
 class SagaResult:
-    """A saga, by id. ``SagaResult(saga_id, app=app)`` looks one up later, from any process."""
+    """A saga, by id. ``SagaResult(saga_id, app=app)`` looks one up later, from any process.
 
-    def __init__(self, saga_id: str, app: Celery) -> None:
+    ``epoch`` is the saga store's epoch when the saga started, which
+    ``apply_async`` knows: if the record is gone under a newer epoch, the
+    saga was lost in a reset of the store, and `SagaNotFound` says so.
+    """
+
+    def __init__(self, saga_id: str, app: Celery, epoch: str | None = None) -> None:
         self.id = saga_id
         self.app = app
+        self.epoch = epoch
 
     def __repr__(self) -> str:
         return f"<SagaResult {self.id}>"
@@ -40,12 +46,26 @@ class SagaResult:
 
     def state(self) -> SagaState:
         """A snapshot of the saga record. Raises SagaNotFound if there is none."""
-        return self._store().state(self.id)
+        store = self._store()
+        try:
+            return store.state(self.id)
+        except SagaNotFound as exc:
+            raise self._not_found(store, exc) from exc
 
     @property
     def status(self) -> SagaStatus:
         """The saga status. Raises SagaNotFound if there is no record."""
-        return self._store().status(self.id)
+        store = self._store()
+        try:
+            return store.status(self.id)
+        except SagaNotFound as exc:
+            raise self._not_found(store, exc) from exc
+
+    def _not_found(self, store: SagaStore, exc: SagaNotFound) -> SagaNotFound:
+        """``exc``, or one that says the saga was lost in a reset of the store."""
+        if store.was_reset(self.epoch):
+            return SagaNotFound(self.id, store.where(), reset=True)
+        return exc
 
     def ready(self) -> bool:
         """True once the saga has finished: COMPLETED, COMPENSATED or FAILED."""
@@ -90,9 +110,9 @@ class SagaResult:
         pause = min(0.005, interval)
         store = self._store()
         while True:
-            status = store.status(self.id)
+            status = self.status
             if status.finished:
-                return _outcome(store.state(self.id))
+                return _outcome(self.state())
             if deadline is not None and time.monotonic() >= deadline:
                 raise CeleryTimeoutError(f"saga {self.id} did not finish within {timeout}s: {self._why(store, status)}")
             wait = pause if deadline is None else max(0.0, min(pause, deadline - time.monotonic()))

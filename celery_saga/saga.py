@@ -23,6 +23,7 @@ from .plan import Plan, StepSpec, remember_plan
 from .registry import MISSING, register_saga, step_meta
 from .result import SagaResult
 from .settings import default_step_timeout, redact_keys, timeout_seconds
+from .state import SagaStatus
 from .step import StepRef, check_step_name
 from .store import Outcome, SagaStore, StartRequest, Transition
 from .stores import settings_of, store_for
@@ -318,10 +319,16 @@ class Saga:
         t = store.start(req)
         if t.outcome is Outcome.CONFLICT:
             raise IdempotencyConflict(self.name, key, saga_id)
+        remember_plan(digest, plan)
+        stage0 = dataclasses.replace(t, stage=0, data=data, plan_digest=digest)
         if t.outcome is Outcome.CREATED:
-            remember_plan(digest, plan)
-            self._publish_first(app, store, dataclasses.replace(t, stage=0, data=data, plan_digest=digest))
-        return SagaResult(saga_id, app=app)
+            self._publish_first(app, store, stage0)
+        elif t.status is SagaStatus.PENDING:
+            # A start of this saga wrote its record but may have died before
+            # publishing: publish its first stage again (with the record's
+            # generation); a copy of a message already sent is skipped.
+            follow(app, store, dataclasses.replace(stage0, outcome=Outcome.NEXT_STAGE))
+        return SagaResult(saga_id, app=app, epoch=store.epoch())
 
     def _publish_first(self, app: Celery, store: SagaStore, created: Transition) -> None:
         try:

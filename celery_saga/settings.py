@@ -3,7 +3,14 @@
 =================================== ============ =====================================
 setting                             default      meaning
 =================================== ============ =====================================
-saga_redis_url                      broker URL   saga store (the broker's, if Redis)
+saga_redis_url                      broker URL   saga store (the broker's, if Redis or Sentinel):
+                                                 redis://, rediss://, unix://, sentinel://,
+                                                 redis+cluster://, rediss+cluster://
+saga_redis_transport_options        None         Sentinel's master_name, sentinel_kwargs ...
+                                                 (the broker's, with a Sentinel broker URL)
+saga_index_shards                   16           index shards (hash tags); the same everywhere
+saga_redis_wait_replicas            0            replicas each transition must reach (WAIT)
+saga_redis_wait_timeout             1.0          seconds WAIT waits for them
 saga_key_prefix                     ``"saga"``   prefix of every key celery_saga writes
 saga_retention                      604800       seconds a finished saga is kept
 saga_compensation_retry_backoff     1            first retry delay, seconds (float ok)
@@ -24,12 +31,13 @@ saga_config_warnings                True         False: no configuration warning
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from celery import Celery
 
 from .errors import SagaDefinitionError
+from .store.connect import parse
 
 __all__ = ["SagaSettings", "default_step_timeout", "redact_keys", "timeout_seconds"]
 
@@ -42,7 +50,12 @@ _DEFAULTS: dict[str, Any] = {
     "saga_compensation_max_retries": None,
     "saga_default_step_timeout": 300.0,
     "saga_sweep_interval": 0.5,
+    "saga_index_shards": 16,
+    "saga_redis_wait_replicas": 0,
+    "saga_redis_wait_timeout": 1.0,
 }
+
+_BROKER_STORES = ("redis://", "rediss://", "unix://", "sentinel://")
 
 
 def _number(name: str, value: Any, *, positive: bool = False) -> float:
@@ -50,6 +63,12 @@ def _number(name: str, value: Any, *, positive: bool = False) -> float:
         what = "a number > 0" if positive else "a number >= 0"
         raise SagaDefinitionError(f"app.conf.{name} must be {what} (seconds), not {value!r}")
     return float(value)
+
+
+def _count(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise SagaDefinitionError(f"app.conf.{name} must be an int >= {minimum}, not {value!r}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -64,6 +83,10 @@ class SagaSettings:
     compensation_max_retries: int | None
     default_step_timeout: float | None = 300.0
     sweep_interval: float = 0.5
+    redis_options: dict[str, Any] = field(default_factory=dict)
+    index_shards: int = 16
+    wait_replicas: int = 0
+    wait_timeout: float = 1.0
 
     @classmethod
     def from_app(cls, app: Celery) -> SagaSettings:
@@ -73,15 +96,21 @@ class SagaSettings:
             value = conf.get(name)
             return _DEFAULTS[name] if value is None else value
 
-        url = get("saga_redis_url")
+        url, options = get("saga_redis_url"), conf.get("saga_redis_transport_options")
         if url is None:
             broker = conf.broker_url or ""
-            if not isinstance(broker, str) or not broker.startswith(("redis://", "rediss://", "unix://")):
+            if not isinstance(broker, str) or not broker.startswith(_BROKER_STORES):
                 raise SagaDefinitionError(
                     "celery_saga needs a Redis saga store: set app.conf.saga_redis_url "
-                    "(it defaults to the broker URL only when the broker is Redis)"
+                    "(it defaults to the broker URL only when the broker is Redis or Redis Sentinel)"
                 )
             url = broker
+            if broker.startswith("sentinel://") and options is None:
+                # The broker's own Sentinel settings: master_name, sentinel_kwargs.
+                options = conf.broker_transport_options
+        if options is not None and not isinstance(options, dict):
+            raise SagaDefinitionError(f"app.conf.saga_redis_transport_options must be a dict, not {options!r}")
+        parse(str(url), options)  # a URL the store cannot use fails here, with the schemes it takes
         prefix = get("saga_key_prefix")
         if not isinstance(prefix, str) or not prefix or any(c in prefix for c in "{}"):
             raise SagaDefinitionError(
@@ -108,6 +137,10 @@ class SagaSettings:
             compensation_max_retries=max_retries,
             default_step_timeout=default_step_timeout(app),
             sweep_interval=_number("saga_sweep_interval", get("saga_sweep_interval"), positive=True),
+            redis_options=dict(options or {}),
+            index_shards=_count("saga_index_shards", get("saga_index_shards"), minimum=1),
+            wait_replicas=_count("saga_redis_wait_replicas", get("saga_redis_wait_replicas"), minimum=0),
+            wait_timeout=_number("saga_redis_wait_timeout", get("saga_redis_wait_timeout"), positive=True),
         )
 
     def saga_copy(self) -> str:
@@ -117,7 +150,10 @@ class SagaSettings:
         decides a retry (``transitions.lua``), so all workers agree on it.
         """
         copy = asdict(self)
-        del copy["redis_url"], copy["key_prefix"], copy["default_step_timeout"], copy["sweep_interval"]
+        for local in ("redis_url", "key_prefix", "default_step_timeout", "sweep_interval", "redis_options"):
+            del copy[local]
+        for local in ("index_shards", "wait_replicas", "wait_timeout"):
+            del copy[local]
         return json.dumps(copy, sort_keys=True)
 
 

@@ -17,7 +17,16 @@ from .store import RedisSagaStore, SagaStore
 
 __all__ = ["forget_store", "settings_of", "store_for"]
 
-_STORES: dict[tuple[str, str], SagaStore] = {}
+_STORE_SETTINGS = (
+    "saga_redis_url",
+    "saga_key_prefix",
+    "saga_retention",
+    "saga_redis_transport_options",
+    "saga_index_shards",
+    "saga_redis_wait_replicas",
+    "saga_redis_wait_timeout",
+)
+_STORES: dict[tuple[str, ...], SagaStore] = {}
 _BY_APP: weakref.WeakKeyDictionary[Celery, tuple[tuple[Any, ...], SagaStore]] = weakref.WeakKeyDictionary()
 _LOCK = threading.Lock()
 
@@ -35,7 +44,7 @@ def store_for(app: Celery) -> SagaStore:
     # Steps call this on every message: skip validating the settings again
     # while the raw values they come from are unchanged.
     conf = app.conf
-    raw = (conf.get("saga_redis_url"), conf.get("saga_key_prefix"), conf.get("saga_retention"), conf.broker_url)
+    raw = (conf.broker_url, *(conf.get(name) for name in _STORE_SETTINGS))
     cached = _BY_APP.get(app)
     if cached is not None and cached[0] == raw:
         return cached[1]
@@ -57,12 +66,26 @@ def forget_store(app: Celery) -> None:
 
 
 def _shared_store(settings: SagaSettings) -> SagaStore:
-    key = (settings.redis_url, settings.key_prefix)
+    key = (
+        settings.redis_url,
+        settings.key_prefix,
+        repr(sorted(settings.redis_options.items())),
+        str(settings.index_shards),
+        str(settings.wait_replicas),
+    )
     store = _STORES.get(key)
     if store is None:
         with _LOCK:
             store = _STORES.get(key)
             if store is None:
-                store = RedisSagaStore(settings.redis_url, settings.key_prefix, retention=settings.retention)
+                store = RedisSagaStore(
+                    settings.redis_url,
+                    settings.key_prefix,
+                    retention=settings.retention,
+                    options=settings.redis_options,
+                    shards=settings.index_shards,
+                    wait_replicas=settings.wait_replicas,
+                    wait_timeout=settings.wait_timeout,
+                )
                 _STORES[key] = store
     return store

@@ -82,7 +82,10 @@ def sweep(app: Celery, limit: int = 1000) -> SweepReport:
 def _sweep_one(app: Celery, store: SagaStore, saga_id: str, claim: str) -> int:
     t = store.sweep(saga_id)
     if t.outcome is Outcome.MISSING:
-        # Expired after its retention, or purged: nothing can be due any more.
+        # Expired after its retention, purged, or lost in a reset of the
+        # store: nothing can be due any more, so the entry goes.
+        if store.was_reset():
+            logger.warning("saga %s: lost in the reset of the saga store; its deadlines are dropped", saga_id)
         store.rescore(saga_id, claim, "")
         return 0
     if t.outcome is not Outcome.SWEPT:

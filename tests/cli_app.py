@@ -7,6 +7,7 @@ own Redis and prefix:
 CELERY_SAGA_CLI_REDIS      Redis URL (broker and saga store)
 CELERY_SAGA_CLI_PREFIX     saga key prefix; kombu's keys and the gates live under it
 CELERY_SAGA_CLI_QUEUE      default queue, where ``saga retry`` sends compensations
+CELERY_SAGA_CLI_STORE      optional saga store URL (a cluster's), with 8 index shards
 =========================  ====================================================
 
 Tests call ``create`` for the same app on their side, and ``every_state`` to
@@ -44,6 +45,7 @@ from tests.helpers import Gates, wait_for
 ENV_REDIS = "CELERY_SAGA_CLI_REDIS"
 ENV_PREFIX = "CELERY_SAGA_CLI_PREFIX"
 ENV_QUEUE = "CELERY_SAGA_CLI_QUEUE"
+ENV_STORE = "CELERY_SAGA_CLI_STORE"
 HASTY_TIMEOUT = 0.5
 
 
@@ -67,6 +69,8 @@ def create(redis_url: str, prefix: str, queue: str) -> SimpleNamespace:
         task_allow_error_cb_on_chord_header=False,
         worker_hijack_root_logger=False,
     )
+    if os.environ.get(ENV_STORE):  # a saga store elsewhere (a cluster), with 8 index shards
+        app.conf.update(saga_redis_url=os.environ[ENV_STORE], saga_index_shards=8)
     # redis-py 8 defaults to a 5 s socket timeout, shorter than the gates block.
     client = redis.Redis.from_url(redis_url, decode_responses=True, socket_timeout=120)
 

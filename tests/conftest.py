@@ -14,6 +14,7 @@ from celery import Celery
 from celery.contrib.testing.worker import start_worker
 
 from celery_saga.redis_server import RedisServer, redis_answers
+from tests.deployments import Cluster
 from tests.helpers import Ledger
 
 
@@ -93,3 +94,10 @@ def prefix(app: Celery) -> str:
 @pytest.fixture
 def ledger(r: redis.Redis, prefix: str) -> Ledger:
     return Ledger(r, f"{prefix}:ledger")
+
+
+@pytest.fixture(scope="session")
+def cluster() -> Iterator[Cluster]:
+    """A 3-master Redis Cluster of the tests' own, started once, when a test first asks for it."""
+    with Cluster() as c:
+        yield c

@@ -65,11 +65,13 @@ ENV_PREFIX = "CELERY_SAGA_TEST_PREFIX"
 ENV_QUEUE = "CELERY_SAGA_TEST_QUEUE"
 ENV_VISIBILITY = "CELERY_SAGA_TEST_VISIBILITY"
 ENV_SWEEPER = "CELERY_SAGA_TEST_SWEEPER"
+ENV_SAGA_CONF = "CELERY_SAGA_TEST_SAGA_CONF"
 
 
-def worker_env(redis_url: str, prefix: str, queue: str) -> dict[str, str]:
-    """The environment of a subprocess (worker, Flower) running this app."""
+def worker_env(redis_url: str, prefix: str, queue: str, saga_conf: dict[str, Any] | None = None) -> dict[str, str]:
+    """The environment of a subprocess (worker, Flower) running this app; ``saga_conf`` adds settings."""
     env = {**os.environ, ENV_BROKER: redis_url, ENV_PREFIX: prefix, ENV_QUEUE: queue, "PYTHONUNBUFFERED": "1"}
+    env[ENV_SAGA_CONF] = json.dumps(saga_conf or {})
     env.pop(ENV_VISIBILITY, None)
     env.pop(ENV_SWEEPER, None)
     env.pop("FLOWER_UNAUTHENTICATED_API", None)
@@ -84,8 +86,14 @@ def _in_pool_child() -> bool:
     return os.getpid() != os.getpgid(0) and os.getppid() == os.getpgid(0)
 
 
-def create(broker_url: str, prefix: str, queue: str, visibility_timeout: float | None = None) -> SimpleNamespace:
-    """An app with the test tasks and sagas, for one prefix and queue."""
+def create(
+    broker_url: str,
+    prefix: str,
+    queue: str,
+    visibility_timeout: float | None = None,
+    saga_conf: dict[str, Any] | None = None,
+) -> SimpleNamespace:
+    """An app with the test tasks and sagas, for one prefix and queue; ``saga_conf`` adds settings."""
     # shared=False on every task: a shared task would also be registered, with
     # this call's closures, in every app created after it.
     app = Celery(f"proc-{prefix}", broker=broker_url, set_as_current=False)
@@ -107,6 +115,7 @@ def create(broker_url: str, prefix: str, queue: str, visibility_timeout: float |
         worker_enable_remote_control=False,
         worker_prefetch_multiplier=1,
     )
+    app.conf.update(saga_conf or {})
     # Enable now rather than at finalize, so celery_saga's signal handlers
     # are connected before the worker hooks below.
     enable(app)
@@ -180,6 +189,10 @@ def create(broker_url: str, prefix: str, queue: str, visibility_timeout: float |
         behave("proc.pay", data)
         return {"payment": f"p-{order_id}"}
 
+    @app.task(name="proc.notify", shared=False)
+    def notify(saga_id: str) -> None:
+        log("callback", saga_id)
+
     sequential = Saga("proc_seq", [one, two, three])
     secret = Saga("proc_secret", [one, pay, three])
     dies = Saga("proc_die", [one, two, die, three])
@@ -216,6 +229,9 @@ def create(broker_url: str, prefix: str, queue: str, visibility_timeout: float |
         ctx = current_step()
         assert ctx is not None and ctx.compensating
         t_gate(f"undo-{ctx.step}", data)
+        # undo_fails=N: every compensation of the saga fails N times first.
+        if client.hincrby(f"{prefix}:undo-fails", ctx.idempotency_key, 1) <= int(data.get("undo_fails") or 0):
+            raise RuntimeError(f"compensation of {ctx.step} is down")
         log("undo", ctx.step, ctx.round, ctx.result_known, step_result, ctx.idempotency_key)
         # Known or not, the effect is found by the forward step's key: undo it once.
         found = client.hget(effects, ctx.forward_key)
@@ -282,6 +298,13 @@ def _connect_worker_hooks(ns: SimpleNamespace) -> None:
     prefix: str = ns.prefix
 
     def crash_before_publish(body: Any = None, headers: dict[str, Any] | None = None, **_: Any) -> None:
+        # The test arms "<prefix>:crash-on-callback": the worker dies as it
+        # sends an on_complete callback, once, after recording the saga's end.
+        tid = str((headers or {}).get("id") or "")
+        if tid.endswith(":on_complete") and _in_pool_child() and client.delete(f"{prefix}:crash-on-callback"):
+            client.rpush(ns.ledger, json.dumps(["crash", "on_complete"]))
+            os.kill(os.getppid(), signal.SIGKILL)
+            os.kill(os.getpid(), signal.SIGKILL)
         # Protocol 2 bodies are (args, kwargs, embed).
         kwargs = body[1] if isinstance(body, (list, tuple)) and len(body) > 1 else {}
         target = kwargs.get("crash_worker_before") if isinstance(kwargs, dict) else None
@@ -331,6 +354,7 @@ if os.environ.get(ENV_BROKER):
         os.environ[ENV_PREFIX],
         os.environ[ENV_QUEUE],
         float(_visibility) if _visibility else None,
+        json.loads(os.environ.get(ENV_SAGA_CONF) or "{}"),
     )
     app = worker_ns.app
     if os.environ.get(ENV_SWEEPER) == "0":

@@ -14,7 +14,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from tests import proc_app
 
@@ -138,7 +138,10 @@ class Procs(Subprocs):
             proc.wait(15)
 
 
-def proc_env(redis_url: str, prefix: str, queue: str) -> SimpleNamespace:
-    """A test's Redis, key prefix and queue, and the environment of its subprocesses."""
-    env = proc_app.worker_env(redis_url, prefix, queue)
-    return SimpleNamespace(redis_url=redis_url, prefix=prefix, queue=queue, proc_env=env)
+def proc_env(redis_url: str, prefix: str, queue: str, saga_conf: dict[str, Any] | None = None) -> SimpleNamespace:
+    """A test's Redis, key prefix and queue, and the environment of its subprocesses.
+
+    ``saga_conf`` adds settings to the app on both sides: a saga store elsewhere, say.
+    """
+    env = proc_app.worker_env(redis_url, prefix, queue, saga_conf)
+    return SimpleNamespace(redis_url=redis_url, prefix=prefix, queue=queue, proc_env=env, saga_conf=saga_conf or {})

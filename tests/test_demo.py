@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from celery_saga.redis_server import RedisServer
+from celery_saga.redis_server import PRIVATE_SERVER_KEY, RedisServer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -135,6 +135,7 @@ def test_demo_interrupted_with_ctrl_c_cleans_up_without_a_traceback(when: str) -
 def test_demo_on_someone_elses_redis_deletes_every_key_it_wrote() -> None:
     # Given a Redis of someone else's, holding a key of theirs
     with RedisServer() as server, redis.Redis.from_url(server.url) as client:
+        client.delete(PRIVATE_SERVER_KEY)  # as if it were not one of ours
         client.set("theirs", "1")
         out = subprocess.run(
             [sys.executable, "-m", "example_project.demo"],

@@ -191,24 +191,29 @@ def test_a_misspelled_remote_step_fails_at_once_with_the_reason(app: Celery, r, 
     assert ledger.actions() == ["do:shop.reserve", "undo:shop.reserve"]
 
 
-def test_a_compensation_no_worker_has_counts_as_a_failed_attempt(app: Celery, r, prefix, ns: str, worker) -> None:
-    # Given a participant service whose worker has svc.charge but not svc.refund
-    participant = Celery(f"svc_{ns}", broker=app.conf.broker_url, set_as_current=False)
-    participant.conf.update(
-        saga_key_prefix=app.conf.saga_key_prefix, worker_hijack_root_logger=False, task_default_queue=f"q-{ns}-svc"
+def test_a_compensation_no_worker_has_counts_as_a_failed_attempt(app: Celery, ns: str) -> None:
+    # Given a service whose worker has svc.charge and svc.ship, but not svc.refund
+    queue = f"q-{ns}-svc"
+    service = Celery(f"svc_{ns}", broker=app.conf.broker_url, set_as_current=False)
+    service.conf.update(
+        saga_key_prefix=app.conf.saga_key_prefix, worker_hijack_root_logger=False, task_default_queue=queue
     )
 
-    @participant.task(name="svc.charge", shared=False)
+    @service.task(name="svc.charge", shared=False)
     def charge(order_id: int) -> dict[str, str]:
         return {"charge": f"c-{order_id}"}
 
-    enable(participant)
-    app.conf.task_routes = {"svc.*": {"queue": f"q-{ns}-svc"}}
-    app.conf.saga_compensation_max_retries = 1
-    s = shop.build(app, r, prefix)
-    saga = Saga("remote_refund", [step("svc.charge", compensate="svc.refund"), s.ship])
-    with worker(), start_worker(participant, pool="threads", perform_ping_check=False, loglevel="WARNING") as w:
-        res = saga.delay(order_id=1, fail={"ship": "no carrier"})
+    @service.task(name="svc.ship", shared=False)
+    def ship(order_id: int) -> None:
+        raise RuntimeError("no carrier")
+
+    enable(service)
+    app.conf.update(task_routes={"svc.*": {"queue": queue}}, saga_compensation_max_retries=1)
+    saga = Saga(
+        "remote_refund", [step("svc.charge", compensate="svc.refund"), step("svc.ship", compensate=None)], app=app
+    )
+    with start_worker(service, pool="threads", perform_ping_check=False, hostname=f"svc-{ns}@test") as w:
+        res = saga.delay(order_id=1)
         # Then each attempt fails at once, and the compensation gives up after its one retry
         with pytest.raises(SagaFailed) as info:
             res.get(timeout=15)

@@ -156,6 +156,16 @@ def compensating_once(store: RedisSagaStore) -> Saga:
     return saga
 
 
+def cancelled_and_compensated(store: RedisSagaStore) -> Saga:
+    """Cancelled in the second stage: b and c fenced while queued (CANCELLED), a compensated."""
+    saga = second_stage(store)
+    saga.apply(Op.CANCEL, "cancelled", gen="*")
+    saga.apply(Op.COMP_BEGIN, "a", "0", "", "1")
+    assert saga.apply(Op.COMP_DONE, "a", "1").status is SagaStatus.COMPENSATED
+    assert saga.step("b").status is StepStatus.CANCELLED
+    return saga
+
+
 def compensated(store: RedisSagaStore) -> Saga:
     saga = compensating(store)
     saga.apply(Op.COMP_BEGIN, "a", "0", "", "1")
@@ -257,7 +267,23 @@ CASES = [
     ),
     Case(Op.DONE, last_step_running, ("c", "null"), Outcome.COMPLETED, SagaStatus.COMPLETED),
     Case(Op.DONE, second_stage, ("a", "null"), Outcome.DUPLICATE, SagaStatus.RUNNING),
-    Case(Op.DONE, compensating, ("c", "null"), Outcome.DUPLICATE, SagaStatus.COMPENSATING),
+    Case(  # its begin was lost (a failover): it ran, so its outcome counts
+        Op.DONE,
+        pending,
+        ("a", '{"reservation": "r1"}'),
+        Outcome.NEXT_STAGE,
+        SagaStatus.RUNNING,
+        lambda saga, t: _next_stage(saga, t) or _step_is("a", StepStatus.COMPLETED)(saga, t),
+    ),
+    Case(  # fenced, but its begin was lost and it ran: a late success, compensated in a second round
+        Op.DONE,
+        cancelled_and_compensated,
+        ("b", '{"charge": 1}'),
+        Outcome.LATE,
+        SagaStatus.COMPENSATED,
+        lambda saga, t: _due("b")(saga, t) or _comp2_is(saga, "b", CompensationStatus.DISPATCHED),
+    ),
+    Case(Op.DONE, compensating, ("b", "null"), Outcome.DUPLICATE, SagaStatus.COMPENSATING),
     Case(  # a late success: kept, and compensated again once the first round ends
         Op.DONE,
         lost,
@@ -319,7 +345,15 @@ CASES = [
         _comp_is("a", CompensationStatus.COMPENSATED),
         prepare=lambda saga: saga.apply(Op.COMP_BEGIN, "a", "0", "", "1") and None,
     ),
-    Case(Op.COMP_DONE, compensating, ("a", "1"), Outcome.DUPLICATE, SagaStatus.COMPENSATING),
+    Case(Op.COMP_DONE, compensated, ("a", "1"), Outcome.DUPLICATE, SagaStatus.COMPENSATED),
+    Case(  # its comp_begin was lost (a failover): it ran, so its outcome counts
+        Op.COMP_DONE,
+        compensating,
+        ("a", "1"),
+        Outcome.ROLLBACK,
+        SagaStatus.COMPENSATED,
+        lambda saga, t: _comp_is("a", CompensationStatus.COMPENSATED)(saga, t),
+    ),
     Case(
         Op.COMP_FAIL,
         compensating,
@@ -337,7 +371,7 @@ CASES = [
         SagaStatus.FAILED,
         _comp_is("a", CompensationStatus.GAVE_UP),
     ),
-    Case(Op.COMP_FAIL, compensating, ("a", "RuntimeError: down", "1"), Outcome.DUPLICATE, SagaStatus.COMPENSATING),
+    Case(Op.COMP_FAIL, compensated, ("a", "RuntimeError: down", "1"), Outcome.DUPLICATE, SagaStatus.COMPENSATED),
     # callbacks, and the operator's actions
     Case(Op.CALLBACK_SENT, completed, (), Outcome.RECORDED, SagaStatus.COMPLETED, lambda s, t: _flag(s, "cbs")),
     Case(Op.RETRY, failed, (), Outcome.ROLLBACK, SagaStatus.COMPENSATING, _due("a")),

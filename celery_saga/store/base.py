@@ -120,6 +120,18 @@ class SagaStore(abc.ABC):
         An entry moved earlier since the claim (a new registration) keeps the earlier time.
         """
 
+    def epoch(self) -> str:
+        """The store's epoch: a token made when the store is first used, and made anew after a reset."""
+        return ""
+
+    def health_warnings(self) -> list[str]:
+        """What about the store's servers can lose sagas (no persistence, eviction), said for a warning."""
+        return []
+
+    def was_reset(self, since: str | None = None) -> bool:
+        """True if the store lost its data since epoch ``since`` (default: the one this process saw first)."""
+        return False
+
     @abc.abstractmethod
     def close(self) -> None:
         """Release the store's connections."""
@@ -207,7 +219,8 @@ class SagaStore(abc.ABC):
         # Every saga makes this move once: send it in the same round trip as
         # the begin, and put the entry right in the rare other cases.
         move = (name, SagaStatus.PENDING.value, SagaStatus.RUNNING.value) if first else None
-        reply = self._run(saga_id, op, _new_tx() if tx is None else tx, gen, args, index_first=move, watch_at=watch_at)
+        tx = self.new_tx() if tx is None else tx
+        reply = self._run(saga_id, op, tx, gen, args, index_first=move, watch_at=watch_at)
         t = Transition.from_reply(op, saga_id, reply, name, gen)
         if first:
             if t.status is not None and t.status is not SagaStatus.RUNNING:
@@ -215,6 +228,10 @@ class SagaStore(abc.ABC):
         elif reindex and t.changed_from:
             self.reindex(t)
         return t
+
+    def drop_from_index(self, saga_id: str, status: SagaStatus, name: str = "") -> None:
+        """Remove an index entry whose record is gone; ``name`` also from that saga name's index."""
+        self._unindex(saga_id, name, status.value)
 
     def reindex(self, t: Transition) -> None:
         """Move the saga of ``t`` from the index of its old status to its new one."""
@@ -224,11 +241,13 @@ class SagaStore(abc.ABC):
         # FAILED sagas never expire, so their index is never trimmed.
         expiring = t.status in (SagaStatus.COMPLETED, SagaStatus.COMPENSATED)
         # A completed saga has no deadline left, so its deadline entry goes
-        # with this move. Rolled-back sagas leave lazily: a step with an
-        # unknown outcome may still report a late success whose second
-        # compensation round needs a deadline, so a sweeper drops the entry
-        # once the record says nothing more can come (or the record expired).
-        done = t.status is SagaStatus.COMPLETED
+        # with this move, unless its callback is still to be sent: a sweeper
+        # sends it if the process that completed the saga dies first.
+        # Rolled-back sagas leave lazily: a step with an unknown outcome may
+        # still report a late success whose second compensation round needs a
+        # deadline, so a sweeper drops the entry once the record says nothing
+        # more can come (or the record expired).
+        done = t.status is SagaStatus.COMPLETED and not t.callback
         retention = self.retention if expiring else 0.0
         self._index(t.saga_id, t.name, t.changed_from.value, t.status.value, retention, unwatch=done)
 
@@ -271,6 +290,10 @@ class SagaStore(abc.ABC):
 
     def where(self) -> str:
         return f"store {self.location} under prefix {self.prefix!r}"
+
+    def new_tx(self) -> str:
+        """A fresh transition id, for a caller that retries one transition itself."""
+        return _new_tx()
 
 
 # Ops that may decide a compensation retry get a draw for its backoff's jitter

@@ -1,18 +1,30 @@
 """Every Redis key celery_saga writes, in one place.
 
 All keys of one saga share the hash tag ``{<saga_id>}``, so a transition
-script touches one hash slot and works on Redis Cluster. The status indexes
-share the tag ``{idx}`` among themselves and are updated by a separate,
-idempotent command after the transition (see ``RedisSagaStore._index``).
+script touches one hash slot and works on Redis Cluster.
 
-Deadlines live in the record. The deadline index only tells sweepers which
-records to look at: sorted sets ``<prefix>:{dl<n>}:due`` of saga ids scored by
-when to look (ms), in ``DEADLINE_SHARDS`` shards, each its own hash slot, so
-that on a cluster the sweeping spreads over the nodes. A saga enters it in
-the round trip of its start, before the start transition; it leaves when it
-completes (with its status-index move), or, once rolled back, when a sweeper
-finds that nothing more can come: no attempt pending and no step whose
-outcome is unknown (a late success would need a deadline), or the record gone.
+The indexes are sharded: a saga belongs to index shard ``crc32(saga_id) %
+saga_index_shards`` (16 by default), whose keys share the hash tag
+``{s<n>}``, so on a cluster the index traffic spreads over the nodes and one
+script call moves a saga in its shard's indexes. Every process must use the
+same number of shards; the store records it in ``<prefix>:{meta}`` and refuses
+another. A shard holds:
+
+- ``status:<S>`` and ``name:<name>:<S>``: sorted sets of saga ids by the time
+  they entered status ``S``, for listing without a SCAN. A move comes after
+  the transition (before it for PENDING and RUNNING); readers skip and
+  remove entries whose record is gone or has another status.
+- ``names``: the saga names indexed in the shard.
+- ``due``: the deadline index, saga ids scored by when a sweeper should look
+  (ms). Deadlines live in the record; a saga enters the index with its
+  start, before the start transition, and leaves when it completes with no
+  callback left to send, or, once rolled back, when a sweeper finds that
+  nothing more can come (no attempt pending and no step whose outcome is
+  unknown) or the record gone.
+
+``<prefix>:{meta}`` holds the store's ``epoch``, a token made when the store is
+first used: a record missing under a new (or vanished) epoch was lost when
+the store was reset, not expired. And the number of index ``shards``.
 
 Fields of the record hash ``<prefix>:{<saga_id>}``, every one the record
 has (``transitions.lua`` draws how they move):
@@ -61,36 +73,44 @@ from __future__ import annotations
 import zlib
 from dataclasses import dataclass
 
-__all__ = ["DEADLINE_SHARDS", "Keys"]
+__all__ = ["DEFAULT_SHARDS", "Keys"]
 
-DEADLINE_SHARDS = 8
+DEFAULT_SHARDS = 16
 
 
 @dataclass(frozen=True)
 class Keys:
-    """Key names under one prefix."""
+    """Key names under one prefix, with ``shards`` index shards."""
 
     prefix: str
+    shards: int = DEFAULT_SHARDS
 
     def record(self, saga_id: str) -> str:
         return f"{self.prefix}:{{{saga_id}}}"
 
-    def status_index(self, status: str) -> str:
-        """Sorted set of saga ids by the time they entered ``status``."""
-        return f"{self.prefix}:{{idx}}:status:{status}"
+    def meta(self) -> str:
+        """The store's epoch and shard count (a hash)."""
+        return f"{self.prefix}:{{meta}}"
 
-    def name_index(self, name: str, status: str) -> str:
+    def shard_of(self, saga_id: str) -> int:
+        """The index shard of ``saga_id`` (stable across processes)."""
+        return zlib.crc32(saga_id.encode()) % self.shards
+
+    def _shard(self, shard: int) -> str:
+        return f"{self.prefix}:{{s{shard}}}"
+
+    def status_index(self, shard: int, status: str) -> str:
+        """Sorted set of the shard's saga ids by the time they entered ``status``."""
+        return f"{self._shard(shard)}:status:{status}"
+
+    def name_index(self, shard: int, name: str, status: str) -> str:
         """Like ``status_index``, for one saga name."""
-        return f"{self.prefix}:{{idx}}:name:{name}:{status}"
+        return f"{self._shard(shard)}:name:{name}:{status}"
 
-    def names(self) -> str:
-        """Set of saga names that have ever been indexed."""
-        return f"{self.prefix}:{{idx}}:names"
+    def names(self, shard: int) -> str:
+        """Set of the saga names indexed in the shard."""
+        return f"{self._shard(shard)}:names"
 
-    def deadline_shard(self, saga_id: str) -> str:
-        """The deadline index shard that holds ``saga_id`` (stable across processes)."""
-        return self.deadline_shards()[zlib.crc32(saga_id.encode()) % DEADLINE_SHARDS]
-
-    def deadline_shards(self) -> list[str]:
-        """Every shard of the deadline index."""
-        return [f"{self.prefix}:{{dl{n}}}:due" for n in range(DEADLINE_SHARDS)]
+    def due(self, shard: int) -> str:
+        """The shard of the deadline index: saga ids by when a sweeper should look (ms)."""
+        return f"{self._shard(shard)}:due"

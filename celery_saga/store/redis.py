@@ -1,44 +1,79 @@
-"""Redis implementation of the saga store."""
+"""The saga store in Redis: one server, a Sentinel-managed primary, or a Redis Cluster.
+
+Every transition is one script call on the saga's own key (one hash slot).
+Index moves and deadline entries are one script call on the saga's index
+shard (another slot). On one server (or a Sentinel primary) the calls that
+belong together go in one pipelined round trip; on a cluster, nothing is
+pipelined across slots.
+
+Redis errors are sorted once, in `RedisSagaStore._call`: what may succeed
+later (unreachable, READONLY, OOM, LOADING, BUSY, MASTERDOWN, TRYAGAIN,
+CLUSTERDOWN, exhausted MOVED/ASK, a write short of its replicas, a wrong
+password) is ``SagaStoreUnavailable``; what needs an operator to change the
+ACL or a key (NOPERM, WRONGTYPE) is ``SagaStoreMisconfigured``, retried the
+same way.
+"""
 
 from __future__ import annotations
 
+import functools
+import logging
+import re
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from importlib import resources
 from typing import Any, TypeVar
 
 import redis
-from kombu.utils.url import maybe_sanitize_url
-from redis.backoff import ExponentialWithJitterBackoff
-from redis.retry import Retry
+from redis.cluster import RedisCluster
+from redis.commands.core import Script
 
-from ..errors import SagaNotFound, SagaRecordCorrupt, SagaStoreUnavailable
+from ..errors import (
+    SagaDefinitionError,
+    SagaNotFound,
+    SagaRecordCorrupt,
+    SagaStoreMisconfigured,
+    SagaStoreUnavailable,
+)
+from ..redis_server import PRIVATE_SERVER_KEY
 from ..state import SagaStatus
 from .base import SagaStore
-from .keys import Keys
+from .connect import Target, connect, mask_url, parse
+from .keys import DEFAULT_SHARDS, Keys
 from .protocol import Op
 
 __all__ = ["RedisSagaStore", "mask_url"]
 
+logger = logging.getLogger("celery_saga")
+
 T = TypeVar("T")
 
-# Moves one saga between status indexes; all index keys share the {idx}
-# tag. Runs after the transition, so it must be idempotent: ZREM + ZADD is.
-# Finished entries outlive their records by at most the retention: writers
-# trim them here, readers skip ids whose record is gone.
-_INDEX_LUA = """
-redis.call('ZREM', KEYS[1], ARGV[1])
-redis.call('ZREM', KEYS[2], ARGV[1])
-redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
-redis.call('ZADD', KEYS[4], ARGV[2], ARGV[1])
-redis.call('SADD', KEYS[5], ARGV[3])
-if ARGV[4] ~= '' then
-  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', '(' .. ARGV[4])
-  redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', '(' .. ARGV[4])
+# One saga's entries in its index shard, all under the shard's hash tag.
+# KEYS: 1 old status index, 2 old name index, 3 new status index, 4 new name
+# index, 5 the shard's names, 6 the shard's deadline index.
+# ARGV: 1 saga id, 2 now (ms), 3 saga name, 4 "1" to move between status
+# indexes, 5 trim finished entries older than this (ms, or ""), 6 look at it
+# by then (ms, or ""; only ever earlier), 7 "1" to leave the deadline index.
+# Idempotent (ZREM + ZADD), as it may be sent again. Finished entries outlive
+# their records by at most the retention: writers trim them here, readers
+# skip ids whose record is gone.
+_SHARD_LUA = """
+if ARGV[4] == '1' then
+  redis.call('ZREM', KEYS[1], ARGV[1])
+  redis.call('ZREM', KEYS[2], ARGV[1])
+  redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
+  redis.call('ZADD', KEYS[4], ARGV[2], ARGV[1])
+  redis.call('SADD', KEYS[5], ARGV[3])
+  if ARGV[5] ~= '' then
+    redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', '(' .. ARGV[5])
+    redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', '(' .. ARGV[5])
+  end
 end
+if ARGV[6] ~= '' then redis.call('ZADD', KEYS[6], 'LT', ARGV[6], ARGV[1]) end
+if ARGV[7] == '1' then redis.call('ZREM', KEYS[6], ARGV[1]) end
 return 1
 """
-
 
 # Sweepers lease due entries of one deadline shard: the claim moves each
 # entry `lease` ms ahead (store clock) rather than removing it, so a sweeper
@@ -75,43 +110,147 @@ end
 return 1
 """
 
+# Redis errors that mean "try again later", by the message's code (a script
+# error carries the code of the command that failed inside it).
+_TRANSIENT = ("OOM", "READONLY", "BUSY", "LOADING", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "NOREPLICAS")
+_MISCONFIGURED = ("NOPERM", "WRONGTYPE")
+_TRANSIENT_TYPES: tuple[type[Exception], ...] = (
+    redis.exceptions.ReadOnlyError,
+    redis.exceptions.OutOfMemoryError,
+    redis.exceptions.MasterDownError,
+    redis.exceptions.TryAgainError,
+    redis.exceptions.ClusterError,
+    redis.exceptions.MovedError,
+    redis.exceptions.AskError,
+)
 
-def mask_url(url: str) -> str:
-    """The URL with its password replaced by ``**``."""
-    return str(maybe_sanitize_url(url))
+# Redis reports a command an ACL forbids inside a script with this text and
+# the script's line, not the command: read the command off that line.
+_ACL_IN_SCRIPT = "can't run this command"
+_SCRIPT_LINE = re.compile(r"script: (?P<sha>[0-9a-f]{40}), on @user_script:(?P<line>\d+)")
+_REDIS_CALL = re.compile(r"redis\.call\('(\w+)'")
+
+Call = tuple[Script, list[str], list[str]]
+ShardCall = tuple[list[str], list[str]]
+
+
+def _codes(exc: BaseException) -> set[str]:
+    return {word.strip("-:.") for word in str(exc).split()}
 
 
 class RedisSagaStore(SagaStore):
-    """Saga records in Redis hashes, transitions in one Lua script."""
+    """Saga records in Redis hashes, transitions in one Lua script.
+
+    Args:
+        url: ``saga_redis_url`` (`celery_saga.store.connect` lists the forms).
+        prefix: ``saga_key_prefix``.
+        client: A redis-py client to use instead of one made from ``url``.
+        retention: ``saga_retention``, for trimming finished index entries.
+        options: ``saga_redis_transport_options`` (Sentinel's ``master_name`` ...).
+        shards: ``saga_index_shards``.
+        wait_replicas: ``saga_redis_wait_replicas``: each transition waits
+            until this many replicas have it (``WAIT``); a shortfall counts as
+            the store being unavailable.
+        wait_timeout: ``saga_redis_wait_timeout``, seconds.
+    """
 
     def __init__(
-        self, url: str, prefix: str = "saga", client: redis.Redis | None = None, retention: float = 0.0
+        self,
+        url: str,
+        prefix: str = "saga",
+        client: redis.Redis | RedisCluster | None = None,
+        retention: float = 0.0,
+        *,
+        options: dict[str, Any] | None = None,
+        shards: int = DEFAULT_SHARDS,
+        wait_replicas: int = 0,
+        wait_timeout: float = 1.0,
     ) -> None:
+        self.target: Target = parse(url, options)
         self.url = url
         self.retention = retention
-        self.location = mask_url(url)
+        self.location = self.target.location
         self.prefix = prefix
-        self.keys = Keys(prefix)
-        self.client: redis.Redis = client or redis.Redis.from_url(
-            url,
-            decode_responses=True,
-            socket_connect_timeout=5,
-            socket_timeout=30,
-            health_check_interval=30,
-            # Transitions are de-duplicated by id, so retrying them is safe.
-            retry=Retry(ExponentialWithJitterBackoff(cap=1.0, base=0.05), 3),
-        )
+        self.keys = Keys(prefix, shards)
+        self.cluster = self.target.kind == "cluster"
+        if wait_replicas and self.cluster:
+            raise SagaDefinitionError(
+                "saga_redis_wait_replicas is not supported on a Redis Cluster store; use a primary with "
+                "replicas under Sentinel, or set it to 0"
+            )
+        self.wait_replicas = wait_replicas
+        self.wait_timeout_ms = max(1, round(wait_timeout * 1000))
+        self.client: Any = client or connect(self.target)
         source = resources.files(__package__).joinpath("transitions.lua").read_text()
-        self._script = self.client.register_script(source)
-        self._index_script = self.client.register_script(_INDEX_LUA)
-        self._claim_script = self.client.register_script(_CLAIM_LUA)
-        self._rescore_script = self.client.register_script(_RESCORE_LUA)
+        self._script: Script = self.client.register_script(source)
+        self._shard_script: Script = self.client.register_script(_SHARD_LUA)
+        self._claim_script: Script = self.client.register_script(_CLAIM_LUA)
+        self._rescore_script: Script = self.client.register_script(_RESCORE_LUA)
+        self._epoch: str | None = None
+        self._reset_logged: set[str] = set()
+
+    # -- calling Redis -------------------------------------------------------
 
     def _call(self, fn: Callable[[], T]) -> T:
+        """Run ``fn``, turning Redis's errors into the store's (see the module docstring)."""
         try:
             return fn()
+        except redis.exceptions.NoPermissionError as exc:
+            raise SagaStoreMisconfigured(self.location, exc) from exc
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             raise SagaStoreUnavailable(self.location, exc) from exc
+        except _TRANSIENT_TYPES as exc:
+            raise SagaStoreUnavailable(self.location, exc, reachable=True) from exc
+        except redis.ResponseError as exc:
+            codes = _codes(exc)
+            if codes & set(_MISCONFIGURED) or _ACL_IN_SCRIPT in str(exc):
+                raise SagaStoreMisconfigured(self.location, self._explained(exc)) from exc
+            if codes & set(_TRANSIENT) or "MOVED" in codes or "ASK" in codes:
+                raise SagaStoreUnavailable(self.location, exc, reachable=True) from exc
+            raise
+
+    def _explained(self, exc: redis.ResponseError) -> Exception:
+        """The error, naming the command a script could not run: Redis names only the script's line."""
+        found = _SCRIPT_LINE.search(str(exc))
+        scripts = (self._script, self._shard_script, self._claim_script, self._rescore_script)
+        sources = {s.sha: str(s.script) for s in scripts}
+        if found is None or found["sha"] not in sources:
+            return exc
+        lines = sources[found["sha"]].splitlines()
+        line = int(found["line"])
+        command = _REDIS_CALL.search(lines[line - 1]) if 0 < line <= len(lines) else None
+        if command is None:
+            return exc
+        return redis.exceptions.NoPermissionError(
+            f"NOPERM the saga user may not run the {command[1].lower()!r} command (script line {line}): {exc}"
+        )
+
+    def _shard_call(
+        self,
+        saga_id: str,
+        name: str = "",
+        move: tuple[str, str] | None = None,
+        retention: float = 0.0,
+        watch_at: float | None = None,
+        unwatch: bool = False,
+    ) -> ShardCall:
+        """KEYS and ARGV of `_SHARD_LUA` for one saga: a status move ``(old, new)``, a deadline entry, or both."""
+        k, shard = self.keys, self.keys.shard_of(saga_id)
+        now_ms = time.time() * 1000
+        old, new = move if move is not None else ("", "")
+        old = old or new
+        trim = f"{now_ms - retention * 1000:.0f}" if retention > 0 else ""
+        keys = [
+            k.status_index(shard, old),
+            k.name_index(shard, name, old),
+            k.status_index(shard, new),
+            k.name_index(shard, name, new),
+            k.names(shard),
+            k.due(shard),
+        ]
+        watch = "" if watch_at is None else f"{watch_at * 1000:.0f}"
+        args = [saga_id, f"{now_ms:.0f}", name, "1" if move else "", trim, watch, "1" if unwatch else ""]
+        return keys, args
 
     def _run(
         self,
@@ -123,125 +262,178 @@ class RedisSagaStore(SagaStore):
         index_first: tuple[str, str, str] | None = None,
         watch_at: float | None = None,
     ) -> str:
-        keys, argv = [self.keys.record(saga_id)], [op.value, tx, gen, *args]
+        transition: Call = (self._script, [self.keys.record(saga_id)], [op.value, tx, gen, *args])
+        calls: list[Call] = []
         if index_first is not None or watch_at is not None:
-            move = self._index_call(saga_id, *index_first, 0.0) if index_first is not None else None
-            reply: Any = self._call(lambda: self._pipelined(saga_id, watch_at, move, (keys, argv)))
-        else:
-            reply = self._call(lambda: self._script(keys=keys, args=argv))
-        return str(reply)
+            name, old, new = index_first if index_first is not None else ("", "", "")
+            move = (old, new) if index_first is not None else None
+            calls.append((self._shard_script, *self._shard_call(saga_id, name, move, watch_at=watch_at)))
+        calls.append(transition)
+        return str(self._call(lambda: self._execute(calls, wait=True)))
 
-    def _pipelined(
-        self,
-        saga_id: str,
-        watch_at: float | None,
-        move: tuple[list[str], list[str]] | None,
-        transition: tuple[list[str], list[str]],
-    ) -> Any:
-        """A deadline registration and an index move, then a transition, in one round trip.
+    def _execute(self, calls: list[Call], wait: bool = False) -> Any:
+        """Run script calls in order and return the last one's reply.
 
-        Returns the transition's reply. redis-py's pipelines ask SCRIPT EXISTS
-        before running scripts, which would cost the round trip this saves:
-        send EVALSHA directly, and load the scripts only if Redis forgot them
-        (a restart).
+        On one server, in one pipelined round trip, with a ``WAIT`` after
+        them when replicas must have the writes (WAIT covers the writes of
+        its own connection, which the pipeline shares). On a cluster, one
+        call at a time: they are in different hash slots.
         """
-        scripts = [(self._index_script.sha, move)] if move is not None else []
-        scripts.append((self._script.sha, transition))
+        if self.cluster:
+            reply: Any = None
+            for script, keys, args in calls:
+                reply = script(keys=keys, args=args)
+            return reply
+        waits = wait and self.wait_replicas > 0
+        # redis-py's pipelines ask SCRIPT EXISTS before running scripts, which
+        # would cost the round trip this saves: send EVALSHA directly, and
+        # load the scripts only if Redis forgot them (a restart).
         for attempt in (1, 2):
             pipe = self.client.pipeline(transaction=False)
-            if watch_at is not None:
-                # LT: a registration only ever moves the sweeper's look earlier.
-                pipe.zadd(self.keys.deadline_shard(saga_id), {saga_id: round(watch_at * 1000)}, lt=True)
-            for sha, (keys, args) in scripts:
-                pipe.evalsha(sha, len(keys), *keys, *args)
+            for script, keys, args in calls:
+                pipe.evalsha(script.sha, len(keys), *keys, *args)
+            if waits:
+                pipe.execute_command("WAIT", self.wait_replicas, self.wait_timeout_ms)
             results: list[Any] = pipe.execute(raise_on_error=False)
             if attempt == 1 and any(isinstance(r, redis.exceptions.NoScriptError) for r in results):
-                # Safe to send again: index moves are idempotent and the
+                # Safe to send again: index moves are idempotent and a
                 # transition is de-duplicated by its id.
-                self.client.script_load(self._index_script.script)
-                self.client.script_load(self._script.script)
+                for script, _, _ in calls:
+                    self.client.script_load(script.script)
                 continue
             for r in results:
                 if isinstance(r, Exception):
                     raise r
-            return results[-1]
+            if waits and int(results[-1]) < self.wait_replicas:
+                raise SagaStoreUnavailable(
+                    self.location,
+                    reachable=True,
+                    detail=f"the write reached {results[-1]} of the {self.wait_replicas} replica(s) "
+                    f"saga_redis_wait_replicas asks for within {self.wait_timeout_ms} ms",
+                )
+            return results[len(calls) - 1]
         raise AssertionError("unreachable")
 
-    def _load(self, saga_id: str) -> dict[str, str] | None:
-        try:
-            raw: dict[str, str] = self._call(lambda: self.client.hgetall(self.keys.record(saga_id)))  # type: ignore[arg-type,return-value]
-        except redis.ResponseError as exc:  # e.g. WRONGTYPE: the key is not a hash
-            raise SagaRecordCorrupt(saga_id, str(exc)) from exc
-        return raw or None
+    def new_tx(self) -> str:
+        # "!": a replay writes its reply again, so that the WAIT after it
+        # covers the first write (see transitions.lua).
+        tx = super().new_tx()
+        return f"!{tx}" if self.wait_replicas else tx
 
-    def _index_call(self, saga_id: str, name: str, old: str, new: str, retention: float) -> tuple[list[str], list[str]]:
-        now_ms = time.time() * 1000
-        if not old:
-            old = new
-        trim = f"{now_ms - retention * 1000:.0f}" if retention > 0 else ""
-        k = self.keys
-        keys = [k.status_index(old), k.name_index(name, old), k.status_index(new), k.name_index(name, new), k.names()]
-        return keys, [saga_id, f"{now_ms:.0f}", name, trim]
+    # -- the store's meta data: epoch and shards -------------------------------
 
-    def _index(self, saga_id: str, name: str, old: str, new: str, retention: float, unwatch: bool = False) -> None:
-        keys, args = self._index_call(saga_id, name, old, new, retention)
-        if not unwatch:
-            self._call(lambda: self._index_script(keys=keys, args=args))
-            return
+    def epoch(self) -> str:
+        """The store's epoch, made when the store is first used; checks the shard count against the store's."""
+        if self._epoch is None:
+            self.check_server()
+            self._epoch = self._read_meta(create=True)
+        return self._epoch
 
-        def run() -> None:
-            pipe = self.client.pipeline(transaction=False)
-            pipe.evalsha(self._index_script.sha, len(keys), *keys, *args)
-            pipe.zrem(self.keys.deadline_shard(saga_id), saga_id)
-            results = pipe.execute(raise_on_error=False)
-            if isinstance(results[0], redis.exceptions.NoScriptError):
-                self._index_script(keys=keys, args=args)
-            elif isinstance(results[0], Exception):
-                raise results[0]
-
-        self._call(run)
-
-    def claim_due(self, limit: int, lease: float) -> list[tuple[str, str]]:
-        shards = self.keys.deadline_shards()
-        per_shard = max(1, limit // len(shards))
-        lease_ms = f"{lease * 1000:.0f}"
+    def _read_meta(self, create: bool) -> str:
+        key = self.keys.meta()
 
         def run() -> list[Any]:
-            for attempt in (1, 2):
-                pipe = self.client.pipeline(transaction=False)
-                for shard in shards:
-                    pipe.evalsha(self._claim_script.sha, 1, shard, lease_ms, per_shard)
-                results: list[Any] = pipe.execute(raise_on_error=False)
-                if attempt == 1 and any(isinstance(r, redis.exceptions.NoScriptError) for r in results):
-                    # Claims are leases, so claiming again is harmless.
-                    self.client.script_load(self._claim_script.script)
-                    continue
-                return results
-            raise AssertionError("unreachable")
+            pipe = self.client.pipeline(transaction=False)
+            if create:
+                pipe.hsetnx(key, "epoch", uuid.uuid4().hex[:12])
+                pipe.hsetnx(key, "shards", str(self.keys.shards))
+            pipe.hmget(key, "epoch", "shards")
+            return list(pipe.execute())
 
-        claimed: list[tuple[str, str]] = []
-        for reply in self._call(run):
-            if isinstance(reply, Exception):
-                raise reply
-            claim = str(reply[0])
-            claimed.extend((str(saga_id), claim) for saga_id in reply[1:])
-        return claimed
+        epoch, shards = self._call(run)[-1]
+        if shards is not None and int(shards) != self.keys.shards:
+            raise SagaDefinitionError(
+                f"saga_index_shards is {self.keys.shards} here, but the saga store {self.where()} was set up "
+                f"with {shards}: every process must use the same number; set saga_index_shards = {shards}"
+            )
+        return str(epoch or "")
 
-    def rescore(self, saga_id: str, claim: str, next_deadline: str) -> None:
-        shard = self.keys.deadline_shard(saga_id)
-        self._call(lambda: self._rescore_script(keys=[shard], args=[saga_id, claim, next_deadline]))
+    def was_reset(self, since: str | None = None) -> bool:
+        """True if the store lost its data since epoch ``since`` (default: the one this process saw first).
 
-    def watched(self, saga_id: str) -> float | None:
-        """When sweepers next look at ``saga_id`` (epoch seconds), or None if it is not in the deadline index."""
-        score = self._call(lambda: self.client.zscore(self.keys.deadline_shard(saga_id), saga_id))
-        return None if score is None else float(score) / 1000
+        Logs an ERROR the first time a reset is seen, once per epoch.
+        """
+        known = since or self._epoch
+        if not known:
+            return False
+        current = self._read_meta(create=False)
+        if current == known:
+            return False
+        if current not in self._reset_logged:
+            self._reset_logged.add(current)
+            logger.error(
+                "the saga store %s was reset (its epoch %s is %s): it restarted without persistence, was "
+                "flushed, or evicted keys. Sagas started before are lost and their completed steps are not "
+                "compensated; see docs/deployments.md",
+                self.where(),
+                known,
+                current or "gone",
+            )
+        if not current:
+            self._epoch = None
+        return True
+
+    # -- what the server is -----------------------------------------------------
+
+    def _servers(self) -> list[redis.Redis]:
+        """A client for each server holding saga data: the primaries of a cluster, or the one server."""
+        if self.cluster:
+            return [node.redis_connection for node in self.client.get_primaries()]
+        return [self.client]
+
+    def check_server(self) -> None:
+        """Raise SagaStoreMisconfigured if a server is older than the store needs (Redis 6.2, Valkey 7.2).
+
+        Needs INFO; a user without it is not checked here (a command the old
+        server lacks then fails when it is first used).
+        """
+        for server in self._servers():
+            try:
+                info = self._call(functools.partial(server.info, "server"))
+            except SagaStoreMisconfigured:
+                return
+            version = str(info.get("redis_version", "0"))
+            if tuple(int(x) for x in version.split(".")[:2] if x.isdigit()) < (6, 2):
+                raise SagaStoreMisconfigured(
+                    self.location,
+                    RuntimeError(f"Redis {version} is too old: the saga store needs Redis 6.2 or Valkey 7.2 or later"),
+                )
+
+    def health_warnings(self) -> list[str]:
+        """What about the store's servers can lose sagas: no persistence, or eviction of keys without a TTL."""
+        warnings: list[str] = []
+        for server in self._servers():
+            try:
+                if server.exists(PRIVATE_SERVER_KEY):
+                    continue  # celery_saga's own private server (the demo's, the tests'): data is throwaway
+                config = {**server.config_get("maxmemory-policy"), **server.config_get("appendonly")}
+                config.update(server.config_get("save"))
+            except redis.RedisError as exc:
+                logger.debug("celery_saga: cannot read the saga store's configuration: %s", exc)
+                continue
+            where = f"the saga store's server {server.get_connection_kwargs().get('host', '?')}"
+            policy = str(config.get("maxmemory-policy", ""))
+            if policy.startswith("allkeys-"):
+                warnings.append(
+                    f"{where} has maxmemory-policy {policy}: when full it evicts keys without a TTL, such as "
+                    f"running sagas' records, which are then lost. Use noeviction (or volatile-*)"
+                )
+            if config.get("appendonly") != "yes" and not str(config.get("save", "")).strip():
+                warnings.append(
+                    f"{where} keeps nothing on disk (no AOF, no RDB save points): a restart loses every saga "
+                    f"record. Set appendonly yes"
+                )
+        return warnings
+
+    # -- records -------------------------------------------------------------
+
+    def _load(self, saga_id: str) -> dict[str, str] | None:
+        raw: dict[str, str] = self._call(lambda: self.client.hgetall(self.keys.record(saga_id)))
+        return raw or None
 
     def status(self, saga_id: str) -> SagaStatus:
         # One field, not the whole record: SagaResult.get polls this.
-        try:
-            raw = self._call(lambda: self.client.hget(self.keys.record(saga_id), "status"))
-        except redis.ResponseError as exc:  # e.g. WRONGTYPE: the key is not a hash
-            raise SagaRecordCorrupt(saga_id, str(exc)) from exc
+        raw = self._call(lambda: self.client.hget(self.keys.record(saga_id), "status"))
         if raw is None:
             raise SagaNotFound(saga_id, self.where())
         try:
@@ -249,19 +441,33 @@ class RedisSagaStore(SagaStore):
         except ValueError as exc:
             raise SagaRecordCorrupt(saga_id, f"unknown status {raw!r}") from exc
 
-    def close(self) -> None:
-        self.client.close()
-        self.client.connection_pool.disconnect()
+    def load_many(self, saga_ids: Sequence[str]) -> list[dict[str, str] | None]:
+        def run() -> list[Any]:
+            pipe = self.client.pipeline(transaction=False)
+            for saga_id in saga_ids:
+                pipe.hgetall(self.keys.record(saga_id))
+            return list(pipe.execute(raise_on_error=False))
 
-    def ping(self) -> None:
-        self._call(self.client.ping)
+        # A key of the wrong type comes back as an error: report it as an empty record.
+        return [raw if isinstance(raw, dict) and raw else None for raw in self._call(run)]
+
+    def delete(self, saga_id: str) -> None:
+        self._call(lambda: self.client.delete(self.keys.record(saga_id)))
+
+    # -- indexes ---------------------------------------------------------------
+
+    def _index(self, saga_id: str, name: str, old: str, new: str, retention: float, unwatch: bool = False) -> None:
+        keys, args = self._shard_call(saga_id, name, (old, new), retention, unwatch=unwatch)
+        self._call(lambda: self._execute([(self._shard_script, keys, args)]))
 
     def _unindex(self, saga_id: str, name: str, status: str) -> None:
+        shard = self.keys.shard_of(saga_id)
+
         def run() -> None:
             pipe = self.client.pipeline(transaction=False)
-            pipe.zrem(self.keys.status_index(status), saga_id)
+            pipe.zrem(self.keys.status_index(shard, status), saga_id)
             if name:
-                pipe.zrem(self.keys.name_index(name, status), saga_id)
+                pipe.zrem(self.keys.name_index(shard, name, status), saga_id)
             pipe.execute()
 
         self._call(run)
@@ -269,39 +475,112 @@ class RedisSagaStore(SagaStore):
     def list_ids(
         self, status: SagaStatus, name: str | None = None, limit: int = 100, since: float | None = None
     ) -> list[str]:
-        key = self.keys.name_index(name, status.value) if name else self.keys.status_index(status.value)
         low = f"{since * 1000:.0f}" if since is not None else "-inf"
-        ids: list[str] = self._call(
-            lambda: self.client.zrevrangebyscore(key, "+inf", low, start=0, num=max(limit, 1))  # type: ignore[arg-type,return-value]
-        )
-        return ids
+        k, want = self.keys, max(limit, 1)
 
-    def counts(self) -> dict[str, dict[str, int]]:
-        members: set[str] = self._call(lambda: self.client.smembers(self.keys.names()))  # type: ignore[arg-type,return-value]
-        names = sorted(members)
-        low = f"{(time.time() - self.retention) * 1000:.0f}" if self.retention > 0 else "-inf"
-        statuses = [s.value for s in SagaStatus]
-
-        def run() -> list[int]:
-            pipe = self.client.pipeline(transaction=False)
-            for name in names:
-                for status in statuses:
-                    expiring = status in ("COMPLETED", "COMPENSATED")
-                    pipe.zcount(self.keys.name_index(name, status), low if expiring else "-inf", "+inf")
-            return pipe.execute()
-
-        sizes = iter(self._call(run))
-        return {name: {status: int(next(sizes)) for status in statuses} for name in names}
-
-    def load_many(self, saga_ids: Sequence[str]) -> list[dict[str, str] | None]:
         def run() -> list[Any]:
             pipe = self.client.pipeline(transaction=False)
-            for saga_id in saga_ids:
-                pipe.hgetall(self.keys.record(saga_id))
-            return pipe.execute(raise_on_error=False)
+            for shard in range(k.shards):
+                key = k.name_index(shard, name, status.value) if name else k.status_index(shard, status.value)
+                pipe.zrevrangebyscore(key, "+inf", low, start=0, num=want, withscores=True)
+            return list(pipe.execute())
 
-        # A key of the wrong type comes back as an error: report it as an empty record.
-        return [raw if isinstance(raw, dict) and raw else None for raw in self._call(run)]
+        # Newest first across the shards: each shard's newest, merged.
+        entries = sorted((e for shard in self._call(run) for e in shard), key=lambda e: (e[1], e[0]), reverse=True)
+        return [str(saga_id) for saga_id, _ in entries[:want]]
 
-    def delete(self, saga_id: str) -> None:
-        self._call(lambda: self.client.delete(self.keys.record(saga_id)))
+    def counts(self) -> dict[str, dict[str, int]]:
+        k = self.keys
+
+        def names() -> list[Any]:
+            pipe = self.client.pipeline(transaction=False)
+            for shard in range(k.shards):
+                pipe.smembers(k.names(shard))
+            return list(pipe.execute())
+
+        by_shard = [sorted(members) for members in self._call(names)]
+        low = f"{(time.time() - self.retention) * 1000:.0f}" if self.retention > 0 else "-inf"
+        statuses = [s.value for s in SagaStatus]
+        finished = (SagaStatus.COMPLETED.value, SagaStatus.COMPENSATED.value)
+
+        def sizes() -> list[Any]:
+            pipe = self.client.pipeline(transaction=False)
+            for shard, shard_names in enumerate(by_shard):
+                for name in shard_names:
+                    for status in statuses:
+                        pipe.zcount(k.name_index(shard, name, status), low if status in finished else "-inf", "+inf")
+            return list(pipe.execute())
+
+        counted = iter(self._call(sizes))
+        totals: dict[str, dict[str, int]] = {}
+        for shard_names in by_shard:
+            for name in shard_names:
+                row = totals.setdefault(name, dict.fromkeys(statuses, 0))
+                for status in statuses:
+                    row[status] += int(next(counted))
+        return dict(sorted(totals.items()))
+
+    # -- the deadline index ----------------------------------------------------
+
+    def claim_due(self, limit: int, lease: float) -> list[tuple[str, str]]:
+        k = self.keys
+        per_shard = max(1, limit // k.shards)
+        lease_ms = f"{lease * 1000:.0f}"
+        shards = list(range(k.shards))
+        if self.cluster:
+            # One script call per shard is a round trip per slot: look first,
+            # with plain reads the cluster pipeline groups by node, and claim
+            # only where something is due (the claim checks the store clock).
+            def peek() -> list[Any]:
+                pipe = self.client.pipeline(transaction=False)
+                for shard in shards:
+                    pipe.zrangebyscore(k.due(shard), "-inf", f"{time.time() * 1000 + 1000:.0f}", start=0, num=1)
+                return list(pipe.execute())
+
+            shards = [shard for shard, due in zip(shards, self._call(peek), strict=True) if due]
+        calls: list[Call] = [(self._claim_script, [k.due(shard)], [lease_ms, str(per_shard)]) for shard in shards]
+        claimed: list[tuple[str, str]] = []
+        for reply in self._call(lambda: self._claim_all(calls)):
+            claim = str(reply[0])
+            claimed.extend((str(saga_id), claim) for saga_id in reply[1:])
+        return claimed
+
+    def _claim_all(self, calls: list[Call]) -> list[Any]:
+        if self.cluster:
+            return [script(keys=keys, args=args) for script, keys, args in calls]
+        if not calls:
+            return []
+        for attempt in (1, 2):
+            pipe = self.client.pipeline(transaction=False)
+            for script, keys, args in calls:
+                pipe.evalsha(script.sha, len(keys), *keys, *args)
+            results: list[Any] = pipe.execute(raise_on_error=False)
+            if attempt == 1 and any(isinstance(r, redis.exceptions.NoScriptError) for r in results):
+                # Claims are leases, so claiming again is harmless.
+                self.client.script_load(self._claim_script.script)
+                continue
+            for r in results:
+                if isinstance(r, Exception):
+                    raise r
+            return results
+        raise AssertionError("unreachable")
+
+    def rescore(self, saga_id: str, claim: str, next_deadline: str) -> None:
+        due = self.keys.due(self.keys.shard_of(saga_id))
+        self._call(lambda: self._rescore_script(keys=[due], args=[saga_id, claim, next_deadline]))
+
+    def watched(self, saga_id: str) -> float | None:
+        """When sweepers next look at ``saga_id`` (epoch seconds), or None if it is not in the deadline index."""
+        due = self.keys.due(self.keys.shard_of(saga_id))
+        score = self._call(lambda: self.client.zscore(due, saga_id))
+        return None if score is None else float(score) / 1000
+
+    # -- the connection ----------------------------------------------------------
+
+    def close(self) -> None:
+        self.client.close()
+        if not self.cluster:
+            self.client.connection_pool.disconnect()
+
+    def ping(self) -> None:
+        self._call(self.client.ping)

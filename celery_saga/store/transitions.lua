@@ -6,6 +6,9 @@ CALLING CONVENTION
   ARGV[2]   transition id, "" for none. redis-py retries a command after a
             timeout, so a transition may arrive twice: the first reply is
             kept under "tx:<id>" and returned again instead of re-applying.
+            An id starting with "!" (a store that WAITs for replicas) also
+            writes that reply again, so that the WAIT after the call covers
+            the first write, which may not have reached a replica yet.
   ARGV[3]   the start generation the caller acts for ("*": whatever is
             current, for operators and sweepers). A message from a start
             whose publish failed must not act on a later start.
@@ -26,7 +29,8 @@ REPLY: one JSON object (store/protocol.py: Transition.from_reply)
   attempt        run: the attempt that begins; backoff/gave_up: the one that failed
   stage, plan_digest, data   next_stage: the stage to publish and its data
                  ([start kwargs, results of earlier stages ...], folded by the caller)
-  callback       completed: the on_complete signature (JSON) or ""
+  callback       completed: the on_complete signature (JSON) or ""; swept: the end
+                 callback of a finished saga nobody marked sent (send it)
   next_deadline  swept: the record's next deadline (ms) or ""
   step_status    duplicate (of a forward step): what the record has
   name, gen      ops called with generation "*": the record's
@@ -36,7 +40,8 @@ OPS, in lifecycle order
   start          Saga.apply_async                 no record, or a failed start      created | exists | conflict
   abort          Saga.apply_async, publish failed PENDING; or a stage-0 sibling ran rollback | aborted
   begin          step wrapper, before the call    step DISPATCHED, RUNNING          run | busy | fenced | duplicate | not_dispatched
-  done           step wrapper, after a return     step RUNNING (UNKNOWN: late)      wait | next_stage | completed | rollback | late | duplicate
+  done           step wrapper, after a return     step RUNNING, DISPATCHED (a lost  wait | next_stage | completed | rollback | late | duplicate
+                                                  begin); UNKNOWN, CANCELLED: late
   fail           wrapper; main process (revoked)  step RUNNING, DISPATCHED          rollback | late | duplicate
   lost           wrapper (time limit); main proc. step RUNNING, DISPATCHED          rollback | late | duplicate
                  (lost worker, hard time limit)
@@ -45,8 +50,9 @@ OPS, in lifecycle order
   cancel         SagaResult.cancel                PENDING, RUNNING, COMPENSATING    rollback | finished
   comp_begin     wrapper, before a compensation   compensation DISPATCHED, RUNNING, RETRYING
                                                                                     run | busy | duplicate | not_dispatched
-  comp_done      wrapper, after it returned       compensation RUNNING, RETRYING    rollback | recorded | duplicate
-  comp_fail      wrapper; main process (lost)     compensation RUNNING              backoff | gave_up | duplicate
+  comp_done      wrapper, after it returned       compensation RUNNING, RETRYING,   rollback | recorded | duplicate
+                                                  DISPATCHED (a lost comp_begin)
+  comp_fail      wrapper; main process (lost)     compensation RUNNING, DISPATCHED  backoff | gave_up | duplicate
   callback_sent  whoever sent on_complete/on_failure   a finished saga              recorded
   retry          retry_saga (operator)            FAILED, a compensation GAVE_UP    rollback | not_allowed
   purge          purge_saga (operator)            COMPLETED, COMPENSATED, FAILED    purged | not_allowed
@@ -93,7 +99,10 @@ local op, tx, gen = ARGV[1], ARGV[2], ARGV[3]
 
 if tx ~= '' then
   local prev = redis.call('HGET', K, 'tx:' .. tx)
-  if prev then return prev end
+  if prev then
+    if string.sub(tx, 1, 1) == '!' then redis.call('HSET', K, 'tx:' .. tx, prev) end
+    return prev
+  end
 end
 
 local clock = redis.call('TIME')
@@ -238,6 +247,21 @@ end
 -- at least that far away. So the sweeper's index entry, rescored with this
 -- value, never wakes after a deadline that did not exist when it was scored,
 -- and transitions that dispatch need not register anything.
+-- The end callback of a finished saga that is not marked sent: its
+-- signature, once CALLBACK_GRACE_MS have passed since the saga ended (the
+-- process that ended it sends it at once, unless it died first).
+local CALLBACK_GRACE_MS = 10000
+
+local function pending_callback()
+  if hget('cbs') == '1' then return nil end
+  local sig
+  if live == 'COMPLETED' then sig = hget('cb_ok') elseif live == 'COMPENSATED' or live == 'FAILED' then
+    sig = hget('cb_fail')
+  end
+  if not sig or sig == '' then return nil end
+  return sig
+end
+
 local function next_deadline()
   local best = nil
   local function consider(x)
@@ -246,6 +270,7 @@ local function next_deadline()
   end
   local st = live
   if st == 'PENDING' or st == 'RUNNING' then consider(hget('sdl')) end
+  if pending_callback() then consider(num(hget('status_at')) + CALLBACK_GRACE_MS) end
   local shortest = nil
   each_step(function(m)
     local s = hget('s:' .. m)
@@ -482,6 +507,16 @@ local function finished(st)
   return st == 'COMPLETED' or st == 'COMPENSATED' or st == 'FAILED'
 end
 
+-- An outcome for a step the record shows DISPATCHED: its begin was lost (a
+-- failover dropped the write), and it ran. Record the begin it had.
+-- Returns the saga status before, if this took it from PENDING to RUNNING.
+local function begun_after_all(m)
+  redis.call('HINCRBY', K, 'a:' .. m, 1)
+  redis.call('HSETNX', K, 't0:' .. m, NOW)
+  if live == 'PENDING' then return set_status('RUNNING') end
+  return false
+end
+
 -- -- the ops, in lifecycle order ----------------------------------------------
 
 local OPS = {}
@@ -589,10 +624,12 @@ end
 OPS.done = function()
   local m = ARGV[4]
   local s = hget('s:' .. m)
-  if s == 'UNKNOWN' and not hget('ls:' .. m) then
+  if (s == 'UNKNOWN' or s == 'CANCELLED') and not hget('ls:' .. m) then
     -- A late success: the step was compensated blind (or is being), so its
     -- effect may be left. Compensate it again with its real result, in a
     -- second round once the first has ended. The saga status stays.
+    -- CANCELLED means fenced before it began; an outcome means its begin
+    -- was lost (a failover dropped the write), and it ran after all.
     redis.call('HSET', K, 'ls:' .. m, 'COMPLETED', 'lr:' .. m, ARGV[5], 'lt:' .. m, NOW)
     local out = {}
     if hget('comp:' .. m) and not hget('cs2:' .. m) then
@@ -605,17 +642,23 @@ OPS.done = function()
     end
     return remember(respond('late', false, {due = out}))
   end
-  if s ~= 'RUNNING' then return respond('duplicate', nil, {step_status = s or ''}) end
+  local changed = false
+  if s == 'DISPATCHED' then
+    changed = begun_after_all(m)
+  elseif s ~= 'RUNNING' then
+    return respond('duplicate', nil, {step_status = s or ''})
+  end
   redis.call('HSET', K, 's:' .. m, 'COMPLETED', 'r:' .. m, ARGV[5], 't1:' .. m, NOW)
-  if status == 'RUNNING' then
+  if live == 'RUNNING' then
     local left = redis.call('HINCRBY', K, 'left', -1)
-    if left > 0 then return remember(respond('wait')) end
+    if left > 0 then return remember(respond('wait', changed)) end
     -- The last step of the stage to finish dispatches the next stage: the
     -- join lives here, not in a chord, so a lost header task cannot hang it.
     local k = num(hget('stage')) + 1
     local st = stages()
     if k >= #st then
-      return remember(respond('completed', finish('COMPLETED'), {callback = hget('cb_ok') or ''}))
+      local ended = finish('COMPLETED')
+      return remember(respond('completed', changed or ended, {callback = hget('cb_ok') or ''}))
     end
     redis.call('HSET', K, 'stage', k, 'left', #st[k + 1])
     for _, n in ipairs(st[k + 1]) do dispatch_step(n) end
@@ -629,14 +672,14 @@ OPS.done = function()
       end
     end
     local data = '"data":[' .. table.concat(parts, ',') .. ']'
-    return remember(respond('next_stage', false, {stage = k, plan_digest = hget('ph')}, data))
+    return remember(respond('next_stage', changed, {stage = k, plan_digest = hget('ph')}, data))
   end
-  if status == 'COMPENSATING' then
+  if live == 'COMPENSATING' then
     -- A sibling that was still running when another failed: undo it now.
     local out = {}
-    return remember(respond('rollback', settle(out, false), {due = out}))
+    return remember(respond('rollback', settle(out, changed), {due = out}))
   end
-  return remember(respond('late'))
+  return remember(respond('late', changed))
 end
 
 -- fail ARGV: 4 step, 5 error. lost ARGV: 4 step, 5 error, 6 why ("timeout"
@@ -688,7 +731,13 @@ end
 OPS.sweep = function()
   local out = {}
   local changed = apply_deadlines(out, num(ARGV[4]) or 0)
-  local text = respond('swept', changed, {due = out, next_deadline = next_deadline()})
+  local fields = {due = out, next_deadline = next_deadline()}
+  local sig = pending_callback()
+  if sig and not changed and num(NOW) >= num(hget('status_at')) + CALLBACK_GRACE_MS then
+    -- Whoever ended the saga died before sending its callback: send it now.
+    fields.callback = sig
+  end
+  local text = respond('swept', changed, fields)
   -- Most sweeps find nothing due: keep no reply for those (nothing to redo).
   if not changed and #out == 0 then return text end
   return remember(text)
@@ -725,7 +774,9 @@ end
 OPS.comp_done = function()
   local m, r = ARGV[4], ARGV[5]
   local cs = hget(cf('cs', m, r))
-  if cs ~= 'RUNNING' and cs ~= 'RETRYING' then return respond('duplicate') end
+  -- DISPATCHED: its comp_begin was lost (a failover), and it ran.
+  if cs ~= 'RUNNING' and cs ~= 'RETRYING' and cs ~= 'DISPATCHED' then return respond('duplicate') end
+  if cs == 'DISPATCHED' then redis.call('HINCRBY', K, cf('ca', m, r), 1) end
   redis.call('HSET', K, cf('cs', m, r), 'COMPENSATED', cf('ct1', m, r), NOW)
   if r == '2' then return remember(respond('recorded')) end
   redis.call('HINCRBY', K, 'copen', -1)
@@ -736,7 +787,10 @@ end
 -- ARGV: 4 step, 5 error, 6 round, 7 u, the jitter of its retry backoff.
 OPS.comp_fail = function()
   local m, r = ARGV[4], ARGV[6]
-  if hget(cf('cs', m, r)) ~= 'RUNNING' then return respond('duplicate') end
+  local cs = hget(cf('cs', m, r))
+  if cs ~= 'RUNNING' and cs ~= 'DISPATCHED' then return respond('duplicate') end
+  -- DISPATCHED: its comp_begin was lost (a failover); the attempt still counts.
+  if cs == 'DISPATCHED' then redis.call('HINCRBY', K, cf('ca', m, r), 1) end
   local failed = compensation_failed(m, r, ARGV[5], num(ARGV[7]) or 0)
   local out = {failed}
   local changed = false

@@ -11,7 +11,7 @@ from ..announce import configure_worker
 from ..errors import SagaError
 from ..plan import StepSpec
 from ..registry import sagas_of, step_meta
-from ..stores import settings_of
+from ..stores import settings_of, store_for
 from ..sweeper import SweeperThread
 from .apps import install, is_enabled
 
@@ -83,6 +83,9 @@ def _warn(app: Celery) -> None:
     """One WARNING per worker start, listing every configuration problem and the steps it affects."""
     try:
         lines = configuration_warnings(app)
+        store = store_for(app)
+        store.epoch()  # checks the server's version and the index shards, once
+        lines += store.health_warnings()
     except SagaError as exc:
         logger.error("celery_saga: %s", exc)
         return

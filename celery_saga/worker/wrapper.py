@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -22,7 +23,7 @@ from celery.exceptions import Ignore, Reject, Retry, SoftTimeLimitExceeded, Time
 
 from .. import codec
 from ..context import StepContext, current_step, reset_current, set_current
-from ..errors import SagaError, SagaStoreUnavailable, StepResultNotSerializable
+from ..errors import SagaError, SagaStoreMisconfigured, SagaStoreUnavailable, StepResultNotSerializable
 from ..follow import Delivery, follow
 from ..introspect import Params, params_of
 from ..messages import Headers, resend, task_id
@@ -36,8 +37,11 @@ logger = logging.getLogger("celery_saga")
 
 _WRAPPED: weakref.WeakSet[Task] = weakref.WeakSet()
 
-# Store outages are retried after 1, 2, 4 ... up to 60 seconds.
+# A message that cannot begin (the store cannot take the call) is re-sent
+# after 1, 2, 4 ... up to 60 seconds.
 _OUTAGE_RETRY_MAX = 60.0
+# An outcome is written again for this long before the message is re-sent.
+_OUTCOME_RETRY_FOR = 300.0
 
 
 def wrapped(task: Task) -> bool:
@@ -124,7 +128,10 @@ class _Message:
         self.delivery = Delivery(request.id, self.step, compensation=bool(request.get(Headers.UNDO)))
 
     def apply(self, store: SagaStore, op: Op, *args: str, first: bool = False) -> Transition:
-        """Apply ``op`` to this message's saga and follow it; a store outage re-sends the message."""
+        """Apply ``op`` before the function runs, and follow it; if the store cannot take it, re-send the message.
+
+        The function never runs without its record saying so.
+        """
         try:
             t = store.apply(op, self.saga_id, self.gen, self.name, *args, first=first)
             follow(self.task.app, store, t, self.delivery)
@@ -132,14 +139,63 @@ class _Message:
             raise self.retry_later(exc) from exc
         return t
 
+    def record(self, store: SagaStore, op: Op, *args: str) -> Transition:
+        """Record the outcome of a function that ran, until the store takes it, then follow it.
+
+        The effect is there: writing the outcome again (the same transition
+        id, so it applies once) beats running the function again. Only after
+        ``_OUTCOME_RETRY_FOR`` seconds is the message re-sent, to run again
+        under its idempotency key.
+        """
+        tx, pause = store.new_tx(), 0.05
+        give_up = time.monotonic() + _OUTCOME_RETRY_FOR
+        while True:
+            try:
+                t = store.apply(op, self.saga_id, self.gen, self.name, *args, tx=tx)
+                break
+            except SagaStoreUnavailable as exc:
+                if time.monotonic() + pause > give_up:
+                    raise self.retry_later(exc) from exc
+                _log_store_problem(self.saga_id, exc, f"recording the outcome of {self.what()} again")
+                time.sleep(pause)
+                pause = min(2.0, pause * 2)
+        if t.outcome is Outcome.DUPLICATE and op in (Op.DONE, Op.FAIL, Op.LOST):
+            logger.warning(
+                "saga %s: %s ended, but the record already has its outcome (%s): this run's outcome is dropped. "
+                "It ran more than once; its idempotency key %s is what keeps that harmless",
+                self.saga_id,
+                self.what(),
+                t.step_status.value if t.step_status else "?",
+                task_id(self.saga_id, self.step),
+            )
+        try:
+            follow(self.task.app, store, t, self.delivery)
+        except SagaStoreUnavailable as exc:
+            # The outcome is written: a re-sent copy finds it and re-publishes what follows.
+            raise self.retry_later(exc) from exc
+        return t
+
     def retry_later(self, exc: SagaStoreUnavailable) -> Retry:
-        """The store is down: send this message again with backoff; it never runs without a record."""
+        """The store cannot take the call: send this message again with backoff, never ack it away."""
         delay = min(_OUTAGE_RETRY_MAX, 2.0 ** min(int(self.request.retries or 0), 6))
-        logger.warning("saga %s: %s; retrying %s in %.0fs", self.saga_id, exc, self.task.name, delay)
+        _log_store_problem(self.saga_id, exc, f"retrying {self.task.name} in {delay:.0f}s")
         return resend(self.task, self.request, self.kwargs, delay, exc)
 
     def what(self) -> str:
         return f"compensation of {self.step!r}" if self.delivery.compensation else f"step {self.step!r}"
+
+
+_logged_problems: set[str] = set()
+
+
+def _log_store_problem(saga_id: str, exc: SagaStoreUnavailable, then: str) -> None:
+    """A store that cannot take a call: WARNING; one that refuses it (ACL, key type): ERROR, once per problem."""
+    if isinstance(exc, SagaStoreMisconfigured):
+        if str(exc) not in _logged_problems and len(_logged_problems) < 100:
+            _logged_problems.add(str(exc))
+            logger.error("saga %s: %s; %s until it is fixed", saga_id, exc, then)
+        return
+    logger.warning("saga %s: %s; %s", saga_id, exc, then)
 
 
 def _begin(message: _Message, op: Op, *args: str) -> tuple[SagaStore, Transition]:
@@ -160,7 +216,9 @@ def _begin(message: _Message, op: Op, *args: str) -> tuple[SagaStore, Transition
 
 def _log_not_run(store: SagaStore, message: _Message, t: Transition) -> None:
     saga_id, what = message.saga_id, message.what()
-    if t.outcome is Outcome.MISSING:
+    if t.outcome is Outcome.MISSING and store.was_reset(message.request.get(Headers.EPOCH)):
+        logger.error("saga %s: lost in the reset of the saga store; %s is not run", saga_id, what)
+    elif t.outcome is Outcome.MISSING:
         logger.error(
             "saga %s: no record for %s in %s; it never existed there or expired. Every worker "
             "must use the same saga_redis_url and saga_key_prefix as the app that started the saga",
@@ -199,16 +257,16 @@ def _forward(message: _Message, original: Any, params: Params) -> Any:
         raise
     except (TimeLimitExceeded, SoftTimeLimitExceeded) as exc:
         # Cut off mid-way: the effect is unknown, not absent.
-        message.apply(store, Op.LOST, message.step, error_text(exc), "timeout")
+        message.record(store, Op.LOST, message.step, error_text(exc), "timeout")
         raise
     except Reject as exc:
         if not exc.requeue:
-            message.apply(store, Op.FAIL, message.step, error_text(exc))
+            message.record(store, Op.FAIL, message.step, error_text(exc))
         raise
     except Ignore:
         raise
     except Exception as exc:
-        message.apply(store, Op.FAIL, message.step, error_text(exc))
+        message.record(store, Op.FAIL, message.step, error_text(exc))
         raise
     finally:
         reset_current(token)
@@ -219,17 +277,18 @@ def _forward(message: _Message, original: Any, params: Params) -> Any:
         # unknown and the step is compensated blind, not left as a failure.
         path, type_name = codec.unstorable(result, "result") or ("result", type(result).__name__)
         error = StepResultNotSerializable(message.step, path, type_name, codec.STORABLE)
-        message.apply(store, Op.LOST, message.step, error_text(error), "unstorable")
+        message.record(store, Op.LOST, message.step, error_text(error), "unstorable")
         raise error from exc
     # The effect happened: if the store is down now, the message is sent
     # again, and running again is what the step's idempotency key is for.
-    t = message.apply(store, Op.DONE, message.step, result_json)
+    t = message.record(store, Op.DONE, message.step, result_json)
     if t.outcome is Outcome.MISSING:
+        lost = store.was_reset(message.request.get(Headers.EPOCH))
         logger.warning(
-            "saga %s: step %r finished after its record expired (saga_retention) or was purged; "
-            "its effect is not compensated",
+            "saga %s: step %r finished after its record %s; its effect is not compensated",
             message.saga_id,
             message.step,
+            "was lost in a reset of the saga store" if lost else "expired (saga_retention) or was purged",
         )
     return result
 
@@ -257,7 +316,7 @@ def _compensate(message: _Message, original: Any, params: Params) -> Any:
     except Retry:
         raise
     except Exception as exc:
-        t = message.apply(store, Op.COMP_FAIL, message.step, error_text(exc), round_)
+        t = message.record(store, Op.COMP_FAIL, message.step, error_text(exc), round_)
         if t.outcome is Outcome.BACKOFF:
             # follow() has sent the next attempt; Retry only tells Celery so.
             delay = next(d.delay for d in t.due if d.step == message.step and d.attempt)
@@ -273,5 +332,5 @@ def _compensate(message: _Message, original: Any, params: Params) -> Any:
         raise
     finally:
         reset_current(token)
-    message.apply(store, Op.COMP_DONE, message.step, round_)
+    message.record(store, Op.COMP_DONE, message.step, round_)
     return result

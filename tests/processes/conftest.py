@@ -45,7 +45,7 @@ def procs(env: SimpleNamespace, tmp_path: Path, ns: str, r: redis.Redis) -> Iter
 @pytest.fixture
 def shop(env: SimpleNamespace) -> Iterator[SimpleNamespace]:
     """The test's side: the same tasks and sagas as the workers, to start sagas and read their records."""
-    s = proc_app.create(env.redis_url, env.prefix, env.queue)
+    s = proc_app.create(env.redis_url, env.prefix, env.queue, saga_conf=env.saga_conf)
     yield s
     s.app.close()
     s.client.close()

