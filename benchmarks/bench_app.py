@@ -6,7 +6,9 @@ environment:
 
 - ``BENCH_BROKER_URL``: broker, result backend and saga store (one Redis);
 - ``BENCH_QUEUE``: the queue every task of this run goes to;
-- ``BENCH_PREFIX``: the saga key prefix of this run.
+- ``BENCH_PREFIX``: the saga key prefix of this run;
+- ``BENCH_STORE_URL``: the saga store, if not the broker's Redis (a cluster);
+- ``BENCH_WAIT_REPLICAS``: ``saga_redis_wait_replicas`` (default 0).
 
 Called outside a saga the steps are plain tasks, so the same three tasks make
 the sagas (with and without deadlines) and the reference chain.
@@ -23,10 +25,13 @@ from celery_saga import Saga, saga_step, step
 BROKER_URL = os.environ.get("BENCH_BROKER_URL", "redis://127.0.0.1:6379/9")
 QUEUE = os.environ.get("BENCH_QUEUE", "bench")
 PREFIX = os.environ.get("BENCH_PREFIX", "bench")
+STORE_URL = os.environ.get("BENCH_STORE_URL") or BROKER_URL
 
 app = Celery("bench", broker=BROKER_URL, backend=BROKER_URL, set_as_current=False)
 app.conf.update(
     task_default_queue=QUEUE,
+    saga_redis_url=STORE_URL,
+    saga_redis_wait_replicas=int(os.environ.get("BENCH_WAIT_REPLICAS") or 0),
     task_serializer="json",
     result_serializer="json",
     accept_content=["json"],

@@ -12,7 +12,12 @@ Redis: ``REDIS_URL`` if set; else 127.0.0.1:6379 database 9 if it answers;
 else a private server. Every run uses its own queue and key prefix and only
 deletes its own keys.
 
-Usage: ``python benchmarks/overhead.py [--n 200] [--rounds 5]``
+``--store cluster`` puts the saga store on a 3-master Redis Cluster the
+script starts (the broker stays the plain Redis: kombu has no cluster
+transport); ``--wait-replicas 1`` puts it on a primary with a replica, and
+every transition WAITs for the replica.
+
+Usage: ``python benchmarks/overhead.py [--n 200] [--rounds 5] [--store cluster] [--wait-replicas 1]``
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ if str(ROOT) not in sys.path:
 
 from celery_saga.redis_server import RedisServer, redis_answers  # noqa: E402
 from celery_saga.store.redis import mask_url  # noqa: E402 - needs ROOT on sys.path
+from tests.deployments import Cluster, replica_online  # noqa: E402 - the test suite's own deployments
 
 TARGET = 0.9
 STEPS = 3
@@ -411,7 +417,50 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--monitor-n", type=int, default=50, help="sagas and chains in the MONITOR sample, 0 to skip (default 50)"
     )
+    parser.add_argument(
+        "--store",
+        choices=("redis", "cluster"),
+        default="redis",
+        help="the saga store: the broker's Redis (default), or a 3-master Redis Cluster the script starts",
+    )
+    parser.add_argument(
+        "--wait-replicas",
+        type=int,
+        default=0,
+        help="saga_redis_wait_replicas: with 1, the store is a primary with a replica the script starts",
+    )
     args = parser.parse_args(argv)
+    with saga_store(args.store, args.wait_replicas) as store_url:
+        if store_url:
+            # The store is not the broker's Redis: MONITOR and INFO of the broker would not see it.
+            print(f"saga store: {mask_url(store_url)}, saga_redis_wait_replicas={args.wait_replicas}")
+            os.environ.update(BENCH_STORE_URL=store_url, BENCH_WAIT_REPLICAS=str(args.wait_replicas))
+            args.monitor_n = 0
+        return run(args)
+
+
+@contextlib.contextmanager
+def saga_store(kind: str, wait_replicas: int) -> Iterator[str]:
+    """The saga store's URL when it is not the broker's Redis ("" when it is), started for the run."""
+    if kind == "cluster":
+        if wait_replicas:
+            raise SystemExit("--wait-replicas is not supported with --store cluster")
+        with Cluster() as cluster:
+            yield cluster.url
+    elif wait_replicas:
+        with contextlib.ExitStack() as stack:
+            primary = stack.enter_context(RedisServer(persist=True))
+            for _ in range(wait_replicas):
+                stack.enter_context(RedisServer(args=["--replicaof", "127.0.0.1", str(primary.port)]))
+            with redis.Redis(port=primary.port, decode_responses=True) as client:
+                while not replica_online(client):
+                    time.sleep(0.05)
+            yield primary.url
+    else:
+        yield ""
+
+
+def run(args: argparse.Namespace) -> int:
 
     ns = uuid.uuid4().hex[:10]
     queue, prefix = f"bench-q-{ns}", f"bench-{ns}"

@@ -45,7 +45,10 @@ def find_redis_server(prefer_package: bool = False) -> str:
 
     With ``prefer_package``, the wheel's binary comes first, so that a run does
     not depend on what the machine happens to have installed.
+    ``CELERY_SAGA_REDIS_SERVER`` names one to use instead of both.
     """
+    if os.environ.get("CELERY_SAGA_REDIS_SERVER"):
+        return os.environ["CELERY_SAGA_REDIS_SERVER"]
     found = shutil.which("redis-server")
     if found and not prefer_package:
         return found

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import tempfile
 from pathlib import Path
@@ -24,13 +25,29 @@ from tests.helpers import wait_for
 SLOTS = 16384
 
 
+def _cluster_port() -> int:
+    """A free port whose cluster bus port (10000 higher, Redis 6.2 has no cluster-port) is free too."""
+    while True:
+        port = free_port()
+        if port <= 55535 and _free(port + 10000):
+            return port
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 class Cluster:
     """Three masters, no replicas, every slot covered."""
 
     def __init__(self, masters: int = 3) -> None:
-        self.nodes = [
-            RedisServer(args=["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"]) for _ in range(masters)
-        ]
+        options = ["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"]
+        self.nodes = [RedisServer(port=_cluster_port(), args=options) for _ in range(masters)]
 
     @property
     def url(self) -> str:
@@ -47,7 +64,7 @@ class Cluster:
             share = SLOTS // len(clients)
             for i, client in enumerate(clients):
                 last = SLOTS - 1 if i == len(clients) - 1 else (i + 1) * share - 1
-                client.execute_command("CLUSTER ADDSLOTSRANGE", i * share, last)
+                client.execute_command("CLUSTER ADDSLOTS", *range(i * share, last + 1))
             for client in clients[1:]:
                 client.execute_command("CLUSTER MEET", "127.0.0.1", self.nodes[0].port)
             wait_for(
@@ -142,7 +159,7 @@ class SentinelGroup:
         self.primary.start()
         self.replica.start()
         with redis.Redis(port=self.primary.port, decode_responses=True) as client:
-            wait_for(lambda: client.info("replication")["connected_slaves"] >= 1, 20, "the replica to sync")
+            wait_for(lambda: replica_online(client), 20, "the replica to sync")
         self.sentinel.start()
         with redis.Redis(port=self.sentinel.port, decode_responses=True) as client:
             wait_for(lambda: _knows_replica(client, self.MASTER), 20, "the sentinel to see the replica")
@@ -163,10 +180,9 @@ class SentinelGroup:
         return int(after)
 
     def settled(self) -> bool:
-        """The old primary follows the new one, and the new one has it as a replica."""
-        port = self.primary_port()
-        with redis.Redis(port=port, decode_responses=True) as client:
-            return int(client.info("replication").get("connected_slaves", 0)) >= 1
+        """The old primary follows the new one, and the new one has it as an online replica."""
+        with redis.Redis(port=self.primary_port(), decode_responses=True) as client:
+            return replica_online(client)
 
     def stop(self) -> None:
         self.sentinel.stop()
@@ -178,6 +194,14 @@ class SentinelGroup:
 
     def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
         self.stop()
+
+
+def replica_online(client: redis.Redis) -> bool:
+    """The server is a primary with a replica that finished syncing (WAIT counts only those)."""
+    info = client.info("replication")
+    return info.get("role") == "master" and any(
+        isinstance(v, dict) and v.get("state") == "online" for k, v in info.items() if k.startswith("slave")
+    )
 
 
 def _knows_replica(client: redis.Redis, master: str) -> bool:

@@ -318,11 +318,11 @@ CASES = [
     ),
     Case(Op.EXPIRE, running, ("a",), Outcome.DUPLICATE, SagaStatus.RUNNING),
     # sweep: acts on what is due, and says when to look next
-    Case(Op.SWEEP, running, (), Outcome.SWEPT, SagaStatus.RUNNING, lambda saga, t: _no_change(t)),
+    Case(Op.SWEEP, running, ("10000",), Outcome.SWEPT, SagaStatus.RUNNING, lambda saga, t: _no_change(t)),
     Case(
         Op.SWEEP,
         running,
-        (),
+        ("10000",),
         Outcome.SWEPT,
         SagaStatus.COMPENSATING,
         _due("a"),

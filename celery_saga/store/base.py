@@ -102,8 +102,20 @@ class SagaStore(abc.ABC):
         """The raw record, or None."""
 
     @abc.abstractmethod
-    def _index(self, saga_id: str, name: str, old: str, new: str, retention: float, unwatch: bool = False) -> None:
-        """Move ``saga_id`` between status indexes, and with ``unwatch`` drop its deadline entry. Idempotent."""
+    def _index(
+        self,
+        saga_id: str,
+        name: str,
+        old: str,
+        new: str,
+        retention: float,
+        unwatch: bool = False,
+        watch_at: float | None = None,
+    ) -> None:
+        """Move ``saga_id`` between status indexes; drop its deadline entry (``unwatch``) or move it earlier.
+
+        Idempotent.
+        """
 
     @abc.abstractmethod
     def claim_due(self, limit: int, lease: float) -> list[tuple[str, str]]:
@@ -249,7 +261,10 @@ class SagaStore(abc.ABC):
         # more can come (or the record expired).
         done = t.status is SagaStatus.COMPLETED and not t.callback
         retention = self.retention if expiring else 0.0
-        self._index(t.saga_id, t.name, t.changed_from.value, t.status.value, retention, unwatch=done)
+        # A sweeper looks at an ended saga once the callback grace is over,
+        # in case its callback was never sent.
+        look = None if done or not t.status.finished else time.time() + CALLBACK_GRACE + 1
+        self._index(t.saga_id, t.name, t.changed_from.value, t.status.value, retention, unwatch=done, watch_at=look)
 
     def purge(self, saga_id: str) -> Transition:
         """Remove a finished saga and its index entries (``purged``, or ``not_allowed``)."""
@@ -266,7 +281,7 @@ class SagaStore(abc.ABC):
 
     def sweep(self, saga_id: str) -> Transition:
         """Act on the saga's due deadlines: ``swept``, or ``missing`` / ``corrupt``."""
-        return self.apply(Op.SWEEP, saga_id, "*", "")
+        return self.apply(Op.SWEEP, saga_id, "*", "", f"{CALLBACK_GRACE * 1000:.0f}")
 
     def cancel(self, saga_id: str, error: str) -> Transition:
         """Stop the saga's forward progress and compensate (``finished`` if it had ended)."""
@@ -295,6 +310,10 @@ class SagaStore(abc.ABC):
         """A fresh transition id, for a caller that retries one transition itself."""
         return _new_tx()
 
+
+#: Seconds a finished saga's process has to send its callback before a
+#: sweeper sends it (and the callback may then arrive twice).
+CALLBACK_GRACE = 10.0
 
 # Ops that may decide a compensation retry get a draw for its backoff's jitter
 # as their last argument (scripts draw no random numbers).

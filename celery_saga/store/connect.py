@@ -21,7 +21,7 @@ import redis
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.cluster import ClusterNode, RedisCluster
 from redis.retry import Retry
-from redis.sentinel import Sentinel
+from redis.sentinel import Sentinel, SentinelManagedConnection
 
 from ..errors import SagaDefinitionError
 
@@ -117,6 +117,25 @@ def _host_port(host: str | None, port: int | None, default: int, url: str) -> tu
     return host, port or default
 
 
+class _PrimaryConnection(SentinelManagedConnection):
+    """A connection to the primary Sentinel names, also dropped on a READONLY inside a script.
+
+    redis-py drops a connection that gets READONLY, so that the next one asks
+    Sentinel for the new primary; but a script's error names READONLY only
+    in its message (Redis 6.2), and the connection would stay with the
+    demoted primary for good.
+    """
+
+    def read_response(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().read_response(*args, **kwargs)
+        except redis.ResponseError as exc:
+            if "READONLY" in str(exc) and self.connection_pool.is_master:
+                self.disconnect()  # type: ignore[no-untyped-call]
+                raise redis.ConnectionError(f"the primary was demoted: {exc}") from exc
+            raise
+
+
 def connect(target: Target) -> redis.Redis | RedisCluster:
     """A client for ``target``; nothing connects until the first command."""
     common: dict[str, Any] = {
@@ -146,6 +165,7 @@ def connect(target: Target) -> redis.Redis | RedisCluster:
             username=target.username,
             password=target.password,
             db=target.db,
+            connection_class=_PrimaryConnection,
             **common,
         )
         return client

@@ -127,7 +127,8 @@ _TRANSIENT_TYPES: tuple[type[Exception], ...] = (
 # Redis reports a command an ACL forbids inside a script with this text and
 # the script's line, not the command: read the command off that line.
 _ACL_IN_SCRIPT = "can't run this command"
-_SCRIPT_LINE = re.compile(r"script: (?P<sha>[0-9a-f]{40}), on @user_script:(?P<line>\d+)")
+# Redis 7: "script: <sha>, on @user_script:<line>."; 6.2: "(call to f_<sha>): @user_script:<line>:".
+_SCRIPT_LINE = re.compile(r"(?:script: |f_)(?P<sha>[0-9a-f]{40}).*?@user_script:(?P<line>\d+)")
 _REDIS_CALL = re.compile(r"redis\.call\('(\w+)'")
 
 Call = tuple[Script, list[str], list[str]]
@@ -456,8 +457,17 @@ class RedisSagaStore(SagaStore):
 
     # -- indexes ---------------------------------------------------------------
 
-    def _index(self, saga_id: str, name: str, old: str, new: str, retention: float, unwatch: bool = False) -> None:
-        keys, args = self._shard_call(saga_id, name, (old, new), retention, unwatch=unwatch)
+    def _index(
+        self,
+        saga_id: str,
+        name: str,
+        old: str,
+        new: str,
+        retention: float,
+        unwatch: bool = False,
+        watch_at: float | None = None,
+    ) -> None:
+        keys, args = self._shard_call(saga_id, name, (old, new), retention, watch_at=watch_at, unwatch=unwatch)
         self._call(lambda: self._execute([(self._shard_script, keys, args)]))
 
     def _unindex(self, saga_id: str, name: str, status: str) -> None:

@@ -248,9 +248,10 @@ end
 -- value, never wakes after a deadline that did not exist when it was scored,
 -- and transitions that dispatch need not register anything.
 -- The end callback of a finished saga that is not marked sent: its
--- signature, once CALLBACK_GRACE_MS have passed since the saga ended (the
--- process that ended it sends it at once, unless it died first).
-local CALLBACK_GRACE_MS = 10000
+-- signature. The sweep op sends it once the grace (its ARGV[4]) has passed
+-- since the saga ended: the process that ended it sends it at once, unless
+-- it died first.
+local CALLBACK_GRACE_MS = num(ARGV[4]) or 0
 
 local function pending_callback()
   if hget('cbs') == '1' then return nil end
@@ -727,10 +728,11 @@ OPS.expire = function()
   return remember(respond('rollback', settle(out, time_out_step(m)), {due = out}))
 end
 
--- ARGV: 4 u, the jitter of any compensation retry this sweep decides.
+-- ARGV: 4 the grace (ms) before a finished saga's unsent callback is sent,
+-- 5 u, the jitter of any compensation retry this sweep decides.
 OPS.sweep = function()
   local out = {}
-  local changed = apply_deadlines(out, num(ARGV[4]) or 0)
+  local changed = apply_deadlines(out, num(ARGV[5]) or 0)
   local fields = {due = out, next_deadline = next_deadline()}
   local sig = pending_callback()
   if sig and not changed and num(NOW) >= num(hget('status_at')) + CALLBACK_GRACE_MS then
