@@ -21,6 +21,7 @@ from . import codec
 from .errors import SagaDefinitionError
 from .introspect import params_of
 from .plan import Plan, StepSpec
+from .settings import raw_conf
 from .state import SagaState, StepStatus, data_before
 
 __all__ = [
@@ -82,16 +83,20 @@ def message_serializer(app: Celery) -> str:
         SagaDefinitionError: the app's workers would not accept it (it is not
             in ``accept_content``), so they would drop every saga message.
     """
+    # Every message pays for this: read app.conf only when it changed.
+    raw = raw_conf(app, _SERIALIZER_KEYS)
+    cached = _CHECKED.get(app)
+    if cached is not None and cached[0] == raw:
+        return cached[1]
     conf = app.conf
-    name, accepted = conf.task_serializer or "json", tuple(conf.accept_content or ("json",))
-    key = (name, accepted)
-    if _CHECKED.get(app) != key:
-        _check_serializer(name, accepted)
-        _CHECKED[app] = key
-    return str(name)
+    name, accepted = str(conf.task_serializer or "json"), tuple(conf.accept_content or ("json",))
+    _check_serializer(name, accepted)
+    _CHECKED[app] = (raw, name)
+    return name
 
 
-_CHECKED: weakref.WeakKeyDictionary[Celery, tuple[str, tuple[str, ...]]] = weakref.WeakKeyDictionary()
+_SERIALIZER_KEYS = ("task_serializer", "accept_content")
+_CHECKED: weakref.WeakKeyDictionary[Celery, tuple[tuple[Any, ...], str]] = weakref.WeakKeyDictionary()
 
 
 def _check_serializer(name: str, accepted: tuple[str, ...]) -> None:

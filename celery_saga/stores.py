@@ -12,7 +12,7 @@ from typing import Any
 
 from celery import Celery
 
-from .settings import SagaSettings
+from .settings import SETTING_NAMES, SagaSettings, raw_conf
 from .store import RedisSagaStore, SagaStore
 
 __all__ = ["forget_store", "settings_of", "store_for"]
@@ -26,14 +26,23 @@ _STORE_SETTINGS = (
     "saga_redis_wait_replicas",
     "saga_redis_wait_timeout",
 )
+_STORE_KEYS = ("broker_url", *_STORE_SETTINGS)
+_ALL_KEYS = (*_STORE_KEYS, *SETTING_NAMES, "broker_transport_options")
+_SETTINGS: weakref.WeakKeyDictionary[Celery, tuple[tuple[Any, ...], SagaSettings]] = weakref.WeakKeyDictionary()
 _STORES: dict[tuple[str, ...], SagaStore] = {}
 _BY_APP: weakref.WeakKeyDictionary[Celery, tuple[tuple[Any, ...], SagaStore]] = weakref.WeakKeyDictionary()
 _LOCK = threading.Lock()
 
 
 def settings_of(app: Celery) -> SagaSettings:
-    """The validated ``saga_*`` settings of ``app``."""
-    return SagaSettings.from_app(app)
+    """The validated ``saga_*`` settings of ``app``; validated again only when ``app.conf`` changed."""
+    raw = raw_conf(app, _ALL_KEYS)
+    cached = _SETTINGS.get(app)
+    if cached is not None and cached[0] == raw:
+        return cached[1]
+    settings = SagaSettings.from_app(app)
+    _SETTINGS[app] = (raw, settings)
+    return settings
 
 
 def store_for(app: Celery) -> SagaStore:
@@ -43,8 +52,7 @@ def store_for(app: Celery) -> SagaStore:
     """
     # Steps call this on every message: skip validating the settings again
     # while the raw values they come from are unchanged.
-    conf = app.conf
-    raw = (conf.broker_url, *(conf.get(name) for name in _STORE_SETTINGS))
+    raw = raw_conf(app, _STORE_KEYS)
     cached = _BY_APP.get(app)
     if cached is not None and cached[0] == raw:
         return cached[1]

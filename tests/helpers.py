@@ -45,6 +45,11 @@ def store_now(client: redis.Redis) -> float:
     return float(seconds) + micros / 1e6
 
 
+def saga_keys(client: redis.Redis, prefix: str) -> list[str]:
+    """The keys of saga records and indexes under ``prefix``: not the store's own ``{meta}``, made at first use."""
+    return [k for k in client.scan_iter(match=f"{prefix}:{{*") if k != f"{prefix}:{{meta}}"]
+
+
 def kombu_prefix(prefix: str) -> str:
     """The ``global_keyprefix`` the test apps give kombu: queues and the unacked hash live under it."""
     return f"{prefix}:kombu:"

@@ -11,6 +11,7 @@ from celery import Celery, group
 
 from celery_saga import Saga, SagaDefinitionError, parallel, saga_step, step
 from tests import shop
+from tests.helpers import saga_keys
 
 
 def test_an_undecorated_task_is_a_definition_error(app: Celery, r, prefix) -> None:
@@ -164,7 +165,7 @@ def test_messages_workers_would_drop_fail_the_start_naming_the_settings(app: Cel
     app.conf.task_serializer = "no-such-format"
     with pytest.raises(SagaDefinitionError, match="kombu does not know"):
         s.sequential.delay(order_id=1)
-    assert not list(r.scan_iter(match=f"{prefix}:{{*"))  # no record was written
+    assert not saga_keys(r, prefix)  # no record was written
 
 
 def test_the_saga_store_defaults_to_a_redis_broker_and_needs_one_otherwise(app: Celery, r, prefix) -> None:

@@ -20,7 +20,7 @@ from celery_saga import (
     step,
 )
 from tests import shop
-from tests.helpers import Ledger, wait_for
+from tests.helpers import Ledger, saga_keys, wait_for
 
 
 def test_sequential_happy_path_merges_dict_results_into_data(app: Celery, r, prefix, ledger: Ledger, worker) -> None:
@@ -254,7 +254,7 @@ def test_step_task_outside_a_saga_behaves_as_before(app: Celery, r, prefix, ledg
             s.reserve.delay(order_id=4, fail={"reserve": "nope"}).get(timeout=10)
     # No saga context, no compensation, no record.
     assert ledger.actions() == ["do:-", "do:-", "do:-", "do:-"]
-    assert not list(r.scan_iter(f"{prefix}:{{*"))
+    assert not saga_keys(r, prefix)
 
 
 def test_on_complete_and_on_failure_are_sent_once_with_the_saga_id(app: Celery, r, prefix, worker) -> None:

@@ -21,7 +21,7 @@ from celery_saga.redis_server import free_port
 from celery_saga.stores import store_for
 from tests import shop
 from tests.conftest import configure
-from tests.helpers import Ledger, wait_for
+from tests.helpers import Ledger, saga_keys, wait_for
 
 
 def _saga_keys(r: redis.Redis, prefix: str) -> list[str]:
@@ -116,7 +116,7 @@ def test_failed_publish_marks_the_saga_failed_and_releases_its_key(
     with pytest.raises(Exception) as info:
         b.sequential.apply_async(kwargs={"order_id": 1}, idempotency_key="retry-me")
     assert not isinstance(info.value, SagaStoreUnavailable)
-    (record,) = [k for k in r.scan_iter(f"{prefix}:{{*") if not k.startswith(f"{prefix}:{{s")]  # not index shards
+    (record,) = [k for k in saga_keys(r, prefix) if not k.startswith(f"{prefix}:{{s")]  # not index shards
     saga_id = record[len(prefix) + 2 : -1]
     state = store_for(broken).state(saga_id)
     assert state.status is SagaStatus.FAILED and "publish failed" in (state.error or "")

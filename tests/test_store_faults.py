@@ -7,6 +7,7 @@ stays the shared Redis), so it can fill, demote, restart or restrict it.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -18,6 +19,7 @@ from celery import Celery
 from celery_saga import (
     Saga,
     SagaCompensated,
+    SagaDefinitionError,
     SagaNotFound,
     SagaStatus,
     SagaStoreMisconfigured,
@@ -25,10 +27,11 @@ from celery_saga import (
     StepStatus,
     step,
 )
-from celery_saga.redis_server import RedisServer, free_port
+from celery_saga.redis_server import PRIVATE_SERVER_KEY, RedisServer, free_port
 from celery_saga.store.keys import Keys
 from tests import shop as shop_module
 from tests import timed_shop
+from tests.deployments import SentinelGroup
 from tests.helpers import Ledger, finished, wait_for
 
 
@@ -200,3 +203,47 @@ def test_the_documented_acl_is_enough_and_a_missing_command_is_named(
     _saga_user(store_server, prefix, ACL_COMMANDS.replace(" time ", " "))
     with pytest.raises(SagaStoreMisconfigured, match="'time'"):
         s.sequential.delay(order_id=3)
+
+
+def test_workers_warn_about_a_store_that_can_lose_sagas(
+    app: Celery, store_server: RedisServer, r: redis.Redis, prefix: str, worker: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given a store (not celery_saga's own private one) that evicts any key and keeps nothing on disk
+    admin = _client(store_server)
+    admin.delete(PRIVATE_SERVER_KEY)
+    admin.config_set("maxmemory-policy", "allkeys-lru")
+    shop_module.build(app, r, prefix)
+    with caplog.at_level(logging.WARNING, logger="celery_saga"), worker():
+        pass
+    # Then the worker says so at start, in its one warning
+    (warning,) = [m for m in caplog.messages if "configuration warning" in m]
+    assert "maxmemory-policy allkeys-lru" in warning and "keeps nothing on disk" in warning
+
+
+def test_a_sentinel_broker_is_the_default_store(app: Celery, r: redis.Redis, prefix: str) -> None:
+    # Given an app whose broker is Redis under Sentinel, with no saga_redis_url
+    with SentinelGroup() as group:
+        app.conf.update(saga_redis_url=None, broker_url=group.url, broker_transport_options=group.options)
+        s = shop_module.build(app, r, prefix)
+        # Then its sagas are kept on the primary Sentinel names
+        res = s.sequential.delay(order_id=1)
+        with redis.Redis(port=group.primary_port(), decode_responses=True) as primary:
+            assert primary.hget(Keys(prefix).record(res.id), "status") == "PENDING"
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("amqp://guest:hunter2@127.0.0.1//", "redis://, rediss://, unix://, sentinel://, redis+cluster://"),
+        ("sentinel://:hunter2@127.0.0.1:26379", "master_name"),
+        ("redis+cluster://:hunter2@", "names no cluster node"),
+    ],
+)
+def test_a_store_url_it_cannot_use_says_which_work_and_masks_the_password(
+    app: Celery, r: redis.Redis, prefix: str, url: str, message: str
+) -> None:
+    app.conf.saga_redis_url = url
+    s = shop_module.build(app, r, prefix)
+    with pytest.raises(SagaDefinitionError, match=re.escape(message)) as info:
+        s.sequential.delay(order_id=1)
+    assert "hunter2" not in str(info.value)

@@ -280,12 +280,14 @@ class RedisSagaStore(SagaStore):
         its own connection, which the pipeline shares). On a cluster, one
         call at a time: they are in different hash slots.
         """
-        if self.cluster:
+        waits = wait and self.wait_replicas > 0
+        if self.cluster or (len(calls) == 1 and not waits):
+            # One call needs no pipeline (whose own cost is not small), and a
+            # cluster takes no pipeline of scripts.
             reply: Any = None
             for script, keys, args in calls:
                 reply = script(keys=keys, args=args)
             return reply
-        waits = wait and self.wait_replicas > 0
         # redis-py's pipelines ask SCRIPT EXISTS before running scripts, which
         # would cost the round trip this saves: send EVALSHA directly, and
         # load the scripts only if Redis forgot them (a restart).
