@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 import redis
-from celery import Celery
+from celery import Celery, signals
 from celery.contrib.testing.worker import start_worker
 from celery.exceptions import TimeoutError as CeleryTimeoutError
 
@@ -31,7 +31,7 @@ from celery_saga import (
     saga_step,
     step,
 )
-from celery_saga.views import saga_text
+from celery_saga.views import saga_text, state_json
 from tests import shop
 from tests.helpers import Ledger, wait_for
 from tests.subprocs import Subprocs, running, worker_args
@@ -275,3 +275,39 @@ def test_configuration_problems_are_one_warning_and_can_be_silenced(
     with caplog.at_level(logging.WARNING, logger="celery_saga"), worker():
         pass
     assert [rec for rec in caplog.records if rec.name == "celery_saga"] == []
+
+
+def test_step_and_setting_redact_keys_in_every_message_and_in_show(app: Celery, r, prefix, worker) -> None:
+    # Given a key one step redacts (step(..., redact=)) and one the app redacts everywhere
+    app.conf.saga_redact_keys = ["api_token"]
+    s = shop.build(app, r, prefix)
+    saga = Saga("secrets", [s.reserve, step(s.charge, redact=["card"])])
+    shown: list[str] = []
+    received = f"{prefix}:received"
+
+    def on_publish(headers: dict[str, Any] | None = None, **_: Any) -> None:
+        if (headers or {}).get("saga_id"):
+            shown.append(str(headers.get("kwargsrepr")))
+
+    @app.task(shared=False, name="secrets.undo")
+    def undo(card: str, step_result: Any = None) -> None:
+        r.rpush(received, card)
+
+    signals.before_task_publish.connect(on_publish, weak=False)
+    try:
+        saga2 = Saga("secrets_undone", [step(s.validate, compensate=undo, redact=["card"]), s.ship])
+        with worker():
+            saga.delay(order_id=1, card="4111-1111", api_token="tok-1").get(timeout=20)
+            res = saga2.delay(order_id=2, card="4111-2222", api_token="tok-2", fail={"ship": "no"})
+            with pytest.raises(SagaCompensated):
+                res.get(timeout=20)
+    finally:
+        signals.before_task_publish.disconnect(on_publish)
+    # Then no message of either saga shows them, steps and compensations alike
+    assert len(shown) >= 5
+    for text in shown:
+        assert "4111" not in text and "tok-" not in text and "'card': '***'" in text and "'api_token': '***'" in text
+    # ... while the compensation got the real value, and show masks them too
+    assert r.lrange(received, 0, -1) == ["4111-2222"]
+    doc = json.dumps(state_json(res.state()))
+    assert "4111" not in doc and "tok-" not in doc
