@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -52,44 +52,53 @@ def _refused(client: redis.Redis) -> int:
     return int(client.info("stats").get("total_error_replies", 0))
 
 
-def test_sagas_finish_through_a_full_memory(
-    app: Celery, store_server: RedisServer, r: redis.Redis, prefix: str, ledger: Ledger, worker: Any
+def _fill_memory(admin: redis.Redis) -> None:
+    admin.config_set("maxmemory", int(admin.info("memory")["used_memory"]) - 4096)
+
+
+def _lift_memory(admin: redis.Redis) -> None:
+    admin.config_set("maxmemory", 0)
+
+
+def _demote(admin: redis.Redis) -> None:
+    # A replica of a primary that is not there keeps its data and refuses writes.
+    admin.replicaof("127.0.0.1", free_port())
+
+
+def _promote(admin: redis.Redis) -> None:
+    admin.replicaof("NO", "ONE")
+
+
+@pytest.mark.parametrize(
+    ("fault", "repair", "named"),
+    [(_fill_memory, _lift_memory, "maxmemory"), (_demote, _promote, "read only")],
+    ids=["full-memory", "read-only-primary"],
+)
+def test_sagas_finish_through_a_store_that_refuses_writes(
+    app: Celery,
+    store_server: RedisServer,
+    r: redis.Redis,
+    prefix: str,
+    ledger: Ledger,
+    worker: Any,
+    fault: Callable[[redis.Redis], None],
+    repair: Callable[[redis.Redis], None],
+    named: str,
 ) -> None:
     s = shop_module.build(app, r, prefix)
     admin = _client(store_server)
     with worker(concurrency=4):
         results = [s.sequential.delay(order_id=i) for i in range(10)]
-        # When the store's memory is full (maxmemory set to what it uses now) mid-run
-        admin.config_set("maxmemory", int(admin.info("memory")["used_memory"]) - 4096)
-        # Then a start is refused as the store being unavailable, and nothing is left of it
-        with pytest.raises(SagaStoreUnavailable, match="maxmemory"):
+        # When the store starts refusing writes mid-run
+        fault(admin)
+        # Then a start is refused as the store being unavailable, naming why
+        with pytest.raises(SagaStoreUnavailable, match=named):
             s.sequential.delay(order_id=99)
         t0 = time.monotonic()
-        wait_for(lambda: _refused(admin) >= 5 or time.monotonic() - t0 > 5, 10, "writes refused for OOM")
-        # When the memory is lifted again
-        admin.config_set("maxmemory", 0)
+        wait_for(lambda: _refused(admin) >= 5 or time.monotonic() - t0 > 5, 10, "writes refused")
+        # When the store takes writes again
+        repair(admin)
         # Then every saga finishes, and each step ran once
-        assert all(finished(res) is SagaStatus.COMPLETED for res in results)
-    assert ledger.actions().count("do:shop.ship") == len(results)
-
-
-def test_sagas_finish_through_a_read_only_primary(
-    app: Celery, store_server: RedisServer, r: redis.Redis, prefix: str, ledger: Ledger, worker: Any
-) -> None:
-    s = shop_module.build(app, r, prefix)
-    admin = _client(store_server)
-    with worker(concurrency=4):
-        # When the store's server turns into a replica (of a primary that is
-        # not there, so it keeps its data) while sagas run, then back
-        results = [s.sequential.delay(order_id=i) for i in range(10)]
-        admin.replicaof("127.0.0.1", free_port())
-        # Then a start is refused as the store being unavailable
-        with pytest.raises(SagaStoreUnavailable, match="read only"):
-            s.sequential.delay(order_id=99)
-        t0 = time.monotonic()
-        wait_for(lambda: _refused(admin) >= 5 or time.monotonic() - t0 > 3, 10, "writes refused: read-only")
-        admin.replicaof("NO", "ONE")
-        # Then every saga finishes
         assert all(finished(res) is SagaStatus.COMPLETED for res in results)
     assert ledger.actions().count("do:shop.ship") == len(results)
 
