@@ -288,9 +288,25 @@ class RedisSagaStore(SagaStore):
             for script, keys, args in calls:
                 reply = script(keys=keys, args=args)
             return reply
-        # redis-py's pipelines ask SCRIPT EXISTS before running scripts, which
-        # would cost the round trip this saves: send EVALSHA directly, and
-        # load the scripts only if Redis forgot them (a restart).
+        results = self._pipelined(calls, waits)
+        if waits and int(results[-1]) < self.wait_replicas:
+            raise SagaStoreUnavailable(
+                self.location,
+                reachable=True,
+                detail=f"the write reached {results[-1]} of the {self.wait_replicas} replica(s) "
+                f"saga_redis_wait_replicas asks for within {self.wait_timeout_ms} ms",
+            )
+        return results[len(calls) - 1]
+
+    def _pipelined(self, calls: list[Call], waits: bool = False) -> list[Any]:
+        """Every call's reply, from one pipelined round trip (one server only), with a ``WAIT`` last if ``waits``.
+
+        redis-py's pipelines ask SCRIPT EXISTS before running scripts, which
+        would cost the round trip this saves: send EVALSHA directly, and load
+        the scripts only if Redis forgot them (a restart). Sending the calls
+        again is safe: index moves are idempotent, a transition is
+        de-duplicated by its id, and claims are leases.
+        """
         for attempt in (1, 2):
             pipe = self.client.pipeline(transaction=False)
             for script, keys, args in calls:
@@ -299,22 +315,13 @@ class RedisSagaStore(SagaStore):
                 pipe.execute_command("WAIT", self.wait_replicas, self.wait_timeout_ms)
             results: list[Any] = pipe.execute(raise_on_error=False)
             if attempt == 1 and any(isinstance(r, redis.exceptions.NoScriptError) for r in results):
-                # Safe to send again: index moves are idempotent and a
-                # transition is de-duplicated by its id.
-                for script, _, _ in calls:
+                for script in {script.sha: script for script, _, _ in calls}.values():
                     self.client.script_load(script.script)
                 continue
             for r in results:
                 if isinstance(r, Exception):
                     raise r
-            if waits and int(results[-1]) < self.wait_replicas:
-                raise SagaStoreUnavailable(
-                    self.location,
-                    reachable=True,
-                    detail=f"the write reached {results[-1]} of the {self.wait_replicas} replica(s) "
-                    f"saga_redis_wait_replicas asks for within {self.wait_timeout_ms} ms",
-                )
-            return results[len(calls) - 1]
+            return results
         raise AssertionError("unreachable")
 
     def new_tx(self) -> str:
@@ -560,22 +567,7 @@ class RedisSagaStore(SagaStore):
     def _claim_all(self, calls: list[Call]) -> list[Any]:
         if self.cluster:
             return [script(keys=keys, args=args) for script, keys, args in calls]
-        if not calls:
-            return []
-        for attempt in (1, 2):
-            pipe = self.client.pipeline(transaction=False)
-            for script, keys, args in calls:
-                pipe.evalsha(script.sha, len(keys), *keys, *args)
-            results: list[Any] = pipe.execute(raise_on_error=False)
-            if attempt == 1 and any(isinstance(r, redis.exceptions.NoScriptError) for r in results):
-                # Claims are leases, so claiming again is harmless.
-                self.client.script_load(self._claim_script.script)
-                continue
-            for r in results:
-                if isinstance(r, Exception):
-                    raise r
-            return results
-        raise AssertionError("unreachable")
+        return self._pipelined(calls) if calls else []
 
     def rescore(self, saga_id: str, claim: str, next_deadline: str) -> None:
         due = self.keys.due(self.keys.shard_of(saga_id))
