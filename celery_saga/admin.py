@@ -88,9 +88,10 @@ def saga_state(app: Celery, saga_id: str) -> SagaState:
 
 def saga_stats(app: Celery) -> SagaStats:
     """Counts by status and by saga name, from the index sizes (no record is read)."""
-    by_name = store_for(app).counts()
+    store = store_for(app)
+    by_name = store.counts()
     by_status = {s.value: sum(counts.get(s.value, 0) for counts in by_name.values()) for s in SagaStatus}
-    return SagaStats(by_status=by_status, by_name=by_name)
+    return SagaStats(by_status=by_status, by_name=by_name, lost_in_reset=store.lost_count())
 
 
 def retry_saga(app: Celery, saga_id: str) -> SagaResult:
@@ -208,6 +209,7 @@ def _read_index(
         records = store.load_many(ids)
         for saga_id, raw in zip(ids, records, strict=True):
             if raw is None:
+                store.lost_in_reset(saga_id)
                 store.drop_from_index(saga_id, status, name or "")
         live = [
             s

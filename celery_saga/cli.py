@@ -37,7 +37,8 @@ and a ``Z`` (``"2026-11-27T03:25:09.640Z"``), or null when unknown:
   until it is dispatched; ``round2`` null, or the second round's ``{"status",
   "attempts", "started_at", "ended_at", "error"}``).
 * stats: ``{"by_status": {status: n}, "by_name": {name: {status: n}}}``,
-  every status present; finished sagas count within ``saga_retention``.
+  every status present; finished sagas count within ``saga_retention``. Once
+  sagas were met lost in a reset of the store, also ``"lost_in_reset": n``.
 
 Exit codes: 0 ok; 1 not found or expired, not allowed in the saga's status,
 corrupt record or other saga error; 2 usage; 69 saga store unavailable.

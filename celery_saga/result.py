@@ -63,7 +63,7 @@ class SagaResult:
 
     def _not_found(self, store: SagaStore, exc: SagaNotFound) -> SagaNotFound:
         """``exc``, or one that says the saga was lost in a reset of the store."""
-        if store.was_reset(self.epoch):
+        if store.lost_in_reset(self.id, self.epoch):
             return SagaNotFound(self.id, store.where(), reset=True)
         return exc
 

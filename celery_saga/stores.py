@@ -80,6 +80,8 @@ def _shared_store(settings: SagaSettings) -> SagaStore:
         repr(sorted(settings.redis_options.items())),
         str(settings.index_shards),
         str(settings.wait_replicas),
+        str(settings.wait_timeout),
+        str(settings.retention),
     )
     store = _STORES.get(key)
     if store is None:

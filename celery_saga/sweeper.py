@@ -84,7 +84,7 @@ def _sweep_one(app: Celery, store: SagaStore, saga_id: str, claim: str) -> int:
     if t.outcome is Outcome.MISSING:
         # Expired after its retention, purged, or lost in a reset of the
         # store: nothing can be due any more, so the entry goes.
-        if store.was_reset():
+        if store.lost_in_reset(saga_id):
             logger.warning("saga %s: lost in the reset of the saga store; its deadlines are dropped", saga_id)
         store.rescore(saga_id, claim, "")
         return 0

@@ -89,13 +89,23 @@ class SagaStats:
     Attributes:
         by_status: ``{status: count}``, every status present.
         by_name: ``{saga_name: {status: count}}``, every status present.
+        lost_in_reset: Sagas met lost in a reset of the store (a restart
+            without persistence, a flush, an eviction) since it was reset.
     """
 
     by_status: Mapping[str, int]
     by_name: Mapping[str, Mapping[str, int]]
+    lost_in_reset: int = 0
 
     def to_json(self) -> dict[str, Any]:
-        return {"by_status": dict(self.by_status), "by_name": {n: dict(c) for n, c in self.by_name.items()}}
+        shape: dict[str, Any] = {
+            "by_status": dict(self.by_status),
+            "by_name": {n: dict(c) for n, c in self.by_name.items()},
+        }
+        if self.lost_in_reset:
+            # Only then, so the shape stays what scripts parsing it know.
+            shape["lost_in_reset"] = self.lost_in_reset
+        return shape
 
 
 def summary_of(saga_id: str, raw: dict[str, str] | None) -> SagaSummary | None:
@@ -140,6 +150,11 @@ def stats_tables(stats: SagaStats) -> str:
     if stats.by_name:
         rows = [(n, *(str(c.get(s, 0)) for s in statuses)) for n, c in stats.by_name.items()]
         text += "\n\n" + table(("name", *statuses), rows)
+    if stats.lost_in_reset:
+        text += (
+            f"\n\n{stats.lost_in_reset} saga(s) were lost in a reset of the saga store; their completed steps "
+            "were not compensated (see docs/deployments.md)"
+        )
     return text
 
 

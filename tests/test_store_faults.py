@@ -25,6 +25,7 @@ from celery_saga import (
     SagaStoreMisconfigured,
     SagaStoreUnavailable,
     StepStatus,
+    saga_stats,
     step,
 )
 from celery_saga.redis_server import PRIVATE_SERVER_KEY, RedisServer, free_port
@@ -171,6 +172,9 @@ def test_a_store_reset_is_logged_once_and_get_says_so(
         wait_for(
             lambda: not any(r_store.zcard(keys.due(n)) for n in range(keys.shards)), 15, "the deadline entries to go"
         )
+        # ... and stats counts each lost saga once, though workers, get() and sweepers all met it
+        stats = saga_stats(app)
+        assert stats.lost_in_reset == len(held) == stats.to_json()["lost_in_reset"]
     assert sum("was reset" in m for m in caplog.messages) == 1
 
 

@@ -144,6 +144,21 @@ class SagaStore(abc.ABC):
         """True if the store lost its data since epoch ``since`` (default: the one this process saw first)."""
         return False
 
+    def lost_in_reset(self, saga_id: str, since: str | None = None) -> bool:
+        """True if ``saga_id``, whose record is missing, was lost in a reset since ``since``; counts it once."""
+        if not self.was_reset(since):
+            return False
+        self.count_lost(saga_id)
+        return True
+
+    def count_lost(self, saga_id: str) -> int:
+        """Count ``saga_id`` as lost in a reset (once however often it is met); the count so far."""
+        return 0
+
+    def lost_count(self) -> int:
+        """How many sagas have been met lost in resets of the store since its last reset."""
+        return 0
+
     @abc.abstractmethod
     def close(self) -> None:
         """Release the store's connections."""

@@ -24,7 +24,9 @@ another. A shard holds:
 
 ``<prefix>:{meta}`` holds the store's ``epoch``, a token made when the store is
 first used: a record missing under a new (or vanished) epoch was lost when
-the store was reset, not expired. And the number of index ``shards``.
+the store was reset, not expired. And the number of index ``shards``, and
+``lost``: how many sagas workers, sweepers and readers have met lost in the
+reset (their ids, counted once each, are the set ``<prefix>:{meta}:lost``).
 
 Fields of the record hash ``<prefix>:{<saga_id>}``, every one the record
 has (``transitions.lua`` draws how they move):
@@ -91,6 +93,10 @@ class Keys:
     def meta(self) -> str:
         """The store's epoch and shard count (a hash)."""
         return f"{self.prefix}:{{meta}}"
+
+    def lost(self) -> str:
+        """Set of the saga ids met lost in a reset of the store (its count is ``lost`` in `meta`)."""
+        return f"{self.prefix}:{{meta}}:lost"
 
     def shard_of(self, saga_id: str) -> int:
         """The index shard of ``saga_id`` (stable across processes)."""

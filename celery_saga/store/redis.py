@@ -110,6 +110,16 @@ end
 return 1
 """
 
+# Counts a saga met lost in a reset, once (KEYS: meta, lost set; ARGV: saga
+# id, how long the set of ids is kept, ms). Reply: the count so far.
+_LOST_LUA = """
+if redis.call('SADD', KEYS[2], ARGV[1]) == 1 then redis.call('HINCRBY', KEYS[1], 'lost', 1) end
+redis.call('PEXPIRE', KEYS[2], ARGV[2])
+return tonumber(redis.call('HGET', KEYS[1], 'lost') or '0')
+"""
+# How long the ids of lost sagas are kept, to count each once.
+_LOST_IDS_KEPT_MS = 7 * 24 * 3600 * 1000
+
 # Redis errors that mean "try again later", by the message's code (a script
 # error carries the code of the command that failed inside it).
 _TRANSIENT = ("OOM", "READONLY", "BUSY", "LOADING", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "NOREPLICAS")
@@ -187,6 +197,7 @@ class RedisSagaStore(SagaStore):
         self._shard_script: Script = self.client.register_script(_SHARD_LUA)
         self._claim_script: Script = self.client.register_script(_CLAIM_LUA)
         self._rescore_script: Script = self.client.register_script(_RESCORE_LUA)
+        self._lost_script: Script = self.client.register_script(_LOST_LUA)
         self._epoch: str | None = None
         self._reset_logged: set[str] = set()
 
@@ -213,7 +224,7 @@ class RedisSagaStore(SagaStore):
     def _explained(self, exc: redis.ResponseError) -> Exception:
         """The error, naming the command a script could not run: Redis names only the script's line."""
         found = _SCRIPT_LINE.search(str(exc))
-        scripts = (self._script, self._shard_script, self._claim_script, self._rescore_script)
+        scripts = (self._script, self._shard_script, self._claim_script, self._rescore_script, self._lost_script)
         sources = {s.sha: str(s.script) for s in scripts}
         if found is None or found["sha"] not in sources:
             return exc
@@ -382,6 +393,13 @@ class RedisSagaStore(SagaStore):
         if not current:
             self._epoch = None
         return True
+
+    def count_lost(self, saga_id: str) -> int:
+        keys = [self.keys.meta(), self.keys.lost()]
+        return int(self._call(lambda: self._lost_script(keys=keys, args=[saga_id, _LOST_IDS_KEPT_MS])))
+
+    def lost_count(self) -> int:
+        return int(self._call(lambda: self.client.hget(self.keys.meta(), "lost")) or 0)
 
     # -- what the server is -----------------------------------------------------
 

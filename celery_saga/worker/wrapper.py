@@ -216,7 +216,7 @@ def _begin(message: _Message, op: Op, *args: str) -> tuple[SagaStore, Transition
 
 def _log_not_run(store: SagaStore, message: _Message, t: Transition) -> None:
     saga_id, what = message.saga_id, message.what()
-    if t.outcome is Outcome.MISSING and store.was_reset(message.request.get(Headers.EPOCH)):
+    if t.outcome is Outcome.MISSING and store.lost_in_reset(saga_id, message.request.get(Headers.EPOCH)):
         logger.error("saga %s: lost in the reset of the saga store; %s is not run", saga_id, what)
     elif t.outcome is Outcome.MISSING:
         logger.error(
@@ -283,7 +283,7 @@ def _forward(message: _Message, original: Any, params: Params) -> Any:
     # again, and running again is what the step's idempotency key is for.
     t = message.record(store, Op.DONE, message.step, result_json)
     if t.outcome is Outcome.MISSING:
-        lost = store.was_reset(message.request.get(Headers.EPOCH))
+        lost = store.lost_in_reset(message.saga_id, message.request.get(Headers.EPOCH))
         logger.warning(
             "saga %s: step %r finished after its record %s; its effect is not compensated",
             message.saga_id,
