@@ -1,8 +1,8 @@
 """Enabling celery_saga on a Celery app: the step wrapper, the worker's handlers and its bootstep.
 
 An app whose tasks include saga steps enables itself when Celery finalizes
-it: ``@saga_step`` registers `enable_when_finalized` with Celery's finalize
-callbacks, which is how decorating a step reaches this module. A
+it: ``@saga_step`` calls `enable_apps_with_steps`, which registers a finalize
+callback with Celery; that is how decorating a step reaches this module. A
 participant service, whose tasks are steps of sagas defined elsewhere,
 calls `enable` itself.
 """
