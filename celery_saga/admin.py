@@ -207,10 +207,13 @@ def _read_index(
     while True:
         ids = store.list_ids(status, name, want, since)
         records = store.load_many(ids)
-        for saga_id, raw in zip(ids, records, strict=True):
-            if raw is None:
-                store.lost_in_reset(saga_id)
-                store.drop_from_index(saga_id, status, name or "")
+        gone = [saga_id for saga_id, raw in zip(ids, records, strict=True) if raw is None]
+        # Records expire (saga_retention) all the time: ask once per batch whether these were lost in a reset.
+        reset = bool(gone) and store.was_reset()
+        for saga_id in gone:
+            if reset:
+                store.count_lost(saga_id)
+            store.drop_from_index(saga_id, status, name or "")
         live = [
             s
             for s in (summary_of(saga_id, raw) for saga_id, raw in zip(ids, records, strict=True))
