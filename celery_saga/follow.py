@@ -22,6 +22,7 @@ de-duplicate against the record.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -37,6 +38,11 @@ __all__ = ["Delivery", "follow", "redrive"]
 
 # Outcomes whose ``due`` compensations are published.
 _ROLLBACK = frozenset({Outcome.ROLLBACK, Outcome.FENCED, Outcome.BACKOFF, Outcome.GAVE_UP, Outcome.LATE, Outcome.SWEPT})
+# A saga that ended this recently is most likely still having its callback
+# sent by the process that ended it: a copy of a message leaves the callback
+# to that process (or, if it died, to a sweeper after CALLBACK_GRACE) rather
+# than sending it a second time.
+_SENDING_MS = 2000
 # A message's copy is not run for these; a step event says why.
 _BEGIN_OPS = frozenset({Op.BEGIN, Op.COMP_BEGIN})
 
@@ -157,7 +163,7 @@ def redrive(app: Celery, store: SagaStore, saga_id: str) -> None:
         for spec in plan.steps:
             if raw.get(f"cs:{spec.name}") == dispatched:
                 publish_compensation(app, saga_id, raw, plan, spec.name, epoch=store.epoch())
-    elif raw.get("cbs") != "1":
+    elif raw.get("cbs") != "1" and time.time() * 1000 - int(raw.get("status_at") or 0) > _SENDING_MS:
         completed = status == SagaStatus.COMPLETED.value
         which, key = ("on_complete", "cb_ok") if completed else ("on_failure", "cb_fail")
         _call_back(app, store, saga_id, gen, name, which, raw.get(key, ""), lambda: raw)
