@@ -154,13 +154,13 @@ def connect(target: Target) -> redis.Redis | RedisCluster:
             **common,
         )
     if target.kind == "sentinel":
-        sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        sentinel = Sentinel(  # type: ignore[no-untyped-call, unused-ignore]
             list(target.hosts),
             sentinel_kwargs=target.options.get("sentinel_kwargs") or {},
             socket_connect_timeout=5,
             socket_timeout=5,
         )
-        client: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
+        client: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call, unused-ignore]
             target.options["master_name"],
             username=target.username,
             password=target.password,
