@@ -24,7 +24,7 @@ settings applied during the test (`isolated_settings`); override it to add
 yours. ``saga_test_app``: the app with them applied (`configured`); its keys
 are deleted after the test. ``saga_worker``: an in-process worker, threads
 pool, consuming every queue of the app (`app_queues`); ``saga_worker_parameters``
-overrides its ``start_worker`` arguments. ``saga_faults``: a `SagaFaults`.
+overrides its ``start_worker`` arguments (see `thread_worker`). ``saga_faults``: a `SagaFaults`.
 
 PYTEST_DONT_REWRITE: the helpers raise their own AssertionErrors, and a test
 module may import this one before its ``pytest_plugins`` registers it.
@@ -48,6 +48,7 @@ import redis
 from celery import Celery
 from celery.contrib.testing.worker import start_worker
 from celery.exceptions import TimeLimitExceeded
+from celery.worker import state as worker_state
 
 from .context import StepContext
 from .redis_server import RedisServer, redis_answers
@@ -59,7 +60,7 @@ from .views import render_timeline
 from .worker import wrapper
 
 __all__ = [
-    *("app_queues", "configured", "isolated_settings"),
+    *("app_queues", "configured", "isolated_settings", "thread_worker"),
     *("SagaFaults", "assert_compensated", "assert_completed", "assert_failed", "wait_for_saga"),
 ]
 
@@ -143,6 +144,27 @@ def app_queues(app: Celery) -> list[str]:
             names.append(getattr(app.amqp.router.route({}, name, (), {}, task).get("queue"), "name", None))
     names += [s.options.get("queue") for saga in sagas_of(app) for s in saga.plan().steps]
     return list(dict.fromkeys(n for n in names if isinstance(n, str) and n))
+
+
+@contextmanager
+def thread_worker(app: Celery, **params: Any) -> Iterator[Any]:
+    """``start_worker`` (threads pool, 4 threads, no ping check), safe to fail.
+
+    ``start_worker`` stops its thread by setting the process-wide
+    ``celery.worker.state.should_terminate``, and when the thread outlives
+    ``shutdown_timeout`` it raises before putting the flag back: every later
+    in-process worker then stops as soon as it starts, and each later test
+    hangs until its timeout. The flag is restored here whatever happens.
+    """
+    options: dict[str, Any] = {
+        **{"pool": "threads", "concurrency": 4, "perform_ping_check": False, "loglevel": "WARNING"},
+        **{"shutdown_timeout": 30.0, **params},
+    }
+    try:
+        with start_worker(app, **options) as worker:
+            yield worker
+    finally:
+        worker_state.should_terminate = None
 
 
 def _delete_keys(redis_url: str, prefix: str) -> None:
@@ -389,11 +411,7 @@ def saga_worker_parameters() -> dict[str, Any]:
 @pytest.fixture
 def saga_worker(saga_test_app: Celery, saga_worker_parameters: dict[str, Any]) -> Iterator[Any]:
     """An in-process worker (threads pool) consuming every queue of the app; stopped after the test."""
-    params: dict[str, Any] = {
-        **{"pool": "threads", "concurrency": 4, "perform_ping_check": False, "loglevel": "WARNING"},
-        **{"shutdown_timeout": 30.0, "queues": app_queues(saga_test_app), **saga_worker_parameters},
-    }
-    with start_worker(saga_test_app, **params) as worker:
+    with thread_worker(saga_test_app, queues=app_queues(saga_test_app), **saga_worker_parameters) as worker:
         yield worker
 
 

@@ -160,7 +160,7 @@ def every_state(redis_url: str, prefix: str, only: tuple[str, ...] = STATES) -> 
     every compensation is fixed before the worker stops; then the prefix's
     keys are deleted.
     """
-    from celery.contrib.testing.worker import start_worker
+    from celery_saga.testing import thread_worker
 
     queue = f"{prefix}-q"
     shop = create(redis_url, prefix, queue)
@@ -174,9 +174,7 @@ def every_state(redis_url: str, prefix: str, only: tuple[str, ...] = STATES) -> 
         return results[status].state().status
 
     try:
-        with start_worker(
-            shop.app, pool="threads", concurrency=4, perform_ping_check=False, loglevel="WARNING", shutdown_timeout=10
-        ):
+        with thread_worker(shop.app):
             on_failure = shop.notify.s("failed")
             for status in only:
                 token = tokens[status]

@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 import redis
 from celery import Celery
-from celery.contrib.testing.worker import start_worker
 
 from celery_saga.redis_server import RedisServer, redis_answers
+from celery_saga.testing import thread_worker
 from tests.deployments import Cluster
 from tests.helpers import Ledger
 
@@ -75,9 +75,7 @@ def app(redis_url: str, ns: str) -> Iterator[Celery]:
 @contextmanager
 def running_worker(app: Celery, concurrency: int = 4) -> Iterator[Any]:
     """An in-process worker (threads pool) consuming the app's default queue."""
-    with start_worker(
-        app, pool="threads", concurrency=concurrency, perform_ping_check=False, loglevel="WARNING", shutdown_timeout=10
-    ) as w:
+    with thread_worker(app, concurrency=concurrency) as w:
         yield w
 
 

@@ -25,12 +25,12 @@ from typing import Any
 
 import pytest
 from celery import Celery, signals
-from celery.contrib.testing.worker import start_worker
 
 from celery_saga import SagaStatus
 from celery_saga.cli import parse_since
 from celery_saga.redis_server import RedisServer, free_port
 from celery_saga.store.keys import Keys
+from celery_saga.testing import thread_worker
 from tests import cli_app
 from tests.cli_app import HASTY_TIMEOUT, STATES, cli_env
 from tests.helpers import store_now, wait_for
@@ -483,14 +483,7 @@ def test_cancel_fences_a_step_still_queued(idle) -> None:
 
     signals.task_postrun.connect(on_postrun, weak=False)
     try:
-        with start_worker(
-            idle.shop.app,
-            pool="threads",
-            concurrency=2,
-            perform_ping_check=False,
-            loglevel="WARNING",
-            shutdown_timeout=10,
-        ):
+        with thread_worker(idle.shop.app, concurrency=2):
             wait_for(handled.is_set, what="the worker to skip the fenced message")
     finally:
         signals.task_postrun.disconnect(on_postrun)
@@ -578,8 +571,8 @@ def test_check_lists_the_tasks_no_running_worker_has(idle: SimpleNamespace) -> N
     def charge() -> None: ...
 
     with (
-        start_worker(idle.shop.app, pool="threads", perform_ping_check=False, hostname=f"cli@{idle.prefix}"),
-        start_worker(service, pool="threads", perform_ping_check=False, hostname=f"svc@{idle.prefix}"),
+        thread_worker(idle.shop.app, hostname=f"cli@{idle.prefix}"),
+        thread_worker(service, hostname=f"svc@{idle.prefix}"),
     ):
         proc = cli(idle.env, "check")
     # Then check lists the missing compensation, and only it, and exits 1

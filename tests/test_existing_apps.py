@@ -19,7 +19,6 @@ from typing import Any
 import pytest
 import redis
 from celery import Celery, signals
-from celery.contrib.testing.worker import start_worker
 from celery.exceptions import TimeoutError as CeleryTimeoutError
 
 from celery_saga import (
@@ -31,6 +30,7 @@ from celery_saga import (
     saga_step,
     step,
 )
+from celery_saga.testing import thread_worker
 from celery_saga.views import saga_text, state_json
 from tests import shop
 from tests.helpers import Ledger, wait_for
@@ -212,7 +212,7 @@ def test_a_compensation_no_worker_has_counts_as_a_failed_attempt(app: Celery, ns
     saga = Saga(
         "remote_refund", [step("svc.charge", compensate="svc.refund"), step("svc.ship", compensate=None)], app=app
     )
-    with start_worker(service, pool="threads", perform_ping_check=False, hostname=f"svc-{ns}@test") as w:
+    with thread_worker(service, hostname=f"svc-{ns}@test") as w:
         res = saga.delay(order_id=1)
         # Then each attempt fails at once, and the compensation gives up after its one retry
         with pytest.raises(SagaFailed) as info:

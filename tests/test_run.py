@@ -364,7 +364,7 @@ def test_get_times_out_with_celerys_timeout_error(app: Celery, r, prefix) -> Non
 
 
 def test_steps_and_compensations_keep_their_own_queues(app: Celery, r, prefix, ns: str) -> None:
-    from celery.contrib.testing.worker import start_worker
+    from celery_saga.testing import thread_worker
 
     routes: dict[str, str] = {}
 
@@ -388,7 +388,7 @@ def test_steps_and_compensations_keep_their_own_queues(app: Celery, r, prefix, n
     # The step's queue comes from its signature, the compensation's from task_routes.
     saga = Saga("queues", [pay.s().set(queue=f"q-{ns}-payments"), boom])
     with (
-        start_worker(app, pool="threads", perform_ping_check=False, queues=queues, shutdown_timeout=10),
+        thread_worker(app, queues=queues),
         pytest.raises(SagaCompensated),
     ):
         saga.delay().get(timeout=20)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 import redis
-from celery import Celery
-from celery.contrib.testing.worker import start_worker
+from celery import Celery, bootsteps
+from celery.worker import state as worker_state
 
 from celery_saga import Saga, SagaStatus, StepStatus, current_step, saga_step, step
 from celery_saga.testing import (
@@ -19,6 +20,7 @@ from celery_saga.testing import (
     assert_failed,
     configured,
     isolated_settings,
+    thread_worker,
 )
 
 pytest_plugins = ["pytester", "celery_saga.testing"]
@@ -204,7 +206,7 @@ def test_configured_isolates_queues_and_restores_the_conf(
     # When the same app runs a worker under another prefix
     with (
         configured(app, second),
-        start_worker(app, pool="threads", perform_ping_check=False, queues=app_queues(app), shutdown_timeout=30),
+        thread_worker(app, queues=app_queues(app)),
     ):
         assert_completed(order.delay(order_id=12))
 
@@ -268,3 +270,31 @@ def test_a_fault_for_a_step_no_saga_has_is_refused_with_the_known_steps(saga_fau
         saga_faults.fail_compensation("plug.flaky")
     saga_faults.fail("plug.ship", saga="plug_order")  # a real step is accepted
     assert saga_faults.fired("plug.ship") == 0
+
+
+def test_a_worker_that_cannot_stop_in_time_does_not_stop_the_next_one(
+    saga_test_app: Celery, saga_redis_url: str, saga_prefix: str
+) -> None:
+    # Given a worker whose thread is still stopping when the test leaves it
+    release = threading.Event()
+
+    class SlowToStop(bootsteps.StartStopStep):
+        # start_worker ends its worker by terminating it, not stopping it
+        def terminate(self, worker: Any) -> None:
+            release.wait(60)
+
+    slow = Celery(f"slow-{saga_prefix}", set_as_current=False)
+    slow.steps["worker"].add(SlowToStop)
+    try:
+        with (
+            configured(slow, isolated_settings(saga_redis_url, f"{saga_prefix}:slow")),
+            pytest.raises(RuntimeError, match="failed to exit"),
+            thread_worker(slow, shutdown_timeout=0.2),
+        ):
+            pass
+        # Then the process-wide stop flag is put back, and the next worker runs sagas
+        assert worker_state.should_terminate is None
+    finally:
+        release.set()
+    with thread_worker(saga_test_app, queues=app_queues(saga_test_app)):
+        assert_completed(order.delay(order_id=13))
