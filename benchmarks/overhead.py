@@ -1,12 +1,23 @@
-"""Saga overhead: N sagas of 3 no-op steps against N plain chains of the same 3 tasks.
+"""Saga overhead: sagas against plain chains of the same tasks, side by side in one run.
 
-Three kinds run interleaved, round after round, against one Redis (broker,
-result backend and saga store) and one ``celery worker -P prefork -c 2``
-subprocess: plain chains, sagas with deadlines on (the default 300 s step
-timeout, swept by the worker's sweeper), and the same sagas with every
-deadline off. Prints the saga/chain throughput ratio with deadlines on
-(target: >= 0.9), the ratio without, and the Redis commands per step. This is
-a script, not a timed test: it exits 0 whatever the ratio.
+Three workloads (``benchmarks/bench_app.py``), each as a saga and as the
+plain chain of the same tasks with the same kwargs (``.si(**kwargs)``, a
+Redis result backend as Celery users configure it):
+
+- ``noop``: 3 steps that take nothing, return None, compensate nothing;
+- ``real``: start kwargs of about 200 bytes, 3 steps that take them and
+  return dicts of about 100 bytes, each with a compensation;
+- ``data``: 3 steps that take ``**data`` and return small dicts, with compensations.
+
+They run interleaved, round after round, against one Redis (broker, result
+backend and saga store) and one ``celery worker -P prefork -c 2`` subprocess,
+with every saga deadline on (the default 300 s step timeout). Printed: the
+saga/chain throughput ratio per workload (targets: >= 1.1 real, >= 1.0 data),
+the Redis memory each finished saga holds (growth of ``used_memory`` over a
+batch; targets: <= 2 KB real, <= 1 KB noop, <= 6 KB for 20 steps), the
+latency p50/p95 of one ``delay().get()`` against the chain's, CPU per saga,
+and the Redis round trips per step. This is a script, not a timed test: it
+exits 0 whatever the numbers.
 
 Redis: ``REDIS_URL`` if set; else 127.0.0.1:6379 database 9 if it answers;
 else a private server. Every run uses its own queue and key prefix and only
@@ -53,10 +64,14 @@ from celery_saga.redis_server import RedisServer, redis_answers  # noqa: E402
 from celery_saga.store.redis import mask_url  # noqa: E402 - needs ROOT on sys.path
 from tests.deployments import Cluster, replica_online  # noqa: E402 - the test suite's own deployments
 
-TARGET = 0.9
 STEPS = 3
-#: A plain chain, a saga with deadlines (the default), a saga with none.
-KINDS = ("chain", "saga", "saga-nodl")
+WORKLOADS = ("noop", "real", "data")
+#: Throughput targets, saga/chain.
+TARGETS = {"noop": 1.0, "real": 1.1, "data": 1.0}
+#: Bytes of Redis memory per finished saga, at most.
+MEMORY_TARGETS = {"noop": 1024, "real": 2048, "wide": 6144}
+#: Each workload as a plain chain and as a saga: "chain:real", "saga:real" ...
+KINDS = tuple(f"{how}:{w}" for w in WORKLOADS for how in ("chain", "saga"))
 
 
 # -- Redis --------------------------------------------------------------------------
@@ -211,50 +226,78 @@ class Batch:
 
 
 class Runner:
-    def __init__(self, bench: ModuleType, client: redis.Redis, ns: str, poll_interval: float, worker_pid: int) -> None:
+    def __init__(self, bench: ModuleType, client: redis.Redis, ns: str, worker_pid: int) -> None:
         self.bench = bench
         self.worker_pid = worker_pid
         self.client = client
         self.ns = ns
-        self.poll_interval = poll_interval
         self.seq = 0
 
-    def publish_chains(self, n: int) -> list[Any]:
-        b = self.bench
-        results = []
-        for _ in range(n):
-            self.seq += 1
-            # Ids carrying the run id make the result keys easy to find and delete.
-            tid = f"{self.ns}-c{self.seq}"
-            c = chain(
-                b.step1.si().set(task_id=f"{tid}-1"),
-                b.step2.si().set(task_id=f"{tid}-2"),
-                b.step3.si().set(task_id=f"{tid}-3"),
-            )
-            results.append(c.apply_async())
-        return results
+    def memory_per_saga(self, workload: str, n: int) -> float:
+        """Growth of the store's ``used_memory`` per finished saga, over ``n`` sagas.
 
-    def publish_sagas(self, kind: str, n: int) -> list[Any]:
-        saga = self.bench.bench_saga if kind == "saga" else self.bench.bench_saga_nodl
-        return [saga.delay() for _ in range(n)]
+        Chains' result keys are deleted first, so that only the sagas' records
+        and index entries are counted.
+        """
+        delete_run_keys(self.client, [f"celery-task-meta-{self.ns}-*"])
+        before = int(self.client.info("memory")["used_memory"])
+        self.batch(f"saga:{workload}", n)
+        after = int(self.client.info("memory")["used_memory"])
+        return (after - before) / n
+
+    def latency(self, kind: str, n: int) -> tuple[float, float]:
+        """p50 and p95 of one ``delay().get()`` (ms), ``n`` times in a row."""
+        times = []
+        for _ in range(n):
+            start = time.perf_counter()
+            self.wait(kind, self.publish(kind, 1), 30.0)
+            times.append((time.perf_counter() - start) * 1000)
+        times.sort()
+        return statistics.median(times), times[min(len(times) - 1, round(0.95 * (len(times) - 1)))]
+
+    def tasks(self, workload: str) -> tuple[list[Any], dict[str, Any]]:
+        """The tasks of a workload's chain, and the kwargs each takes."""
+        b = self.bench
+        if workload == "noop":
+            return [b.step1, b.step2, b.step3], {}
+        if workload == "real":
+            return [b.reserve, b.charge, b.ship], b.ORDER
+        return [b.d1, b.d2, b.d3], b.ORDER
+
+    def saga(self, workload: str) -> Any:
+        b = self.bench
+        return {"noop": b.bench_saga, "real": b.bench_real, "data": b.bench_data, "wide": b.bench_wide}[workload]
+
+    def publish_chain(self, workload: str) -> Any:
+        tasks, kwargs = self.tasks(workload)
+        if workload == "data":
+            # The chain passes each result on as the saga would: the tasks take **data.
+            kwargs = {**kwargs, "reservation_id": "r", "payment_id": "p"}
+        self.seq += 1
+        # Ids carrying the run id make the result keys easy to find and delete.
+        tid = f"{self.ns}-c{self.seq}"
+        return chain(*(t.si(**kwargs).set(task_id=f"{tid}-{i}") for i, t in enumerate(tasks))).apply_async()
+
+    def publish(self, kind: str, n: int) -> list[Any]:
+        how, workload = kind.split(":")
+        if how == "chain":
+            return [self.publish_chain(workload) for _ in range(n)]
+        saga = self.saga(workload)
+        _, kwargs = self.tasks(workload) if workload != "wide" else (None, {})
+        return [saga.delay(**kwargs) for _ in range(n)]
 
     def wait(self, kind: str, results: list[Any], timeout: float) -> None:
         # Newest first: FIFO queues finish it last, so the others are done by then.
         deadline = time.monotonic() + timeout
         for res in reversed(results):
             left = max(0.1, deadline - time.monotonic())
-            if kind != "chain":
-                data = res.get(timeout=left, interval=self.poll_interval)
-                if data != {}:
-                    raise RuntimeError(f"saga {res.id} ended with unexpected data {data!r}")
-            else:
-                res.get(timeout=left)
+            res.get(timeout=left)
 
     def batch(self, kind: str, n: int, timeout: float = 300.0, round: int = 0) -> Batch:
         before = command_calls(self.client)
         cpu0 = self.cpu()
         start = time.perf_counter()
-        results = self.publish_chains(n) if kind == "chain" else self.publish_sagas(kind, n)
+        results = self.publish(kind, n)
         self.wait(kind, results, timeout)
         seconds = time.perf_counter() - start
         cpu1 = self.cpu()
@@ -412,7 +455,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5, help="rounds of one batch of each (default 5)")
     parser.add_argument("--warmup", type=int, default=30, help="untimed sagas and chains first (default 30)")
     parser.add_argument(
-        "--poll-interval", type=float, default=0.01, help="SagaResult.get polling cap, seconds (default 0.01)"
+        "--memory-n", type=int, default=300, help="sagas per memory measurement, 0 to skip (default 300)"
+    )
+    parser.add_argument(
+        "--latency-n", type=int, default=100, help="delay().get() calls per latency measurement (default 100)"
     )
     parser.add_argument(
         "--monitor-n", type=int, default=50, help="sagas and chains in the MONITOR sample, 0 to skip (default 50)"
@@ -475,11 +521,17 @@ def run(args: argparse.Namespace) -> int:
         ok = False
         try:
             wait_ready(bench, worker, ns)
-            runner = Runner(bench, client, ns, args.poll_interval, worker.proc.pid)
+            runner = Runner(bench, client, ns, worker.proc.pid)
             if args.warmup:
                 for kind in KINDS:
                     runner.batch(kind, args.warmup)
             batches = run_rounds(runner, args.n, args.rounds)
+            latencies = {kind: runner.latency(kind, args.latency_n) for kind in ("chain:real", "saga:real")}
+            memory: dict[str, float] = {}
+            if args.memory_n > 0:
+                for workload in ("noop", "real", "wide"):
+                    n = args.memory_n if workload != "wide" else max(1, args.memory_n // 3)
+                    memory[workload] = runner.memory_per_saga(workload, n)
             report_cpu(batches)
             report_commands(batches)
             if args.monitor_n > 0:
@@ -491,7 +543,7 @@ def run(args: argparse.Namespace) -> int:
                     samples[kind] = s
                 if samples:
                     report_sample(samples, args.monitor_n)
-            report_ratio(batches)
+            report_ratio(batches, latencies, memory)
             ok = True
         finally:
             worker.stop()
@@ -523,46 +575,53 @@ def _db(url: str) -> int:
 
 def run_rounds(runner: Runner, n: int, rounds: int) -> list[Batch]:
     batches: list[Batch] = []
-    print(f"\n{rounds} rounds of {n} of each ({STEPS} no-op steps each), prefork -c 2")
+    print(f"\n{rounds} rounds of {n} of each, {STEPS} steps each, prefork -c 2 (saga/chain ratio per workload)")
     for r in range(rounds):
         # Rotate which goes first, so drift in the machine's load hits all kinds.
         order = KINDS[r % len(KINDS) :] + KINDS[: r % len(KINDS)]
         got = {kind: runner.batch(kind, n, round=r) for kind in order}
         batches += got.values()
-        c = got["chain"]
         print(
-            f"  round {r + 1}: chain {c.rate:6.1f}/s   "
-            + "   ".join(f"{k} {got[k].rate:6.1f}/s (ratio {got[k].rate / c.rate:.3f})" for k in KINDS[1:])
+            f"  round {r + 1}: "
+            + "   ".join(
+                f"{w} {got['saga:' + w].rate:6.1f}/{got['chain:' + w].rate:6.1f}/s "
+                f"({got['saga:' + w].rate / got['chain:' + w].rate:.3f})"
+                for w in WORKLOADS
+            )
         )
     return batches
 
 
-def report_ratio(batches: list[Batch]) -> None:
+def report_ratio(batches: list[Batch], latencies: dict[str, tuple[float, float]], memory: dict[str, float]) -> None:
     def total(kind: str) -> float:
         mine = [b for b in batches if b.kind == kind]
         return sum(b.n for b in mine) / sum(b.seconds for b in mine)
 
-    def round_ratios(kind: str) -> list[float]:
+    def round_ratios(workload: str) -> list[float]:
         by_round: dict[int, dict[str, float]] = {}
         for b in batches:
             by_round.setdefault(b.round, {})[b.kind] = b.rate
-        return [r[kind] / r["chain"] for r in by_round.values()]
+        return [r[f"saga:{workload}"] / r[f"chain:{workload}"] for r in by_round.values()]
 
-    chains, sagas, bare = total("chain"), total("saga"), total("saga-nodl")
-    ratio = sagas / chains
+    print("\nsaga/chain throughput, deadlines on (median of the rounds' ratios; target)")
+    for w in WORKLOADS:
+        median = statistics.median(round_ratios(w))
+        verdict = "met" if median >= TARGETS[w] else "NOT met"
+        print(
+            f"  {w:5}: saga {total('saga:' + w):6.1f}/s   chain {total('chain:' + w):6.1f}/s   "
+            f"ratio {median:.2f}  (>= {TARGETS[w]}: {verdict})"
+        )
+    (c50, c95), (s50, s95) = latencies["chain:real"], latencies["saga:real"]
     print(
-        f"\nchain: {chains:.1f}/s ({chains * STEPS:.0f} tasks/s)   saga: {sagas:.1f}/s ({sagas * STEPS:.0f} steps/s)"
-        f"   saga without deadlines: {bare:.1f}/s"
+        f"\nlatency of one delay().get(), real workload: saga p50 {s50:.1f} ms p95 {s95:.1f} ms   "
+        f"chain p50 {c50:.1f} ms p95 {c95:.1f} ms   (saga p50 <= chain p50: {'met' if s50 <= c50 else 'NOT met'})"
     )
-    print(
-        f"saga/chain throughput ratio, deadlines on: {ratio:.2f} "
-        f"(median of rounds {statistics.median(round_ratios('saga')):.2f})"
-    )
-    print(
-        f"saga/chain throughput ratio, deadlines off: {bare / chains:.2f} "
-        f"(median of rounds {statistics.median(round_ratios('saga-nodl')):.2f})"
-    )
-    print(f"target >= {TARGET} with deadlines on: {'met' if ratio >= TARGET else 'NOT met'}")
+    if memory:
+        print("\nRedis memory per finished saga (growth of used_memory; target)")
+        for w, size in memory.items():
+            label = {"noop": "noop (no data)", "real": "real (3 steps)", "wide": "20 steps, 70 B each"}[w]
+            verdict = "met" if size <= MEMORY_TARGETS[w] else "NOT met"
+            print(f"  {label:20}: {size:7.0f} B  (<= {MEMORY_TARGETS[w]} B: {verdict})")
 
 
 if __name__ == "__main__":
