@@ -296,18 +296,24 @@ class Saga:
                 step_fields.append((f"to:{spec.name}", f"{spec.timeout * 1000:.0f}"))
         # The first deadline can be no sooner than the shortest timeout.
         first = min((x for x in (plan.shortest_timeout(), saga_timeout) if x is not None), default=None)
-        digest = plan.digest()
+        plan_json, settings_json = plan.to_json(), settings.saga_copy()
+        # One stored definition per plan and settings: records name it by digest.
+        digest = hashlib.sha1(f"{plan_json}\n{settings_json}".encode()).hexdigest()[:16]
         req = StartRequest(
             saga_id=saga_id,
             gen=uuid.uuid4().hex[:12],
             name=self.name,
             fingerprint=hashlib.sha256(_canonical(data).encode()).hexdigest(),
             kwargs_json=kwargs_json,
-            plan_json=plan.to_json(),
+            plan_json=plan_json,
             plan_digest=digest,
             stages=plan.lua_stages(),
             retention=settings.retention,
-            settings_json=settings.saga_copy(),
+            settings_json=settings_json,
+            compensated_retention=settings.compensated_retention,
+            failed_retention=settings.failed_retention,
+            late_outcome_window=settings.late_outcome_window,
+            dedup_window=settings.dedup_window,
             on_complete=callbacks[0],
             on_failure=callbacks[1],
             idempotency_key=key,

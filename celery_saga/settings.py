@@ -12,7 +12,16 @@ saga_index_shards                   16           index shards (hash tags); the s
 saga_redis_wait_replicas            0            replicas each transition must reach (WAIT)
 saga_redis_wait_timeout             1.0          seconds WAIT waits for them
 saga_key_prefix                     ``"saga"``   prefix of every key celery_saga writes
-saga_retention                      604800       seconds a finished saga is kept
+saga_retention                      86400        seconds a COMPLETED saga is kept (1 day, like
+                                                 Celery's result_expires)
+saga_compensated_retention          None         seconds a COMPENSATED saga is kept (None: as
+                                                 saga_retention)
+saga_failed_retention               None         seconds a FAILED saga is kept (None: until
+                                                 purged; FAILED sagas are the dead-letter list)
+saga_late_outcome_window            86400        seconds after a rollback ended during which a
+                                                 late outcome of a step still counts (swept)
+saga_dedup_window                   600          seconds a transition's reply is kept for a
+                                                 call sent again (client retries, redelivery)
 saga_compensation_retry_backoff     1            first retry delay, seconds (float ok)
 saga_compensation_retry_backoff_max 600          cap of the retry delay, seconds
 saga_compensation_max_retries       None         None retries a compensation forever
@@ -44,7 +53,9 @@ __all__ = ["SETTING_NAMES", "SagaSettings", "default_step_timeout", "raw_conf", 
 _DEFAULTS: dict[str, Any] = {
     "saga_redis_url": None,
     "saga_key_prefix": "saga",
-    "saga_retention": 7 * 24 * 3600,
+    "saga_retention": 24 * 3600,
+    "saga_late_outcome_window": 24 * 3600,
+    "saga_dedup_window": 600,
     "saga_compensation_retry_backoff": 1.0,
     "saga_compensation_retry_backoff_max": 600.0,
     "saga_compensation_max_retries": None,
@@ -56,7 +67,7 @@ _DEFAULTS: dict[str, Any] = {
 }
 
 #: Every setting `SagaSettings.from_app` reads.
-SETTING_NAMES = (*_DEFAULTS, "saga_redis_transport_options")
+SETTING_NAMES = (*_DEFAULTS, "saga_redis_transport_options", "saga_compensated_retention", "saga_failed_retention")
 
 _BROKER_STORES = ("redis://", "rediss://", "unix://", "sentinel://")
 
@@ -90,6 +101,12 @@ class SagaSettings:
     index_shards: int = 16
     wait_replicas: int = 0
     wait_timeout: float = 1.0
+    #: None: as ``retention``.
+    compensated_retention: float | None = None
+    #: None: kept until purged.
+    failed_retention: float | None = None
+    late_outcome_window: float = 24 * 3600.0
+    dedup_window: float = 600.0
 
     @classmethod
     def from_app(cls, app: Celery) -> SagaSettings:
@@ -144,7 +161,19 @@ class SagaSettings:
             index_shards=_count("saga_index_shards", get("saga_index_shards"), minimum=1),
             wait_replicas=_count("saga_redis_wait_replicas", get("saga_redis_wait_replicas"), minimum=0),
             wait_timeout=_number("saga_redis_wait_timeout", get("saga_redis_wait_timeout"), positive=True),
+            compensated_retention=_optional(conf, "saga_compensated_retention"),
+            failed_retention=_optional(conf, "saga_failed_retention"),
+            late_outcome_window=_number("saga_late_outcome_window", get("saga_late_outcome_window"), positive=True),
+            dedup_window=_number("saga_dedup_window", get("saga_dedup_window"), positive=True),
         )
+
+    def retention_of(self, status: str) -> float | None:
+        """Seconds a saga that ended in ``status`` is kept; None: until purged."""
+        if status == "FAILED":
+            return self.failed_retention
+        if status == "COMPENSATED" and self.compensated_retention is not None:
+            return self.compensated_retention
+        return self.retention
 
     def saga_copy(self) -> str:
         """The settings every worker applies to a saga, as stored in its record.
@@ -155,12 +184,17 @@ class SagaSettings:
         copy = asdict(self)
         for local in ("redis_url", "key_prefix", "default_step_timeout", "sweep_interval", "redis_options"):
             del copy[local]
-        for local in ("index_shards", "wait_replicas", "wait_timeout"):
+        for local in ("index_shards", "wait_replicas", "wait_timeout", "dedup_window"):
             del copy[local]
         return json.dumps(copy, sort_keys=True)
 
 
 _UNSET = object()
+
+
+def _optional(conf: Any, name: str) -> float | None:
+    value = conf.get(name)
+    return None if value is None else _number(name, value, positive=True)
 
 
 def _explicit(conf: Any, name: str) -> bool:

@@ -21,6 +21,7 @@ _STORE_SETTINGS = (
     "saga_redis_url",
     "saga_key_prefix",
     "saga_retention",
+    "saga_compensated_retention",
     "saga_redis_transport_options",
     "saga_index_shards",
     "saga_redis_wait_replicas",
@@ -81,7 +82,7 @@ def _shared_store(settings: SagaSettings) -> SagaStore:
         str(settings.index_shards),
         str(settings.wait_replicas),
         str(settings.wait_timeout),
-        str(settings.retention),
+        str(_index_retention(settings)),
     )
     store = _STORES.get(key)
     if store is None:
@@ -91,7 +92,7 @@ def _shared_store(settings: SagaSettings) -> SagaStore:
                 store = RedisSagaStore(
                     settings.redis_url,
                     settings.key_prefix,
-                    retention=settings.retention,
+                    retention=_index_retention(settings),
                     options=settings.redis_options,
                     shards=settings.index_shards,
                     wait_replicas=settings.wait_replicas,
@@ -99,3 +100,8 @@ def _shared_store(settings: SagaSettings) -> SagaStore:
                 )
                 _STORES[key] = store
     return store
+
+
+def _index_retention(settings: SagaSettings) -> float:
+    """How long finished (COMPLETED, COMPENSATED) index entries are kept and counted: the longer retention."""
+    return max(settings.retention, settings.compensated_retention or 0.0)

@@ -9,6 +9,7 @@ live here, once. The ops and their replies are `celery_saga.store.protocol`.
 from __future__ import annotations
 
 import abc
+import json
 import random
 import time
 from collections.abc import Sequence
@@ -44,18 +45,33 @@ class StartRequest:
     saga_timeout: float | None = None
     #: When sweepers should first look at the saga (epoch seconds), None if it has no deadline.
     watch_at: float | None = None
+    #: Retention of a COMPENSATED saga (None: ``retention``) and of a FAILED one (None: kept until purged).
+    compensated_retention: float | None = None
+    failed_retention: float | None = None
+    #: saga_late_outcome_window and saga_dedup_window, seconds.
+    late_outcome_window: float = 24 * 3600.0
+    dedup_window: float = 600.0
+
+    def definition(self) -> str:
+        """The plan and settings, stored once under ``plan_digest`` rather than in every record."""
+        return f'{{"plan": {self.plan_json}, "settings": {self.settings_json or "{}"}}}'
 
     def fields(self) -> list[str]:
         """The new record's fields as flat field/value pairs (`celery_saga.store.keys` lists them)."""
+        settings = json.loads(self.settings_json or "{}")
+        backoff = (settings.get("compensation_retry_backoff"), settings.get("compensation_retry_backoff_max"))
         pairs = [
             ("name", self.name),
             ("fp", self.fingerprint),
             ("kwargs", self.kwargs_json),
-            ("plan", self.plan_json),
             ("ph", self.plan_digest),
             ("stages", self.stages),
             ("retention", repr(self.retention)),
-            ("settings", self.settings_json),
+            ("bo", ",".join(repr(float(x or 0)) for x in backoff)),
+            ("cret", "" if self.compensated_retention is None else repr(self.compensated_retention)),
+            ("fret", "" if self.failed_retention is None else repr(self.failed_retention)),
+            ("lw", f"{self.late_outcome_window * 1000:.0f}"),
+            ("dw", f"{self.dedup_window * 1000:.0f}"),
             ("cb_ok", self.on_complete),
             ("cb_fail", self.on_failure),
             ("key", self.idempotency_key),
@@ -87,6 +103,7 @@ class SagaStore(abc.ABC):
         args: Sequence[str],
         index_first: tuple[str, str, str] | None = None,
         watch_at: float | None = None,
+        define: tuple[str, str] | None = None,
     ) -> str:
         """Apply one transition atomically and return the script's JSON reply.
 
@@ -95,11 +112,38 @@ class SagaStore(abc.ABC):
         ``watch_at`` a deadline-index entry (epoch seconds; it only ever moves
         earlier), both sent in the same round trip, before the transition: a
         deadline is in the index before the transition that starts it.
+        ``define`` is a definition ``(digest, JSON)`` to store first if absent.
         """
 
     @abc.abstractmethod
     def _load(self, saga_id: str) -> dict[str, str] | None:
         """The raw record, or None."""
+
+    @abc.abstractmethod
+    def _read_definition(self, digest: str) -> str | None:
+        """The stored plan and settings named ``digest`` (`StartRequest.definition`), or None."""
+
+    def _complete(self, raw: dict[str, str] | None) -> dict[str, str] | None:
+        """The record with its ``plan`` and ``settings``, which it names by digest (``ph``).
+
+        Definitions never change under their digest, so each is read once per process.
+        """
+        if not raw or "plan" in raw or not raw.get("ph"):
+            return raw
+        digest = raw["ph"]
+        definition = _DEFINITIONS.get(digest)
+        if definition is None:
+            text = self._read_definition(digest)
+            if text is None:
+                return raw  # parsing it then says the plan is missing
+            try:
+                decoded = json.loads(text)
+                definition = (json.dumps(decoded["plan"]), json.dumps(decoded.get("settings") or {}))
+            except (ValueError, KeyError, TypeError):
+                return raw
+            if len(_DEFINITIONS) < 1024:
+                _DEFINITIONS[digest] = definition
+        return {**raw, "plan": definition[0], "settings": definition[1]}
 
     @abc.abstractmethod
     def _index(
@@ -116,6 +160,10 @@ class SagaStore(abc.ABC):
 
         Idempotent.
         """
+
+    @abc.abstractmethod
+    def _watch(self, saga_id: str, at: float) -> None:
+        """Make sweepers look at ``saga_id`` by ``at`` (epoch seconds): add it to the deadline index, or move it earlier."""
 
     @abc.abstractmethod
     def claim_due(self, limit: int, lease: float) -> list[tuple[str, str]]:
@@ -202,6 +250,7 @@ class SagaStore(abc.ABC):
             req.fields(),
             index_first=(req.name, "", SagaStatus.PENDING.value),
             watch_at=req.watch_at,
+            define=(req.plan_digest, req.definition()),
         )
         t = Transition.from_reply(Op.START, req.saga_id, reply, req.name, req.gen)
         if t.outcome is not Outcome.CREATED and t.status is not SagaStatus.PENDING:
@@ -249,6 +298,10 @@ class SagaStore(abc.ABC):
         tx = self.new_tx() if tx is None else tx
         reply = self._run(saga_id, op, tx, gen, args, index_first=move, watch_at=watch_at)
         t = Transition.from_reply(op, saga_id, reply, name, gen)
+        if t.outcome is Outcome.LATE and t.due:
+            # A second round for a saga that may have left the deadline index
+            # (saga_late_outcome_window): its attempts have deadlines to watch.
+            self._watch(saga_id, time.time())
         if first:
             if t.status is not None and t.status is not SagaStatus.RUNNING:
                 self._index(saga_id, t.name, SagaStatus.RUNNING.value, t.status.value, 0.0)
@@ -307,7 +360,7 @@ class SagaStore(abc.ABC):
         return self.apply(Op.COMP_FAIL, saga_id, gen, name, step, error, str(round))
 
     def load(self, saga_id: str) -> dict[str, str]:
-        raw = self._load(saga_id)
+        raw = self._complete(self._load(saga_id))
         if not raw or "status" not in raw:
             raise SagaNotFound(saga_id, self.where())
         return raw
@@ -325,6 +378,9 @@ class SagaStore(abc.ABC):
         """A fresh transition id, for a caller that retries one transition itself."""
         return _new_tx()
 
+
+# Definitions (plan JSON, settings JSON) by digest: immutable, so cached for good.
+_DEFINITIONS: dict[str, tuple[str, str]] = {}
 
 #: Seconds a finished saga's process has to send its callback before a
 #: sweeper sends it (and the callback may then arrive twice).

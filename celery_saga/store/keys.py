@@ -22,6 +22,12 @@ another. A shard holds:
   nothing more can come (no attempt pending and no step whose outcome is
   unknown) or the record gone.
 
+``<prefix>:plan:<digest>`` holds, once per digest, the JSON
+``{"plan": ..., "settings": ...}`` that records name by their ``ph`` field: the
+plan (the stages, their steps, tasks and compensations) and the settings in
+force at start. It never changes and has no TTL (a few hundred bytes per saga
+definition and settings).
+
 ``<prefix>:{meta}`` holds the store's ``epoch``, a token made when the store is
 first used: a record missing under a new (or vanished) epoch was lost when
 the store was reset, not expired. And the number of index ``shards``, and
@@ -34,11 +40,13 @@ has (``transitions.lua`` draws how they move):
 =================  ==========================================================
 v, gen             schema version ("1"); start generation (a fresh one per start)
 name, key, fp      saga name; idempotency key; fingerprint of the kwargs
-kwargs, plan, ph   start kwargs (JSON); plan (JSON); plan digest
+kwargs, ph         start kwargs (JSON); digest of the plan and settings
+                   (``<prefix>:plan:<ph>``)
 stages             stage layout for Lua: members by ",", stages by ";"
-settings           saga_* settings in force at start (JSON): the compensation
-                   backoff, which the script draws retries from
-retention, maxr    TTL seconds once finished; compensation max retries ("": none)
+bo                 compensation backoff and its cap, seconds: "<base>,<max>"
+retention, maxr    TTL seconds once COMPLETED; compensation max retries ("": none)
+cret, fret         TTL seconds once COMPENSATED ("": retention), FAILED ("": none)
+lw, dw             saga_late_outcome_window, saga_dedup_window (ms)
 cb_ok, cb_fail     on_complete / on_failure signatures (JSON, or "")
 cbs                "1" once the end callback was sent
 status, status_at  saga status (SagaStatus) and when it was entered (ms)
@@ -66,7 +74,8 @@ rt:/crt:<step>     highest Celery retry count seen by a step / compensation
 cb0:<step>         attempts before the last operator retry (retry budget base)
 rr                 operator retries so far
 comp:<step>        compensation task name; cof:<step> "1" = compensate on failure
-tx:<id>            reply of an applied transition, for de-duplication
+tx:<id>, txl       reply of an applied transition, for de-duplication; the
+                   kept ids, oldest first (see transitions.lua)
 =================  ==========================================================
 """
 
@@ -89,6 +98,13 @@ class Keys:
 
     def record(self, saga_id: str) -> str:
         return f"{self.prefix}:{{{saga_id}}}"
+
+    def definition(self, digest: str) -> str:
+        """The plan and settings of every saga started with them (JSON), stored once per digest.
+
+        Immutable, and in its own slot: workers read it outside scripts and cache it.
+        """
+        return f"{self.prefix}:plan:{digest}"
 
     def meta(self) -> str:
         """The store's epoch and shard count (a hash)."""

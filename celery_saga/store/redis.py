@@ -120,6 +120,9 @@ return tonumber(redis.call('HGET', KEYS[1], 'lost') or '0')
 # How long the ids of lost sagas are kept, to count each once.
 _LOST_IDS_KEPT_MS = 7 * 24 * 3600 * 1000
 
+# Stores a definition (plan and settings) once: it never changes under its digest.
+_DEFINE_LUA = "redis.call('SET', KEYS[1], ARGV[1], 'NX') return 1"
+
 # Redis errors that mean "try again later", by the message's code (a script
 # error carries the code of the command that failed inside it).
 _TRANSIENT = ("OOM", "READONLY", "BUSY", "LOADING", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "NOREPLICAS")
@@ -198,6 +201,8 @@ class RedisSagaStore(SagaStore):
         self._claim_script: Script = self.client.register_script(_CLAIM_LUA)
         self._rescore_script: Script = self.client.register_script(_RESCORE_LUA)
         self._lost_script: Script = self.client.register_script(_LOST_LUA)
+        self._define_script: Script = self.client.register_script(_DEFINE_LUA)
+        self._defined: set[str] = set()
         self._epoch: str | None = None
         self._reset_logged: set[str] = set()
 
@@ -224,7 +229,8 @@ class RedisSagaStore(SagaStore):
     def _explained(self, exc: redis.ResponseError) -> Exception:
         """The error, naming the command a script could not run: Redis names only the script's line."""
         found = _SCRIPT_LINE.search(str(exc))
-        scripts = (self._script, self._shard_script, self._claim_script, self._rescore_script, self._lost_script)
+        scripts = [self._script, self._shard_script, self._claim_script, self._rescore_script, self._lost_script]
+        scripts.append(self._define_script)
         sources = {s.sha: str(s.script) for s in scripts}
         if found is None or found["sha"] not in sources:
             return exc
@@ -273,15 +279,23 @@ class RedisSagaStore(SagaStore):
         args: Sequence[str],
         index_first: tuple[str, str, str] | None = None,
         watch_at: float | None = None,
+        define: tuple[str, str] | None = None,
     ) -> str:
         transition: Call = (self._script, [self.keys.record(saga_id)], [op.value, tx, gen, *args])
         calls: list[Call] = []
+        if define is not None and (not self.cluster or define[0] not in self._defined):
+            # On one server this rides in the start's round trip; on a cluster
+            # (another slot, its own call) once per definition and process.
+            calls.append((self._define_script, [self.keys.definition(define[0])], [define[1]]))
         if index_first is not None or watch_at is not None:
             name, old, new = index_first if index_first is not None else ("", "", "")
             move = (old, new) if index_first is not None else None
             calls.append((self._shard_script, *self._shard_call(saga_id, name, move, watch_at=watch_at)))
         calls.append(transition)
-        return str(self._call(lambda: self._execute(calls, wait=True)))
+        reply = str(self._call(lambda: self._execute(calls, wait=True)))
+        if define is not None:
+            self._defined.add(define[0])
+        return reply
 
     def _execute(self, calls: list[Call], wait: bool = False) -> Any:
         """Run script calls in order and return the last one's reply.
@@ -392,6 +406,7 @@ class RedisSagaStore(SagaStore):
             )
         if not current:
             self._epoch = None
+        self._defined.clear()  # the definitions went with the rest
         return True
 
     def count_lost(self, saga_id: str) -> int:
@@ -477,7 +492,11 @@ class RedisSagaStore(SagaStore):
             return list(pipe.execute(raise_on_error=False))
 
         # A key of the wrong type comes back as an error: report it as an empty record.
-        return [raw if isinstance(raw, dict) and raw else None for raw in self._call(run)]
+        return [self._complete(raw) if isinstance(raw, dict) and raw else None for raw in self._call(run)]
+
+    def _read_definition(self, digest: str) -> str | None:
+        text = self._call(lambda: self.client.get(self.keys.definition(digest)))
+        return None if text is None else str(text)
 
     def delete(self, saga_id: str) -> None:
         self._call(lambda: self.client.delete(self.keys.record(saga_id)))
@@ -495,6 +514,10 @@ class RedisSagaStore(SagaStore):
         watch_at: float | None = None,
     ) -> None:
         keys, args = self._shard_call(saga_id, name, (old, new), retention, watch_at=watch_at, unwatch=unwatch)
+        self._call(lambda: self._execute([(self._shard_script, keys, args)]))
+
+    def _watch(self, saga_id: str, at: float) -> None:
+        keys, args = self._shard_call(saga_id, watch_at=at)
         self._call(lambda: self._execute([(self._shard_script, keys, args)]))
 
     def _unindex(self, saga_id: str, name: str, status: str) -> None:

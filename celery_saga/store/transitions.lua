@@ -5,7 +5,8 @@ CALLING CONVENTION
   ARGV[1]   the op (store/protocol.py: Op)
   ARGV[2]   transition id, "" for none. redis-py retries a command after a
             timeout, so a transition may arrive twice: the first reply is
-            kept under "tx:<id>" and returned again instead of re-applying.
+            kept under "tx:<id>" for saga_dedup_window and returned again
+            instead of re-applying (see "de-duplication" below).
             An id starting with "!" (a store that WAITs for replicas) also
             writes that reply again, so that the WAIT after the call covers
             the first write, which may not have reached a replica yet.
@@ -97,14 +98,6 @@ frontier back (advance) whenever the saga is COMPENSATING.
 local K = KEYS[1]
 local op, tx, gen = ARGV[1], ARGV[2], ARGV[3]
 
-if tx ~= '' then
-  local prev = redis.call('HGET', K, 'tx:' .. tx)
-  if prev then
-    if string.sub(tx, 1, 1) == '!' then redis.call('HSET', K, 'tx:' .. tx, prev) end
-    return prev
-  end
-end
-
 local clock = redis.call('TIME')
 local NOW = string.format('%.0f', tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000))
 
@@ -165,8 +158,62 @@ local function respond(outcome, changed, fields, raw)
   return text
 end
 
-local function remember(text)
-  if tx ~= '' then redis.call('HSET', K, 'tx:' .. tx, text) end
+-- A next_stage reply with the data of stage k: the start kwargs and the
+-- results of every stage before it, in declaration order, which the caller
+-- folds. Saga data is never copied in the record: it is read back from it.
+local function with_stage_data(text, k)
+  local parts = {hget('kwargs')}
+  local st = stages()
+  for j = 1, k do
+    for _, n in ipairs(st[j]) do
+      local result = hget('r:' .. n)
+      if result then parts[#parts + 1] = result end
+    end
+  end
+  return string.sub(text, 1, -2) .. ',"data":[' .. table.concat(parts, ',') .. ']}'
+end
+
+-- -- de-duplication -----------------------------------------------------------
+--
+-- "tx:<id>" = "<time> <stage> <reply>": the reply of an applied transition,
+-- so that a call sent again (redis-py's retries, the wrapper writing an
+-- outcome again) gets it back instead of applying twice. A next_stage reply
+-- is kept without its data (<stage> says which stage's data to rebuild from
+-- the record on a replay), so no entry copies the saga's data. Entries are
+-- listed oldest first in "txl" ("<id>:<time> ..."): at most TX_KEPT are kept,
+-- none older than the window ("dw", ms; saga_dedup_window), and the one
+-- transition that ends the saga drops every earlier one, whose callers'
+-- obligations it supersedes. A replay after that finds no entry and is
+-- applied afresh, and the record's state refuses it (duplicate, stale ...).
+local TX_KEPT = 8
+local ending = false
+
+local function window_ms() return num(hget('dw')) or 600000 end
+
+local function forget_old_replies(all)
+  local keep, gone = {}, {}
+  local oldest_kept = num(NOW) - window_ms()
+  local ids = split(hget('txl'), ' ')
+  for i, entry in ipairs(ids) do
+    local id, at = string.match(entry, '^(.-):(%d+)$')
+    if all or not at or num(at) < oldest_kept or #ids - i >= TX_KEPT then
+      gone[#gone + 1] = 'tx:' .. (id or entry)
+    else
+      keep[#keep + 1] = entry
+    end
+  end
+  if #gone > 0 then redis.call('HDEL', K, unpack(gone)) end
+  return keep
+end
+
+-- Keep `text` as the reply of this transition; `stage` names the stage whose
+-- data a next_stage reply leaves out.
+local function remember(text, stage)
+  if tx ~= '' then
+    local keep = forget_old_replies(ending)
+    keep[#keep + 1] = tx .. ':' .. NOW
+    redis.call('HSET', K, 'tx:' .. tx, NOW .. ' ' .. (stage or '-') .. ' ' .. text, 'txl', table.concat(keep, ' '))
+  end
   return text
 end
 
@@ -185,9 +232,19 @@ local function set_status(new)
   return old
 end
 
-local function expire_after_retention()
-  local ttl = num(hget('retention') or '0')
-  if ttl and ttl > 0 then redis.call('PEXPIRE', K, math.floor(ttl * 1000)) end
+-- The retention of a saga that ended in `st`: "cret" for COMPENSATED ("":
+-- as "retention", the COMPLETED one), "fret" for FAILED ("": none, kept
+-- until purged).
+local function expire_after_retention(st)
+  local ttl
+  if st == 'FAILED' then
+    ttl = num(hget('fret'))
+  elseif st == 'COMPENSATED' then
+    ttl = num(hget('cret')) or num(hget('retention'))
+  else
+    ttl = num(hget('retention'))
+  end
+  if ttl and ttl > 0 then redis.call('PEXPIRE', K, math.floor(ttl * 1000)) else redis.call('PERSIST', K) end
 end
 
 -- -- deadlines ---------------------------------------------------------------
@@ -216,13 +273,12 @@ end
 
 -- The delay before the attempt after attempt n, in ms: equal jitter in
 -- [d/2, d], d = min(backoff_max, backoff * 2^(n-1)), from the settings the
--- saga started with. Scripts draw no random numbers: the caller passes `u`
+-- saga started with ("bo"). Scripts draw no random numbers: the caller passes `u`
 -- in [0, 1). This is the one place a compensation's backoff is computed.
 local function backoff_ms(n, u)
-  local ok, settings = pcall(cjson.decode, hget('settings') or '{}')
-  if not ok or type(settings) ~= 'table' then settings = {} end
-  local base = num(settings['compensation_retry_backoff']) or 0
-  local cap = num(settings['compensation_retry_backoff_max']) or 0
+  local bo = split(hget('bo'), ',')
+  local base = num(bo[1]) or 0
+  local cap = num(bo[2]) or 0
   local d = math.min(cap, base * 2 ^ math.max(n - 1, 0)) * 1000
   return math.floor(d / 2 + u * d / 2)
 end
@@ -238,7 +294,14 @@ local function may_get_deadline(m, st)
   local cs = hget('cs:' .. m)
   if IN_FLIGHT[cs] or IN_FLIGHT[hget('cs2:' .. m)] then return true end
   if not cs and (st == 'PENDING' or st == 'RUNNING' or st == 'COMPENSATING') then return true end
-  return s == 'UNKNOWN' and not hget('ls:' .. m)
+  if s ~= 'UNKNOWN' or hget('ls:' .. m) then return false end
+  -- A late success would start a second round: wait for one until the
+  -- rollback has been over for saga_late_outcome_window ("lw"), then let the
+  -- saga leave the deadline index (a later one re-enters it, see SagaStore.apply).
+  if st == 'COMPENSATED' or st == 'FAILED' then
+    return num(NOW) < (num(hget('status_at')) or 0) + (num(hget('lw')) or 86400000)
+  end
+  return true
 end
 
 -- The earliest deadline of the record, or '' for none. While a step may
@@ -301,15 +364,12 @@ local function dispatch_waiting_rounds(out)
 end
 
 -- A finished saga expires after its retention; a running one never does.
--- FAILED sagas are the dead-letter list: kept until an operator retries or
--- purges them.
+-- FAILED sagas are the dead-letter list: by default kept until an operator
+-- retries or purges them.
 local function finish(new, out)
+  ending = true
   local old = set_status(new)
-  if new == 'FAILED' then
-    redis.call('PERSIST', K)
-  else
-    expire_after_retention()
-  end
+  expire_after_retention(new)
   if out then dispatch_waiting_rounds(out) end
   return old
 end
@@ -566,7 +626,7 @@ OPS.abort = function()
     redis.call('HSET', K, 'startfail', '1', 'error', ARGV[4], 'reason', 'publish')
     local changed = finish('FAILED')
     -- Nothing ran, so there is nothing for an operator to retry: expire it.
-    expire_after_retention()
+    expire_after_retention('COMPLETED')
     return remember(respond('aborted', changed))
   end
   -- A published sibling already began: fail the unpublished ones instead,
@@ -663,17 +723,8 @@ OPS.done = function()
     end
     redis.call('HSET', K, 'stage', k, 'left', #st[k + 1])
     for _, n in ipairs(st[k + 1]) do dispatch_step(n) end
-    -- Data is never stored: the caller folds the start kwargs with the
-    -- results of every finished stage, in declaration order.
-    local parts = {hget('kwargs')}
-    for j = 1, k do
-      for _, n in ipairs(st[j]) do
-        local result = hget('r:' .. n)
-        if result then parts[#parts + 1] = result end
-      end
-    end
-    local data = '"data":[' .. table.concat(parts, ',') .. ']'
-    return remember(respond('next_stage', changed, {stage = k, plan_digest = hget('ph')}, data))
+    local text = remember(respond('next_stage', changed, {stage = k, plan_digest = hget('ph')}), k)
+    return with_stage_data(text, k)
   end
   if live == 'COMPENSATING' then
     -- A sibling that was still running when another failed: undo it now.
@@ -841,6 +892,17 @@ end
 
 local handler = OPS[op]
 if not handler then return redis.error_reply('celery_saga: unknown op ' .. tostring(op)) end
+if tx ~= '' then
+  local prev = redis.call('HGET', K, 'tx:' .. tx)
+  local at, stage, text = string.match(prev or '', '^(%d+) (%S+) (.*)$')
+  if at and num(NOW) - num(at) <= window_ms() then
+    -- "!": the store WAITs for replicas after the call; writing the entry
+    -- again makes that WAIT cover the first write too.
+    if string.sub(tx, 1, 1) == '!' then redis.call('HSET', K, 'tx:' .. tx, prev) end
+    if stage ~= '-' then return with_stage_data(text, num(stage)) end
+    return text
+  end
+end
 if op == 'start' then return handler() end
 if not status then return respond('missing') end
 if op ~= 'purge' then
