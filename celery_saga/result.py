@@ -96,8 +96,12 @@ class SagaResult:
         follow(self.app, store, t)
         return True
 
-    def get(self, timeout: float | None = None, interval: float = 0.05) -> dict[str, Any]:
+    def get(self, timeout: float | None = None, interval: float = 1.0) -> dict[str, Any]:
         """Wait for the saga to finish and return its final data.
+
+        The transition that ends the saga wakes the waiter (Redis pub/sub, as
+        Celery's Redis result backend does); the status is also read again
+        every ``interval`` seconds, in case that message is missed.
 
         Raises:
             SagaCompensated: it was rolled back.
@@ -106,18 +110,17 @@ class SagaResult:
             SagaNotFound: there is no such saga.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
-        # Poll gently: start fast, for short sagas, and back off to `interval`.
-        pause = min(0.005, interval)
         store = self._store()
-        while True:
-            status = self.status
-            if status.finished:
-                return _outcome(self.state())
-            if deadline is not None and time.monotonic() >= deadline:
-                raise CeleryTimeoutError(f"saga {self.id} did not finish within {timeout}s: {self._why(store, status)}")
-            wait = pause if deadline is None else max(0.0, min(pause, deadline - time.monotonic()))
-            time.sleep(wait)
-            pause = min(interval, pause * 2)
+        # Subscribed before the first read: an end between the two is not missed.
+        with store.end_signal(self.id) as wait:
+            while True:
+                status = self.status
+                if status.finished:
+                    return _outcome(self.state())
+                if deadline is not None and time.monotonic() >= deadline:
+                    why = self._why(store, status)
+                    raise CeleryTimeoutError(f"saga {self.id} did not finish within {timeout}s: {why}")
+                wait(interval if deadline is None else max(0.0, min(interval, deadline - time.monotonic())))
 
     def _why(self, store: SagaStore, status: SagaStatus) -> str:
         if status is not SagaStatus.PENDING:

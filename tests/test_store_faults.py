@@ -180,7 +180,8 @@ def test_a_store_reset_is_logged_once_and_get_says_so(
 
 ACL_COMMANDS = (
     "ping evalsha script|load time hget hgetall hmget hset hsetnx hdel hincrby del pexpire persist "
-    "zadd zrem zscore zcount zrangebyscore zrevrangebyscore zremrangebyscore sadd smembers"
+    "zadd zrem zscore zcount zrangebyscore zrevrangebyscore zremrangebyscore sadd smembers "
+    "get set publish subscribe"
 )
 
 
@@ -192,6 +193,7 @@ def _saga_user(server: RedisServer, prefix: str, commands: str) -> str:
         ">saga-pw",
         f"~{prefix}:{{*",
         "resetchannels",
+        f"&{prefix}:{{*",
         "-@all",
         *(f"+{c}" for c in commands.split()),
     ]

@@ -9,10 +9,11 @@ live here, once. The ops and their replies are `celery_saga.store.protocol`.
 from __future__ import annotations
 
 import abc
+import contextlib
 import json
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from ..errors import SagaNotFound
@@ -163,7 +164,7 @@ class SagaStore(abc.ABC):
 
     @abc.abstractmethod
     def _watch(self, saga_id: str, at: float) -> None:
-        """Make sweepers look at ``saga_id`` by ``at`` (epoch seconds): add it to the deadline index, or move it earlier."""
+        """Make sweepers look at ``saga_id`` by ``at`` (epoch seconds): add it to the deadline index, or earlier."""
 
     @abc.abstractmethod
     def claim_due(self, limit: int, lease: float) -> list[tuple[str, str]]:
@@ -206,6 +207,14 @@ class SagaStore(abc.ABC):
     def lost_count(self) -> int:
         """How many sagas have been met lost in resets of the store since its last reset."""
         return 0
+
+    @contextlib.contextmanager
+    def end_signal(self, saga_id: str) -> Iterator[Callable[[float], None]]:
+        """A ``wait(seconds)`` that returns early when ``saga_id`` ends; enter it before reading the status.
+
+        Here it just sleeps: callers re-read the status after each wait.
+        """
+        yield time.sleep
 
     @abc.abstractmethod
     def close(self) -> None:

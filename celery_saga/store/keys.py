@@ -22,7 +22,7 @@ another. A shard holds:
   nothing more can come (no attempt pending and no step whose outcome is
   unknown) or the record gone.
 
-``<prefix>:plan:<digest>`` holds, once per digest, the JSON
+``<prefix>:{plan:<digest>}`` holds, once per digest, the JSON
 ``{"plan": ..., "settings": ...}`` that records name by their ``ph`` field: the
 plan (the stages, their steps, tasks and compensations) and the settings in
 force at start. It never changes and has no TTL (a few hundred bytes per saga
@@ -34,6 +34,9 @@ the store was reset, not expired. And the number of index ``shards``, and
 ``lost``: how many sagas workers, sweepers and readers have met lost in the
 reset (their ids, counted once each, are the set ``<prefix>:{meta}:lost``).
 
+The transition that ends a saga publishes its status on the channel
+``<prefix>:{<saga_id>}:end``, which ``SagaResult.get()`` listens to.
+
 Fields of the record hash ``<prefix>:{<saga_id>}``, every one the record
 has (``transitions.lua`` draws how they move):
 
@@ -41,7 +44,7 @@ has (``transitions.lua`` draws how they move):
 v, gen             schema version ("1"); start generation (a fresh one per start)
 name, key, fp      saga name; idempotency key; fingerprint of the kwargs
 kwargs, ph         start kwargs (JSON); digest of the plan and settings
-                   (``<prefix>:plan:<ph>``)
+                   (``<prefix>:{plan:<ph>}``)
 stages             stage layout for Lua: members by ",", stages by ";"
 bo                 compensation backoff and its cap, seconds: "<base>,<max>"
 retention, maxr    TTL seconds once COMPLETED; compensation max retries ("": none)
@@ -104,7 +107,11 @@ class Keys:
 
         Immutable, and in its own slot: workers read it outside scripts and cache it.
         """
-        return f"{self.prefix}:plan:{digest}"
+        return f"{self.prefix}:{{plan:{digest}}}"
+
+    def end_channel(self, saga_id: str) -> str:
+        """The pub/sub channel the transition that ends a saga publishes its status on."""
+        return f"{self.record(saga_id)}:end"
 
     def meta(self) -> str:
         """The store's epoch and shard count (a hash)."""

@@ -16,12 +16,13 @@ same way.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import re
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from importlib import resources
 from typing import Any, TypeVar
 
@@ -619,6 +620,38 @@ class RedisSagaStore(SagaStore):
         due = self.keys.due(self.keys.shard_of(saga_id))
         score = self._call(lambda: self.client.zscore(due, saga_id))
         return None if score is None else float(score) / 1000
+
+    # -- waiting for an end -------------------------------------------------------
+
+    @contextlib.contextmanager
+    def end_signal(self, saga_id: str) -> Iterator[Callable[[float], None]]:
+        """Subscribes to the saga's end channel; ``wait`` returns at its message or after the given seconds.
+
+        A user whose ACL has no channel access (or a failing subscribe) gets
+        the plain sleep: callers poll the status after each wait anyway.
+        """
+        try:
+            pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+            pubsub.subscribe(self.keys.end_channel(saga_id))
+        except redis.RedisError as exc:
+            logger.debug("celery_saga: cannot subscribe to the end of saga %s (%s); polling", saga_id, exc)
+            yield time.sleep
+            return
+
+        def wait(seconds: float) -> None:
+            deadline = time.monotonic() + seconds
+            try:
+                while (left := deadline - time.monotonic()) > 0:
+                    if pubsub.get_message(timeout=left) is not None:
+                        return
+            except redis.RedisError:
+                time.sleep(max(0.0, deadline - time.monotonic()))
+
+        try:
+            yield wait
+        finally:
+            with contextlib.suppress(redis.RedisError):
+                pubsub.close()
 
     # -- the connection ----------------------------------------------------------
 

@@ -370,6 +370,9 @@ local function finish(new, out)
   ending = true
   local old = set_status(new)
   expire_after_retention(new)
+  -- Wakes SagaResult.get() waiters, which would otherwise poll. pcall: a
+  -- user whose ACL has no channel access still ends its sagas (they poll).
+  redis.pcall('PUBLISH', K .. ':end', new)
   if out then dispatch_waiting_rounds(out) end
   return old
 end
