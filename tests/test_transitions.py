@@ -505,3 +505,134 @@ def test_the_script_handles_exactly_the_ops_and_replies_only_outcomes() -> None:
     assert handled == {op.value for op in Op}
     replied = set(re.findall(r"respond\('(\w+)'", LUA))
     assert replied == {o.value for o in Outcome}
+
+
+# -- what a record keeps -------------------------------------------------------------------
+
+
+def _tx_fields(saga: Saga) -> dict[str, str]:
+    raw = saga.store.client.hgetall(saga.store.keys.record(saga.saga_id))
+    return {k: v for k, v in raw.items() if k.startswith("tx:")}
+
+
+def test_a_replayed_next_stage_gets_its_data_rebuilt_and_no_reply_copies_data(store: RedisSagaStore) -> None:
+    saga = running(store)
+    first = saga.apply(Op.DONE, "a", '{"reservation": "r1"}', tx="tx-next")
+    assert first.outcome is Outcome.NEXT_STAGE and first.data == {"order": 1, "reservation": "r1"}
+    # The kept reply names the stage whose data to rebuild; it holds none of it.
+    assert not any("reservation" in v or "order" in v for v in _tx_fields(saga).values())
+    assert saga.apply(Op.DONE, "a", '{"reservation": "r1"}', tx="tx-next") == first
+
+
+def test_a_replay_after_the_dedup_window_is_refused_safely(store: RedisSagaStore) -> None:
+    saga = running(store)
+    first = saga.apply(Op.DONE, "a", '{"reservation": "r1"}', tx="tx-old")
+    assert first.outcome is Outcome.NEXT_STAGE
+    # Age the kept reply past saga_dedup_window (its time is the first word).
+    key = store.keys.record(saga.saga_id)
+    kept = store.client.hget(key, "tx:tx-old")
+    assert kept is not None
+    store.client.hset(key, "tx:tx-old", "1 " + kept.split(" ", 1)[1])
+    again = saga.apply(Op.DONE, "a", '{"reservation": "r1"}', tx="tx-old")
+    # Applied afresh, the record refuses it: nothing published twice, nothing changed.
+    assert (again.outcome, again.step_status) == (Outcome.DUPLICATE, StepStatus.COMPLETED)
+    assert saga.step("b").status is StepStatus.DISPATCHED
+
+
+def test_a_compensation_retried_200_times_grows_its_record_by_at_most_2_kb(store: RedisSagaStore) -> None:
+    saga = compensating(store)
+    key = store.keys.record(saga.saga_id)
+    before = store.client.memory_usage(key)
+    for n in range(200):
+        saga.apply(Op.COMP_BEGIN, "a", str(n), "", "1")
+        assert saga.apply(Op.COMP_FAIL, "a", f"RuntimeError: refund down ({n})", "1").outcome is Outcome.BACKOFF
+    after = store.client.memory_usage(key)
+    assert before is not None and after is not None
+    assert after - before <= 2048, f"the record grew by {after - before} bytes"
+    assert len(_tx_fields(saga)) <= 6
+    assert saga.step("a").compensation_attempts == 200
+
+
+def test_a_finished_record_is_compact_and_reads_the_same(store: RedisSagaStore) -> None:
+    # Given a saga whose data has long values, non-ASCII text and the packing's own separators
+    saga = Saga(store, str(uuid.uuid4()))
+    kwargs = {"order": 1, "note": "Zürich: 12:30, 東京 " * 9}
+    assert store.start(request(saga.saga_id, kwargs=kwargs)).outcome is Outcome.CREATED
+    saga.apply(Op.BEGIN, "a", "0", "")
+    saga.apply(Op.DONE, "a", json.dumps({"reservation": "r:1:" + "é" * 70}))
+    for m in ("b", "c"):
+        saga.apply(Op.BEGIN, m, "0", "")
+        saga.apply(Op.DONE, m, json.dumps({m: m * 3}))
+    # When it completes, its record is packed into short values: Redis's compact encoding
+    key = store.keys.record(saga.saga_id)
+    assert store.client.object("encoding", key) == "listpack"
+    assert "zn" in store.client.hgetall(key)
+    # Then it reads as before: statuses, results, data
+    state = store.state(saga.saga_id)
+    assert state.status is SagaStatus.COMPLETED and state.kwargs == kwargs
+    assert state.step("a").result == {"reservation": "r:1:" + "é" * 70}
+    assert [s.status for s in state.steps] == [StepStatus.COMPLETED] * 3
+    assert state.data == {**kwargs, "reservation": "r:1:" + "é" * 70, "b": "bbb", "c": "ccc"}
+    # And ops on it still work: a duplicate outcome is refused, and it stays compact
+    assert saga.apply(Op.DONE, "c", "null").outcome is Outcome.DUPLICATE
+    assert store.client.object("encoding", key) == "listpack"
+    assert saga.apply(Op.CALLBACK_SENT, tx="").outcome is Outcome.RECORDED
+
+
+def test_a_rolled_back_saga_with_an_unknown_step_leaves_the_deadline_index_after_the_window(
+    store: RedisSagaStore,
+) -> None:
+    # Given a rolled-back saga whose step a has an unknown outcome
+    saga = lost(store)
+    saga.apply(Op.COMP_BEGIN, "a", "0", "", "1")
+    assert saga.apply(Op.COMP_DONE, "a", "1").status is SagaStatus.COMPENSATED
+    # Then sweepers keep looking for a late outcome, within saga_late_outcome_window
+    assert store.sweep(saga.saga_id).next_deadline is not None
+    # And once the rollback is older than the window, nothing is left to watch
+    store.client.hset(store.keys.record(saga.saga_id), "status_at", "1")  # a compact record keeps it on top
+    assert store.sweep(saga.saga_id).next_deadline is None
+
+
+# -- indexes move with the transitions --------------------------------------------------
+
+
+def _indexed_under(store: RedisSagaStore, saga_id: str) -> dict[str, list[str]]:
+    """The statuses whose status index and name index ("s") hold ``saga_id``."""
+    k, shard = store.keys, store.keys.shard_of(saga_id)
+    return {
+        which: [
+            s.value
+            for s in SagaStatus
+            if store.client.zscore(index(shard, s.value) if which == "status" else index(shard, "s", s.value), saga_id)
+            is not None
+        ]
+        for which, index in (("status", k.status_index), ("name", k.name_index))
+    }
+
+
+@pytest.mark.parametrize(
+    "given",
+    [pending, running, second_stage, completed, lost, compensating, compensated, failed, cancelled_and_compensated],
+    ids=lambda b: b.__name__,
+)
+def test_a_saga_is_indexed_under_exactly_its_status_after_every_transition(store: RedisSagaStore, given: Build) -> None:
+    saga = given(store)
+    status = saga.status().value
+    assert _indexed_under(store, saga.saga_id) == {"status": [status], "name": [status]}
+    assert store.counts()["s"][status] == 1 and sum(store.counts()["s"].values()) == 1
+
+
+def test_a_message_for_a_missing_record_leaves_no_index_entry(store: RedisSagaStore) -> None:
+    ghost = str(uuid.uuid4())
+    t = store.apply(Op.BEGIN, ghost, GEN, "s", "a", "0", "", first=True)
+    assert t.outcome is Outcome.MISSING
+    assert _indexed_under(store, ghost) == {"status": [], "name": []}
+
+
+def test_purge_and_an_aborted_start_leave_no_index_entry(store: RedisSagaStore) -> None:
+    saga = compensated(store)
+    assert store.purge(saga.saga_id).outcome is Outcome.PURGED
+    assert _indexed_under(store, saga.saga_id) == {"status": [], "name": []}
+    aborted = pending(store)
+    store.abort_start(aborted.saga_id, GEN, "s", "publish failed: boom", ["a"])
+    assert _indexed_under(store, aborted.saga_id) == {"status": [], "name": []}

@@ -91,6 +91,10 @@ class SagaStore(abc.ABC):
     prefix: str
     #: Retention of finished sagas in this process, for index trimming.
     retention: float = 0.0
+    #: True if each transition moves its saga's index entries itself, atomically
+    #: (one server); False if they are separate calls after it (a cluster,
+    #: where the indexes are in other slots), repaired by readers.
+    indexes_in_transition: bool = False
 
     # -- primitives ---------------------------------------------------------
 
@@ -262,6 +266,8 @@ class SagaStore(abc.ABC):
             define=(req.plan_digest, req.definition()),
         )
         t = Transition.from_reply(Op.START, req.saga_id, reply, req.name, req.gen)
+        if self.indexes_in_transition:
+            return t
         if t.outcome is not Outcome.CREATED and t.status is not SagaStatus.PENDING:
             self._unindex(req.saga_id, req.name, SagaStatus.PENDING.value)
         return t
@@ -274,6 +280,8 @@ class SagaStore(abc.ABC):
         the caller got the error.
         """
         t = self.apply(Op.ABORT, saga_id, gen, name, error, *unpublished, reindex=False)
+        if self.indexes_in_transition:
+            return t
         if t.outcome is Outcome.ABORTED:
             self._unindex(saga_id, name, SagaStatus.PENDING.value)
         elif t.changed_from:
@@ -311,6 +319,8 @@ class SagaStore(abc.ABC):
             # A second round for a saga that may have left the deadline index
             # (saga_late_outcome_window): its attempts have deadlines to watch.
             self._watch(saga_id, time.time())
+        if self.indexes_in_transition:
+            return t
         if first:
             if t.status is not None and t.status is not SagaStatus.RUNNING:
                 self._index(saga_id, t.name, SagaStatus.RUNNING.value, t.status.value, 0.0)
@@ -346,7 +356,7 @@ class SagaStore(abc.ABC):
     def purge(self, saga_id: str) -> Transition:
         """Remove a finished saga and its index entries (``purged``, or ``not_allowed``)."""
         t = self.apply(Op.PURGE, saga_id, "*", "", tx="", reindex=False)
-        if t.outcome is Outcome.PURGED and t.status is not None:
+        if t.outcome is Outcome.PURGED and t.status is not None and not self.indexes_in_transition:
             self._unindex(saga_id, t.name, t.status.value)
         return t
 

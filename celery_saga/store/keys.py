@@ -11,9 +11,12 @@ same number of shards; the store records it in ``<prefix>:{meta}`` and refuses
 another. A shard holds:
 
 - ``status:<S>`` and ``name:<name>:<S>``: sorted sets of saga ids by the time
-  they entered status ``S``, for listing without a SCAN. A move comes after
-  the transition (before it for PENDING and RUNNING); readers skip and
-  remove entries whose record is gone or has another status.
+  they entered status ``S``, for listing without a SCAN. On one server (or
+  a Sentinel primary) the transition that changes the status moves the
+  entries in the same script, atomically. On a cluster the shard is in
+  another slot: the move is a separate call after the transition (before
+  it for PENDING and RUNNING), and readers skip and remove entries whose
+  record is gone or has another status.
 - ``names``: the saga names indexed in the shard.
 - ``due``: the deadline index, saga ids scored by when a sweeper should look
   (ms). Deadlines live in the record; a saga enters the index with its
@@ -125,8 +128,12 @@ class Keys:
         """The index shard of ``saga_id`` (stable across processes)."""
         return zlib.crc32(saga_id.encode()) % self.shards
 
-    def _shard(self, shard: int) -> str:
+    def shard_base(self, shard: int) -> str:
+        """The common start of the shard's keys; transitions on one server build them from it."""
         return f"{self.prefix}:{{s{shard}}}"
+
+    def _shard(self, shard: int) -> str:
+        return self.shard_base(shard)
 
     def status_index(self, shard: int, status: str) -> str:
         """Sorted set of the shard's saga ids by the time they entered ``status``."""

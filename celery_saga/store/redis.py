@@ -40,6 +40,7 @@ from ..errors import (
 from ..redis_server import PRIVATE_SERVER_KEY
 from ..state import SagaStatus
 from .base import SagaStore
+from .compact import unpack
 from .connect import Target, connect, mask_url, parse
 from .keys import DEFAULT_SHARDS, Keys
 from .protocol import Op
@@ -149,6 +150,13 @@ Call = tuple[Script, list[str], list[str]]
 ShardCall = tuple[list[str], list[str]]
 
 
+def _unpacked(saga_id: str, raw: dict[str, str]) -> dict[str, str]:
+    try:
+        return unpack(raw)
+    except ValueError as exc:
+        raise SagaRecordCorrupt(saga_id, f"its packed fields cannot be read: {exc}") from exc
+
+
 def _codes(exc: BaseException) -> set[str]:
     return {word.strip("-:.") for word in str(exc).split()}
 
@@ -188,6 +196,9 @@ class RedisSagaStore(SagaStore):
         self.prefix = prefix
         self.keys = Keys(prefix, shards)
         self.cluster = self.target.kind == "cluster"
+        # One server: a script may touch the index shard's keys too (a
+        # cluster allows only the keys of one slot).
+        self.indexes_in_transition = not self.cluster
         if wait_replicas and self.cluster:
             raise SagaDefinitionError(
                 "saga_redis_wait_replicas is not supported on a Redis Cluster store; use a primary with "
@@ -282,7 +293,11 @@ class RedisSagaStore(SagaStore):
         watch_at: float | None = None,
         define: tuple[str, str] | None = None,
     ) -> str:
-        transition: Call = (self._script, [self.keys.record(saga_id)], [op.value, tx, gen, *args])
+        keys = [self.keys.record(saga_id)]
+        if self.indexes_in_transition:
+            keys.append(self.keys.shard_base(self.keys.shard_of(saga_id)))
+            index_first = None  # the transition moves its index entries itself
+        transition: Call = (self._script, keys, [op.value, tx, gen, *args])
         calls: list[Call] = []
         if define is not None and (not self.cluster or define[0] not in self._defined):
             # On one server this rides in the start's round trip; on a cluster
@@ -473,7 +488,7 @@ class RedisSagaStore(SagaStore):
 
     def _load(self, saga_id: str) -> dict[str, str] | None:
         raw: dict[str, str] = self._call(lambda: self.client.hgetall(self.keys.record(saga_id)))
-        return raw or None
+        return _unpacked(saga_id, raw) if raw else None
 
     def status(self, saga_id: str) -> SagaStatus:
         # One field, not the whole record: SagaResult.get polls this.
@@ -493,7 +508,10 @@ class RedisSagaStore(SagaStore):
             return list(pipe.execute(raise_on_error=False))
 
         # A key of the wrong type comes back as an error: report it as an empty record.
-        return [self._complete(raw) if isinstance(raw, dict) and raw else None for raw in self._call(run)]
+        return [
+            self._complete(_unpacked(saga_id, raw)) if isinstance(raw, dict) and raw else None
+            for saga_id, raw in zip(saga_ids, self._call(run), strict=True)
+        ]
 
     def _read_definition(self, digest: str) -> str | None:
         text = self._call(lambda: self.client.get(self.keys.definition(digest)))

@@ -118,8 +118,105 @@ local function cf(f, m, r)
   return f .. ':' .. m
 end
 
+-- -- compact records -------------------------------------------------------------
+--
+-- A finished saga is kept compact: its fields, but for the few in TOP, are
+-- packed into one string ("<len>:<field><len>:<value>" ..., lengths in
+-- bytes) cut into values of at most CHUNK bytes ("z1" .. "z<zn>"), and the
+-- fields nothing reads after the end are dropped (see compact). A hash whose
+-- every value is that short stays in Redis's listpack encoding, about half
+-- the memory of one with a single long value, and one packed field costs a
+-- few bytes where a hash field costs tens. Ops that act on a finished saga
+-- (late outcomes, sweeps, duplicates, operators) expand it first and pack it
+-- again after; celery_saga.store.compact unpacks it for readers.
+local TOP = {status = true, status_at = true, name = true, gen = true, v = true, cbs = true}
+local CHUNK = 60
+local expanded = false
+
+local function expand()
+  local n = num(redis.call('HGET', K, 'zn'))
+  if not n then return end
+  local names = {}
+  for i = 1, n do names[i] = 'z' .. i end
+  local parts = redis.call('HMGET', K, unpack(names))
+  for i = 1, n do parts[i] = parts[i] or '' end
+  local packed = table.concat(parts)
+  local flat, pos = {}, 1
+  while pos <= #packed do
+    local colon = string.find(packed, ':', pos, true)
+    if not colon then break end
+    local len = num(string.sub(packed, pos, colon - 1)) or 0
+    flat[#flat + 1] = string.sub(packed, colon + 1, colon + len)
+    pos = colon + len + 1
+  end
+  redis.call('HDEL', K, 'zn', unpack(names))
+  for i = 1, #flat - 1, 200 do redis.call('HSET', K, unpack(flat, i, math.min(i + 199, #flat))) end
+  expanded = true
+end
+
+-- Fields no op and no reader needs once the saga has ended in `st`: when
+-- steps were dispatched and their deadlines and retry counts (nothing is in
+-- flight), the forward progress; and for a COMPLETED saga, which can never
+-- roll back, everything rolling back would read.
+local ENDED_DROP = {td = true, dl = true, rt = true, crt = true}
+local ENDED_DROP_FIELDS = {sdl = true, left = true}
+local COMPLETED_DROP = {to = true, comp = true, cof = true}
+local COMPLETED_DROP_FIELDS = {copen = true, gaveup = true, cstage = true, stage = true, bo = true, maxr = true,
+  cret = true, fret = true, lw = true, dw = true, retention = true, startfail = true}
+
+local function dropped(f, st, v)
+  local kind = string.match(f, '^(%w+):')
+  if ENDED_DROP_FIELDS[f] or (kind and ENDED_DROP[kind]) then return true end
+  -- A step that returned None reads the same without its result.
+  if kind == 'r' and v == 'null' then return true end
+  if st ~= 'COMPLETED' then return false end
+  return COMPLETED_DROP_FIELDS[f] or (kind ~= nil and COMPLETED_DROP[kind] ~= nil)
+end
+
+local function compact(st)
+  local all = redis.call('HGETALL', K)
+  local ttl = redis.call('PTTL', K)
+  local top, packed = {}, {}
+  local no_key = false
+  for i = 1, #all, 2 do
+    if all[i] == 'key' and all[i + 1] == '' then no_key = true end
+  end
+  for i = 1, #all, 2 do
+    local f, v = all[i], all[i + 1]
+    if TOP[f] then
+      top[#top + 1] = f
+      top[#top + 1] = v
+    elseif v ~= '' and not dropped(f, st, v) and not (no_key and f == 'fp') then
+      -- (An empty field reads as a missing one; the fingerprint only matters
+      -- to a start with the same idempotency key.)
+      packed[#packed + 1] = #f .. ':' .. f .. #v .. ':' .. v
+    end
+  end
+  local text = table.concat(packed)
+  local n, i = 0, 1
+  while i <= #text do
+    -- Never cut inside a UTF-8 sequence: each value must be valid text.
+    local j = math.min(i + CHUNK - 1, #text)
+    while j < #text and j > i and string.byte(text, j + 1) >= 128 and string.byte(text, j + 1) < 192 do j = j - 1 end
+    n = n + 1
+    top[#top + 1] = 'z' .. n
+    top[#top + 1] = string.sub(text, i, j)
+    i = j + 1
+  end
+  top[#top + 1] = 'zn'
+  top[#top + 1] = tostring(n)
+  -- A new key: Redis never converts a hash back to listpack in place.
+  redis.call('DEL', K)
+  for k = 1, #top - 1, 200 do redis.call('HSET', K, unpack(top, k, math.min(k + 199, #top))) end
+  if ttl > 0 then redis.call('PEXPIRE', K, ttl) end
+end
+
 -- The fields every op reads, in one call.
-local HEAD = redis.call('HMGET', K, 'status', 'gen', 'v', 'stages', 'cstage')
+local HEAD = redis.call('HMGET', K, 'status', 'gen', 'v', 'stages', 'cstage', 'zn')
+if HEAD[6] and op ~= 'callback_sent' and op ~= 'purge' then
+  expand()
+  HEAD = redis.call('HMGET', K, 'status', 'gen', 'v', 'stages', 'cstage')
+end
 -- `status` is what the saga was when this call began; `live`, what it is now.
 local status = HEAD[1]
 local live = status
@@ -185,7 +282,7 @@ end
 -- transition that ends the saga drops every earlier one, whose callers'
 -- obligations it supersedes. A replay after that finds no entry and is
 -- applied afresh, and the record's state refuses it (duplicate, stale ...).
-local TX_KEPT = 8
+local TX_KEPT = 6
 local ending = false
 
 local function window_ms() return num(hget('dw')) or 600000 end
@@ -196,7 +293,7 @@ local function forget_old_replies(all)
   local ids = split(hget('txl'), ' ')
   for i, entry in ipairs(ids) do
     local id, at = string.match(entry, '^(.-):(%d+)$')
-    if all or not at or num(at) < oldest_kept or #ids - i >= TX_KEPT then
+    if all or not at or num(at) < oldest_kept or #ids - i >= TX_KEPT - 1 then
       gone[#gone + 1] = 'tx:' .. (id or entry)
     else
       keep[#keep + 1] = entry
@@ -584,6 +681,8 @@ end
 -- -- the ops, in lifecycle order ----------------------------------------------
 
 local OPS = {}
+local purged_name = nil  -- purge: the name of the saga whose record it deleted
+local unindexed = false  -- abort: a start that never ran is no dead letter
 
 -- ARGV[4..]: field/value pairs of the new record (StartRequest.fields()).
 OPS.start = function()
@@ -627,6 +726,7 @@ OPS.abort = function()
     end
     -- "startfail" releases the idempotency key; reason "publish" says why.
     redis.call('HSET', K, 'startfail', '1', 'error', ARGV[4], 'reason', 'publish')
+    unindexed = true
     local changed = finish('FAILED')
     -- Nothing ran, so there is nothing for an operator to retry: expire it.
     expire_after_retention('COMPLETED')
@@ -887,6 +987,7 @@ end
 OPS.purge = function()
   if not finished(status) then return respond('not_allowed') end
   local name = hget('name') or ''
+  purged_name = name
   redis.call('DEL', K)
   return respond('purged', nil, {status = status, name = name})
 end
@@ -895,6 +996,54 @@ end
 
 local handler = OPS[op]
 if not handler then return redis.error_reply('celery_saga: unknown op ' .. tostring(op)) end
+
+-- On one server KEYS[2] is the saga's index shard ("<prefix>:{s<n>}", see
+-- store/keys.py) and the status move happens here, atomically with the
+-- transition: the indexes cannot drift. (On a cluster the shard is in
+-- another slot; the caller moves the entries after the call.)
+local SHARD = KEYS[2]
+-- How soon a sweeper looks at an ended saga whose end callback may be unsent:
+-- store/base.py CALLBACK_GRACE + 1 s.
+local LOOK_AFTER_END_MS = 11000
+
+local function move_index()
+  local before, after = status, live
+  if not SHARD or (before == after and not purged_name) then return end
+  local id = string.sub(K, string.find(K, '{', 1, true) + 1, -2)
+  local name = purged_name or hget('name') or ''
+  if before then
+    redis.call('ZREM', SHARD .. ':status:' .. before, id)
+    redis.call('ZREM', SHARD .. ':name:' .. name .. ':' .. before, id)
+  end
+  if op == 'purge' or unindexed or not after then return end
+  redis.call('ZADD', SHARD .. ':status:' .. after, NOW, id)
+  redis.call('ZADD', SHARD .. ':name:' .. name .. ':' .. after, NOW, id)
+  redis.call('SADD', SHARD .. ':names', name)
+  if after == 'COMPLETED' or after == 'COMPENSATED' then
+    -- Finished entries outlive their records by at most the retention.
+    local kept = num(hget('retention'))
+    if kept then
+      local cut = '(' .. string.format('%.0f', num(NOW) - kept * 1000)
+      redis.call('ZREMRANGEBYSCORE', SHARD .. ':status:' .. after, '-inf', cut)
+      redis.call('ZREMRANGEBYSCORE', SHARD .. ':name:' .. name .. ':' .. after, '-inf', cut)
+    end
+  end
+  if after == 'COMPLETED' and not pending_callback() then
+    redis.call('ZREM', SHARD .. ':due', id)  -- no deadline left
+  elseif finished(after) then
+    -- A sweeper looks once the callback grace is over, in case the end
+    -- callback was never sent (and for late outcomes of unknown steps).
+    redis.call('ZADD', SHARD .. ':due', 'lt', num(NOW) + LOOK_AFTER_END_MS, id)
+  end
+end
+
+local function compact_if_ended(reply)
+  move_index()
+  if (ending or expanded) and finished(live) and redis.call('EXISTS', K) == 1 then compact(live) end
+  return reply
+end
+
+local function run()
 if tx ~= '' then
   local prev = redis.call('HGET', K, 'tx:' .. tx)
   local at, stage, text = string.match(prev or '', '^(%d+) (%S+) (.*)$')
@@ -911,10 +1060,14 @@ if not status then return respond('missing') end
 if op ~= 'purge' then
   local KNOWN = {PENDING = true, RUNNING = true, COMPENSATING = true, COMPLETED = true, COMPENSATED = true,
     FAILED = true}
-  if not KNOWN[status] or HEAD[3] ~= '1' or not HEAD[4] or (not HEAD[5] and status == 'COMPENSATING') then
+  -- (A compact record, HEAD[6], has its stages packed: only callback_sent sees one.)
+  if not KNOWN[status] or HEAD[3] ~= '1' or not (HEAD[4] or HEAD[6]) or (not HEAD[5] and status == 'COMPENSATING') then
     return respond('corrupt')
   end
   -- Operators and sweepers act on whatever generation is current ("*").
   if gen ~= '*' and HEAD[2] ~= gen then return respond('stale') end
 end
 return handler()
+end
+
+return compact_if_ended(run())
