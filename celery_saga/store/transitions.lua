@@ -158,15 +158,17 @@ end
 -- steps were dispatched and their deadlines and retry counts (nothing is in
 -- flight), the forward progress; and for a COMPLETED saga, which can never
 -- roll back, everything rolling back would read.
-local ENDED_DROP = {td = true, dl = true, rt = true, crt = true}
+local ENDED_DROP = {td = true, rt = true, crt = true}
 local ENDED_DROP_FIELDS = {sdl = true, left = true}
 local COMPLETED_DROP = {to = true, comp = true, cof = true}
 local COMPLETED_DROP_FIELDS = {copen = true, gaveup = true, cstage = true, stage = true, bo = true, maxr = true,
   cret = true, fret = true, lw = true, dw = true, retention = true, startfail = true}
 
-local function dropped(f, st, v)
-  local kind = string.match(f, '^(%w+):')
+local function dropped(f, st, v, fields)
+  local kind, m = string.match(f, '^(%w+):(.*)$')
   if ENDED_DROP_FIELDS[f] or (kind and ENDED_DROP[kind]) then return true end
+  -- A deadline says when a step without an outcome was given up on: kept for those.
+  if kind == 'dl' and fields['s:' .. m] == 'COMPLETED' then return true end
   -- A step that returned None reads the same without its result.
   if kind == 'r' and v == 'null' then return true end
   if st ~= 'COMPLETED' then return false end
@@ -177,16 +179,15 @@ local function compact(st)
   local all = redis.call('HGETALL', K)
   local ttl = redis.call('PTTL', K)
   local top, packed = {}, {}
-  local no_key = false
-  for i = 1, #all, 2 do
-    if all[i] == 'key' and all[i + 1] == '' then no_key = true end
-  end
+  local fields = {}
+  for i = 1, #all, 2 do fields[all[i]] = all[i + 1] end
+  local no_key = (fields['key'] or '') == ''
   for i = 1, #all, 2 do
     local f, v = all[i], all[i + 1]
     if TOP[f] then
       top[#top + 1] = f
       top[#top + 1] = v
-    elseif v ~= '' and not dropped(f, st, v) and not (no_key and f == 'fp') then
+    elseif v ~= '' and not dropped(f, st, v, fields) and not (no_key and f == 'fp') then
       -- (An empty field reads as a missing one; the fingerprint only matters
       -- to a start with the same idempotency key.)
       packed[#packed + 1] = #f .. ':' .. f .. #v .. ':' .. v
