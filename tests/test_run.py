@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 from celery import Celery
@@ -361,6 +362,29 @@ def test_get_times_out_with_celerys_timeout_error(app: Celery, r, prefix) -> Non
     res = s.sequential.delay(order_id=1)  # no worker runs
     with pytest.raises(CeleryTimeoutError, match="PENDING"):
         res.get(timeout=0.3)
+
+
+def test_get_is_woken_when_the_saga_ends_not_by_polling(app: Celery, r, prefix, worker) -> None:
+    s = shop.build(app, r, prefix)
+    with worker():
+        # Given waiters that would read the status only every 60 s
+        first = s.sequential.delay(order_id=1)
+        started = time.monotonic()
+        assert first.get(timeout=30, interval=60)["tracking"] == "t-1"
+        # Then each returns as its saga ends: the ending transition wakes it
+        # (a poll every 60 s would return only at the 30 s timeout)
+        assert time.monotonic() - started < 15
+        # And again on the same thread, whose subscriber connection is reused
+        second = s.sequential.delay(order_id=2)
+        again = time.monotonic()
+        assert second.get(timeout=30, interval=60)["tracking"] == "t-2"
+        assert time.monotonic() - again < 15
+        # And a rolled-back saga wakes its waiter too
+        failing = s.sequential.delay(order_id=3, fail={"ship": "no"})
+        rolled = time.monotonic()
+        with pytest.raises(SagaCompensated):
+            failing.get(timeout=30, interval=60)
+        assert time.monotonic() - rolled < 15
 
 
 def test_steps_and_compensations_keep_their_own_queues(app: Celery, r, prefix, ns: str) -> None:

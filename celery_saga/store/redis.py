@@ -19,7 +19,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
 import re
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -214,6 +216,7 @@ class RedisSagaStore(SagaStore):
         self._rescore_script: Script = self.client.register_script(_RESCORE_LUA)
         self._lost_script: Script = self.client.register_script(_LOST_LUA)
         self._define_script: Script = self.client.register_script(_DEFINE_LUA)
+        self._subscribers = threading.local()
         self._defined: set[str] = set()
         self._epoch: str | None = None
         self._reset_logged: set[str] = set()
@@ -648,11 +651,20 @@ class RedisSagaStore(SagaStore):
         A user whose ACL has no channel access (or a failing subscribe) gets
         the plain sleep: callers poll the status after each wait anyway.
         """
+        channel = self.keys.end_channel(saga_id)
+        # One subscriber connection per thread, kept between calls (as
+        # Celery's result backend keeps one): no connect per get().
+        pubsub = getattr(self._subscribers, "pubsub", None)
+        if getattr(self._subscribers, "pid", None) != os.getpid():
+            pubsub = None  # made before a fork: its socket is the parent's
         try:
-            pubsub = self.client.pubsub(ignore_subscribe_messages=True)
-            pubsub.subscribe(self.keys.end_channel(saga_id))
+            if pubsub is None:
+                pubsub = self._subscribers.pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+                self._subscribers.pid = os.getpid()
+            pubsub.subscribe(channel)
         except redis.RedisError as exc:
             logger.debug("celery_saga: cannot subscribe to the end of saga %s (%s); polling", saga_id, exc)
+            self._drop_subscriber()
             yield time.sleep
             return
 
@@ -660,14 +672,25 @@ class RedisSagaStore(SagaStore):
             deadline = time.monotonic() + seconds
             try:
                 while (left := deadline - time.monotonic()) > 0:
-                    if pubsub.get_message(timeout=left) is not None:
+                    message = pubsub.get_message(timeout=left)
+                    if message is not None and message.get("channel") in (channel, channel.encode()):
                         return
             except redis.RedisError:
+                self._drop_subscriber()
                 time.sleep(max(0.0, deadline - time.monotonic()))
 
         try:
             yield wait
         finally:
+            try:
+                pubsub.unsubscribe(channel)
+            except redis.RedisError:
+                self._drop_subscriber()
+
+    def _drop_subscriber(self) -> None:
+        pubsub = getattr(self._subscribers, "pubsub", None)
+        self._subscribers.pubsub = None
+        if pubsub is not None:
             with contextlib.suppress(redis.RedisError):
                 pubsub.close()
 

@@ -213,10 +213,12 @@ local function compact(st)
 end
 
 -- The fields every op reads, in one call.
-local HEAD = redis.call('HMGET', K, 'status', 'gen', 'v', 'stages', 'cstage', 'zn')
+-- 1 status, 2 gen, 3 v, 4 stages, 5 cstage, 6 zn (compact), 7 txl, 8 dw.
+local HEAD_FIELDS = {'status', 'gen', 'v', 'stages', 'cstage', 'zn', 'txl', 'dw'}
+local HEAD = redis.call('HMGET', K, unpack(HEAD_FIELDS))
 if HEAD[6] and op ~= 'callback_sent' and op ~= 'purge' then
   expand()
-  HEAD = redis.call('HMGET', K, 'status', 'gen', 'v', 'stages', 'cstage')
+  HEAD = redis.call('HMGET', K, unpack(HEAD_FIELDS))
 end
 -- `status` is what the saga was when this call began; `live`, what it is now.
 local status = HEAD[1]
@@ -286,12 +288,12 @@ end
 local TX_KEPT = 6
 local ending = false
 
-local function window_ms() return num(hget('dw')) or 600000 end
+local function window_ms() return num(HEAD[8]) or 600000 end
 
 local function forget_old_replies(all)
   local keep, gone = {}, {}
   local oldest_kept = num(NOW) - window_ms()
-  local ids = split(hget('txl'), ' ')
+  local ids = split(HEAD[7], ' ')
   for i, entry in ipairs(ids) do
     local id, at = string.match(entry, '^(.-):(%d+)$')
     if all or not at or num(at) < oldest_kept or #ids - i >= TX_KEPT - 1 then
