@@ -30,6 +30,8 @@ from celery_saga import (
 )
 from celery_saga.redis_server import PRIVATE_SERVER_KEY, RedisServer, free_port
 from celery_saga.store.keys import Keys
+from celery_saga.store.redis import RedisSagaStore
+from celery_saga.stores import store_for
 from tests import shop as shop_module
 from tests import timed_shop
 from tests.deployments import SentinelGroup
@@ -262,3 +264,22 @@ def test_a_store_url_it_cannot_use_says_which_work_and_masks_the_password(
     with pytest.raises(SagaDefinitionError, match=re.escape(message)) as info:
         s.sequential.delay(order_id=1)
     assert "hunter2" not in str(info.value)
+
+
+def test_transitions_run_as_functions_and_survive_a_server_that_forgot_them(
+    app: Celery, store_server: RedisServer, r: redis.Redis, prefix: str, worker: Any
+) -> None:
+    # Given a saga store on Redis 7, where the transitions load as a function library
+    s = shop_module.build(app, r, prefix)
+    with worker():
+        assert s.sequential.delay(order_id=1).get(timeout=20)["tracking"] == "t-1"
+        store = store_for(app)
+        assert isinstance(store, RedisSagaStore) and store._functions is True
+        with _client(store_server) as admin:
+            assert [lib[1] for lib in admin.function_list()] == [store._function]  # [library_name, name, ...]
+            # When the server forgets them (a restart without persistence, a FUNCTION FLUSH)
+            admin.function_flush()
+        # Then the next transitions load them again, and sagas run on
+        assert s.sequential.delay(order_id=2).get(timeout=20)["tracking"] == "t-2"
+    with _client(store_server) as admin:
+        assert [lib[1] for lib in admin.function_list()] == [store._function]  # [library_name, name, ...]

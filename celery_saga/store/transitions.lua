@@ -2,6 +2,8 @@
 
 CALLING CONVENTION
   KEYS[1]   the saga record, a hash; its fields are listed in store/keys.py
+  KEYS[2]   on one server only: the saga's index shard, "<prefix>:{s<n>}"
+            (see move_index)
   ARGV[1]   the op (store/protocol.py: Op)
   ARGV[2]   transition id, "" for none. redis-py retries a command after a
             timeout, so a transition may arrive twice: the first reply is
@@ -95,11 +97,18 @@ Moving a rollback on is always settle(): it walks the compensation
 frontier back (advance) whenever the saga is COMPENSATING.
 ]]
 
-local K = KEYS[1]
-local op, tx, gen = ARGV[1], ARGV[2], ARGV[3]
-
-local clock = redis.call('TIME')
-local NOW = string.format('%.0f', tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000))
+-- Per-call state. Loaded as a Redis function library (Redis 7+), this file
+-- runs once and every call is transition(keys, args), which sets all of it
+-- afresh; run by EVALSHA (older servers), it runs whole for each call.
+local KS, AV            -- the call's keys and args (KEYS, ARGV above)
+local K, op, tx, gen    -- the record; the op, transition id, generation
+local NOW               -- store clock, ms (text)
+local HEAD              -- the head fields (HEAD_FIELDS)
+local status, live      -- the saga status when the call began; now
+local STAGES            -- stages(), parsed once per call
+local CALLBACK_GRACE_MS -- sweep: see pending_callback
+local SHARD             -- one server: the saga's index shard (see move_index)
+local expanded, ending, purged_name, unindexed  -- see expand, finish, OPS.purge, OPS.abort
 
 local function hget(f) return redis.call('HGET', K, f) end
 local function num(x) return tonumber(x) end
@@ -131,7 +140,6 @@ end
 -- again after; celery_saga.store.compact unpacks it for readers.
 local TOP = {status = true, status_at = true, name = true, gen = true, v = true, cbs = true}
 local CHUNK = 60
-local expanded = false
 
 local function expand()
   local n = num(redis.call('HGET', K, 'zn'))
@@ -215,16 +223,8 @@ end
 -- The fields every op reads, in one call.
 -- 1 status, 2 gen, 3 v, 4 stages, 5 cstage, 6 zn (compact), 7 txl, 8 dw.
 local HEAD_FIELDS = {'status', 'gen', 'v', 'stages', 'cstage', 'zn', 'txl', 'dw'}
-local HEAD = redis.call('HMGET', K, unpack(HEAD_FIELDS))
-if HEAD[6] and op ~= 'callback_sent' and op ~= 'purge' then
-  expand()
-  HEAD = redis.call('HMGET', K, unpack(HEAD_FIELDS))
-end
 -- `status` is what the saga was when this call began; `live`, what it is now.
-local status = HEAD[1]
-local live = status
 
-local STAGES = nil
 local function stages()
   if not STAGES then
     STAGES = {}
@@ -286,7 +286,6 @@ end
 -- obligations it supersedes. A replay after that finds no entry and is
 -- applied afresh, and the record's state refuses it (duplicate, stale ...).
 local TX_KEPT = 6
-local ending = false
 
 local function window_ms() return num(HEAD[8]) or 600000 end
 
@@ -414,7 +413,6 @@ end
 -- signature. The sweep op sends it once the grace (its ARGV[4]) has passed
 -- since the saga ended: the process that ended it sends it at once, unless
 -- it died first.
-local CALLBACK_GRACE_MS = num(ARGV[4]) or 0
 
 local function pending_callback()
   if hget('cbs') == '1' then return nil end
@@ -663,8 +661,8 @@ end
 -- redelivered it after its first copy's worker died (ARGV[6] = "1").
 -- Only those may run the function again: a plain duplicate must not.
 local function busy(seen_field)
-  if ARGV[6] == '1' then return false end
-  return (num(ARGV[5]) or 0) <= (num(hget(seen_field)) or -1)
+  if AV[6] == '1' then return false end
+  return (num(AV[5]) or 0) <= (num(hget(seen_field)) or -1)
 end
 
 local function finished(st)
@@ -684,13 +682,11 @@ end
 -- -- the ops, in lifecycle order ----------------------------------------------
 
 local OPS = {}
-local purged_name = nil  -- purge: the name of the saga whose record it deleted
-local unindexed = false  -- abort: a start that never ran is no dead letter
 
 -- ARGV[4..]: field/value pairs of the new record (StartRequest.fields()).
 OPS.start = function()
   local f = {}
-  for i = 4, #ARGV, 2 do f[ARGV[i]] = ARGV[i + 1] end
+  for i = 4, #AV, 2 do f[AV[i]] = AV[i + 1] end
   if status then
     if hget('startfail') == '1' then
       -- A start whose publish failed released its key: start afresh.
@@ -706,9 +702,9 @@ OPS.start = function()
     end
   end
   local i = 4
-  while i <= #ARGV do
-    local j = math.min(i + 199, #ARGV)
-    redis.call('HSET', K, unpack(ARGV, i, j))
+  while i <= #AV do
+    local j = math.min(i + 199, #AV)
+    redis.call('HSET', K, unpack(AV, i, j))
     i = j + 1
   end
   redis.call('HSET', K, 'v', '1', 'gen', gen, 'created', NOW, 'stage', '0', 'copen', '0', 'gaveup', '0')
@@ -728,7 +724,7 @@ OPS.abort = function()
       redis.call('HSET', K, 's:' .. m, 'CANCELLED', 't1:' .. m, NOW)
     end
     -- "startfail" releases the idempotency key; reason "publish" says why.
-    redis.call('HSET', K, 'startfail', '1', 'error', ARGV[4], 'reason', 'publish')
+    redis.call('HSET', K, 'startfail', '1', 'error', AV[4], 'reason', 'publish')
     unindexed = true
     local changed = finish('FAILED')
     -- Nothing ran, so there is nothing for an operator to retry: expire it.
@@ -738,11 +734,11 @@ OPS.abort = function()
   -- A published sibling already began: fail the unpublished ones instead,
   -- so the saga rolls back rather than waiting for them forever.
   local out, changed = {}, false
-  for i = 5, #ARGV do
-    local m = ARGV[i]
+  for i = 5, #AV do
+    local m = AV[i]
     if hget('s:' .. m) == 'DISPATCHED' then
-      redis.call('HSET', K, 's:' .. m, 'FAILED', 'e:' .. m, ARGV[4], 't1:' .. m, NOW)
-      if live == 'RUNNING' then changed = begin_rollback(m, ARGV[4], 'failure') end
+      redis.call('HSET', K, 's:' .. m, 'FAILED', 'e:' .. m, AV[4], 't1:' .. m, NOW)
+      if live == 'RUNNING' then changed = begin_rollback(m, AV[4], 'failure') end
     end
   end
   return remember(respond('rollback', settle(out, changed), {due = out}))
@@ -750,7 +746,7 @@ end
 
 -- ARGV: 4 step, 5 Celery retries of this message, 6 "1" if redelivered.
 OPS.begin = function()
-  local m = ARGV[4]
+  local m = AV[4]
   local s = hget('s:' .. m)
   local out, changed = {}, false
   -- Whether the function may run is decided here, atomically with marking
@@ -778,7 +774,7 @@ OPS.begin = function()
     if s == 'RUNNING' and busy('rt:' .. m) then return respond('busy') end
     if status == 'PENDING' then changed = set_status('RUNNING') end
     local n = redis.call('HINCRBY', K, 'a:' .. m, 1)
-    redis.call('HSET', K, 's:' .. m, 'RUNNING', 'rt:' .. m, ARGV[5])
+    redis.call('HSET', K, 's:' .. m, 'RUNNING', 'rt:' .. m, AV[5])
     redis.call('HSETNX', K, 't0:' .. m, NOW)
     return remember(respond('run', changed, {attempt = n}))
   end
@@ -789,7 +785,7 @@ end
 
 -- ARGV: 4 step, 5 result (JSON).
 OPS.done = function()
-  local m = ARGV[4]
+  local m = AV[4]
   local s = hget('s:' .. m)
   if (s == 'UNKNOWN' or s == 'CANCELLED') and not hget('ls:' .. m) then
     -- A late success: the step was compensated blind (or is being), so its
@@ -797,7 +793,7 @@ OPS.done = function()
     -- second round once the first has ended. The saga status stays.
     -- CANCELLED means fenced before it began; an outcome means its begin
     -- was lost (a failover dropped the write), and it ran after all.
-    redis.call('HSET', K, 'ls:' .. m, 'COMPLETED', 'lr:' .. m, ARGV[5], 'lt:' .. m, NOW)
+    redis.call('HSET', K, 'ls:' .. m, 'COMPLETED', 'lr:' .. m, AV[5], 'lt:' .. m, NOW)
     local out = {}
     if hget('comp:' .. m) and not hget('cs2:' .. m) then
       if status == 'COMPENSATED' or status == 'FAILED' then
@@ -815,7 +811,7 @@ OPS.done = function()
   elseif s ~= 'RUNNING' then
     return respond('duplicate', nil, {step_status = s or ''})
   end
-  redis.call('HSET', K, 's:' .. m, 'COMPLETED', 'r:' .. m, ARGV[5], 't1:' .. m, NOW)
+  redis.call('HSET', K, 's:' .. m, 'COMPLETED', 'r:' .. m, AV[5], 't1:' .. m, NOW)
   if live == 'RUNNING' then
     local left = redis.call('HINCRBY', K, 'left', -1)
     if left > 0 then return remember(respond('wait', changed)) end
@@ -844,24 +840,24 @@ end
 -- for a hard time limit, "lost" for a lost worker). A lost outcome is
 -- unknown: the step may have had its effect, so it is compensated blind.
 local function fail_or_lose()
-  local m = ARGV[4]
+  local m = AV[4]
   local s = hget('s:' .. m)
   if s == 'UNKNOWN' and not hget('ls:' .. m) then
     -- A late failure changes nothing but the record.
-    redis.call('HSET', K, 'ls:' .. m, 'FAILED', 'le:' .. m, ARGV[5], 'lt:' .. m, NOW)
+    redis.call('HSET', K, 'ls:' .. m, 'FAILED', 'le:' .. m, AV[5], 'lt:' .. m, NOW)
     return remember(respond('late'))
   end
   if s ~= 'RUNNING' and s ~= 'DISPATCHED' then return respond('duplicate', nil, {step_status = s or ''}) end
   local reason = 'failure'
   if op == 'lost' then
-    stop_waiting(m, ARGV[6], ARGV[5])
-    if ARGV[6] == 'timeout' then reason = 'timeout' end
+    stop_waiting(m, AV[6], AV[5])
+    if AV[6] == 'timeout' then reason = 'timeout' end
   else
-    redis.call('HSET', K, 's:' .. m, 'FAILED', 'e:' .. m, ARGV[5], 't1:' .. m, NOW)
+    redis.call('HSET', K, 's:' .. m, 'FAILED', 'e:' .. m, AV[5], 't1:' .. m, NOW)
   end
   local out, changed = {}, false
   if status == 'PENDING' or status == 'RUNNING' then
-    changed = begin_rollback(m, ARGV[5], reason)
+    changed = begin_rollback(m, AV[5], reason)
   elseif status ~= 'COMPENSATING' then
     return remember(respond('late'))
   end
@@ -873,7 +869,7 @@ OPS.lost = fail_or_lose
 -- ARGV: 4 step. Its message expired (expires = its deadline) before any
 -- copy began: a timeout of a step that never started, not a failure.
 OPS.expire = function()
-  local m = ARGV[4]
+  local m = AV[4]
   local s = hget('s:' .. m)
   if s ~= 'DISPATCHED' then return respond('duplicate', nil, {step_status = s or ''}) end
   -- Celery expired it by the worker's clock; the store's clock decides. If
@@ -889,7 +885,7 @@ end
 -- 5 u, the jitter of any compensation retry this sweep decides.
 OPS.sweep = function()
   local out = {}
-  local changed = apply_deadlines(out, num(ARGV[5]) or 0)
+  local changed = apply_deadlines(out, num(AV[5]) or 0)
   local fields = {due = out, next_deadline = next_deadline()}
   local sig = pending_callback()
   if sig and not changed and num(NOW) >= num(hget('status_at')) + CALLBACK_GRACE_MS then
@@ -909,19 +905,19 @@ OPS.cancel = function()
   if status == 'COMPENSATING' then
     each_step(function(m) stop_waiting(m, 'cancelled') end)
   else
-    changed = halt('cancelled', ARGV[4])
+    changed = halt('cancelled', AV[4])
   end
   return remember(respond('rollback', settle(out, changed), {due = out}))
 end
 
 -- ARGV: 4 step, 5 Celery retries of this message, 6 "1" if redelivered, 7 round.
 OPS.comp_begin = function()
-  local m, r = ARGV[4], ARGV[7]
+  local m, r = AV[4], AV[7]
   local cs = hget(cf('cs', m, r))
   if cs == 'DISPATCHED' or cs == 'RUNNING' or cs == 'RETRYING' then
     if cs == 'RUNNING' and busy(cf('crt', m, r)) then return respond('busy') end
     local n = redis.call('HINCRBY', K, cf('ca', m, r), 1)
-    redis.call('HSET', K, cf('cs', m, r), 'RUNNING', cf('crt', m, r), ARGV[5])
+    redis.call('HSET', K, cf('cs', m, r), 'RUNNING', cf('crt', m, r), AV[5])
     redis.call('HSETNX', K, cf('ct0', m, r), NOW)
     return remember(respond('run', false, {attempt = n}))
   end
@@ -931,7 +927,7 @@ end
 
 -- ARGV: 4 step, 5 round.
 OPS.comp_done = function()
-  local m, r = ARGV[4], ARGV[5]
+  local m, r = AV[4], AV[5]
   local cs = hget(cf('cs', m, r))
   -- DISPATCHED: its comp_begin was lost (a failover), and it ran.
   if cs ~= 'RUNNING' and cs ~= 'RETRYING' and cs ~= 'DISPATCHED' then return respond('duplicate') end
@@ -945,12 +941,12 @@ end
 
 -- ARGV: 4 step, 5 error, 6 round, 7 u, the jitter of its retry backoff.
 OPS.comp_fail = function()
-  local m, r = ARGV[4], ARGV[6]
+  local m, r = AV[4], AV[6]
   local cs = hget(cf('cs', m, r))
   if cs ~= 'RUNNING' and cs ~= 'DISPATCHED' then return respond('duplicate') end
   -- DISPATCHED: its comp_begin was lost (a failover); the attempt still counts.
   if cs == 'DISPATCHED' then redis.call('HINCRBY', K, cf('ca', m, r), 1) end
-  local failed = compensation_failed(m, r, ARGV[5], num(ARGV[7]) or 0)
+  local failed = compensation_failed(m, r, AV[5], num(AV[7]) or 0)
   local out = {failed}
   local changed = false
   if r == '1' then changed = settle(out, false) end
@@ -997,14 +993,10 @@ end
 
 -- -- dispatch ------------------------------------------------------------------
 
-local handler = OPS[op]
-if not handler then return redis.error_reply('celery_saga: unknown op ' .. tostring(op)) end
-
 -- On one server KEYS[2] is the saga's index shard ("<prefix>:{s<n>}", see
 -- store/keys.py) and the status move happens here, atomically with the
 -- transition: the indexes cannot drift. (On a cluster the shard is in
 -- another slot; the caller moves the entries after the call.)
-local SHARD = KEYS[2]
 -- How soon a sweeper looks at an ended saga whose end callback may be unsent:
 -- store/base.py CALLBACK_GRACE + 1 s.
 local LOOK_AFTER_END_MS = 11000
@@ -1046,31 +1038,59 @@ local function compact_if_ended(reply)
   return reply
 end
 
-local function run()
-if tx ~= '' then
-  local prev = redis.call('HGET', K, 'tx:' .. tx)
-  local at, stage, text = string.match(prev or '', '^(%d+) (%S+) (.*)$')
-  if at and num(NOW) - num(at) <= window_ms() then
-    -- "!": the store WAITs for replicas after the call; writing the entry
-    -- again makes that WAIT cover the first write too.
-    if string.sub(tx, 1, 1) == '!' then redis.call('HSET', K, 'tx:' .. tx, prev) end
-    if stage ~= '-' then return with_stage_data(text, num(stage)) end
-    return text
+local KNOWN = {PENDING = true, RUNNING = true, COMPENSATING = true, COMPLETED = true, COMPENSATED = true,
+  FAILED = true}
+
+local function run(handler)
+  if tx ~= '' then
+    local prev = redis.call('HGET', K, 'tx:' .. tx)
+    local at, stage, text = string.match(prev or '', '^(%d+) (%S+) (.*)$')
+    if at and num(NOW) - num(at) <= window_ms() then
+      -- "!": the store WAITs for replicas after the call; writing the entry
+      -- again makes that WAIT cover the first write too.
+      if string.sub(tx, 1, 1) == '!' then redis.call('HSET', K, 'tx:' .. tx, prev) end
+      if stage ~= '-' then return with_stage_data(text, num(stage)) end
+      return text
+    end
   end
-end
-if op == 'start' then return handler() end
-if not status then return respond('missing') end
-if op ~= 'purge' then
-  local KNOWN = {PENDING = true, RUNNING = true, COMPENSATING = true, COMPLETED = true, COMPENSATED = true,
-    FAILED = true}
-  -- (A compact record, HEAD[6], has its stages packed: only callback_sent sees one.)
-  if not KNOWN[status] or HEAD[3] ~= '1' or not (HEAD[4] or HEAD[6]) or (not HEAD[5] and status == 'COMPENSATING') then
-    return respond('corrupt')
+  if op == 'start' then return handler() end
+  if not status then return respond('missing') end
+  if op ~= 'purge' then
+    -- (A compact record, HEAD[6], has its stages packed: only callback_sent sees one.)
+    if not KNOWN[status] or HEAD[3] ~= '1' or not (HEAD[4] or HEAD[6]) or (not HEAD[5] and status == 'COMPENSATING') then
+      return respond('corrupt')
+    end
+    -- Operators and sweepers act on whatever generation is current ("*").
+    if gen ~= '*' and HEAD[2] ~= gen then return respond('stale') end
   end
-  -- Operators and sweepers act on whatever generation is current ("*").
-  if gen ~= '*' and HEAD[2] ~= gen then return respond('stale') end
-end
-return handler()
+  return handler()
 end
 
-return compact_if_ended(run())
+-- One call: set the per-call state, apply the op, move the indexes, pack an ended record.
+local function transition(keys, args)
+  KS, AV = keys, args
+  K, op, tx, gen = KS[1], AV[1], AV[2], AV[3]
+  SHARD = KS[2]
+  local clock = redis.call('TIME')
+  NOW = string.format('%.0f', tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000))
+  STAGES, expanded, ending, purged_name, unindexed = nil, false, false, nil, false
+  CALLBACK_GRACE_MS = num(AV[4]) or 0
+  local handler = OPS[op]
+  if not handler then return redis.error_reply('celery_saga: unknown op ' .. tostring(op)) end
+  HEAD = redis.call('HMGET', K, unpack(HEAD_FIELDS))
+  if HEAD[6] and op ~= 'callback_sent' and op ~= 'purge' then
+    expand()
+    HEAD = redis.call('HMGET', K, unpack(HEAD_FIELDS))
+  end
+  status = HEAD[1]
+  live = status
+  return compact_if_ended(run(handler))
+end
+
+-- Loaded by FUNCTION LOAD (store/redis.py names the library and function by
+-- this file's digest), or run by EVALSHA with the KEYS and ARGV of the call.
+if redis.register_function then
+  redis.register_function('@FUNCTION@', transition)
+else
+  return transition(KEYS, ARGV)
+end
