@@ -98,8 +98,8 @@ def test_list_skips_index_entries_whose_record_expired(world) -> None:
     ghosts = [f"ghost-{i}" for i in range(3)]
     future = (datetime.now(UTC) + timedelta(minutes=5)).timestamp() * 1000
     for i, g in enumerate(ghosts):
-        world.client.zadd(keys.status_index(keys.shard_of(g), "COMPLETED"), {g: future + i})
         world.client.zadd(keys.name_index(keys.shard_of(g), "cli_order", "COMPLETED"), {g: future + i})
+        world.client.sadd(keys.names(keys.shard_of(g)), "cli_order")
     try:
         # Then readers skip them, and read further to fill the limit
         assert store.list_ids(SagaStatus.COMPLETED, limit=1) == [ghosts[-1]]
@@ -112,7 +112,6 @@ def test_list_skips_index_entries_whose_record_expired(world) -> None:
         assert len(list_sagas(world.shop.app)) == len(STATES) + 1
     finally:
         for g in ghosts:
-            world.client.zrem(keys.status_index(keys.shard_of(g), "COMPLETED"), g)
             world.client.zrem(keys.name_index(keys.shard_of(g), "cli_order", "COMPLETED"), g)
 
 
@@ -266,12 +265,13 @@ def test_purge_removes_a_corrupt_finished_record(world) -> None:
     bad = f"corrupt-{uuid.uuid4().hex[:6]}"
     keys = Keys(world.prefix)
     world.client.hset(keys.record(bad), mapping={"status": "FAILED", "name": "cli_order", "status_at": "x"})
-    world.client.zadd(keys.status_index(keys.shard_of(bad), "FAILED"), {bad: 1})
+    world.client.zadd(keys.name_index(keys.shard_of(bad), "cli_order", "FAILED"), {bad: 1})
+    world.client.sadd(keys.names(keys.shard_of(bad)), "cli_order")
     # Listed leniently, then purged with its index entry.
     assert bad in [s.saga_id for s in list_sagas(world.shop.app, status="FAILED")]
     purge_saga(world.shop.app, bad)
     assert not world.client.exists(keys.record(bad))
-    assert world.client.zscore(keys.status_index(keys.shard_of(bad), "FAILED"), bad) is None
+    assert world.client.zscore(keys.name_index(keys.shard_of(bad), "cli_order", "FAILED"), bad) is None
 
 
 def test_store_unavailable_masks_the_password() -> None:

@@ -313,7 +313,8 @@ def test_corrupt_record_is_reported_not_raised(world) -> None:
     keys = Keys(world.prefix)
     bad, wrong_type = f"corrupt-{uuid.uuid4().hex[:6]}", f"wrongtype-{uuid.uuid4().hex[:6]}"
     world.client.hset(keys.record(bad), mapping={"status": "COMPLETED", "name": "cli_order", "plan": "{"})
-    world.client.zadd(keys.status_index(keys.shard_of(bad), "COMPLETED"), {bad: 1})
+    world.client.zadd(keys.name_index(keys.shard_of(bad), "cli_order", "COMPLETED"), {bad: 1})
+    world.client.sadd(keys.names(keys.shard_of(bad)), "cli_order")
     world.client.set(keys.record(wrong_type), "not a hash")
     show, show_json, show_wrong, listing = cli_many(
         world.env, [["show", bad], ["show", bad, "--json"], ["show", wrong_type], ["list", "--json"]]

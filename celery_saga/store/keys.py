@@ -10,8 +10,10 @@ script call moves a saga in its shard's indexes. Every process must use the
 same number of shards; the store records it in ``<prefix>:{meta}`` and refuses
 another. A shard holds:
 
-- ``status:<S>`` and ``name:<name>:<S>``: sorted sets of saga ids by the time
-  they entered status ``S``, for listing without a SCAN. On one server (or
+- ``name:<name>:<S>``: sorted sets of the ids of sagas named ``name`` by the
+  time they entered status ``S``, for listing without a SCAN (a listing of
+  every name reads each name of the shard; there is no index by status
+  alone, one entry per saga less to store). On one server (or
   a Sentinel primary) the transition that changes the status moves the
   entries in the same script, atomically. On a cluster the shard is in
   another slot: the move is a separate call after the transition (before
@@ -80,8 +82,9 @@ rt:/crt:<step>     highest Celery retry count seen by a step / compensation
 cb0:<step>         attempts before the last operator retry (retry budget base)
 rr                 operator retries so far
 comp:<step>        compensation task name; cof:<step> "1" = compensate on failure
-tx:<id>, txl       reply of an applied transition, for de-duplication; the
-                   kept ids, oldest first (see transitions.lua)
+x:<op>[:<step>:<r>] the latest call of that op (for that step and round): its
+                   transition id and reply, for de-duplication (transitions.lua)
+zn, z1 .. z<zn>    a finished record, packed (store/compact.py)
 =================  ==========================================================
 """
 
@@ -135,12 +138,8 @@ class Keys:
     def _shard(self, shard: int) -> str:
         return self.shard_base(shard)
 
-    def status_index(self, shard: int, status: str) -> str:
-        """Sorted set of the shard's saga ids by the time they entered ``status``."""
-        return f"{self._shard(shard)}:status:{status}"
-
     def name_index(self, shard: int, name: str, status: str) -> str:
-        """Like ``status_index``, for one saga name."""
+        """Sorted set of the shard's sagas named ``name`` by the time they entered ``status``."""
         return f"{self._shard(shard)}:name:{name}:{status}"
 
     def names(self, shard: int) -> str:

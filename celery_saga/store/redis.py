@@ -53,9 +53,10 @@ logger = logging.getLogger("celery_saga")
 
 T = TypeVar("T")
 
-# One saga's entries in its index shard, all under the shard's hash tag.
-# KEYS: 1 old status index, 2 old name index, 3 new status index, 4 new name
-# index, 5 the shard's names, 6 the shard's deadline index.
+# One saga's entries in its index shard, all under the shard's hash tag (a
+# cluster's path; on one server the transition script moves them itself).
+# KEYS: 1 old name index, 2 new name index, 3 the shard's names, 4 the
+# shard's deadline index.
 # ARGV: 1 saga id, 2 now (ms), 3 saga name, 4 "1" to move between status
 # indexes, 5 trim finished entries older than this (ms, or ""), 6 look at it
 # by then (ms, or ""; only ever earlier), 7 "1" to leave the deadline index.
@@ -65,17 +66,12 @@ T = TypeVar("T")
 _SHARD_LUA = """
 if ARGV[4] == '1' then
   redis.call('ZREM', KEYS[1], ARGV[1])
-  redis.call('ZREM', KEYS[2], ARGV[1])
-  redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
-  redis.call('ZADD', KEYS[4], ARGV[2], ARGV[1])
-  redis.call('SADD', KEYS[5], ARGV[3])
-  if ARGV[5] ~= '' then
-    redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', '(' .. ARGV[5])
-    redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', '(' .. ARGV[5])
-  end
+  redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+  redis.call('SADD', KEYS[3], ARGV[3])
+  if ARGV[5] ~= '' then redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. ARGV[5]) end
 end
-if ARGV[6] ~= '' then redis.call('ZADD', KEYS[6], 'LT', ARGV[6], ARGV[1]) end
-if ARGV[7] == '1' then redis.call('ZREM', KEYS[6], ARGV[1]) end
+if ARGV[6] ~= '' then redis.call('ZADD', KEYS[4], 'LT', ARGV[6], ARGV[1]) end
+if ARGV[7] == '1' then redis.call('ZREM', KEYS[4], ARGV[1]) end
 return 1
 """
 
@@ -288,14 +284,7 @@ class RedisSagaStore(SagaStore):
         old, new = move if move is not None else ("", "")
         old = old or new
         trim = f"{now_ms - retention * 1000:.0f}" if retention > 0 else ""
-        keys = [
-            k.status_index(shard, old),
-            k.name_index(shard, name, old),
-            k.status_index(shard, new),
-            k.name_index(shard, name, new),
-            k.names(shard),
-            k.due(shard),
-        ]
+        keys = [k.name_index(shard, name, old), k.name_index(shard, name, new), k.names(shard), k.due(shard)]
         watch = "" if watch_at is None else f"{watch_at * 1000:.0f}"
         args = [saga_id, f"{now_ms:.0f}", name, "1" if move else "", trim, watch, "1" if unwatch else ""]
         return keys, args
@@ -596,16 +585,18 @@ class RedisSagaStore(SagaStore):
         self._call(lambda: self._execute([(self._shard_script, keys, args)]))
 
     def _unindex(self, saga_id: str, name: str, status: str) -> None:
-        shard = self.keys.shard_of(saga_id)
+        k, shard = self.keys, self.keys.shard_of(saga_id)
+        # No name (a reader of every name met a gone record): each name of the shard.
+        names = [name] if name else sorted(self._call(lambda: self.client.smembers(k.names(shard))))
 
         def run() -> None:
             pipe = self.client.pipeline(transaction=False)
-            pipe.zrem(self.keys.status_index(shard, status), saga_id)
-            if name:
-                pipe.zrem(self.keys.name_index(shard, name, status), saga_id)
+            for each in names:
+                pipe.zrem(k.name_index(shard, each, status), saga_id)
             pipe.execute()
 
-        self._call(run)
+        if names:
+            self._call(run)
 
     def list_ids(
         self, status: SagaStatus, name: str | None = None, limit: int = 100, since: float | None = None
@@ -613,11 +604,21 @@ class RedisSagaStore(SagaStore):
         low = f"{since * 1000:.0f}" if since is not None else "-inf"
         k, want = self.keys, max(limit, 1)
 
-        def run() -> list[Any]:
+        def names() -> list[Any]:
             pipe = self.client.pipeline(transaction=False)
             for shard in range(k.shards):
-                key = k.name_index(shard, name, status.value) if name else k.status_index(shard, status.value)
-                pipe.zrevrangebyscore(key, "+inf", low, start=0, num=want, withscores=True)
+                pipe.smembers(k.names(shard))
+            return list(pipe.execute())
+
+        # The indexes are by name: every name of a shard, when no name is given.
+        by_shard = [[name] for _ in range(k.shards)] if name else [sorted(m) for m in self._call(names)]
+
+        def run() -> list[Any]:
+            pipe = self.client.pipeline(transaction=False)
+            for shard, shard_names in enumerate(by_shard):
+                for each in shard_names:
+                    key = k.name_index(shard, each, status.value)
+                    pipe.zrevrangebyscore(key, "+inf", low, start=0, num=want, withscores=True)
             return list(pipe.execute())
 
         # Newest first across the shards: each shard's newest, merged.

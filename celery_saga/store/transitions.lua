@@ -109,6 +109,7 @@ local STAGES            -- stages(), parsed once per call
 local CALLBACK_GRACE_MS -- sweep: see pending_callback
 local SHARD             -- one server: the saga's index shard (see move_index)
 local expanded, ending, purged_name, unindexed  -- see expand, finish, OPS.purge, OPS.abort
+local slot              -- this call's reply slot, a function (see de-duplication)
 
 local function hget(f) return redis.call('HGET', K, f) end
 local function num(x) return tonumber(x) end
@@ -175,6 +176,12 @@ local COMPLETED_DROP_FIELDS = {copen = true, gaveup = true, cstage = true, stage
 local function dropped(f, st, v, fields)
   local kind, m = string.match(f, '^(%w+):(.*)$')
   if ENDED_DROP_FIELDS[f] or (kind and ENDED_DROP[kind]) then return true end
+  -- Replies: only the call that ended the saga may still be sent again, and
+  -- the one that completed a saga with no on_complete asks its caller for
+  -- nothing more (a replay then gets "duplicate").
+  if kind == 'x' then
+    return f ~= slot() or (st == 'COMPLETED' and (fields['cb_ok'] or '') == '')
+  end
   -- A deadline says when a step without an outcome was given up on: kept for those.
   if kind == 'dl' and fields['s:' .. m] == 'COMPLETED' then return true end
   -- A step that returned None reads the same without its result.
@@ -221,8 +228,8 @@ local function compact(st)
 end
 
 -- The fields every op reads, in one call.
--- 1 status, 2 gen, 3 v, 4 stages, 5 cstage, 6 zn (compact), 7 txl, 8 dw.
-local HEAD_FIELDS = {'status', 'gen', 'v', 'stages', 'cstage', 'zn', 'txl', 'dw'}
+-- 1 status, 2 gen, 3 v, 4 stages, 5 cstage, 6 zn (compact), 7 dw.
+local HEAD_FIELDS = {'status', 'gen', 'v', 'stages', 'cstage', 'zn', 'dw'}
 -- `status` is what the saga was when this call began; `live`, what it is now.
 
 local function stages()
@@ -275,44 +282,36 @@ end
 
 -- -- de-duplication -----------------------------------------------------------
 --
--- "tx:<id>" = "<time> <stage> <reply>": the reply of an applied transition,
--- so that a call sent again (redis-py's retries, the wrapper writing an
--- outcome again) gets it back instead of applying twice. A next_stage reply
--- is kept without its data (<stage> says which stage's data to rebuild from
--- the record on a replay), so no entry copies the saga's data. Entries are
--- listed oldest first in "txl" ("<id>:<time> ..."): at most TX_KEPT are kept,
--- none older than the window ("dw", ms; saga_dedup_window), and the one
--- transition that ends the saga drops every earlier one, whose callers'
--- obligations it supersedes. A replay after that finds no entry and is
--- applied afresh, and the record's state refuses it (duplicate, stale ...).
-local TX_KEPT = 6
+-- A call sent again (redis-py's retries, the wrapper writing an outcome
+-- again) must get its first reply back instead of applying twice. Each reply
+-- is kept in the slot of what it was for (slot()): "x:<op>:<step>:<round>",
+-- or "x:<op>" for ops on the whole saga, as "<id> <time> <stage> <reply>".
+-- A slot holds the latest call only: a caller sends again only its own last
+-- call, and a call a later one replaced is applied afresh on a replay, where
+-- the record's state refuses it (duplicate, busy, stale ...). So a saga keeps
+-- at most a few replies per step, however often a compensation is retried.
+-- A next_stage reply is kept without its data (<stage> says which stage's
+-- data to rebuild from the record), so no reply copies the saga's data. A
+-- reply older than the window ("dw", ms; saga_dedup_window) is not used, and
+-- packing an ended record keeps only the reply of the call that ended it.
+local function window_ms() return num(HEAD[7]) or 600000 end
 
-local function window_ms() return num(HEAD[8]) or 600000 end
+-- Where the op's step and compensation round are among its arguments.
+local STEP_ROUND = {begin = 0, done = 0, fail = 0, lost = 0, expire = 0, comp_begin = 7, comp_done = 5,
+  comp_fail = 6}
 
-local function forget_old_replies(all)
-  local keep, gone = {}, {}
-  local oldest_kept = num(NOW) - window_ms()
-  local ids = split(HEAD[7], ' ')
-  for i, entry in ipairs(ids) do
-    local id, at = string.match(entry, '^(.-):(%d+)$')
-    if all or not at or num(at) < oldest_kept or #ids - i >= TX_KEPT - 1 then
-      gone[#gone + 1] = 'tx:' .. (id or entry)
-    else
-      keep[#keep + 1] = entry
-    end
-  end
-  if #gone > 0 then redis.call('HDEL', K, unpack(gone)) end
-  return keep
+function slot()
+  local at = STEP_ROUND[op]
+  if not at then return 'x:' .. op end
+  local round = '1'
+  if at > 0 then round = AV[at] or '1' end
+  return 'x:' .. op .. ':' .. (AV[4] or '') .. ':' .. round
 end
 
 -- Keep `text` as the reply of this transition; `stage` names the stage whose
 -- data a next_stage reply leaves out.
 local function remember(text, stage)
-  if tx ~= '' then
-    local keep = forget_old_replies(ending)
-    keep[#keep + 1] = tx .. ':' .. NOW
-    redis.call('HSET', K, 'tx:' .. tx, NOW .. ' ' .. (stage or '-') .. ' ' .. text, 'txl', table.concat(keep, ' '))
-  end
+  if tx ~= '' then redis.call('HSET', K, slot(), tx .. ' ' .. NOW .. ' ' .. (stage or '-') .. ' ' .. text) end
   return text
 end
 
@@ -1006,12 +1005,8 @@ local function move_index()
   if not SHARD or (before == after and not purged_name) then return end
   local id = string.sub(K, string.find(K, '{', 1, true) + 1, -2)
   local name = purged_name or hget('name') or ''
-  if before then
-    redis.call('ZREM', SHARD .. ':status:' .. before, id)
-    redis.call('ZREM', SHARD .. ':name:' .. name .. ':' .. before, id)
-  end
+  if before then redis.call('ZREM', SHARD .. ':name:' .. name .. ':' .. before, id) end
   if op == 'purge' or unindexed or not after then return end
-  redis.call('ZADD', SHARD .. ':status:' .. after, NOW, id)
   redis.call('ZADD', SHARD .. ':name:' .. name .. ':' .. after, NOW, id)
   redis.call('SADD', SHARD .. ':names', name)
   if after == 'COMPLETED' or after == 'COMPENSATED' then
@@ -1019,7 +1014,6 @@ local function move_index()
     local kept = num(hget('retention'))
     if kept then
       local cut = '(' .. string.format('%.0f', num(NOW) - kept * 1000)
-      redis.call('ZREMRANGEBYSCORE', SHARD .. ':status:' .. after, '-inf', cut)
       redis.call('ZREMRANGEBYSCORE', SHARD .. ':name:' .. name .. ':' .. after, '-inf', cut)
     end
   end
@@ -1043,12 +1037,12 @@ local KNOWN = {PENDING = true, RUNNING = true, COMPENSATING = true, COMPLETED = 
 
 local function run(handler)
   if tx ~= '' then
-    local prev = redis.call('HGET', K, 'tx:' .. tx)
-    local at, stage, text = string.match(prev or '', '^(%d+) (%S+) (.*)$')
-    if at and num(NOW) - num(at) <= window_ms() then
+    local prev = redis.call('HGET', K, slot())
+    local id, at, stage, text = string.match(prev or '', '^(%S+) (%d+) (%S+) (.*)$')
+    if id == tx and num(NOW) - num(at) <= window_ms() then
       -- "!": the store WAITs for replicas after the call; writing the entry
       -- again makes that WAIT cover the first write too.
-      if string.sub(tx, 1, 1) == '!' then redis.call('HSET', K, 'tx:' .. tx, prev) end
+      if string.sub(tx, 1, 1) == '!' then redis.call('HSET', K, slot(), prev) end
       if stage ~= '-' then return with_stage_data(text, num(stage)) end
       return text
     end
