@@ -120,7 +120,11 @@ class SagaResult:
                 if deadline is not None and time.monotonic() >= deadline:
                     why = self._why(store, status)
                     raise CeleryTimeoutError(f"saga {self.id} did not finish within {timeout}s: {why}")
-                wait(interval if deadline is None else max(0.0, min(interval, deadline - time.monotonic())))
+                if wait(interval if deadline is None else max(0.0, min(interval, deadline - time.monotonic()))):
+                    # Woken by the end: read the record straight away.
+                    state = self.state()
+                    if state.status.finished:
+                        return _outcome(state)
 
     def _why(self, store: SagaStore, status: SagaStatus) -> str:
         if status is not SagaStatus.PENDING:

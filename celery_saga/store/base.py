@@ -213,12 +213,17 @@ class SagaStore(abc.ABC):
         return 0
 
     @contextlib.contextmanager
-    def end_signal(self, saga_id: str) -> Iterator[Callable[[float], None]]:
-        """A ``wait(seconds)`` that returns early when ``saga_id`` ends; enter it before reading the status.
+    def end_signal(self, saga_id: str) -> Iterator[Callable[[float], bool]]:
+        """A ``wait(seconds)`` that returns True early when ``saga_id`` ends; enter it before reading the status.
 
-        Here it just sleeps: callers re-read the status after each wait.
+        Here it just sleeps (and returns False): callers re-read the status after each wait.
         """
-        yield time.sleep
+
+        def wait(seconds: float) -> bool:
+            time.sleep(seconds)
+            return False
+
+        yield wait
 
     @abc.abstractmethod
     def close(self) -> None:

@@ -148,6 +148,11 @@ Call = tuple[Script, list[str], list[str]]
 ShardCall = tuple[list[str], list[str]]
 
 
+def _sleep(seconds: float) -> bool:
+    time.sleep(seconds)
+    return False
+
+
 def _forgotten(reply: Any) -> bool:
     """The server does not have the script or function a call named (a restart, a flush)."""
     return isinstance(reply, redis.exceptions.NoScriptError) or (
@@ -304,6 +309,15 @@ class RedisSagaStore(SagaStore):
         if self.indexes_in_transition:
             keys.append(self.keys.shard_base(self.keys.shard_of(saga_id)))
             index_first = None  # the transition moves its index entries itself
+            if op is Op.START:
+                # One server: the start stores the definition and its first
+                # deadline itself, in one call (see OPS.start).
+                if define is not None:
+                    keys.append(self.keys.definition(define[0]))
+                    args = [*args, "!def", define[1]]
+                if watch_at is not None:
+                    args = [*args, "!watch", f"{watch_at * 1000:.0f}"]
+                define = watch_at = None
         transition: Call = (self._script, keys, [op.value, tx, gen, *args])
         calls: list[Call] = []
         if define is not None and (not self.cluster or define[0] not in self._defined):
@@ -699,8 +713,8 @@ class RedisSagaStore(SagaStore):
     # -- waiting for an end -------------------------------------------------------
 
     @contextlib.contextmanager
-    def end_signal(self, saga_id: str) -> Iterator[Callable[[float], None]]:
-        """Subscribes to the saga's end channel; ``wait`` returns at its message or after the given seconds.
+    def end_signal(self, saga_id: str) -> Iterator[Callable[[float], bool]]:
+        """Subscribes to the saga's end channel; ``wait`` returns True at its message, False after the seconds.
 
         A user whose ACL has no channel access (or a failing subscribe) gets
         the plain sleep: callers poll the status after each wait anyway.
@@ -719,19 +733,20 @@ class RedisSagaStore(SagaStore):
         except redis.RedisError as exc:
             logger.debug("celery_saga: cannot subscribe to the end of saga %s (%s); polling", saga_id, exc)
             self._drop_subscriber()
-            yield time.sleep
+            yield _sleep
             return
 
-        def wait(seconds: float) -> None:
+        def wait(seconds: float) -> bool:
             deadline = time.monotonic() + seconds
             try:
                 while (left := deadline - time.monotonic()) > 0:
                     message = pubsub.get_message(timeout=left)
                     if message is not None and message.get("channel") in (channel, channel.encode()):
-                        return
+                        return True
             except redis.RedisError:
                 self._drop_subscriber()
                 time.sleep(max(0.0, deadline - time.monotonic()))
+            return False
 
         try:
             yield wait

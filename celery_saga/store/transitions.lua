@@ -4,6 +4,7 @@ CALLING CONVENTION
   KEYS[1]   the saga record, a hash; its fields are listed in store/keys.py
   KEYS[2]   on one server only: the saga's index shard, "<prefix>:{s<n>}"
             (see move_index)
+  KEYS[3]   start, on one server only: the key of the saga's definition
   ARGV[1]   the op (store/protocol.py: Op)
   ARGV[2]   transition id, "" for none. redis-py retries a command after a
             timeout, so a transition may arrive twice: the first reply is
@@ -684,8 +685,17 @@ local OPS = {}
 
 -- ARGV[4..]: field/value pairs of the new record (StartRequest.fields()).
 OPS.start = function()
-  local f = {}
-  for i = 4, #AV, 2 do f[AV[i]] = AV[i + 1] end
+  -- On one server two pseudo-fields ride along: "!def", the definition to
+  -- store once under KEYS[3], and "!watch", when sweepers first look (ms).
+  local f, pairs_ = {}, {}
+  for i = 4, #AV, 2 do
+    f[AV[i]] = AV[i + 1]
+    if string.sub(AV[i], 1, 1) ~= '!' then
+      pairs_[#pairs_ + 1] = AV[i]
+      pairs_[#pairs_ + 1] = AV[i + 1]
+    end
+  end
+  if f['!def'] then redis.call('SET', KS[3], f['!def'], 'nx') end
   if status then
     if hget('startfail') == '1' then
       -- A start whose publish failed released its key: start afresh.
@@ -700,13 +710,12 @@ OPS.start = function()
       return respond('conflict')
     end
   end
-  local i = 4
-  while i <= #AV do
-    local j = math.min(i + 199, #AV)
-    redis.call('HSET', K, unpack(AV, i, j))
-    i = j + 1
-  end
+  for i = 1, #pairs_, 200 do redis.call('HSET', K, unpack(pairs_, i, math.min(i + 199, #pairs_))) end
   redis.call('HSET', K, 'v', '1', 'gen', gen, 'created', NOW, 'stage', '0', 'copen', '0', 'gaveup', '0')
+  if f['!watch'] then
+    local id = string.sub(K, string.find(K, '{', 1, true) + 1, -2)
+    redis.call('ZADD', SHARD .. ':due', 'lt', f['!watch'], id)
+  end
   set_status('PENDING')
   if f.sto then redis.call('HSET', K, 'sdl', NOW + num(f.sto)) end
   HEAD[4] = f.stages
