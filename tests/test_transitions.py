@@ -633,3 +633,17 @@ def test_purge_and_an_aborted_start_leave_no_index_entry(store: RedisSagaStore) 
     aborted = pending(store)
     store.abort_start(aborted.saga_id, GEN, "s", "publish failed: boom", ["a"])
     assert _indexed_under(store, aborted.saga_id) == []
+
+
+def test_a_record_of_an_earlier_version_keeps_its_inline_backoff(store: RedisSagaStore) -> None:
+    # Given a saga started before the backoff moved to "bo": its settings are inline JSON
+    saga = compensating(store)
+    key = store.keys.record(saga.saga_id)
+    store.client.hdel(key, "bo")
+    store.client.hset(
+        key, "settings", json.dumps({"compensation_retry_backoff": 4.0, "compensation_retry_backoff_max": 8.0})
+    )
+    saga.apply(Op.COMP_BEGIN, "a", "0", "", "1")
+    # Then a failed attempt is retried after that backoff (equal jitter: 2 to 4 s), not at once
+    t = saga.apply(Op.COMP_FAIL, "a", "RuntimeError: down", "1")
+    assert t.outcome is Outcome.BACKOFF and 2.0 <= t.due[0].delay <= 4.0

@@ -376,6 +376,13 @@ end
 -- in [0, 1). This is the one place a compensation's backoff is computed.
 local function backoff_ms(n, u)
   local bo = split(hget('bo'), ',')
+  if #bo == 0 then
+    -- A record started by an earlier version keeps its settings inline.
+    local ok, settings = pcall(cjson.decode, hget('settings') or '{}')
+    if ok and type(settings) == 'table' then
+      bo = {settings['compensation_retry_backoff'], settings['compensation_retry_backoff_max']}
+    end
+  end
   local base = num(bo[1]) or 0
   local cap = num(bo[2]) or 0
   local d = math.min(cap, base * 2 ^ math.max(n - 1, 0)) * 1000
