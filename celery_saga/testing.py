@@ -411,7 +411,8 @@ def saga_worker_parameters() -> dict[str, Any]:
 @pytest.fixture
 def saga_worker(saga_test_app: Celery, saga_worker_parameters: dict[str, Any]) -> Iterator[Any]:
     """An in-process worker (threads pool) consuming every queue of the app; stopped after the test."""
-    with thread_worker(saga_test_app, queues=app_queues(saga_test_app), **saga_worker_parameters) as worker:
+    params = {"queues": app_queues(saga_test_app), **saga_worker_parameters}
+    with thread_worker(saga_test_app, **params) as worker:
         yield worker
 
 

@@ -8,8 +8,8 @@ CALLING CONVENTION
   ARGV[1]   the op (store/protocol.py: Op)
   ARGV[2]   transition id, "" for none. redis-py retries a command after a
             timeout, so a transition may arrive twice: the first reply is
-            kept under "tx:<id>" for saga_dedup_window and returned again
-            instead of re-applying (see "de-duplication" below).
+            kept in the slot of its op and step for saga_dedup_window and
+            returned again instead of re-applying (see "de-duplication").
             An id starting with "!" (a store that WAITs for replicas) also
             writes that reply again, so that the WAIT after the call covers
             the first write, which may not have reached a replica yet.
