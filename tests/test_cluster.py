@@ -54,8 +54,10 @@ def test_sagas_complete_and_compensate_on_a_cluster(
         with pytest.raises(SagaCompensated):
             s.sequential.delay(order_id=3, fail={"ship": "no carrier"}).get(timeout=20)
     assert [a for a in ledger.actions() if a.startswith("undo")] == ["undo:shop.charge", "undo:shop.reserve"]
-    # The records and the index shards spread over the masters
-    assert all(sorted(c.scan_iter(match=f"{prefix}:*")) for c in cluster.clients())
+    # The records and the index shards spread over the masters (keys hash to random
+    # slots: with about ten keys, all on one master of three is a 1-in-10,000 chance)
+    holding = [c for c in cluster.clients() if next(c.scan_iter(match=f"{prefix}:*"), None) is not None]
+    assert len(holding) >= 2
     stats = saga_stats(on_cluster)
     assert (stats.by_status["COMPLETED"], stats.by_status["COMPENSATED"]) == (2, 1)
     assert [x.status for x in list_sagas(on_cluster, limit=10)].count(SagaStatus.COMPLETED) == 2
