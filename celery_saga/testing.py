@@ -155,6 +155,9 @@ def thread_worker(app: Celery, **params: Any) -> Iterator[Any]:
     ``shutdown_timeout`` it raises before putting the flag back: every later
     in-process worker then stops as soon as it starts, and each later test
     hangs until its timeout. The flag is restored here whatever happens.
+    Run one at a time: the flag that stops one in-process worker stops every
+    other one running in the process too (start a ``celery worker`` process
+    for a second worker).
     """
     options: dict[str, Any] = {
         **{"pool": "threads", "concurrency": 4, "perform_ping_check": False, "loglevel": "WARNING"},

@@ -24,7 +24,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from celery import Celery, signals
+from celery import signals
 
 from celery_saga import SagaStatus
 from celery_saga.cli import parse_since
@@ -558,27 +558,63 @@ def test_sweep_runs_until_interrupted(idle, tmp_path: Path) -> None:
     assert output.splitlines() == ["sweeping saga deadlines every 0.1s; Ctrl-C to stop", "stopping"]
 
 
-def test_check_lists_the_tasks_no_running_worker_has(idle: SimpleNamespace) -> None:
+_SERVICE_APP = """
+import os
+from celery import Celery
+
+app = Celery("svc", broker=os.environ["SVC_BROKER"], set_as_current=False)
+app.conf.broker_transport_options = {"global_keyprefix": os.environ["SVC_KOMBU_PREFIX"]}
+
+
+@app.task(name="svc.charge")
+def charge():
+    return None
+"""
+
+
+def test_check_lists_the_tasks_no_running_worker_has(idle: SimpleNamespace, tmp_path: Path) -> None:
     # Given no worker at all: nobody answers
     none = cli(idle.env, "check", "--timeout", "0.3")
     assert none.returncode == 69 and "no worker answered" in none.stderr
 
     # Given a worker of this app, and one of the service whose svc.charge the
-    # cli_remote saga calls, but that has no svc.refund
-    service = Celery(f"svc-{idle.prefix}", broker=idle.shop.app.conf.broker_url, set_as_current=False)
-    service.conf.update(broker_transport_options=idle.shop.app.conf.broker_transport_options)
+    # cli_remote saga calls, but that has no svc.refund. The service's worker is
+    # a process of its own: two in-process workers cannot be stopped one at a
+    # time (Celery stops them by one process-wide flag).
+    (tmp_path / "svc_app.py").write_text(_SERVICE_APP)
+    env = {
+        **idle.env,
+        "PYTHONPATH": str(tmp_path),
+        "SVC_BROKER": str(idle.shop.app.conf.broker_url),
+        "SVC_KOMBU_PREFIX": idle.shop.app.conf.broker_transport_options["global_keyprefix"],
+    }
+    service = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "svc_app", "worker", "-P", "solo", "-n", f"svc@{idle.prefix}"],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        with thread_worker(idle.shop.app, hostname=f"cli@{idle.prefix}"):
+            answers: list[subprocess.CompletedProcess[str]] = []
 
-    @service.task(name="svc.charge", shared=False)
-    def charge() -> None: ...
+            def both_answer() -> bool:
+                answers.append(cli(idle.env, "check"))
+                return "2 worker(s) answered" in answers[-1].stdout
 
-    with (
-        thread_worker(idle.shop.app, hostname=f"cli@{idle.prefix}"),
-        thread_worker(service, hostname=f"svc@{idle.prefix}"),
-    ):
-        proc = cli(idle.env, "check")
+            wait_for(both_answer, 60, "both workers to answer")
+    finally:
+        service.terminate()
+        try:
+            service.wait(20)
+        except subprocess.TimeoutExpired:
+            service.kill()
+            service.wait(10)
+    proc = answers[-1]
     # Then check lists the missing compensation, and only it, and exits 1
     assert proc.returncode == 1, proc.stdout + proc.stderr
-    assert "2 worker(s) answered" in proc.stdout
     missing = [line.strip() for line in proc.stdout.splitlines() if line.startswith("  ")]
     assert missing == ["saga 'cli_remote': compensation of step 'svc.charge': task 'svc.refund'"]
     assert "1 task(s) the sagas need are not registered on any worker" in proc.stderr
