@@ -167,14 +167,6 @@ class SagaSettings:
             dedup_window=_number("saga_dedup_window", get("saga_dedup_window"), positive=True),
         )
 
-    def retention_of(self, status: str) -> float | None:
-        """Seconds a saga that ended in ``status`` is kept; None: until purged."""
-        if status == "FAILED":
-            return self.failed_retention
-        if status == "COMPENSATED" and self.compensated_retention is not None:
-            return self.compensated_retention
-        return self.retention
-
     def saga_copy(self) -> str:
         """The settings every worker applies to a saga, as stored in its record.
 

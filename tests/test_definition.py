@@ -144,6 +144,10 @@ def test_a_saga_that_knows_no_app_runs_on_the_current_one_as_celerys_canvas_does
     ("setting", "value"),
     [
         ("saga_retention", "a week"),
+        ("saga_compensated_retention", 0),
+        ("saga_failed_retention", "forever"),
+        ("saga_late_outcome_window", -5),
+        ("saga_dedup_window", "ten minutes"),
         ("saga_compensation_retry_backoff", -1),
         ("saga_compensation_max_retries", 1.5),
         ("saga_key_prefix", "{bad}"),
