@@ -34,6 +34,7 @@ from celery_saga.testing import thread_worker
 from tests import cli_app
 from tests.cli_app import HASTY_TIMEOUT, STATES, cli_env
 from tests.helpers import store_now, wait_for
+from tests.subprocs import Subprocs, running
 
 ROOT = Path(__file__).resolve().parent.parent
 ISO = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
@@ -588,30 +589,16 @@ def test_check_lists_the_tasks_no_running_worker_has(idle: SimpleNamespace, tmp_
         "SVC_BROKER": str(idle.shop.app.conf.broker_url),
         "SVC_KOMBU_PREFIX": idle.shop.app.conf.broker_transport_options["global_keyprefix"],
     }
-    service = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "svc_app", "worker", "-P", "solo", "-n", f"svc@{idle.prefix}"],
-        env=env,
-        cwd=tmp_path,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
+    answers: list[subprocess.CompletedProcess[str]] = []
+    with running(Subprocs(tmp_path)) as procs:
+        procs.celery("svc", ["worker", "-P", "solo", "-n", f"svc@{idle.prefix}"], env, app="svc_app")
         with thread_worker(idle.shop.app, hostname=f"cli@{idle.prefix}"):
-            answers: list[subprocess.CompletedProcess[str]] = []
 
             def both_answer() -> bool:
                 answers.append(cli(idle.env, "check"))
                 return "2 worker(s) answered" in answers[-1].stdout
 
             wait_for(both_answer, 60, "both workers to answer")
-    finally:
-        service.terminate()
-        try:
-            service.wait(20)
-        except subprocess.TimeoutExpired:
-            service.kill()
-            service.wait(10)
     proc = answers[-1]
     # Then check lists the missing compensation, and only it, and exits 1
     assert proc.returncode == 1, proc.stdout + proc.stderr

@@ -320,9 +320,9 @@ class RedisSagaStore(SagaStore):
                 define = watch_at = None
         transition: Call = (self._script, keys, [op.value, tx, gen, *args])
         calls: list[Call] = []
-        if define is not None and (not self.cluster or define[0] not in self._defined):
-            # On one server this rides in the start's round trip; on a cluster
-            # (another slot, its own call) once per definition and process.
+        if define is not None and define[0] not in self._defined:
+            # A cluster (one server stores it in the start itself): the
+            # definition is in another slot, its own call, once per process.
             calls.append((self._define_script, [self.keys.definition(define[0])], [define[1]]))
         if index_first is not None or watch_at is not None:
             name, old, new = index_first if index_first is not None else ("", "", "")
@@ -550,7 +550,7 @@ class RedisSagaStore(SagaStore):
         return _unpacked(saga_id, raw) if raw else None
 
     def status(self, saga_id: str) -> SagaStatus:
-        # One field, not the whole record: SagaResult.get polls this.
+        # One field, not the whole record: SagaResult.get and ready() read this.
         raw = self._call(lambda: self.client.hget(self.keys.record(saga_id), "status"))
         if raw is None:
             raise SagaNotFound(saga_id, self.where())

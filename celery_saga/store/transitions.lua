@@ -103,6 +103,7 @@ frontier back (advance) whenever the saga is COMPENSATING.
 -- afresh; run by EVALSHA (older servers), it runs whole for each call.
 local KS, AV            -- the call's keys and args (KEYS, ARGV above)
 local K, op, tx, gen    -- the record; the op, transition id, generation
+local SAGA_ID           -- the saga id, K's hash tag
 local NOW               -- store clock, ms (text)
 local HEAD              -- the head fields (HEAD_FIELDS)
 local status, live      -- the saga status when the call began; now
@@ -720,8 +721,7 @@ OPS.start = function()
   for i = 1, #pairs_, 200 do redis.call('HSET', K, unpack(pairs_, i, math.min(i + 199, #pairs_))) end
   redis.call('HSET', K, 'v', '1', 'gen', gen, 'created', NOW, 'stage', '0', 'copen', '0', 'gaveup', '0')
   if f['!watch'] then
-    local id = string.sub(K, string.find(K, '{', 1, true) + 1, -2)
-    redis.call('ZADD', SHARD .. ':due', 'lt', f['!watch'], id)
+    redis.call('ZADD', SHARD .. ':due', 'lt', f['!watch'], SAGA_ID)
   end
   set_status('PENDING')
   if f.sto then redis.call('HSET', K, 'sdl', NOW + num(f.sto)) end
@@ -1019,11 +1019,10 @@ local LOOK_AFTER_END_MS = 11000
 local function move_index()
   local before, after = status, live
   if not SHARD or (before == after and not purged_name) then return end
-  local id = string.sub(K, string.find(K, '{', 1, true) + 1, -2)
   local name = purged_name or hget('name') or ''
-  if before then redis.call('ZREM', SHARD .. ':name:' .. name .. ':' .. before, id) end
+  if before then redis.call('ZREM', SHARD .. ':name:' .. name .. ':' .. before, SAGA_ID) end
   if op == 'purge' or unindexed or not after then return end
-  redis.call('ZADD', SHARD .. ':name:' .. name .. ':' .. after, NOW, id)
+  redis.call('ZADD', SHARD .. ':name:' .. name .. ':' .. after, NOW, SAGA_ID)
   redis.call('SADD', SHARD .. ':names', name)
   if after == 'COMPLETED' or after == 'COMPENSATED' then
     -- Finished entries outlive their records by at most the retention.
@@ -1034,11 +1033,11 @@ local function move_index()
     end
   end
   if after == 'COMPLETED' and not pending_callback() then
-    redis.call('ZREM', SHARD .. ':due', id)  -- no deadline left
+    redis.call('ZREM', SHARD .. ':due', SAGA_ID)  -- no deadline left
   elseif finished(after) then
     -- A sweeper looks once the callback grace is over, in case the end
     -- callback was never sent (and for late outcomes of unknown steps).
-    redis.call('ZADD', SHARD .. ':due', 'lt', num(NOW) + LOOK_AFTER_END_MS, id)
+    redis.call('ZADD', SHARD .. ':due', 'lt', num(NOW) + LOOK_AFTER_END_MS, SAGA_ID)
   end
 end
 
@@ -1080,6 +1079,7 @@ end
 local function transition(keys, args)
   KS, AV = keys, args
   K, op, tx, gen = KS[1], AV[1], AV[2], AV[3]
+  SAGA_ID = string.sub(K, string.find(K, '{', 1, true) + 1, -2)
   SHARD = KS[2]
   local clock = redis.call('TIME')
   NOW = string.format('%.0f', tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000))
