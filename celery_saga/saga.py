@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import inspect
@@ -131,6 +132,8 @@ class Saga:
             raise SagaDefinitionError(f"saga name must be a non-empty string without whitespace or ':', not {name!r}")
         self.name = name
         self.timeout = timeout_seconds(f"saga {name!r}: timeout", timeout)
+        #: The module that defined the saga: what a worker imports to have it (the crash-point explorer's -A).
+        self.module: str | None = _caller_module()
         if not is_proxy(steps) and isinstance(steps, (list, tuple)) and not steps:
             raise SagaDefinitionError(f"saga {name!r} has no steps; give it at least one")
         stages = [[_leaf(x) for x in stage] for stage in _stages(steps)]
@@ -233,6 +236,32 @@ class Saga:
             raise SagaDefinitionError(f"saga {self.name!r}: step {ref.name!r}: {exc}") from exc
         return {**params.arguments, **bound}
 
+    def id_for(self, idempotency_key: str) -> str:
+        """The saga id a start with ``idempotency_key`` gets (the same for every start with that key)."""
+        return str(uuid.uuid5(_ID_NAMESPACE, f"{self.name}\x00{idempotency_key}"))
+
+    def with_deadlines_at_most(self, seconds: float) -> Saga:
+        """A copy whose step deadlines are at most ``seconds``, for test runs that must not wait for them.
+
+        Steps with no deadline (``timeout=None``) keep none. The copy is not
+        registered: it is the same saga to the app and its workers, which
+        read each record's own definition.
+        """
+        cap = timeout_seconds("deadline cap", seconds)
+        if cap is None:
+            raise ValueError("with_deadlines_at_most needs a number of seconds")
+        default = default_step_timeout(self.app)
+        refs = []
+        for stage in self._refs:
+            capped = []
+            for ref in stage:
+                timeout = default if ref.timeout is MISSING else ref.timeout
+                capped.append(dataclasses.replace(ref, timeout=None if timeout is None else min(timeout, cap)))
+            refs.append(capped)
+        twin = copy.copy(self)
+        twin._refs, twin._plan = refs, None
+        return twin
+
     # -- starting ---------------------------------------------------------------
 
     def delay(self, *args: Any, **kwargs: Any) -> SagaResult:
@@ -285,7 +314,7 @@ class Saga:
         key = idempotency_key or ""
         if idempotency_key is not None and (not isinstance(idempotency_key, str) or not idempotency_key):
             raise SagaDataError("idempotency_key must be a non-empty string")
-        saga_id = str(uuid.uuid5(_ID_NAMESPACE, f"{self.name}\x00{key}")) if key else str(uuid.uuid4())
+        saga_id = self.id_for(key) if key else str(uuid.uuid4())
         step_fields: list[tuple[str, str]] = []
         for spec in plan.steps:
             if spec.compensation is not None:
@@ -351,6 +380,14 @@ class Saga:
         except Exception:
             logger.exception("saga %s: could not mark the failed start", created.saga_id)
         raise cause  # the broker's own error, as publishing raised it
+
+
+def _caller_module() -> str | None:
+    frame = inspect.currentframe()
+    # This function's caller is Saga.__init__; its caller defined the saga.
+    caller = frame.f_back.f_back if frame is not None and frame.f_back is not None else None
+    name = caller.f_globals.get("__name__") if caller is not None else None
+    return name if isinstance(name, str) else None
 
 
 def _routing_of(options: dict[str, Any]) -> dict[str, Any]:

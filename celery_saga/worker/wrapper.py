@@ -15,6 +15,7 @@ import logging
 import time
 import weakref
 from collections.abc import Callable
+from enum import IntEnum
 from typing import Any
 
 import redis
@@ -31,7 +32,7 @@ from ..store import Op, Outcome, SagaStore, Transition
 from ..stores import store_for
 from ..views import command
 
-__all__ = ["error_text", "set_fault_hook", "wrap", "wrapped"]
+__all__ = ["CrashPoint", "error_text", "set_crash_hook", "set_fault_hook", "wrap", "wrapped"]
 
 logger = logging.getLogger("celery_saga")
 
@@ -64,6 +65,31 @@ def set_fault_hook(hook: Callable[[StepContext], None] | None) -> None:
 def fault_hook() -> Callable[[StepContext], None] | None:
     """The fault-injection hook installed now, if any."""
     return _fault_hook
+
+
+class CrashPoint(IntEnum):
+    """The points where a worker can die while it handles a step or compensation message."""
+
+    #: The message was received; the record does not say it runs yet.
+    RECEIVED = 1
+    #: The record says it runs; the function has not been called.
+    RUNNING = 2
+    #: The function returned or raised; its outcome is not recorded.
+    RETURNED = 3
+    #: The outcome is recorded; what follows it is not published.
+    RECORDED = 4
+
+
+# Called as (saga id, step, compensating, point) at each crash point. Only the
+# workers of celery_saga.testing's crash-point explorer set it, to die there;
+# it is None in production, where each point costs one global lookup.
+_crash_hook: Callable[[str, str, bool, CrashPoint], None] | None = None
+
+
+def set_crash_hook(hook: Callable[[str, str, bool, CrashPoint], None] | None) -> None:
+    """Install (or remove, with None) the crash-point hook of ``celery_saga.testing``'s explorer workers."""
+    global _crash_hook
+    _crash_hook = hook
 
 
 def _with_fault_hook(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -147,6 +173,8 @@ class _Message:
         ``_OUTCOME_RETRY_FOR`` seconds is the message re-sent, to run again
         under its idempotency key.
         """
+        if _crash_hook is not None:
+            _crash_hook(self.saga_id, self.step, self.delivery.compensation, CrashPoint.RETURNED)
         tx, pause = store.new_tx(), 0.05
         give_up = time.monotonic() + _OUTCOME_RETRY_FOR
         while True:
@@ -159,6 +187,8 @@ class _Message:
                 _log_store_problem(self.saga_id, exc, f"recording the outcome of {self.what()} again")
                 time.sleep(pause)
                 pause = min(2.0, pause * 2)
+        if _crash_hook is not None:
+            _crash_hook(self.saga_id, self.step, self.delivery.compensation, CrashPoint.RECORDED)
         if t.outcome is Outcome.DUPLICATE and op in (Op.DONE, Op.FAIL, Op.LOST):
             logger.warning(
                 "saga %s: %s ended, but the record already has its outcome (%s): this run's outcome is dropped. "
@@ -200,6 +230,8 @@ def _log_store_problem(saga_id: str, exc: SagaStoreUnavailable, then: str) -> No
 
 def _begin(message: _Message, op: Op, *args: str) -> tuple[SagaStore, Transition]:
     """Ask the record whether this copy may run; raise Ignore (acking it) if not."""
+    if _crash_hook is not None:
+        _crash_hook(message.saga_id, message.step, message.delivery.compensation, CrashPoint.RECEIVED)
     try:
         store = store_for(message.task.app)
         t = message.apply(store, op, *args, first=message.first and op is Op.BEGIN)
@@ -211,6 +243,8 @@ def _begin(message: _Message, op: Op, *args: str) -> tuple[SagaStore, Transition
     if t.outcome is not Outcome.RUN:
         _log_not_run(store, message, t)
         raise Ignore()
+    if _crash_hook is not None:
+        _crash_hook(message.saga_id, message.step, message.delivery.compensation, CrashPoint.RUNNING)
     return store, t
 
 

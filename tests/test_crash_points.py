@@ -1,0 +1,148 @@
+"""The crash-point explorer (``saga_crash_points``) against planted bugs, with real killed workers.
+
+Each test explores a saga of tests/crash_shop.py at the depth of
+``--saga-crash-points`` (quick unless told): every run kills a real
+``celery worker`` process group at one point and recovers on a new one.
+The planted bugs give the same failures at both depths: the points that do
+not expose a bug pass.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from celery_saga import SagaStatus
+from celery_saga.testing import CrashExplorer, CrashReport
+from celery_saga.testing.crash import DEPTHS
+from celery_saga.testing.setup import delete_keys
+from tests import crash_shop
+
+# Each exploration runs a saga 5 to 11 times, each run with a killed worker.
+pytestmark = pytest.mark.timeout(300)
+
+APP = "tests.crash_shop"
+
+
+@pytest.fixture
+def books(saga_redis_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    # The explorer's workers inherit the environment: the shop's books are where the invariant reads them.
+    prefix = f"crashshop-{uuid.uuid4().hex[:10]}"
+    monkeypatch.setenv("CRASH_SHOP_REDIS", saga_redis_url)
+    monkeypatch.setenv("CRASH_SHOP_PREFIX", prefix)
+    yield prefix
+    delete_keys(saga_redis_url, prefix)
+
+
+def failed_points(report: CrashReport) -> set[tuple[str, str, int]]:
+    return {(p.step, p.kind, p.number) for p in report.failures}
+
+
+def processes_of(report: CrashReport) -> list[int]:
+    """PIDs of live processes started for this exploration: its workers' command lines hold its key prefix."""
+    tag, found = Path(report.log_dir).name, []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if tag.encode() in cmdline:
+                found.append(int(entry.name))
+    return found
+
+
+def test_a_sound_saga_passes_every_crash_point(saga_crash_points: CrashExplorer, books: str) -> None:
+    # Given a saga whose steps and compensations each apply once by their key
+    depth = DEPTHS[saga_crash_points.depth]
+
+    # When it is explored (its last step always fails, so it has compensation points too)
+    report = saga_crash_points.explore(crash_shop.sound, {"order_id": 1}, crash_shop.balanced, app_path=APP)
+
+    # Then every run ended undone, and every point of every step and compensation was reached
+    assert report.ok, report.summary()
+    assert report.baseline.status is SagaStatus.COMPENSATED
+    steps = ["crash.reserve", "crash.charge", "crash.decline"]
+    expected = [(s, "step", int(n)) for s in steps for n in depth]
+    expected += [(s, "compensation", int(n)) for s in ("crash.charge", "crash.reserve") for n in depth]
+    assert [(p.step, p.kind, p.number) for p in report.points] == expected, report.summary()
+    assert report.skipped == ()
+    assert {p.status for p in report.points} == {SagaStatus.COMPENSATED}
+    assert all(p.seconds > 0 for p in report.points)
+    assert "crash.charge (compensation) point 3" in report.summary()
+    # And no worker is left behind
+    assert processes_of(report) == []
+
+
+def test_a_compensation_that_undoes_twice_is_found_at_its_point_3(saga_crash_points: CrashExplorer, books: str) -> None:
+    # Given a compensation that gives the stock back every time it runs (acks_late)
+    step = "crash.reserve_then_release_unchecked"
+
+    report = saga_crash_points.explore(crash_shop.double_release, {"order_id": 2}, crash_shop.balanced, app_path=APP)
+
+    # Then only its redelivery after it ran, before its outcome was written, undoes twice
+    assert failed_points(report) == {(step, "compensation", 3)}, report.summary()
+    failure = report.failures[0]
+    assert "undone, but the shop holds {'stock': 1" in (failure.error or "")
+    assert f"FAILED at {step} (compensation) point 3" in report.summary()
+    assert report.baseline.error is None
+
+
+def test_a_step_without_its_idempotency_key_is_found_at_its_point_3(
+    saga_crash_points: CrashExplorer, books: str
+) -> None:
+    # Given a charge that ignores its idempotency key (acks_late)
+    report = saga_crash_points.explore(crash_shop.double_charge, {"order_id": 3}, crash_shop.balanced, app_path=APP)
+
+    # Then it charges twice when it is redelivered after it ran, and nowhere else
+    assert failed_points(report) == {("crash.charge_unkeyed", "step", 3)}, report.summary()
+    assert report.failures[0].status is SagaStatus.COMPLETED
+    assert "'charged': 2" in (report.failures[0].error or "")
+
+
+def test_a_compensation_that_needs_the_step_result_is_found_where_the_outcome_is_unknown(
+    saga_crash_points: CrashExplorer, books: str
+) -> None:
+    # Given a refund that reads step_result, and a charge whose lost message is settled by its deadline
+    report = saga_crash_points.explore(crash_shop.blind_refund, {"order_id": 4}, crash_shop.balanced, app_path=APP)
+
+    # Then the runs where the charge started and its message was lost (unknown outcome) end FAILED
+    assert failed_points(report) == {("crash.charge_once", "step", 2), ("crash.charge_once", "step", 3)}, (
+        report.summary()
+    )
+    assert {p.status for p in report.failures} == {SagaStatus.FAILED}
+    assert all("TypeError" in (p.error or "") for p in report.failures), report.summary()
+    # The explorer says what it shortened for its runs.
+    assert any("deadlines capped" in note for note in report.notes)
+
+
+def test_a_run_that_does_not_finish_fails_its_point_and_leaves_no_worker(
+    saga_crash_points: CrashExplorer, books: str
+) -> None:
+    # Given a run that cannot finish in time: the lost charge waits for its (shortened) deadline
+    report = saga_crash_points.explore(
+        crash_shop.blind_refund,
+        {"order_id": 5},
+        crash_shop.balanced,
+        app_path=APP,
+        points=[("crash.charge_once", 2)],
+        timeout=3,
+    )
+
+    # Then that point fails as not finished, and no process of the exploration is left
+    assert [(p.step, p.number, p.status) for p in report.points] == [("crash.charge_once", 2, None)]
+    assert "did not finish within 3s" in (report.failures[0].error or "")
+    assert not report.ok
+    assert processes_of(report) == []
+
+
+def test_points_name_steps_and_numbers_and_a_wrong_name_says_which_exist(
+    saga_crash_points: CrashExplorer, books: str
+) -> None:
+    with pytest.raises(ValueError, match=r"names no step of saga 'crash_sound'.*crash\.charge"):
+        saga_crash_points.explore(
+            crash_shop.sound, {"order_id": 6}, crash_shop.balanced, app_path=APP, points=["crash.chrage"]
+        )
