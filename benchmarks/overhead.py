@@ -157,11 +157,11 @@ def delete_run_keys(client: redis.Redis, patterns: list[str]) -> int:
 class Worker:
     """A ``celery worker`` subprocess in its own session, stopped by its PID."""
 
-    def __init__(self, env: dict[str, str], queue: str, log_path: str) -> None:
+    def __init__(self, env: dict[str, str], queue: str, log_path: str, command: list[str] | None = None) -> None:
         self.log_path = log_path
         self._log = open(log_path, "wb")  # noqa: SIM115 - lives as long as the worker
-        args = [sys.executable, "-m", "celery", "-A", "benchmarks.bench_app", "worker"]
-        args += ["-P", "prefork", "-c", "2", "-Q", queue, "--without-gossip", "--without-mingle"]
+        args = command or [sys.executable, "-m", "celery", "-A", "benchmarks.bench_app", "worker"]
+        args = [*args, "-P", "prefork", "-c", "2", "-Q", queue, "--without-gossip", "--without-mingle"]
         args += ["--without-heartbeat", "-l", "WARNING"]
         self.proc = subprocess.Popen(
             args, cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True

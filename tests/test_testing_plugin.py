@@ -298,3 +298,22 @@ def test_a_worker_that_cannot_stop_in_time_does_not_stop_the_next_one(
         release.set()
     with thread_worker(saga_test_app, queues=app_queues(saga_test_app)):
         assert_completed(order.delay(order_id=13))
+
+
+def test_the_crash_point_depth_comes_from_the_command_line(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        def test_depth(saga_crash_points, request):
+            assert saga_crash_points.depth == request.config.getoption("saga_crash_points")
+            print("depth:", saga_crash_points.depth)
+        """
+    )
+    quick = pytester.runpytest("-p", "celery_saga.testing", "-p", "no:cacheprovider", "-s")
+    full = pytester.runpytest("-p", "celery_saga.testing", "-p", "no:cacheprovider", "-s", "--saga-crash-points=full")
+    wrong = pytester.runpytest("-p", "celery_saga.testing", "-p", "no:cacheprovider", "--saga-crash-points=deep")
+
+    quick.assert_outcomes(passed=1)
+    quick.stdout.fnmatch_lines(["*depth: quick*"])
+    full.assert_outcomes(passed=1)
+    full.stdout.fnmatch_lines(["*depth: full*"])
+    assert wrong.ret == pytest.ExitCode.USAGE_ERROR
