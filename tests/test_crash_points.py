@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from celery_saga import SagaStatus
+from celery_saga import SagaResult, SagaStatus
 from celery_saga.testing import CrashExplorer, CrashReport
 from celery_saga.testing.crash import DEPTHS
 from celery_saga.testing.setup import delete_keys
@@ -59,8 +59,14 @@ def test_a_sound_saga_passes_every_crash_point(saga_crash_points: CrashExplorer,
     # Given a saga whose steps and compensations each apply once by their key
     depth = DEPTHS[saga_crash_points.depth]
 
+    judged: list[str] = []
+
+    def invariant(result: SagaResult) -> None:
+        judged.append(result.id)
+        crash_shop.balanced(result)
+
     # When it is explored (its last step always fails, so it has compensation points too)
-    report = saga_crash_points.explore(crash_shop.sound, {"order_id": 1}, crash_shop.balanced, app_path=APP)
+    report = saga_crash_points.explore(crash_shop.sound, {"order_id": 1}, invariant, app_path=APP)
 
     # Then every run ended undone, and every point of every step and compensation was reached
     assert report.ok, report.summary()
@@ -73,6 +79,9 @@ def test_a_sound_saga_passes_every_crash_point(saga_crash_points: CrashExplorer,
     assert {p.status for p in report.points} == {SagaStatus.COMPENSATED}
     assert all(p.seconds > 0 for p in report.points)
     assert "crash.charge (compensation) point 3" in report.summary()
+    # Each run is a fresh saga, judged once after it finished
+    assert judged == [p.saga_id for p in report.points]
+    assert len(set(judged)) == len(judged) and report.baseline.saga_id not in judged
     # And no worker is left behind
     assert processes_of(report) == []
 

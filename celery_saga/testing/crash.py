@@ -99,7 +99,7 @@ class CrashReport:
 
     saga: str
     depth: str
-    #: The run without faults the points were listed from.
+    #: The run without faults the points were listed from (the invariant is not called for it).
     baseline: ExploredPoint
     #: Every point explored (reached), in the order they were explored.
     points: tuple[ExploredPoint, ...]
@@ -112,7 +112,7 @@ class CrashReport:
 
     @property
     def failures(self) -> tuple[ExploredPoint, ...]:
-        """The runs that did not finish, or whose invariant raised (the baseline included)."""
+        """The runs that did not finish, or whose invariant raised (the baseline, if it did not finish)."""
         return tuple(p for p in (self.baseline, *self.points) if p.error is not None)
 
     @property
@@ -321,7 +321,8 @@ class _Run:
             worker = workers.start(None)
             baseline_id = self.saga.id_for(self._key(0))
             self.saga.apply_async(kwargs=kwargs, idempotency_key=self._key(0))
-            baseline = self._judge("", "none", 0, baseline_id, time.monotonic(), timeout, invariant)
+            # Only listed from, not judged: the invariant is called once per crash run.
+            baseline = self._judge("", "none", 0, baseline_id, time.monotonic(), timeout, None)
             state = SagaResult(baseline_id, app=self.app).state()
             if baseline.status is None:
                 return self._report(baseline, [], [], began)
@@ -413,7 +414,7 @@ class _Run:
         saga_id: str,
         started: float,
         timeout: float,
-        invariant: Callable[[SagaResult], Any],
+        invariant: Callable[[SagaResult], Any] | None,
     ) -> ExploredPoint:
         result = SagaResult(saga_id, app=self.app)
         deadline, pause = started + timeout, 0.01
@@ -424,6 +425,8 @@ class _Run:
             time.sleep(pause)
             pause = min(0.1, pause * 2)
         took = time.monotonic() - started
+        if invariant is None:
+            return ExploredPoint(step, kind, number, saga_id, state.status, took)
         try:
             invariant(result)
         except Exception as exc:
