@@ -251,6 +251,10 @@ class SagaStore(abc.ABC):
         """Index sizes: ``{saga_name: {status: count}}``, finished sagas within retention only."""
 
     @abc.abstractmethod
+    def counters(self) -> dict[str, int]:
+        """The counters the transitions keep (store/keys.py ``metrics``), summed over the shards."""
+
+    @abc.abstractmethod
     def load_many(self, saga_ids: Sequence[str]) -> list[dict[str, str] | None]:
         """Raw records of several sagas in one round trip; None where there is none."""
 

@@ -20,6 +20,13 @@ another. A shard holds:
   it for PENDING and RUNNING), and readers skip and remove entries whose
   record is gone or has another status.
 - ``names``: the saga names indexed in the shard.
+- ``metrics``: a hash of counters the transitions keep, for ``/metrics`` (on
+  one server or a Sentinel primary; a cluster keeps none), by saga name
+  (which cannot hold ":"): ``started:<name>``;
+  ``finished:<name>:<status>:<reason>``; ``compfail:<name>``, compensation
+  attempts that failed; ``dur:<name>:<status>:<i>``, sagas that ended in
+  that status after a duration (start to end) in bucket ``i`` of
+  ``DURATION_BUCKETS`` (not cumulative), and ``dursum:<name>:<status>``, ms.
 - ``due``: the deadline index, saga ids scored by when a sweeper should look
   (ms). Deadlines live in the record; a saga enters the index with its
   start, before the start transition, and leaves when it completes with no
@@ -93,7 +100,11 @@ from __future__ import annotations
 import zlib
 from dataclasses import dataclass
 
-__all__ = ["DEFAULT_SHARDS", "Keys"]
+__all__ = ["DEFAULT_SHARDS", "DURATION_BUCKETS", "Keys"]
+
+#: Upper bounds, seconds, of the buckets of the saga duration counters
+#: (``dur:...`` in ``metrics``), then +Inf; transitions.lua has the same list.
+DURATION_BUCKETS = (0.1, 0.5, 1, 5, 10, 30, 60, 300, 1800, 3600, 21600, 86400)
 
 DEFAULT_SHARDS = 16
 
@@ -145,6 +156,10 @@ class Keys:
     def names(self, shard: int) -> str:
         """Set of the saga names indexed in the shard."""
         return f"{self._shard(shard)}:names"
+
+    def metrics(self, shard: int) -> str:
+        """The shard's counters (see ``metrics`` above)."""
+        return f"{self._shard(shard)}:metrics"
 
     def due(self, shard: int) -> str:
         """The shard of the deadline index: saga ids by when a sweeper should look (ms)."""

@@ -670,6 +670,21 @@ class RedisSagaStore(SagaStore):
                     row[status] += int(next(counted))
         return dict(sorted(totals.items()))
 
+    def counters(self) -> dict[str, int]:
+        k = self.keys
+
+        def run() -> list[Any]:
+            pipe = self.client.pipeline(transaction=False)
+            for shard in range(k.shards):
+                pipe.hgetall(k.metrics(shard))
+            return list(pipe.execute())
+
+        totals: dict[str, int] = {}
+        for shard in self._call(run):
+            for field, value in shard.items():
+                totals[str(field)] = totals.get(str(field), 0) + int(value)
+        return totals
+
     # -- the deadline index ----------------------------------------------------
 
     def claim_due(self, limit: int, lease: float) -> list[tuple[str, str]]:

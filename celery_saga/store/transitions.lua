@@ -2,8 +2,8 @@
 
 CALLING CONVENTION
   KEYS[1]   the saga record, a hash; its fields are listed in store/keys.py
-  KEYS[2]   on one server only: the saga's index shard, "<prefix>:{s<n>}"
-            (see move_index)
+  KEYS[2]   on one server only: the saga's index shard, "<prefix>:{s<n>}":
+            its indexes (see move_index) and its /metrics counters (count)
   KEYS[3]   start, on one server only: the key of the saga's definition
   ARGV[1]   the op (store/protocol.py: Op)
   ARGV[2]   transition id, "" for none. redis-py retries a command after a
@@ -115,6 +115,13 @@ local slot              -- this call's reply slot, a function (see de-duplicatio
 
 local function hget(f) return redis.call('HGET', K, f) end
 local function num(x) return tonumber(x) end
+
+-- The counters of /metrics (the shard's "metrics" hash, store/keys.py): kept
+-- in the transition itself, so they are exact whichever process reads them.
+-- A cluster has no shard key in the call (SHARD nil) and keeps none.
+local function count(field, by)
+  if SHARD then redis.call('HINCRBY', SHARD .. ':metrics', field, by or 1) end
+end
 
 local function split(s, sep)
   local out = {}
@@ -605,6 +612,7 @@ end
 -- its due entry, with the attempts so far.
 local function compensation_failed(m, r, err, u)
   redis.call('HSET', K, cf('ce', m, r), err)
+  count('compfail:' .. (hget('name') or ''))
   local n = num(hget(cf('ca', m, r))) or 0
   local entry = due_now(m, r)
   entry.attempt = n
@@ -1016,10 +1024,28 @@ end
 -- store/base.py CALLBACK_GRACE + 1 s.
 local LOOK_AFTER_END_MS = 11000
 
+-- Upper bounds (s) of the duration histogram's buckets, the last one +Inf:
+-- store/keys.py DURATION_BUCKETS.
+local DURATION_BUCKETS = {0.1, 0.5, 1, 5, 10, 30, 60, 300, 1800, 3600, 21600, 86400}
+
+local function count_move(name, before, after)
+  if op == 'start' and not before then count('started:' .. name) end
+  if not (after and finished(after)) or (before and finished(before)) then return end
+  count('finished:' .. name .. ':' .. after .. ':' .. (hget('reason') or ''))
+  local took = num(NOW) - (num(hget('created')) or num(NOW))
+  local i = #DURATION_BUCKETS + 1
+  for b, le in ipairs(DURATION_BUCKETS) do
+    if took <= le * 1000 then i = b; break end
+  end
+  count('dur:' .. name .. ':' .. after .. ':' .. i)
+  count('dursum:' .. name .. ':' .. after, took)
+end
+
 local function move_index()
   local before, after = status, live
   if not SHARD or (before == after and not purged_name) then return end
   local name = purged_name or hget('name') or ''
+  count_move(name, before, after)
   if before then redis.call('ZREM', SHARD .. ':name:' .. name .. ':' .. before, SAGA_ID) end
   if op == 'purge' or unindexed or not after then return end
   redis.call('ZADD', SHARD .. ':name:' .. name .. ':' .. after, NOW, SAGA_ID)

@@ -1,0 +1,91 @@
+"""Prometheus metrics of every saga under a prefix, in the text exposition format (``/metrics``).
+
+The counters are kept by the transitions themselves (store/keys.py,
+``metrics``), so they are exact across workers and across restarts of
+whatever serves them; the in-flight gauge is read from the indexes. On a
+Redis Cluster store the transitions keep no counters: only the gauge is
+served.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+
+from celery import Celery
+
+from .state import SagaStatus
+from .store.keys import DURATION_BUCKETS
+from .stores import store_for
+
+__all__ = ["metrics_text"]
+
+_IN_FLIGHT = (SagaStatus.PENDING, SagaStatus.RUNNING, SagaStatus.COMPENSATING)
+
+
+def _labels(**labels: str) -> str:
+    def escape(v: str) -> str:
+        return v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+    return "{" + ",".join(f'{k}="{escape(v)}"' for k, v in labels.items()) + "}"
+
+
+def _family(name: str, kind: str, help_text: str, samples: Iterable[str]) -> list[str]:
+    return [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", *samples]
+
+
+def metrics_text(app: Celery) -> str:
+    """Every saga metric of ``app``'s store, as Prometheus text."""
+    store = store_for(app)
+    counters, counts = store.counters(), store.counts()
+    started, finished, compfail = [], [], []
+    buckets: dict[tuple[str, str], dict[int, int]] = defaultdict(dict)
+    sums: dict[tuple[str, str], int] = {}
+    for field, value in sorted(counters.items()):
+        kind, _, rest = field.partition(":")
+        parts = rest.split(":")
+        if kind == "started" and len(parts) == 1:
+            started.append(f"celery_saga_started_total{_labels(name=parts[0])} {value}")
+        elif kind == "finished" and len(parts) == 3:
+            labels = _labels(name=parts[0], status=parts[1], reason=parts[2])
+            finished.append(f"celery_saga_finished_total{labels} {value}")
+        elif kind == "compfail" and len(parts) == 1:
+            compfail.append(f"celery_saga_compensation_failures_total{_labels(name=parts[0])} {value}")
+        elif kind == "dur" and len(parts) == 3 and parts[2].isdigit():
+            buckets[(parts[0], parts[1])][int(parts[2])] = value
+        elif kind == "dursum" and len(parts) == 2:
+            sums[(parts[0], parts[1])] = value
+    histogram = []
+    for (name, status), counted in sorted(buckets.items()):
+        running = 0
+        for i, le in enumerate([*map(str, DURATION_BUCKETS), "+Inf"], start=1):
+            running += counted.get(i, 0)
+            histogram.append(f"celery_saga_duration_seconds_bucket{_labels(name=name, status=status, le=le)} {running}")
+        histogram.append(
+            f"celery_saga_duration_seconds_sum{_labels(name=name, status=status)} {sums.get((name, status), 0) / 1000}"
+        )
+        histogram.append(f"celery_saga_duration_seconds_count{_labels(name=name, status=status)} {running}")
+    in_flight = [
+        f"celery_saga_in_flight{_labels(status=st.value)} {sum(row.get(st.value, 0) for row in counts.values())}"
+        for st in _IN_FLIGHT
+    ]
+    lines = [
+        *_family("celery_saga_started_total", "counter", "Sagas started, by saga name.", started),
+        *_family(
+            "celery_saga_finished_total", "counter", "Sagas that ended, by saga name, status and reason.", finished
+        ),
+        *_family(
+            "celery_saga_compensation_failures_total",
+            "counter",
+            "Compensation attempts that failed or missed their deadline, by saga name.",
+            compfail,
+        ),
+        *_family("celery_saga_in_flight", "gauge", "Sagas not finished, by status.", in_flight),
+        *_family(
+            "celery_saga_duration_seconds",
+            "histogram",
+            "Seconds from a saga's start to its end, by saga name and final status.",
+            histogram,
+        ),
+    ]
+    return "\n".join(lines) + "\n"
