@@ -13,6 +13,9 @@ Commands::
     celery -A proj saga check [--timeout S]
                                      is every step and compensation registered on a running worker?
                                      (exit 1 if not, 69 if no worker answers)
+    celery -A proj saga web [--address A] [--port P] [--url-prefix U] [--flower-url F]
+                            [--basic-auth USER:PASSWORD ...] [--enable-actions]
+                                     sagas in a browser, /metrics and /api (the web extra)
 
 ``--since`` takes ISO-8601 (``2026-11-27T03:00``, UTC unless it has an
 offset) or a time ago: ``30s``, ``10m``, ``2h``, ``1d``, ``1w``. It filters on
@@ -23,7 +26,7 @@ JSON (``--json``), a stable schema; times are ISO-8601 UTC with milliseconds
 and a ``Z`` (``"2026-11-27T03:25:09.640Z"``), or null when unknown:
 
 * list: ``{"sagas": [{"id", "name", "status", "status_at", "created_at",
-  "failed_step", "error"}]}``, newest first.
+  "failed_step", "error", "reason"}]}``, newest first.
 * show: ``{"id", "name", "status", "status_at", "created_at",
   "idempotency_key", "failed_step", "error", "reason", "kwargs", "data",
   "settings", "timeout", "deadline", "steps": [{"name", "task", "stage",
@@ -306,3 +309,51 @@ def sweep(ctx: click.Context, once: bool, interval: float | None) -> None:
     finally:
         thread.stop()
         signal.signal(signal.SIGTERM, previous)
+
+
+@saga.command(cls=CeleryCommand)
+@click.option("--address", cls=CeleryOption, default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", cls=CeleryOption, type=click.IntRange(0, 65535), default=5557, show_default=True)
+@click.option("--url-prefix", cls=CeleryOption, default="", help="Serve under this path, behind a proxy.")
+@click.option("--flower-url", cls=CeleryOption, default=None, help="Link task ids to this Flower's task pages.")
+@click.option(
+    "--basic-auth",
+    cls=CeleryOption,
+    multiple=True,
+    metavar="USER:PASSWORD",
+    help="Require HTTP basic auth with these credentials (repeatable), like Flower's.",
+)
+@click.option(
+    "--enable-actions", cls=CeleryOption, is_flag=True, help="Show cancel, retry and purge buttons (POST, with CSRF)."
+)
+@click.pass_context
+def web(
+    ctx: click.Context,
+    address: str,
+    port: int,
+    url_prefix: str,
+    flower_url: str | None,
+    basic_auth: tuple[str, ...],
+    enable_actions: bool,
+) -> None:
+    """Serve a web view of the sagas: list, timelines, /metrics and /api/sagas."""
+    try:
+        from .web import WebSettings, serve
+    except ImportError as exc:
+        raise click.UsageError(f"celery saga web needs Tornado: pip install 'celery-saga-engine[web]' ({exc})") from exc
+    app = _app(ctx)
+    with _errors():
+        admin.ping(app)
+    try:
+        settings = WebSettings(url_prefix, flower_url, basic_auth, enable_actions)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--basic-auth") from exc
+    where = f"http://{address}:{port}{settings.url('/')}"
+    serve(
+        app,
+        address,
+        port,
+        settings,
+        ready=lambda: click.echo(f"serving the sagas of {app.main} at {where}; Ctrl-C to stop"),
+    )
+    click.echo("stopped")

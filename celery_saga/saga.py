@@ -29,7 +29,7 @@ from .step import StepRef, check_step_name
 from .store import Outcome, SagaStore, StartRequest, Transition
 from .stores import settings_of, store_for
 
-__all__ = ["Saga", "parallel"]
+__all__ = ["Saga", "parallel", "saga_id_for"]
 
 logger = logging.getLogger("celery_saga")
 
@@ -238,7 +238,7 @@ class Saga:
 
     def id_for(self, idempotency_key: str) -> str:
         """The saga id a start with ``idempotency_key`` gets (the same for every start with that key)."""
-        return str(uuid.uuid5(_ID_NAMESPACE, f"{self.name}\x00{idempotency_key}"))
+        return saga_id_for(self.name, idempotency_key)
 
     def with_deadlines_at_most(self, seconds: float) -> Saga:
         """A copy whose step deadlines are at most ``seconds``, for test runs that must not wait for them.
@@ -380,6 +380,11 @@ class Saga:
         except Exception:
             logger.exception("saga %s: could not mark the failed start", created.saga_id)
         raise cause  # the broker's own error, as publishing raised it
+
+
+def saga_id_for(name: str, idempotency_key: str) -> str:
+    """The id of the saga named ``name`` started with ``idempotency_key``."""
+    return str(uuid.uuid5(_ID_NAMESPACE, f"{name}\x00{idempotency_key}"))
 
 
 def _caller_module() -> str | None:

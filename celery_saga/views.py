@@ -69,6 +69,8 @@ class SagaSummary:
     created_at: datetime | None
     failed_step: str | None
     error: str | None
+    #: Why a saga was rolled back: failure, timeout, cancelled (None otherwise).
+    reason: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -79,6 +81,7 @@ class SagaSummary:
             "created_at": iso(self.created_at),
             "failed_step": self.failed_step,
             "error": self.error,
+            "reason": self.reason,
         }
 
 
@@ -124,6 +127,7 @@ def summary_of(saga_id: str, raw: dict[str, str] | None) -> SagaSummary | None:
         created_at=_lenient_time(raw.get("created")),
         failed_step=raw.get("failed_step") or None,
         error=raw.get("error") or None,
+        reason=raw.get("reason") or None,
     )
 
 
