@@ -23,6 +23,7 @@ from .introspect import params_of
 from .plan import Plan, StepSpec
 from .settings import raw_conf
 from .state import SagaState, StepStatus, data_before
+from .tracing import saga_trace
 
 __all__ = [
     "Headers",
@@ -194,28 +195,29 @@ def _publish_step(
         # a step that never started); the record's deadline decides anyway.
         # A number is seconds from now for Celery, not an epoch time.
         options["expires"] = spec.timeout
-    app.send_task(
-        spec.task,
-        args=(),
-        kwargs=data,
-        task_id=task_id(saga_id, spec.name),
-        root_id=saga_id,
-        headers={
-            Headers.ID: saga_id,
-            Headers.NAME: saga_name,
-            Headers.STEP: spec.name,
-            Headers.GEN: gen,
-            Headers.UNDO: 0,
-            Headers.BOUND: spec.bound,
-            Headers.FIRST: int(first),
-            Headers.EPOCH: epoch,
-        },
-        # The saga record holds every result; a result-backend write per step
-        # would only cost a round trip.
-        ignore_result=True,
-        serializer=message_serializer(app),
-        **options,
-    )
+    with saga_trace(saga_id):
+        app.send_task(
+            spec.task,
+            args=(),
+            kwargs=data,
+            task_id=task_id(saga_id, spec.name),
+            root_id=saga_id,
+            headers={
+                Headers.ID: saga_id,
+                Headers.NAME: saga_name,
+                Headers.STEP: spec.name,
+                Headers.GEN: gen,
+                Headers.UNDO: 0,
+                Headers.BOUND: spec.bound,
+                Headers.FIRST: int(first),
+                Headers.EPOCH: epoch,
+            },
+            # The saga record holds every result; a result-backend write per step
+            # would only cost a round trip.
+            ignore_result=True,
+            serializer=message_serializer(app),
+            **options,
+        )
 
 
 def publish_compensation(
@@ -244,27 +246,28 @@ def publish_compensation(
         result_raw = raw.get(f"r:{step}") if known else None
     kwargs["step_result"] = codec.loads(result_raw) if result_raw is not None else None
     options = {**spec.compensation_options, **_shown(kwargs, plan.redacted_keys)}
-    app.send_task(
-        spec.compensation,
-        args=(),
-        kwargs=kwargs,
-        task_id=task_id(saga_id, step, undo=True, round=round),
-        root_id=saga_id,
-        countdown=countdown,
-        headers={
-            Headers.ID: saga_id,
-            Headers.NAME: raw.get("name", ""),
-            Headers.STEP: step,
-            Headers.GEN: raw.get("gen", ""),
-            Headers.UNDO: 1,
-            Headers.ROUND: round,
-            Headers.KNOWN: int(known),
-            Headers.EPOCH: epoch,
-        },
-        ignore_result=True,
-        serializer=message_serializer(app),
-        **options,
-    )
+    with saga_trace(saga_id):
+        app.send_task(
+            spec.compensation,
+            args=(),
+            kwargs=kwargs,
+            task_id=task_id(saga_id, step, undo=True, round=round),
+            root_id=saga_id,
+            countdown=countdown,
+            headers={
+                Headers.ID: saga_id,
+                Headers.NAME: raw.get("name", ""),
+                Headers.STEP: step,
+                Headers.GEN: raw.get("gen", ""),
+                Headers.UNDO: 1,
+                Headers.ROUND: round,
+                Headers.KNOWN: int(known),
+                Headers.EPOCH: epoch,
+            },
+            ignore_result=True,
+            serializer=message_serializer(app),
+            **options,
+        )
 
 
 def send_callback(app: Celery, saga_id: str, which: str, sig_json: str, state: Callable[[], SagaState]) -> None:
@@ -284,7 +287,8 @@ def send_callback(app: Celery, saga_id: str, which: str, sig_json: str, state: C
         shown = _shown({**(sig.kwargs or {}), **extra}, final.redact)
     else:
         shown = {}
-    sig.apply_async(args=(saga_id,), kwargs=extra, task_id=f"{saga_id}:{which}", root_id=saga_id, **shown)
+    with saga_trace(saga_id):
+        sig.apply_async(args=(saga_id,), kwargs=extra, task_id=f"{saga_id}:{which}", root_id=saga_id, **shown)
 
 
 def resend(task: Task, request: Any, kwargs: dict[str, Any], countdown: float, exc: BaseException) -> Retry:

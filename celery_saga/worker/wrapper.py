@@ -30,6 +30,7 @@ from ..introspect import Params, params_of
 from ..messages import Headers, resend, task_id
 from ..store import Op, Outcome, SagaStore, Transition
 from ..stores import store_for
+from ..tracing import annotate_run
 from ..views import command
 
 __all__ = ["CrashPoint", "error_text", "set_crash_hook", "set_fault_hook", "wrap", "wrapped"]
@@ -245,6 +246,7 @@ def _begin(message: _Message, op: Op, *args: str) -> tuple[SagaStore, Transition
         raise Ignore()
     if _crash_hook is not None:
         _crash_hook(message.saga_id, message.step, message.delivery.compensation, CrashPoint.RUNNING)
+    annotate_run(message.saga_id, message.name, message.step, message.delivery.compensation, message.round)
     return store, t
 
 
