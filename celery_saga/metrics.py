@@ -2,7 +2,7 @@
 
 The counters are kept by the transitions themselves (store/keys.py,
 ``metrics``), so they are exact across workers and across restarts of
-whatever serves them; the in-flight gauge is read from the indexes. On a
+whatever serves them; the in-flight and failed gauges are read from the indexes. On a
 Redis Cluster store the transitions keep no counters: only the gauge is
 served.
 """
@@ -65,6 +65,10 @@ def metrics_text(app: Celery) -> str:
             f"celery_saga_duration_seconds_sum{_labels(name=name, status=status)} {sums.get((name, status), 0) / 1000}"
         )
         histogram.append(f"celery_saga_duration_seconds_count{_labels(name=name, status=status)} {running}")
+    failed = [
+        f"celery_saga_failed{_labels(name=name)} {row.get(SagaStatus.FAILED.value, 0)}"
+        for name, row in sorted(counts.items())
+    ]
     in_flight = [
         f"celery_saga_in_flight{_labels(status=st.value)} {sum(row.get(st.value, 0) for row in counts.values())}"
         for st in _IN_FLIGHT
@@ -81,6 +85,12 @@ def metrics_text(app: Celery) -> str:
             compfail,
         ),
         *_family("celery_saga_in_flight", "gauge", "Sagas not finished, by status.", in_flight),
+        *_family(
+            "celery_saga_failed",
+            "gauge",
+            "FAILED sagas kept (the dead-letter list: a rollback that gave up), by saga name.",
+            failed,
+        ),
         *_family(
             "celery_saga_duration_seconds",
             "histogram",

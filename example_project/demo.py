@@ -67,6 +67,24 @@ class Demo:
         self.opened: set[str] = set()  # sagas whose gate was opened
         self.given_redis = bool(os.environ.get("REDIS_URL"))
 
+    # -- the web view --------------------------------------------------------
+
+    def serve_web(self) -> None:
+        """Serve ``celery saga web`` on the demo's sagas until Ctrl-C (the web extra)."""
+        try:
+            from celery_saga.web import WebSettings, serve
+        except ImportError:
+            print("The web view needs Tornado: pip install 'celery-saga-engine[web]'")
+            return
+        from example_project.app import app
+
+        port = _free_port(5557)
+        url = f"http://127.0.0.1:{port}/"
+        print()
+        print(f"The web view of these sagas: {url}  (celery -A example_project.app saga web)")
+        print("Press Ctrl-C to stop it and clean up.")
+        serve(app, "127.0.0.1", port, WebSettings(enable_actions=True), ready=lambda: print(f"serving {url}"))
+
     # -- set-up --------------------------------------------------------------
 
     def start_redis(self) -> None:
@@ -353,6 +371,23 @@ def effects_left(saga_id: str) -> str:
     return ", ".join(f"{k}={v}" for k, v in left.items() if v) or "none"
 
 
+def _wants_web() -> bool:
+    forced = os.environ.get("SAGA_DEMO_WEB", "")
+    return forced == "1" or (forced != "0" and sys.stdin.isatty() and sys.stdout.isatty())
+
+
+def _free_port(preferred: int) -> int:
+    """``preferred`` if nothing listens there, else any free port."""
+    for port in (preferred, 0):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return int(s.getsockname()[1])
+    raise RuntimeError("no free port")
+
+
 def main() -> int:
     started = time.monotonic()
     demo = Demo()
@@ -363,6 +398,8 @@ def main() -> int:
         demo.start_workers()
         demo.place_orders()
         demo.report()
+        if _wants_web():
+            demo.serve_web()
     except KeyboardInterrupt:
         print("\nInterrupted.")
         pending = demo.unfinished() if demo.redis is not None or demo.given_redis else []

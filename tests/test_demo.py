@@ -150,3 +150,59 @@ def test_demo_on_someone_elses_redis_deletes_every_key_it_wrote() -> None:
         # Then nothing of the demo is left there, and nothing of theirs was touched
         assert re.search(r"Deleted the \d+ keys the demo wrote under prefix 'saga-demo-\w+'", out.stdout), out.stdout
         assert sorted(client.keys("*")) == [b"theirs"]
+
+
+def test_demo_in_a_terminal_ends_by_serving_the_web_view_until_ctrl_c() -> None:
+    import json
+    import pty
+    import urllib.request
+
+    # Given the demo run in a terminal (a pseudo-terminal: stdin and stdout are a tty)
+    main, child = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "example_project.demo"],
+        cwd=ROOT,
+        env={k: v for k, v in _env().items() if k != "SAGA_DEMO_WEB"},
+        stdin=child,
+        stdout=child,
+        stderr=child,
+        preexec_fn=_sigint_as_from_a_terminal,
+    )
+    os.close(child)
+    seen = b""
+    try:
+        deadline = time.monotonic() + 90
+        while b"serving http://" not in seen and time.monotonic() < deadline and proc.poll() is None:
+            try:
+                seen += os.read(main, 65536)
+            except OSError:
+                break
+        text = seen.decode(errors="replace")
+        # Then it reports as before, and prints the web view's URL
+        assert "ended COMPLETED" in text and "The web view of these sagas: http://" in text, text
+        url = re.findall(r"serving (http://127\.0\.0\.1:\d+/)", text)[-1]
+        with urllib.request.urlopen(url + "api/sagas", timeout=10) as response:
+            sagas = json.loads(response.read())["sagas"]
+        assert sorted(s["status"] for s in sagas) == ["COMPENSATED", "COMPENSATED", "COMPENSATED", "COMPLETED"]
+        with urllib.request.urlopen(url + f"saga/{sagas[0]['id']}", timeout=10) as response:
+            assert "Timeline" in response.read().decode()
+        # When Ctrl-C is pressed, it stops serving and cleans up as it always does
+        proc.send_signal(signal.SIGINT)
+        proc.wait(60)
+        while True:
+            try:
+                chunk = os.read(main, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            seen += chunk
+        text = seen.decode(errors="replace")
+        assert proc.returncode == 0, text
+        assert "Stopped the private Redis" in text and "Traceback" not in text
+        assert not [p for p in _pids(text) if _alive(p)]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        os.close(main)

@@ -8,7 +8,7 @@ import pytest
 from celery import Celery
 from prometheus_client.parser import text_string_to_metric_families
 
-from celery_saga import SagaCompensated
+from celery_saga import SagaCompensated, SagaFailed
 from celery_saga.metrics import metrics_text
 from celery_saga.stores import forget_store
 from tests import shop
@@ -54,6 +54,7 @@ def test_metrics_count_the_sagas_run_exactly(app: Celery, r, prefix, worker) -> 
         assert value(parsed, "celery_saga_compensation_failures_total", name="order_seq") == 2
         assert value(parsed, "celery_saga_in_flight", status="RUNNING") == 1
         assert value(parsed, "celery_saga_in_flight", status="COMPENSATING") == 0
+        assert value(parsed, "celery_saga_failed", name="order_seq") == 0
         # And the duration histogram counts each end once, in cumulative buckets
         completed = {"name": "order_seq", "status": "COMPLETED"}
         assert value(parsed, "celery_saga_duration_seconds_count", **completed) == 3
@@ -80,3 +81,17 @@ def test_a_replayed_transition_is_not_counted_twice(app: Celery, r, prefix, work
     parsed = samples(metrics_text(app))
     assert value(parsed, "celery_saga_started_total", name="order_seq") == 1
     assert value(parsed, "celery_saga_finished_total", name="order_seq", status="COMPLETED", reason="") == 1
+
+
+def test_a_rollback_that_gives_up_shows_in_the_failed_gauge(app: Celery, r, prefix, worker) -> None:
+    app.conf.saga_compensation_max_retries = 1
+    s = shop.build(app, r, prefix)
+    r.hset(f"{prefix}:undo_fail", "shop.reserve", 100)  # the release never works
+    with worker():
+        res = s.sequential.delay(order_id=7, fail={"charge": "declined"})
+        with pytest.raises(SagaFailed):
+            res.get(timeout=30)
+    parsed = samples(metrics_text(app))
+    assert value(parsed, "celery_saga_failed", name="order_seq") == 1
+    assert value(parsed, "celery_saga_finished_total", name="order_seq", status="FAILED", reason="failure") == 1
+    assert value(parsed, "celery_saga_compensation_failures_total", name="order_seq") == 2

@@ -301,3 +301,26 @@ def test_the_api_is_the_json_of_the_cli_and_actions_are_off_by_default(app: Cele
         assert get(base.replace("/sagas", "") + "/")[0] == 404
         page = get(f"{base}/saga/{res.id}")[1]
         assert "xsrf" not in page and "Purge" not in page
+
+
+def test_the_list_is_newest_first_and_paged(app: Celery, r, prefix, worker, sagas) -> None:
+    import re
+
+    with worker():
+        done = []
+        for order_id in (10, 11, 12):
+            res = sagas.sequential.delay(order_id=order_id)
+            res.get(timeout=30)
+            done.append(res.id)
+    with web_server(app, WebSettings(page_size=2)) as base:
+        first = get(base + "/")[1]
+        assert re.findall(r'<tr data-id="([^"]+)"', first) == [done[2], done[1]]
+        older = re.findall(r'<a href="([^"]+)" id="next">', first)
+        assert older == ["/?page=2"]
+        second = get(base + older[0].replace("&amp;", "&"))[1]
+        assert re.findall(r'<tr data-id="([^"]+)"', second) == [done[0]]
+        assert 'id="next"' not in second
+        # Filters: by name, and by a time range that holds none of them
+        assert re.findall(r'<tr data-id="([^"]+)"', get(base + "/?name=order")[1]) == []
+        assert re.findall(r'<tr data-id="([^"]+)"', get(base + "/?until=2000-01-01T00:00:00")[1]) == []
+        assert get(base + "/?status=NOPE")[0] == 400

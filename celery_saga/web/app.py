@@ -48,7 +48,9 @@ class WebSettings:
         flower_url: str | None = None,
         basic_auth: Sequence[str] = (),
         enable_actions: bool = False,
+        page_size: int = PAGE_SIZE,
     ) -> None:
+        self.page_size = page_size
         self.url_prefix = "/" + url_prefix.strip("/") if url_prefix.strip("/") else ""
         self.flower_url = flower_url.rstrip("/") if flower_url else None
         for pair in basic_auth:
@@ -142,10 +144,11 @@ class ListPage(_Base):
                 SagaStatus(status)
         except ValueError as exc:
             raise tornado.web.HTTPError(400, reason=f"bad filter: {exc}") from exc
-        sagas = admin.list_sagas(self.celery_app, status=status, name=name, since=since, limit=page * PAGE_SIZE + 1)
+        size = self.web.page_size
+        sagas = admin.list_sagas(self.celery_app, status=status, name=name, since=since, limit=page * size + 1)
         if until is not None:
             sagas = [s for s in sagas if s.status_at is not None and s.status_at <= until]
-        shown = sagas[(page - 1) * PAGE_SIZE : page * PAGE_SIZE]
+        shown = sagas[(page - 1) * size : page * size]
         stats = admin.saga_stats(self.celery_app)
         filters = {k: v for k, v in self.request.query_arguments.items() if k != "page"}
 
@@ -166,7 +169,7 @@ class ListPage(_Base):
             filters={k: self.get_query_argument(k, "") for k in ("name", "status", "since", "until")},
             page=page,
             prev_url=page_url(page - 1) if page > 1 else None,
-            next_url=page_url(page + 1) if len(sagas) > page * PAGE_SIZE else None,
+            next_url=page_url(page + 1) if len(sagas) > page * size else None,
         )
 
     def _search(self, query: str) -> str | None:
