@@ -26,7 +26,7 @@ JSON (``--json``), a stable schema; times are ISO-8601 UTC with milliseconds
 and a ``Z`` (``"2026-11-27T03:25:09.640Z"``), or null when unknown:
 
 * list: ``{"sagas": [{"id", "name", "status", "status_at", "created_at",
-  "failed_step", "error", "reason"}]}``, newest first.
+  "failed_step", "error"}]}``, newest first.
 * show: ``{"id", "name", "status", "status_at", "created_at",
   "idempotency_key", "failed_step", "error", "reason", "kwargs", "data",
   "settings", "timeout", "deadline", "steps": [{"name", "task", "stage",
@@ -139,7 +139,7 @@ _JSON = click.option("--json", "as_json", cls=CeleryOption, is_flag=True, help="
 
 @click.group(name="saga")
 def saga() -> None:
-    """Operate on sagas: list, show, stats, retry, purge, cancel, sweep, check."""
+    """Operate on sagas: list, show, stats, retry, purge, cancel, sweep, check, web."""
 
 
 @saga.command(name="list", cls=CeleryCommand)

@@ -69,7 +69,8 @@ class SagaSummary:
     created_at: datetime | None
     failed_step: str | None
     error: str | None
-    #: Why a saga was rolled back: failure, timeout, cancelled (None otherwise).
+    #: Why a saga was rolled back: failure, timeout, cancelled (None otherwise). Not in the
+    #: JSON, whose shape scripts parsing ``celery saga list --json`` know.
     reason: str | None = None
 
     def to_json(self) -> dict[str, Any]:
@@ -81,7 +82,6 @@ class SagaSummary:
             "created_at": iso(self.created_at),
             "failed_step": self.failed_step,
             "error": self.error,
-            "reason": self.reason,
         }
 
 

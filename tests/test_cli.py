@@ -67,7 +67,7 @@ def listed(proc: subprocess.CompletedProcess[str]) -> list[dict[str, str | None]
 
 
 fresh, world = cli_app.world_fixtures("sagacli")
-COMMANDS = ("list", "show", "stats", "retry", "purge", "cancel", "sweep", "check")
+COMMANDS = ("list", "show", "stats", "retry", "purge", "cancel", "sweep", "check", "web")
 
 
 @pytest.fixture
@@ -392,7 +392,7 @@ def test_help_lists_every_command(redis_url: str) -> None:
     env = cli_env(redis_url, f"sagacli-{uuid.uuid4().hex[:10]}", "q")
     group, sweep_help, cancel_help = cli_many(env, [["--help"], ["sweep", "--help"], ["cancel", "--help"]])
     assert group.returncode == 0, group.stderr
-    assert f"Operate on sagas: {', '.join(COMMANDS)}." in group.stdout
+    assert f"Operate on sagas: {', '.join(COMMANDS)}." in " ".join(group.stdout.split())  # however click wraps it
     listed_commands = re.findall(r"^  (\w+)\s", group.stdout.split("Commands:", 1)[1], re.M)
     assert sorted(listed_commands) == sorted(COMMANDS)
     assert sweep_help.returncode == 0 and "--once" in sweep_help.stdout and "--interval" in sweep_help.stdout
