@@ -137,7 +137,7 @@ def test_a_run_that_does_not_finish_fails_its_point_and_leaves_no_worker(
         {"order_id": 5},
         crash_shop.balanced,
         app_path=APP,
-        points=[("crash.charge_once", 2)],
+        points={"crash.charge_once": [2]},
         timeout=3,
     )
 
@@ -154,4 +154,12 @@ def test_points_name_steps_and_numbers_and_a_wrong_name_says_which_exist(
     with pytest.raises(ValueError, match=r"names no step of saga 'crash_sound'.*crash\.charge"):
         saga_crash_points.explore(
             crash_shop.sound, {"order_id": 6}, crash_shop.balanced, app_path=APP, points=["crash.chrage"]
+        )
+    with pytest.raises(ValueError, match="names no step"):
+        saga_crash_points.explore(
+            crash_shop.sound,
+            {"order_id": 6},
+            crash_shop.balanced,
+            app_path=APP,
+            points=[("crash.reserve", 2), ("x", 3)],
         )

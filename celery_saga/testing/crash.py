@@ -29,7 +29,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -188,7 +188,7 @@ class CrashExplorer:
         app: Celery | None = None,
         app_path: str | None = None,
         timeout: float = 60.0,
-        points: Iterable[PointSpec] | None = None,
+        points: Iterable[PointSpec] | Mapping[str, Iterable[int]] | None = None,
         depth: str | None = None,
         concurrency: int = 2,
     ) -> CrashReport:
@@ -204,8 +204,9 @@ class CrashExplorer:
             timeout: Seconds each run may take to finish after its crash.
             points: Restricts the points: a step name (its points at this
                 depth), a point number (of every step), ``(step, number)``,
-                or ``(step, number, "step" | "compensation")``. Points named
-                with their number are explored at any depth.
+                or ``(step, number, "step" | "compensation")``; or a mapping
+                of step names to point numbers, ``{"charge": [2, 3]}``.
+                Points named with their number are explored at any depth.
             depth: ``"quick"`` or ``"full"``; the fixture's (``--saga-crash-points``) by default.
             concurrency: Pool processes of each worker (prefork).
         """
@@ -216,7 +217,7 @@ class CrashExplorer:
         app_path = app_path or saga.module
         if not app_path or app_path == "__main__":
             raise ValueError(f"saga {saga.name!r}: pass app_path=, the module its workers import (celery -A)")
-        specs = None if points is None else list(points)
+        specs = None if points is None else _specs(points)
         names = sorted(spec.name for spec in saga.plan().steps)
         for spec in specs or ():
             if _step_of(spec) not in (None, *names):
@@ -540,6 +541,14 @@ def _points_of(state: SagaState, numbers: tuple[CrashPoint, ...]) -> list[_Point
     )
     steps = [_Point(s.name, False, n) for s in sorted(ran, key=lambda s: s.stage) for n in numbers]
     return steps + [_Point(s.name, True, n) for s in undone for n in numbers]
+
+
+def _specs(points: Iterable[PointSpec] | Mapping[str, Iterable[int]]) -> list[PointSpec]:
+    if isinstance(points, Mapping):
+        return [(str(step), int(n)) for step, numbers in points.items() for n in numbers]
+    if isinstance(points, (str, int)):
+        return [points]
+    return list(points)
 
 
 def _names_number(spec: PointSpec) -> bool:
