@@ -7,7 +7,8 @@ sends a compensation after a deadline, a worker of another service, an
 operator's retry. So every saga message is published under the saga's own
 trace, whose ids are derived from the saga id: any process can name it
 without reading anything. A message published inside a run of the same
-saga keeps that run as its parent.
+saga keeps that run as its parent. A process the instrumentation does not
+trace publishes as before (there is no trace to join).
 
 Each run of a step or compensation gets the span attributes ``saga.id``,
 ``saga.name``, ``saga.step``, ``saga.compensation`` and ``saga.round``.
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import sys
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -31,6 +33,12 @@ def _available() -> bool:
         return importlib.util.find_spec("opentelemetry.trace") is not None
     except (ImportError, ValueError):  # not installed (ValueError: a module set to None)
         return False
+
+
+def _instrumented() -> bool:
+    """True once opentelemetry-instrumentation-celery traces this process: only then is there a trace to join."""
+    module = sys.modules.get("opentelemetry.instrumentation.celery")
+    return module is not None and bool(getattr(module.CeleryInstrumentor(), "is_instrumented_by_opentelemetry", False))
 
 
 def trace_id_of(saga_id: str) -> int:
@@ -49,7 +57,7 @@ def _span_id_of(saga_id: str) -> int:
 @contextmanager
 def saga_trace(saga_id: str) -> Iterator[None]:
     """Publish what is sent inside under the saga's trace (unless a span of that trace is current)."""
-    if not _available():
+    if not _available() or not _instrumented():
         yield
         return
     from opentelemetry import context, trace
