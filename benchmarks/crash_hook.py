@@ -19,24 +19,18 @@ Usage: ``python benchmarks/crash_hook.py [--n 200] [--rounds 6]``
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import statistics
 import sys
-import tempfile
 import timeit
-import uuid
 from pathlib import Path
-
-import redis
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.overhead import Runner, Worker, chosen_redis, delete_run_keys, wait_ready  # noqa: E402
-from celery_saga.store.redis import mask_url  # noqa: E402
+from benchmarks.overhead import Runner, Worker, bench_run, wait_ready  # noqa: E402
 from celery_saga.worker import wrapper  # noqa: E402
 
 
@@ -59,15 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, default=200, help="sagas per batch (default 200)")
     parser.add_argument("--rounds", type=int, default=6, help="rounds of one batch on each worker (default 6)")
     args = parser.parse_args(argv)
-    ns = uuid.uuid4().hex[:10]
-    queue, prefix = f"bench-q-{ns}", f"bench-{ns}"
-    with chosen_redis() as url:
-        print(f"Redis {mask_url(url)}, queue {queue}, key prefix {prefix}")
-        os.environ.update(BENCH_BROKER_URL=url, BENCH_QUEUE=queue, BENCH_PREFIX=prefix)
-        bench = importlib.import_module("benchmarks.bench_app")
-        client = redis.Redis.from_url(url, decode_responses=True)
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-        log_path = os.path.join(tempfile.gettempdir(), f"bench-crash-hook-{ns}.log")
+    with bench_run("bench-crash-hook") as b:
+        url, ns, bench, client, log_path = b.url, b.ns, b.bench, b.client, b.log_path
         rates: dict[str, list[float]] = {"off": [], "armed": []}
         # Worker CPU (main process and pool) per saga, ms: steadier than throughput on a shared machine.
         cpu: dict[str, list[float]] = {"off": [], "armed": []}
@@ -76,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
                 # Alternate which goes first, so drift in the machine's load hits both.
                 order = ("off", "armed") if r % 2 == 0 else ("armed", "off")
                 for which in order:
-                    worker = Worker(env, queue, log_path, command(url, prefix, armed=which == "armed"))
+                    worker = Worker(b.env, b.queue, log_path, command(url, b.prefix, armed=which == "armed"))
                     try:
                         wait_ready(bench, worker, f"{ns}-{r}-{which}")
                         runner = Runner(bench, client, ns, worker.proc.pid)
@@ -106,12 +93,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"(4 points x 3 steps) = {per_saga_ns / off_cpu_ns:.5%} of the worker CPU per saga"
             )
         finally:
-            deleted = delete_run_keys(client, [f"{prefix}:*", f"{queue}*", f"_kombu.binding.{queue}"])
-            client.close()
-            bench.app.close()
             if os.path.exists(log_path):
                 os.unlink(log_path)
-            print(f"cleaned up: {deleted} keys of this run deleted")
     return 0
 
 

@@ -506,8 +506,23 @@ def saga_store(kind: str, wait_replicas: int) -> Iterator[str]:
         yield ""
 
 
-def run(args: argparse.Namespace) -> int:
+@dataclass
+class BenchRun:
+    """One run of a benchmark script: its Redis, queue and key prefix, the bench app, a worker's env and log."""
 
+    url: str
+    ns: str
+    queue: str
+    prefix: str
+    bench: ModuleType
+    client: redis.Redis
+    env: dict[str, str]
+    log_path: str
+
+
+@contextlib.contextmanager
+def bench_run(log_name: str) -> Iterator[BenchRun]:
+    """Point ``benchmarks.bench_app`` at a Redis under a fresh queue and prefix; delete this run's keys after."""
     ns = uuid.uuid4().hex[:10]
     queue, prefix = f"bench-q-{ns}", f"bench-{ns}"
     with chosen_redis() as url:
@@ -516,8 +531,29 @@ def run(args: argparse.Namespace) -> int:
         bench = importlib.import_module("benchmarks.bench_app")
         client = redis.Redis.from_url(url, decode_responses=True)
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-        log_path = os.path.join(tempfile.gettempdir(), f"bench-worker-{ns}.log")
-        worker = Worker(env, queue, log_path)
+        log_path = os.path.join(tempfile.gettempdir(), f"{log_name}-{ns}.log")
+        try:
+            yield BenchRun(url, ns, queue, prefix, bench, client, env, log_path)
+        finally:
+            deleted = delete_run_keys(
+                client,
+                [
+                    f"{prefix}:*",
+                    f"{queue}*",
+                    f"_kombu.binding.{queue}",
+                    f"_kombu.binding_permanent.{queue}",
+                    f"celery-task-meta-{ns}-*",
+                ],
+            )
+            client.close()
+            bench.app.close()
+            print(f"\ncleaned up: {deleted} keys of this run deleted")
+
+
+def run(args: argparse.Namespace) -> int:
+    with bench_run("bench-worker") as b:
+        url, ns, bench, client, log_path = b.url, b.ns, b.bench, b.client, b.log_path
+        worker = Worker(b.env, b.queue, log_path)
         ok = False
         try:
             wait_ready(bench, worker, ns)
@@ -551,21 +587,7 @@ def run(args: argparse.Namespace) -> int:
                 os.unlink(log_path)
             else:
                 print(f"worker log: {log_path}", file=sys.stderr)
-            deleted = delete_run_keys(
-                client,
-                [
-                    f"{prefix}:*",
-                    f"{queue}*",
-                    f"_kombu.binding.{queue}",
-                    f"_kombu.binding_permanent.{queue}",
-                    f"celery-task-meta-{ns}-*",
-                ],
-            )
-            client.close()
-            bench_app = sys.modules.get("benchmarks.bench_app")
-            if bench_app is not None:
-                bench_app.app.close()
-            print(f"\ncleaned up: worker {worker.proc.pid} stopped, {deleted} keys of this run deleted")
+            print(f"\nworker {worker.proc.pid} stopped")
     return 0
 
 

@@ -17,6 +17,7 @@ What these return looks like to people and tools (JSON, tables) is
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -40,6 +41,7 @@ __all__ = [
     "cancel_saga",
     "iso",
     "list_sagas",
+    "parse_since",
     "ping",
     "purge_saga",
     "retry_saga",
@@ -47,6 +49,10 @@ __all__ = [
     "saga_stats",
     "state_json",
 ]
+
+# A time ago, as `--since` and the web view take it: 30s, 10m, 2h, 1d, 1w.
+_AGO = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
 def list_sagas(
@@ -185,6 +191,16 @@ def purge_saga(app: Celery, saga_id: str) -> None:
     store = store_for(app)
     t = store.purge(saga_id)
     _check(store, saga_id, t, "purge", "only a finished saga (COMPLETED, COMPENSATED or FAILED) can be purged")
+
+
+def parse_since(text: str) -> datetime | timedelta:
+    """``10m``, ``2h``, ``1d`` ... as a time ago, else ISO-8601 (UTC unless it has an offset)."""
+    text = text.strip()
+    ago = _AGO.fullmatch(text)
+    if ago:
+        return timedelta(seconds=float(ago.group(1)) * _UNITS[ago.group(2)])
+    when = datetime.fromisoformat(text)
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
 
 
 def _epoch(since: datetime | timedelta | None) -> float | None:

@@ -51,12 +51,11 @@ Errors are one line on stderr: never a traceback, never a password.
 from __future__ import annotations
 
 import json
-import re
 import signal
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import click
@@ -66,6 +65,7 @@ from celery.exceptions import CeleryCommandException
 from kombu.exceptions import OperationalError
 
 from . import admin, views
+from .admin import parse_since
 from .errors import SagaError, SagaStoreMisconfigured, SagaStoreUnavailable
 from .settings import redact_keys
 from .state import SagaStatus
@@ -76,19 +76,6 @@ __all__ = ["parse_since", "saga"]
 
 EX_REFUSED = 1  # not found or expired, not allowed in its status, corrupt record
 EX_UNAVAILABLE = 69  # sysexits.h, as Celery's own commands use
-
-_AGO = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-
-
-def parse_since(text: str) -> datetime | timedelta:
-    """``10m``, ``2h``, ``1d`` ... as a time ago, else ISO-8601 (UTC unless it has an offset)."""
-    text = text.strip()
-    ago = _AGO.fullmatch(text)
-    if ago:
-        return timedelta(seconds=float(ago.group(1)) * _UNITS[ago.group(2)])
-    when = datetime.fromisoformat(text)
-    return when if when.tzinfo else when.replace(tzinfo=UTC)
 
 
 def _since(ctx: click.Context, param: click.Parameter, value: str | None) -> datetime | timedelta | None:

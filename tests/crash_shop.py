@@ -107,6 +107,13 @@ def _reserve() -> dict[str, Any]:
     return {"reservation": ctx.idempotency_key}
 
 
+def _charge(order_id: int) -> dict[str, Any]:
+    ctx = _ctx()
+    if _once(ctx.idempotency_key):
+        _add("charged", ctx.saga_id, +1)
+    return {"charge_id": f"ch-{order_id}"}
+
+
 @saga_step(compensate=release_checked)
 @app.task(name="crash.reserve", acks_late=True)
 def reserve(order_id: int) -> dict[str, Any]:
@@ -122,10 +129,7 @@ def reserve_then_release_unchecked(order_id: int) -> dict[str, Any]:
 @saga_step(compensate=refund_checked)
 @app.task(name="crash.charge", acks_late=True)
 def charge(order_id: int) -> dict[str, Any]:
-    ctx = _ctx()
-    if _once(ctx.idempotency_key):
-        _add("charged", ctx.saga_id, +1)
-    return {"charge_id": f"ch-{order_id}"}
+    return _charge(order_id)
 
 
 @saga_step(compensate=refund_checked)
@@ -138,10 +142,7 @@ def charge_unkeyed(order_id: int) -> dict[str, Any]:
 @saga_step(compensate=refund_by_result)
 @app.task(name="crash.charge_once")
 def charge_once(order_id: int) -> dict[str, Any]:
-    ctx = _ctx()
-    if _once(ctx.idempotency_key):
-        _add("charged", ctx.saga_id, +1)
-    return {"charge_id": f"ch-{order_id}"}
+    return _charge(order_id)
 
 
 @saga_step(compensate=None)

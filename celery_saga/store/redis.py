@@ -618,14 +618,8 @@ class RedisSagaStore(SagaStore):
         low = f"{since * 1000:.0f}" if since is not None else "-inf"
         k, want = self.keys, max(limit, 1)
 
-        def names() -> list[Any]:
-            pipe = self.client.pipeline(transaction=False)
-            for shard in range(k.shards):
-                pipe.smembers(k.names(shard))
-            return list(pipe.execute())
-
         # The indexes are by name: every name of a shard, when no name is given.
-        by_shard = [[name] for _ in range(k.shards)] if name else [sorted(m) for m in self._call(names)]
+        by_shard = [[name] for _ in range(k.shards)] if name else [sorted(m) for m in self._shard_names()]
 
         def run() -> list[Any]:
             pipe = self.client.pipeline(transaction=False)
@@ -641,14 +635,7 @@ class RedisSagaStore(SagaStore):
 
     def counts(self) -> dict[str, dict[str, int]]:
         k = self.keys
-
-        def names() -> list[Any]:
-            pipe = self.client.pipeline(transaction=False)
-            for shard in range(k.shards):
-                pipe.smembers(k.names(shard))
-            return list(pipe.execute())
-
-        by_shard = [sorted(members) for members in self._call(names)]
+        by_shard = [sorted(members) for members in self._shard_names()]
         low = f"{(time.time() - self.retention) * 1000:.0f}" if self.retention > 0 else "-inf"
         statuses = [s.value for s in SagaStatus]
         finished = (SagaStatus.COMPLETED.value, SagaStatus.COMPENSATED.value)
@@ -670,17 +657,23 @@ class RedisSagaStore(SagaStore):
                     row[status] += int(next(counted))
         return dict(sorted(totals.items()))
 
-    def counters(self) -> dict[str, int]:
-        k = self.keys
+    def _per_shard(self, key: Callable[[int], str], command: str) -> list[Any]:
+        """``command`` on one key of every shard, in one pipelined round trip."""
 
         def run() -> list[Any]:
             pipe = self.client.pipeline(transaction=False)
-            for shard in range(k.shards):
-                pipe.hgetall(k.metrics(shard))
+            for shard in range(self.keys.shards):
+                pipe.execute_command(command, key(shard))
             return list(pipe.execute())
 
+        return self._call(run)
+
+    def _shard_names(self) -> list[Any]:
+        return self._per_shard(self.keys.names, "SMEMBERS")
+
+    def counters(self) -> dict[str, int]:
         totals: dict[str, int] = {}
-        for shard in self._call(run):
+        for shard in self._per_shard(self.keys.metrics, "HGETALL"):
             for field, value in shard.items():
                 totals[str(field)] = totals.get(str(field), 0) + int(value)
         return totals

@@ -101,15 +101,8 @@ class _Base(tornado.web.RequestHandler):
 
 
 def _parse_time(text: str) -> datetime | timedelta | None:
-    """ISO-8601, or 10m / 2h / 1d ago; None for empty."""
-    text = text.strip()
-    if not text:
-        return None
-    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-    if text[-1] in units and text[:-1].replace(".", "", 1).isdigit():
-        return timedelta(seconds=float(text[:-1]) * units[text[-1]])
-    when = datetime.fromisoformat(text)
-    return when if when.tzinfo else when.replace(tzinfo=UTC)
+    """``admin.parse_since`` of a form field; None for an empty one."""
+    return admin.parse_since(text) if text.strip() else None
 
 
 def _when(value: datetime | timedelta | None) -> datetime | None:
