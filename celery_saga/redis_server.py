@@ -23,11 +23,21 @@ __all__ = ["PRIVATE_SERVER_KEY", "RedisServer", "find_redis_server", "free_port"
 PRIVATE_SERVER_KEY = "celery-saga:private-server"
 
 
+#: Ports this process has handed out. The kernel may hand the same free
+#: port to two bind(0) calls in a row; two servers chosen before either
+#: starts would then race for it, and a PING would reach the wrong one.
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A TCP port on 127.0.0.1 that was free a moment ago and that this process has not handed out before."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def redis_answers(host: str = "127.0.0.1", port: int = 6379, timeout: float = 0.5) -> bool:
@@ -90,6 +100,7 @@ class RedisServer:
     ) -> None:
         self.args = list(args)
         self.prefer_package = prefer_package
+        self._own_port = port is None
         self.port = port or free_port()
         self.password = password
         self.persist = persist
@@ -103,6 +114,21 @@ class RedisServer:
         return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self, timeout: float = 15.0) -> RedisServer:
+        """Start the server and return once it answers, on its port, as the process started here.
+
+        A port chosen here that something else took before the first start
+        is replaced by another one (a few times); a port given by the caller,
+        or one that clients already know from an earlier start, is not.
+        """
+        for _ in range(5):
+            if self._start_once(timeout):
+                self._own_port = False
+                return self
+            self.port = free_port()
+        raise RuntimeError(f"redis-server found no free port in 5 tries; see {self.dir}/redis.log")
+
+    def _start_once(self, timeout: float) -> bool:
+        """False if the port was taken and may be replaced; raises on any other failure."""
         args = [
             find_redis_server(self.prefer_package),
             "--port",
@@ -121,37 +147,60 @@ class RedisServer:
         if self.password:
             args += ["--requirepass", self.password]
         args += self.args
-        self._log = open(os.path.join(self.dir, "redis.log"), "ab")  # noqa: SIM115 - closed by stop()
+        log_path = os.path.join(self.dir, "redis.log")
+        logged = os.path.getsize(log_path) if os.path.exists(log_path) else 0
+        self._log = open(log_path, "ab")  # noqa: SIM115 - closed by stop()
         self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"redis-server exited with {self.proc.returncode}; see {self.dir}/redis.log")
+            code = self.proc.poll()
+            if code is not None:
+                self.stop()
+                with open(log_path, "rb") as log:
+                    log.seek(logged)
+                    taken = b"Address already in use" in log.read()
+                if taken and self._own_port:
+                    return False
+                raise RuntimeError(f"redis-server exited with {code}; see {log_path}")
             if self._answers(mark=True):
-                return self
+                return True
             time.sleep(0.05)
         self.stop()
-        raise RuntimeError(f"redis-server did not answer on port {self.port} within {timeout}s")
+        raise RuntimeError(f"redis-server did not answer on port {self.port} within {timeout}s; see {log_path}")
 
     def _answers(self, mark: bool = False) -> bool:
-        """True once the server answers PING; with ``mark``, also mark it as celery_saga's own private server.
+        """True once the server started here answers; with ``mark``, also mark it as celery_saga's own private server.
 
-        The mark (`PRIVATE_SERVER_KEY`) spares it the workers' warning about
-        a store that keeps nothing on disk.
+        The answer must name this server's PID: another server that holds
+        the port would answer PING too. The mark (`PRIVATE_SERVER_KEY`)
+        spares the server the workers' warning about a store that keeps
+        nothing on disk.
         """
+        if self.proc is None:
+            return False
         try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
+            with (
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s,
+                s.makefile("rb") as reader,
+            ):
                 if self.password:
                     s.sendall(f"AUTH {self.password}\r\n".encode())
-                    s.recv(16)
-                s.sendall(b"PING\r\n")
-                if not s.recv(16).startswith(b"+PONG"):
+                    reader.readline()
+                s.sendall(b"INFO server\r\n")
+                header = reader.readline()
+                if not header.startswith(b"$"):
+                    return False  # not answering as Redis yet
+                info = reader.read(int(header[1:]) + 2)
+                if f"process_id:{self.proc.pid}\r\n".encode() not in info:
                     return False
+                s.sendall(b"PING\r\n")
+                if not reader.readline().startswith(b"+PONG"):
+                    return False  # still loading its data
                 if mark:
                     s.sendall(f"SET {PRIVATE_SERVER_KEY} 1\r\n".encode())
-                    s.recv(16)
+                    reader.readline()
                 return True
-        except OSError:
+        except (OSError, ValueError):
             return False
 
     def stop(self) -> None:

@@ -85,7 +85,11 @@ class Cluster:
             node.stop()
 
     def __enter__(self) -> Cluster:
-        return self.start()
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
 
     def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
         self.stop()
@@ -115,8 +119,14 @@ class SentinelProcess:
             start_new_session=True,
         )
         log.close()
-        wait_for(lambda: _pings(self.port), 15, "the sentinel to answer")
+        proc = self.proc
+        wait_for(lambda: proc.poll() is not None or _is_process(self.port, proc.pid), 15, "the sentinel to answer")
+        if proc.poll() is not None:
+            raise RuntimeError(f"the sentinel exited with {proc.returncode}; see {self.dir}/sentinel.log")
         return self
+
+    def log(self) -> str:
+        return Path(self.dir, "sentinel.log").read_text(errors="replace")
 
     def stop(self) -> None:
         proc, self.proc = self.proc, None
@@ -129,10 +139,11 @@ class SentinelProcess:
                 proc.wait(10)
 
 
-def _pings(port: int) -> bool:
+def _is_process(port: int, pid: int) -> bool:
+    """The server on ``port`` answers, and is process ``pid`` (not another that holds the port)."""
     try:
         with redis.Redis(port=port, socket_timeout=0.5) as client:
-            return bool(client.ping())
+            return int(client.info("server")["process_id"]) == pid
     except redis.RedisError:
         return False
 
@@ -162,7 +173,11 @@ class SentinelGroup:
             wait_for(lambda: replica_online(client), 20, "the replica to sync")
         self.sentinel.start()
         with redis.Redis(port=self.sentinel.port, decode_responses=True) as client:
-            wait_for(lambda: _knows_replica(client, self.MASTER), 20, "the sentinel to see the replica")
+            try:
+                # Sentinel learns of replicas from the primary's INFO, which it asks for at once, then every 10 s
+                wait_for(lambda: _knows_replica(client, self.MASTER), 30, "the sentinel to see the replica")
+            except AssertionError as exc:
+                raise AssertionError(f"{exc}; the sentinel's log:\n{self.sentinel.log()}") from None
         return self
 
     def primary_port(self) -> int:
@@ -190,7 +205,11 @@ class SentinelGroup:
         self.primary.stop()
 
     def __enter__(self) -> SentinelGroup:
-        return self.start()
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()  # what did start must not outlive the test that could not use it
+            raise
 
     def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
         self.stop()
