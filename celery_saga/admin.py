@@ -101,20 +101,29 @@ def saga_stats(app: Celery) -> SagaStats:
 
 
 def retry_saga(app: Celery, saga_id: str) -> SagaResult:
-    """Re-drive the compensations that gave up in a FAILED saga.
+    """Re-drive what gave up in a FAILED saga: its compensations, or its steps past the pivot.
 
-    The saga turns COMPENSATING and each such compensation is sent again with
-    a fresh retry budget. The workers end it again (COMPENSATED, or FAILED if
-    a compensation gives up once more) and send its signals and on_failure
-    callback for that new outcome.
+    A saga whose compensations gave up turns COMPENSATING and each such
+    compensation is sent again with a fresh retry budget. A saga that gave up
+    forward (reason ``"forward"``: a step past its pivot, or the pivot whose
+    outcome was lost, ran out of ``saga_forward_max_retries``) turns RUNNING
+    and that step is sent again with a fresh budget and the same idempotency
+    key. The workers end it again and send its signals and callback for that
+    new outcome.
 
     Raises:
         SagaNotFound: no such saga.
-        SagaStateError: the saga is not FAILED, or no compensation of it gave up.
+        SagaStateError: the saga is not FAILED, or nothing of it gave up.
     """
     store = store_for(app)
     t = store.retry(saga_id)
-    _check(store, saga_id, t, "retry", "only a FAILED saga whose compensations gave up can be retried")
+    _check(
+        store,
+        saga_id,
+        t,
+        "retry",
+        "only a FAILED saga whose compensations, or whose steps past the pivot, gave up can be retried",
+    )
     follow(app, store, t)
     return SagaResult(saga_id, app)
 

@@ -127,3 +127,30 @@ def compensation_attempt_failed(
         error=error,
         gave_up=gave_up,
     )
+
+
+def forward_attempt_failed(
+    saga_id: str, name: str, step: str, attempt: int, error: str, gave_up: bool, delay: float
+) -> None:
+    """A step past the pivot (or the pivot, its outcome lost) had no outcome to go on: a log line.
+
+    There is no signal: the step's own ``task_failure`` has fired already
+    where it raised, and a lost outcome has nothing more to tell.
+    """
+    if gave_up:
+        logger.error(
+            "saga %s: step %r gave up at forward attempt %d (%s); the saga is FAILED: retry it once the cause is fixed",
+            saga_id,
+            step,
+            attempt,
+            error or "no outcome",
+        )
+    else:
+        logger.warning(
+            "saga %s: step %r is past the pivot and had no outcome (%s): sending it again in %.2fs (retry %d)",
+            saga_id,
+            step,
+            error or "no outcome",
+            delay,
+            attempt,
+        )

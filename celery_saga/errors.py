@@ -71,14 +71,17 @@ class SagaCompensated(SagaError):
 
 
 class SagaFailed(SagaError):
-    """Compensation gave up: some effects may not have been undone.
+    """Compensation gave up, so some effects may not have been undone; or, past the pivot, a step gave up.
 
     Attributes:
         saga_id: The saga.
         step: The step concerned (see `SagaCompensated`).
         error: What was recorded for it.
         gave_up: Steps whose compensation gave up, with their last error.
-        reason: Why the saga was rolled back: ``"failure"``, ``"timeout"`` or ``"cancelled"``.
+        reason: Why the saga was rolled back: ``"failure"``, ``"timeout"`` or
+            ``"cancelled"``; ``"forward"`` when it never rolled back: a step
+            past its pivot (or the pivot, its outcome lost) ran out of
+            ``saga_forward_max_retries`` (``retry_saga`` sends it again).
     """
 
     def __init__(
@@ -94,6 +97,12 @@ class SagaFailed(SagaError):
         self.error = error
         self.gave_up = gave_up
         self.reason = reason
+        if reason == "forward":
+            super().__init__(
+                f"saga {saga_id} FAILED: step {step!r}, past the saga's point of no return, gave up ({error}); "
+                f"the saga cannot roll back: fix the cause and retry it (`celery saga retry {saga_id}`)"
+            )
+            return
         names = ", ".join(sorted(gave_up)) or "?"
         super().__init__(
             f"saga {saga_id} FAILED: compensation gave up for {names} "

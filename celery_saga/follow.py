@@ -10,7 +10,8 @@ transition's outcome it decides, in this order:
 2. the event of the message the transition was made for (done, skipped);
 3. ``compensation_failed`` for each compensation attempt that failed;
 4. what to publish: the first or next stage; compensations, a retry after
-   the backoff the transition drew; or, for a copy of a message whose
+   the backoff the transition drew; a step past the pivot sent again after
+   its own backoff; or, for a copy of a message whose
    outcome is already recorded, whatever the record says was dispatched,
    since the first copy may have died before publishing (``redrive``);
 5. ``on_complete`` / ``on_failure`` when the saga ends, marked sent after
@@ -30,14 +31,16 @@ from celery import Celery
 
 from . import announce, codec
 from .messages import publish_compensation, publish_stage, send_callback
-from .plan import cached_plan
+from .plan import Plan, cached_plan
 from .state import SagaState, SagaStatus, StepStatus, data_before
-from .store import Op, Outcome, SagaStore, Transition
+from .store import Due, Op, Outcome, SagaStore, Transition
 
 __all__ = ["Delivery", "follow", "redrive"]
 
-# Outcomes whose ``due`` compensations are published.
-_ROLLBACK = frozenset({Outcome.ROLLBACK, Outcome.FENCED, Outcome.BACKOFF, Outcome.GAVE_UP, Outcome.LATE, Outcome.SWEPT})
+# Outcomes whose ``due`` compensations (and steps sent again) are published.
+_ROLLBACK = frozenset(
+    {Outcome.ROLLBACK, Outcome.FENCED, Outcome.BACKOFF, Outcome.GAVE_UP, Outcome.LATE, Outcome.SWEPT, Outcome.RESEND}
+)
 # A saga that ended this recently is most likely still having its callback
 # sent by the process that ended it: a copy of a message leaves the callback
 # to that process (or, if it died, to a sweeper after CALLBACK_GRACE) rather
@@ -112,6 +115,9 @@ def _publish_rollback(app: Celery, store: SagaStore, t: Transition, load: Callab
     raw = load()
     plan = cached_plan(raw["ph"], lambda: raw["plan"])
     for due in t.due:
+        if due.forward:
+            _send_forward_again(app, store, t, raw, plan, due)
+            continue
         if due.attempt:
             # A missed deadline counts as a failed attempt, and is announced as one.
             error = raw.get(f"ce:{due.step}" if due.round == 1 else f"ce2:{due.step}") or "timeout"
@@ -125,6 +131,32 @@ def _publish_rollback(app: Celery, store: SagaStore, t: Transition, load: Callab
             )
     if t.ended:
         _call_back(app, store, t.saga_id, t.gen, t.name, "on_failure", raw.get("cb_fail", ""), load)
+
+
+def _send_forward_again(
+    app: Celery, store: SagaStore, t: Transition, raw: dict[str, str], plan: Plan, due: Due
+) -> None:
+    """Send a step past the pivot (or the pivot, its outcome lost) again, after the delay its transition drew."""
+    if due.attempt:
+        announce.forward_attempt_failed(
+            t.saga_id, t.name, due.step, due.attempt, raw.get(f"e:{due.step}") or "", due.gave_up, due.delay
+        )
+    if due.gave_up:
+        return
+    spec = plan.step(due.step)
+    data = data_before(plan, raw, spec.stage, codec.loads(raw["kwargs"]))
+    publish_stage(
+        app,
+        t.saga_id,
+        raw.get("name", t.name),
+        raw.get("gen", t.gen),
+        [spec],
+        data,
+        first=spec.stage == 0,
+        redact=plan.redacted_keys,
+        epoch=store.epoch(),
+        countdown=due.delay or None,
+    )
 
 
 def _call_back(

@@ -146,11 +146,13 @@ def publish_stage(
     first: bool,
     redact: Collection[str] = (),
     epoch: str = "",
+    countdown: float | None = None,
 ) -> None:
     """Send the steps of one stage, in order; ``redact`` keys are masked where their arguments are shown.
 
     ``epoch`` is the store's: a receiver that finds no record tells a lost
     saga (the store was reset since) from an expired one by it.
+    ``countdown`` delays them (a step sent again after its backoff).
 
     Raises:
         StageNotPublished: a send failed; its cause is the broker's error.
@@ -160,7 +162,7 @@ def publish_stage(
     shown = _shown(data, redact)
     for k, spec in enumerate(specs):
         try:
-            _publish_step(app, saga_id, saga_name, gen, spec, data, first, shown, epoch)
+            _publish_step(app, saga_id, saga_name, gen, spec, data, first, shown, epoch, countdown)
         except Exception as exc:
             raise StageNotPublished(saga_id, [s.name for s in specs[k:]]) from exc
 
@@ -186,15 +188,18 @@ def _publish_step(
     first: bool,
     shown: dict[str, Any],
     epoch: str,
+    countdown: float | None = None,
 ) -> None:
     """Send one forward step as the user's own task, with the saga context in its headers."""
     options = {**spec.options, **shown}
+    if countdown:
+        options["countdown"] = countdown
     if spec.timeout is not None:
         # A worker drops the message once its deadline has passed (Celery
         # reports it revoked-expired, which the saga records as a timeout of
         # a step that never started); the record's deadline decides anyway.
         # A number is seconds from now for Celery, not an epoch time.
-        options["expires"] = spec.timeout
+        options["expires"] = spec.timeout + (countdown or 0)
     with saga_trace(saga_id):
         app.send_task(
             spec.task,

@@ -78,7 +78,8 @@ class SagaResult:
         an unknown outcome and are compensated blind, with the completed ones.
         ``get()`` then raises ``SagaCompensated`` with ``reason="cancelled"``.
         Returns True if the saga was cancelled (or was already rolling back),
-        False if it had already finished.
+        False if it had already finished, or is past its pivot (it then
+        finishes forward) and nothing changed.
 
         Raises:
             SagaNotFound: there is no such saga.
@@ -87,7 +88,7 @@ class SagaResult:
         """
         store = self._store()
         t = store.cancel(self.id, "cancelled on request")
-        if t.outcome is Outcome.FINISHED:
+        if t.outcome in (Outcome.FINISHED, Outcome.NOT_ALLOWED):
             return False
         if t.outcome is Outcome.MISSING:
             raise SagaNotFound(self.id, store.where())

@@ -124,10 +124,23 @@ class Saga:
         timeout: Seconds the saga's forward progress may take, from its start
             to its last step's outcome; then everything in flight is timed out
             and compensated. Compensation is not bounded by it. None (the
-            default) leaves only the step deadlines.
+            default) leaves only the step deadlines. It stops applying once
+            the pivot has completed.
+        pivot: The name of the step that is the saga's point of no return.
+            Steps before it are compensatable; once it has completed, the
+            steps of later stages are retriable: a failure or a lost outcome
+            sends them again (``saga_forward_retry_backoff``), and the saga
+            never rolls back. It must be alone in its stage.
     """
 
-    def __init__(self, name: str, steps: Any, app: Celery | None = None, timeout: float | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        steps: Any,
+        app: Celery | None = None,
+        timeout: float | None = None,
+        pivot: str | None = None,
+    ) -> None:
         if not isinstance(name, str) or not name or any(c in name for c in " \t\r\n:"):
             raise SagaDefinitionError(f"saga name must be a non-empty string without whitespace or ':', not {name!r}")
         self.name = name
@@ -149,6 +162,9 @@ class Saga:
                     )
                 seen.add(ref.name)
         self._refs = stages
+        #: The pivot step's name, or None; ``pivot_stage`` is its stage (None: no pivot).
+        self.pivot: str | None = pivot
+        self.pivot_stage: int | None = _pivot_stage(name, stages, pivot)
         self._app = app or next((r.app for stage in stages for r in stage if r.app is not None), None)
         # The plan, and the app it was built for: a saga of shared tasks follows the current app.
         self._plan: tuple[Celery, Plan] | None = None
@@ -317,7 +333,9 @@ class Saga:
         saga_id = self.id_for(key) if key else str(uuid.uuid4())
         step_fields: list[tuple[str, str]] = []
         for spec in plan.steps:
-            if spec.compensation is not None:
+            # A retriable step is never compensated in this saga: it has no compensation here.
+            retriable = self.pivot_stage is not None and spec.stage > self.pivot_stage
+            if spec.compensation is not None and not retriable:
                 step_fields.append((f"comp:{spec.name}", spec.compensation))
             if spec.compensate_on_failure:
                 step_fields.append((f"cof:{spec.name}", "1"))
@@ -350,6 +368,7 @@ class Saga:
             step_fields=tuple(step_fields),
             saga_timeout=saga_timeout,
             watch_at=None if first is None else time.time() + first,
+            pivot=self.pivot or "",
         )
         t = store.start(req)
         if t.outcome is Outcome.CONFLICT:
@@ -380,6 +399,23 @@ class Saga:
         except Exception:
             logger.exception("saga %s: could not mark the failed start", created.saga_id)
         raise cause  # the broker's own error, as publishing raised it
+
+
+def _pivot_stage(saga: str, stages: list[list[StepRef]], pivot: str | None) -> int | None:
+    if pivot is None:
+        return None
+    if not isinstance(pivot, str):
+        raise SagaDefinitionError(f"saga {saga!r}: pivot must be a step name (a string), not {pivot!r}")
+    for k, stage in enumerate(stages):
+        if any(ref.name == pivot for ref in stage):
+            if len(stage) > 1:
+                raise SagaDefinitionError(
+                    f"saga {saga!r}: the pivot {pivot!r} is in a parallel stage; the point of no return must be "
+                    f"a step of its own: move it out of parallel()"
+                )
+            return k
+    names = ", ".join(repr(ref.name) for stage in stages for ref in stage)
+    raise SagaDefinitionError(f"saga {saga!r}: pivot {pivot!r} is not one of its steps ({names})")
 
 
 def saga_id_for(name: str, idempotency_key: str) -> str:

@@ -25,6 +25,10 @@ saga_dedup_window                   600          seconds a transition's reply is
 saga_compensation_retry_backoff     1            first retry delay, seconds (float ok)
 saga_compensation_retry_backoff_max 600          cap of the retry delay, seconds
 saga_compensation_max_retries       None         None retries a compensation forever
+saga_forward_retry_backoff          1            first delay before a retriable step (after
+                                                 the pivot) is sent again, seconds
+saga_forward_retry_backoff_max      600          cap of that delay, seconds
+saga_forward_max_retries            None         None retries a retriable step forever
 saga_default_step_timeout           300          deadline of steps that set none; None
                                                  (set explicitly) for no deadline
 saga_sweep_interval                 0.5          seconds between a worker's deadline sweeps
@@ -59,6 +63,9 @@ _DEFAULTS: dict[str, Any] = {
     "saga_compensation_retry_backoff": 1.0,
     "saga_compensation_retry_backoff_max": 600.0,
     "saga_compensation_max_retries": None,
+    "saga_forward_retry_backoff": 1.0,
+    "saga_forward_retry_backoff_max": 600.0,
+    "saga_forward_max_retries": None,
     "saga_default_step_timeout": 300.0,
     "saga_sweep_interval": 0.5,
     "saga_index_shards": 16,
@@ -107,6 +114,10 @@ class SagaSettings:
     failed_retention: float | None = None
     late_outcome_window: float = 24 * 3600.0
     dedup_window: float = 600.0
+    #: Steps after a pivot: sent again after a failure or a lost outcome, with this backoff.
+    forward_retry_backoff: float = 1.0
+    forward_retry_backoff_max: float = 600.0
+    forward_max_retries: int | None = None
 
     @classmethod
     def from_app(cls, app: Celery) -> SagaSettings:
@@ -136,14 +147,7 @@ class SagaSettings:
             raise SagaDefinitionError(
                 f"app.conf.saga_key_prefix must be a non-empty string without braces, not {prefix!r}"
             )
-        max_retries = get("saga_compensation_max_retries")
-        if max_retries is not None and (
-            isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0
-        ):
-            raise SagaDefinitionError(
-                "app.conf.saga_compensation_max_retries must be None (retry forever) "
-                f"or an int >= 0, not {max_retries!r}"
-            )
+        max_retries = _max_retries("saga_compensation_max_retries", get("saga_compensation_max_retries"))
         return cls(
             redis_url=str(url),
             key_prefix=prefix,
@@ -165,6 +169,9 @@ class SagaSettings:
             failed_retention=_optional(conf, "saga_failed_retention"),
             late_outcome_window=_number("saga_late_outcome_window", get("saga_late_outcome_window"), positive=True),
             dedup_window=_number("saga_dedup_window", get("saga_dedup_window"), positive=True),
+            forward_retry_backoff=_number("saga_forward_retry_backoff", get("saga_forward_retry_backoff")),
+            forward_retry_backoff_max=_number("saga_forward_retry_backoff_max", get("saga_forward_retry_backoff_max")),
+            forward_max_retries=_max_retries("saga_forward_max_retries", get("saga_forward_max_retries")),
         )
 
     def saga_copy(self) -> str:
@@ -182,6 +189,12 @@ class SagaSettings:
 
 
 _UNSET = object()
+
+
+def _max_retries(name: str, value: Any) -> int | None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        raise SagaDefinitionError(f"app.conf.{name} must be None (retry forever) or an int >= 0, not {value!r}")
+    return value
 
 
 def _optional(conf: Any, name: str) -> float | None:

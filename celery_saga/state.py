@@ -123,6 +123,9 @@ class StepRecord:
     ``"unstorable"`` (it returned a result the record cannot hold).
     ``late_status``/``late_result``/``late_error`` hold an outcome that
     arrived after that; ``second_round`` the compensation of a late success.
+    ``retriable``: the step comes after the saga's pivot, so it is sent again
+    rather than compensated; ``forward_retries`` counts those re-sends (also
+    of a pivot whose outcome was lost), and ``attempts`` every run.
     """
 
     name: str
@@ -149,6 +152,8 @@ class StepRecord:
     late_at: datetime | None = None
     compensation_deadline: datetime | None = None
     second_round: CompensationRound | None = None
+    retriable: bool = False
+    forward_retries: int = 0
 
     @property
     def timed_out(self) -> bool:
@@ -161,7 +166,9 @@ class SagaState:
     """A snapshot of one saga record.
 
     ``data`` is the saga data as of now: the start kwargs updated by the dict
-    results of every completed stage.
+    results of every completed stage. ``pivot`` names the saga's point of no
+    return (None: it has none), and ``passed_pivot`` says the pivot has
+    completed: the saga can no longer roll back.
     """
 
     saga_id: str
@@ -181,6 +188,8 @@ class SagaState:
     deadline: datetime | None = None
     #: Keys the saga's steps redact: masked wherever its data is shown.
     redact: frozenset[str] = frozenset()
+    pivot: str | None = None
+    passed_pivot: bool = False
 
     def step(self, name: str) -> StepRecord:
         for s in self.steps:
@@ -196,6 +205,8 @@ class SagaState:
             kwargs = codec.loads(raw["kwargs"])
             status = SagaStatus(raw["status"])
             settings = json.loads(raw.get("settings") or "{}")
+            pivot = raw.get("pv") or None
+            pivot_stage = plan.step(pivot).stage if pivot else None
             steps = []
             for spec in plan.steps:
                 n = spec.name
@@ -238,6 +249,8 @@ class SagaState:
                         )
                         if round2
                         else None,
+                        retriable=pivot_stage is not None and spec.stage > pivot_stage,
+                        forward_retries=_int(raw.get(f"fa:{n}")),
                     )
                 )
         except (KeyError, ValueError, TypeError) as exc:
@@ -261,6 +274,8 @@ class SagaState:
             timeout=_seconds(raw.get("sto")),
             deadline=ms_time(raw.get("sdl")),
             redact=plan.redacted_keys,
+            pivot=pivot,
+            passed_pivot=raw.get("past") == "1",
         )
 
 

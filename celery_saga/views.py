@@ -169,14 +169,16 @@ def state_json(state: SagaState, redact: Collection[str] = ()) -> dict[str, Any]
     """The JSON shape of a saga record, as ``celery saga show --json`` prints it.
 
     Values of the keys the saga redacts, and of ``redact``, are ``"***"``;
-    kombu's types (datetime, Decimal, UUID ...) are strings.
+    kombu's types (datetime, Decimal, UUID ...) are strings. A saga with a
+    pivot also has ``pivot`` and ``passed_pivot``, and its steps
+    ``retriable`` and ``forward_retries`` (others keep the shape they had).
     """
     secrets = state.redact | frozenset(redact)
 
     def shown(value: Any) -> Any:
         return codec.jsonable(codec.masked(value, secrets))
 
-    return {
+    doc = {
         "id": state.saga_id,
         "name": state.name,
         "status": state.status.value,
@@ -193,6 +195,11 @@ def state_json(state: SagaState, redact: Collection[str] = ()) -> dict[str, Any]
         "deadline": iso(state.deadline),
         "steps": [_step_json(s, shown) for s in state.steps],
     }
+    if state.pivot:
+        doc["pivot"], doc["passed_pivot"] = state.pivot, state.passed_pivot
+        for step, s in zip(doc["steps"], state.steps, strict=True):
+            step["retriable"], step["forward_retries"] = s.retriable, s.forward_retries
+    return doc
 
 
 def _step_json(s: StepRecord, shown: Callable[[Any], Any]) -> dict[str, Any]:
@@ -347,4 +354,10 @@ def saga_text(state: SagaState) -> str:
     ]
     if state.failed_step:
         lines.append(f"failed step {state.failed_step}: {state.error}")
+    if state.pivot:
+        passed = "passed: it finishes forward" if state.passed_pivot else "not passed yet: it can still roll back"
+        lines.append(f"pivot {state.pivot}: {passed}")
+        resent = [f"{s.name} {s.forward_retries}" for s in state.steps if s.forward_retries]
+        if resent:
+            lines.append(f"forward retries: {', '.join(resent)}")
     return "\n".join([*lines, "", render_timeline(state)])

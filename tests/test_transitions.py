@@ -67,9 +67,16 @@ class Saga:
 
 
 def request(
-    saga_id: str, gen: str = GEN, kwargs: dict[str, Any] | None = None, maxr: int | None = None
+    saga_id: str,
+    gen: str = GEN,
+    kwargs: dict[str, Any] | None = None,
+    maxr: int | None = None,
+    pivot: str = "",
+    forward_maxr: int | None = None,
 ) -> StartRequest:
-    fields = [(f"comp:{s.name}", s.compensation) for s in PLAN.steps if s.compensation]
+    # With a pivot, as Saga.apply_async does: the steps after it keep no compensation.
+    retriable = {"b", "c"} if pivot == "a" else set()
+    fields = [(f"comp:{s.name}", s.compensation) for s in PLAN.steps if s.compensation and s.name not in retriable]
     fields += [(f"to:{s.name}", "60000") for s in PLAN.steps]
     kwargs_json = json.dumps(kwargs or {"order": 1})
     return StartRequest(
@@ -82,12 +89,21 @@ def request(
         plan_digest=PLAN.digest(),
         stages=PLAN.lua_stages(),
         retention=60.0,
-        settings_json=json.dumps({"compensation_retry_backoff": 0.0, "compensation_retry_backoff_max": 0.0}),
+        settings_json=json.dumps(
+            {
+                "compensation_retry_backoff": 0.0,
+                "compensation_retry_backoff_max": 0.0,
+                "forward_retry_backoff": 0.0,
+                "forward_retry_backoff_max": 0.0,
+                "forward_max_retries": forward_maxr,
+            }
+        ),
         on_complete="",
         on_failure="",
         idempotency_key="",
         max_retries=maxr,
         step_fields=tuple(fields),
+        pivot=pivot,
     )
 
 
@@ -180,6 +196,42 @@ def failed(store: RedisSagaStore) -> Saga:
     assert saga.apply(Op.COMP_FAIL, "a", "RuntimeError: refund down", "1").outcome is Outcome.GAVE_UP
     assert saga.status() is SagaStatus.FAILED
     return saga
+
+
+# With a pivot: "a" is the point of no return; "b" and "c" come after it, retriable.
+
+
+def pivot_running(store: RedisSagaStore, forward_maxr: int | None = None) -> Saga:
+    saga = Saga(store, str(uuid.uuid4()))
+    assert store.start(request(saga.saga_id, pivot="a", forward_maxr=forward_maxr)).outcome is Outcome.CREATED
+    assert saga.apply(Op.BEGIN, "a", "0", "").outcome is Outcome.RUN
+    return saga
+
+
+def past_pivot(store: RedisSagaStore, forward_maxr: int | None = None) -> Saga:
+    """The pivot completed; b (retriable) runs, c is queued."""
+    saga = pivot_running(store, forward_maxr)
+    assert saga.apply(Op.DONE, "a", '{"reservation": "r1"}').outcome is Outcome.NEXT_STAGE
+    assert saga.apply(Op.BEGIN, "b", "0", "").outcome is Outcome.RUN
+    return saga
+
+
+def failed_forward(store: RedisSagaStore) -> Saga:
+    """b failed past the pivot with no forward retries allowed: the saga gave up forward."""
+    saga = past_pivot(store, forward_maxr=0)
+    t = saga.apply(Op.FAIL, "b", "RuntimeError: mail down")
+    assert (t.outcome, t.status) == (Outcome.RESEND, SagaStatus.FAILED) and t.due[0].gave_up
+    return saga
+
+
+def _sent_again(step: str, attempt: int) -> Callable[[Saga, Transition], None]:
+    def check(saga: Saga, t: Transition) -> None:
+        (d,) = t.due
+        assert (d.step, d.forward, d.attempt, d.gave_up) == (step, True, attempt, False)
+        assert saga.step(step).status is StepStatus.DISPATCHED
+        assert saga.step(step).forward_retries == attempt
+
+    return check
 
 
 Build = Callable[[RedisSagaStore], Saga]
@@ -378,6 +430,56 @@ CASES = [
     Case(Op.RETRY, completed, (), Outcome.NOT_ALLOWED, SagaStatus.COMPLETED),
     Case(Op.PURGE, compensated, (), Outcome.PURGED, SagaStatus.COMPENSATED, lambda s, t: _gone(s)),
     Case(Op.PURGE, running, (), Outcome.NOT_ALLOWED, SagaStatus.RUNNING),
+    # a pivot: the steps after it are sent again; the saga no longer rolls back
+    Case(Op.FAIL, past_pivot, ("b", "RuntimeError: down"), Outcome.RESEND, SagaStatus.RUNNING, _sent_again("b", 1)),
+    Case(
+        Op.LOST,
+        pivot_running,
+        ("a", "WorkerLostError", "lost"),
+        Outcome.RESEND,
+        SagaStatus.RUNNING,
+        _sent_again("a", 1),
+    ),
+    Case(Op.FAIL, pivot_running, ("a", "RuntimeError: declined"), Outcome.ROLLBACK, SagaStatus.COMPENSATED),
+    Case(
+        Op.EXPIRE,
+        past_pivot,
+        ("c",),
+        Outcome.RESEND,
+        SagaStatus.RUNNING,
+        _sent_again("c", 1),
+        prepare=lambda saga: saga.past("dl:c"),
+    ),
+    Case(
+        Op.SWEEP,
+        past_pivot,
+        ("10000",),
+        Outcome.SWEPT,
+        SagaStatus.RUNNING,
+        _sent_again("b", 1),
+        prepare=lambda saga: saga.past("dl:b"),
+    ),
+    Case(  # late, but before a sweeper sent it again: this copy runs, with a fresh deadline
+        Op.BEGIN,
+        past_pivot,
+        ("c", "0", ""),
+        Outcome.RUN,
+        SagaStatus.RUNNING,
+        _step_is("c", StepStatus.RUNNING),
+        prepare=lambda saga: saga.past("dl:c"),
+    ),
+    Case(Op.CANCEL, past_pivot, ("cancelled",), Outcome.NOT_ALLOWED, SagaStatus.RUNNING),
+    # (c, still queued, was refused by the FAILED saga: it is sent again too)
+    Case(Op.RETRY, failed_forward, (), Outcome.RESEND, SagaStatus.RUNNING, _due("b", "c")),
+    Case(  # a sibling finishing in a saga that gave up forward: counted for the retry
+        Op.DONE,
+        failed_forward,
+        ("c", "null"),
+        Outcome.LATE,
+        SagaStatus.FAILED,
+        _step_is("c", StepStatus.COMPLETED),
+        prepare=lambda saga: saga.apply(Op.BEGIN, "c", "0", "") and None,
+    ),
 ]
 
 

@@ -52,6 +52,8 @@ class StartRequest:
     #: saga_late_outcome_window and saga_dedup_window, seconds.
     late_outcome_window: float = 24 * 3600.0
     dedup_window: float = 600.0
+    #: The pivot step ("": none); the forward retry settings are written only with one.
+    pivot: str = ""
 
     def definition(self) -> str:
         """The plan and settings, stored once under ``plan_digest`` rather than in every record."""
@@ -80,6 +82,12 @@ class StartRequest:
         ]
         if self.saga_timeout is not None:
             pairs.append(("sto", f"{self.saga_timeout * 1000:.0f}"))
+        if self.pivot:
+            forward = (settings.get("forward_retry_backoff", 1.0), settings.get("forward_retry_backoff_max", 600.0))
+            max_forward = settings.get("forward_max_retries")
+            pairs.append(("pv", self.pivot))
+            pairs.append(("fbo", ",".join(repr(float(x)) for x in forward)))
+            pairs.append(("fmaxr", "" if max_forward is None else str(max_forward)))
         return [x for pair in (*pairs, *self.step_fields) for x in pair]
 
 
@@ -370,7 +378,7 @@ class SagaStore(abc.ABC):
         return t
 
     def retry(self, saga_id: str) -> Transition:
-        """Re-drive the compensations that gave up in a FAILED saga (``not_allowed`` otherwise)."""
+        """Re-drive what gave up in a FAILED saga, compensations or steps past the pivot (``not_allowed`` otherwise)."""
         # Their new attempt deadlines need the saga back in the deadline
         # index; a sweeper looking now rescores it to the right time.
         return self.apply(Op.RETRY, saga_id, "*", "", watch_at=time.time())
@@ -380,7 +388,7 @@ class SagaStore(abc.ABC):
         return self.apply(Op.SWEEP, saga_id, "*", "", f"{CALLBACK_GRACE * 1000:.0f}")
 
     def cancel(self, saga_id: str, error: str) -> Transition:
-        """Stop the saga's forward progress and compensate (``finished`` if it had ended)."""
+        """Stop forward progress and compensate (``finished`` if it ended, ``not_allowed`` past its pivot)."""
         return self.apply(Op.CANCEL, saga_id, "*", "", error)
 
     def compensation_failed(self, saga_id: str, gen: str, name: str, step: str, error: str, round: int) -> Transition:
@@ -414,9 +422,10 @@ _DEFINITIONS: dict[str, tuple[str, str]] = {}
 #: sweeper sends it (and the callback may then arrive twice).
 CALLBACK_GRACE = 10.0
 
-# Ops that may decide a compensation retry get a draw for its backoff's jitter
-# as their last argument (scripts draw no random numbers).
-_DRAW_BACKOFF = frozenset({Op.COMP_FAIL, Op.SWEEP})
+# Ops that may decide a retry (of a compensation, or of a step past the
+# pivot) get a draw for its backoff's jitter as their last argument (scripts
+# draw no random numbers).
+_DRAW_BACKOFF = frozenset({Op.COMP_FAIL, Op.SWEEP, Op.FAIL, Op.LOST})
 
 
 def _new_tx() -> str:

@@ -71,7 +71,8 @@ stage, left        current forward stage (0-based); its steps still running
 cstage, copen      compensation frontier (stage); compensations not yet ended
 gaveup             compensations that gave up
 failed_step, error, reason   what started the rollback; reason is failure,
-                   timeout, cancelled, or publish (the start could not publish)
+                   timeout, cancelled, or publish (the start could not publish);
+                   forward: a step past the pivot gave up (no rollback)
 startfail          "1": the start could not publish; the next start with the
                    same idempotency key replaces the record
 s:<step>           forward status (StepStatus; absent = WAITING)
@@ -89,6 +90,12 @@ rt:/crt:<step>     highest Celery retry count seen by a step / compensation
 cb0:<step>         attempts before the last operator retry (retry budget base)
 rr                 operator retries so far
 comp:<step>        compensation task name; cof:<step> "1" = compensate on failure
+                   (none for a step after the pivot: it is never compensated)
+pv, past           the pivot step (a saga with one); "1" once it has completed
+fbo, fmaxr         forward backoff "<base>,<max>" (s); forward max retries ("": none)
+fa:<step>          times a step past the pivot (or the pivot, its outcome lost)
+                   was sent again; fb0:<step> the count before the last operator
+                   retry; fg:<step> "1": it gave up (the saga is FAILED, "forward")
 x:<op>[:<step>:<r>] the latest call of that op (for that step and round): its
                    transition id and reply, for de-duplication (transitions.lua)
 zn, z1 .. z<zn>    a finished record, packed (store/compact.py)

@@ -64,6 +64,7 @@ class Outcome(str, Enum):
     COMPLETED = "completed"  # the last stage is complete
     ROLLBACK = "rollback"  # rolling back: publish the compensations in ``due``
     BACKOFF = "backoff"  # a compensation attempt failed and is sent again after a delay
+    RESEND = "resend"  # a step after the pivot (or the pivot, its outcome lost) is sent again, or gave up
     GAVE_UP = "gave_up"  # a compensation attempt failed for the last time
     LATE = "late"  # an outcome after the saga stopped waiting for it
     EARLY = "early"  # an expired message, before the store clock's deadline
@@ -83,10 +84,10 @@ class Outcome(str, Enum):
 
 @dataclass(frozen=True)
 class Due:
-    """A compensation a transition calls for.
+    """A compensation a transition calls for, or (``forward``) a step it sends again.
 
     Attributes:
-        step: The step whose compensation it is.
+        step: The step whose compensation it is (or, ``forward``, the step).
         round: 1 for the rollback, 2 for a late success compensated again.
         attempt: 0 to send it now; else attempt ``attempt`` failed (or
             missed its deadline), and it is sent after ``delay``, or, when it
@@ -94,6 +95,9 @@ class Due:
         delay: Seconds to wait before sending it: the retry backoff, drawn by
             the transition (the saga's backoff settings live in its record).
         gave_up: The compensation gave up after attempt ``attempt``.
+        forward: The step itself is sent again (a retriable step, or the
+            pivot whose outcome was lost), after ``delay``; ``attempt`` is
+            the forward retry it is (0: an operator's retry).
     """
 
     step: str
@@ -101,6 +105,7 @@ class Due:
     attempt: int = 0
     delay: float = 0.0
     gave_up: bool = False
+    forward: bool = False
 
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> Due:
@@ -110,6 +115,7 @@ class Due:
             attempt=int(raw.get("attempt", 0)),
             delay=float(raw.get("delay", 0.0)),
             gave_up=bool(raw.get("gave_up", False)),
+            forward=bool(raw.get("forward", False)),
         )
 
 

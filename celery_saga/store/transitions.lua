@@ -46,20 +46,25 @@ OPS, in lifecycle order
   begin          step wrapper, before the call    step DISPATCHED, RUNNING          run | busy | fenced | duplicate | not_dispatched
   done           step wrapper, after a return     step RUNNING, DISPATCHED (a lost  wait | next_stage | completed | rollback | late | duplicate
                                                   begin); UNKNOWN, CANCELLED: late
-  fail           wrapper; main process (revoked)  step RUNNING, DISPATCHED          rollback | late | duplicate
-  lost           wrapper (time limit); main proc. step RUNNING, DISPATCHED          rollback | late | duplicate
+  fail           wrapper; main process (revoked)  step RUNNING, DISPATCHED          rollback | resend | late | duplicate
+  lost           wrapper (time limit); main proc. step RUNNING, DISPATCHED          rollback | resend | late | duplicate
                  (lost worker, hard time limit)
-  expire         main process (expired message)   step DISPATCHED, deadline due     rollback | early | duplicate
+  expire         main process (expired message)   step DISPATCHED, deadline due     rollback | resend | early | duplicate
   sweep          sweeper                          any unfinished deadline           swept
-  cancel         SagaResult.cancel                PENDING, RUNNING, COMPENSATING    rollback | finished
+  cancel         SagaResult.cancel                PENDING, RUNNING, COMPENSATING    rollback | finished | not_allowed
+                                                  (not past the pivot)
   comp_begin     wrapper, before a compensation   compensation DISPATCHED, RUNNING, RETRYING
                                                                                     run | busy | duplicate | not_dispatched
   comp_done      wrapper, after it returned       compensation RUNNING, RETRYING,   rollback | recorded | duplicate
                                                   DISPATCHED (a lost comp_begin)
   comp_fail      wrapper; main process (lost)     compensation RUNNING, DISPATCHED  backoff | gave_up | duplicate
   callback_sent  whoever sent on_complete/on_failure   a finished saga              recorded
-  retry          retry_saga (operator)            FAILED, a compensation GAVE_UP    rollback | not_allowed
+  retry          retry_saga (operator)            FAILED, a compensation or a step  rollback | resend | not_allowed
+                                                  past the pivot gave up
   purge          purge_saga (operator)            COMPLETED, COMPENSATED, FAILED    purged | not_allowed
+  resend: a step past the pivot (or the pivot, its outcome lost) is sent
+  again (its due entry has forward = true), or gave up (the saga is FAILED,
+  reason "forward"); see "the point of no return".
   Every op but start replies missing without a record; every op but start and
   purge replies corrupt for a record it cannot read and stale for a message
   of another generation.
@@ -178,12 +183,14 @@ end
 -- roll back, everything rolling back would read.
 local ENDED_DROP = {td = true, rt = true, crt = true}
 local ENDED_DROP_FIELDS = {sdl = true, left = true}
-local COMPLETED_DROP = {to = true, comp = true, cof = true}
+local COMPLETED_DROP = {to = true, comp = true, cof = true, fb0 = true}
 local COMPLETED_DROP_FIELDS = {copen = true, gaveup = true, cstage = true, stage = true, bo = true, maxr = true,
-  cret = true, fret = true, lw = true, dw = true, retention = true, startfail = true}
+  cret = true, fret = true, lw = true, dw = true, retention = true, startfail = true, fbo = true, fmaxr = true}
 
 local function dropped(f, st, v, fields)
   local kind, m = string.match(f, '^(%w+):(.*)$')
+  -- A saga that gave up forward may be retried: it still counts the steps left in its stage.
+  if f == 'left' and fields['reason'] == 'forward' then return false end
   if ENDED_DROP_FIELDS[f] or (kind and ENDED_DROP[kind]) then return true end
   -- Replies: only the call that ended the saga may still be sent again, and
   -- the one that completed a saga with no on_complete asks its caller for
@@ -237,8 +244,8 @@ local function compact(st)
 end
 
 -- The fields every op reads, in one call.
--- 1 status, 2 gen, 3 v, 4 stages, 5 cstage, 6 zn (compact), 7 dw.
-local HEAD_FIELDS = {'status', 'gen', 'v', 'stages', 'cstage', 'zn', 'dw'}
+-- 1 status, 2 gen, 3 v, 4 stages, 5 cstage, 6 zn (compact), 7 dw, 8 pv (the pivot).
+local HEAD_FIELDS = {'status', 'gen', 'v', 'stages', 'cstage', 'zn', 'dw', 'pv'}
 -- `status` is what the saga was when this call began; `live`, what it is now.
 
 local function stages()
@@ -253,6 +260,36 @@ local function each_step(fn)
   for _, members in ipairs(stages()) do
     for _, m in ipairs(members) do fn(m) end
   end
+end
+
+-- -- the point of no return ----------------------------------------------------
+--
+-- A saga with a pivot ("pv": a step alone in its stage) can roll back only
+-- until the pivot has completed ("past" = "1"; the saga timeout stops
+-- applying then). The steps of later stages are retriable: a failure or a
+-- lost outcome sends them again after a backoff ("fbo", "fmaxr"), so the
+-- saga finishes forward or ends FAILED with reason "forward". A pivot whose
+-- outcome is unknown (its deadline, a lost worker, a time limit) is sent
+-- again the same way, until its outcome decides between forward and back.
+
+-- The 0-based stage of step m.
+local function stage_of(m)
+  for k, members in ipairs(stages()) do
+    for _, n in ipairs(members) do
+      if n == m then return k - 1 end
+    end
+  end
+  return -1
+end
+
+local function is_pivot(m)
+  return HEAD[8] and HEAD[8] ~= '' and HEAD[8] == m
+end
+
+-- Whether step m comes after the pivot: sent again, never compensated.
+local function retriable(m)
+  if not HEAD[8] or HEAD[8] == '' then return false end
+  return stage_of(m) > stage_of(HEAD[8])
 end
 
 -- -- replies -----------------------------------------------------------------
@@ -380,11 +417,12 @@ end
 
 -- The delay before the attempt after attempt n, in ms: equal jitter in
 -- [d/2, d], d = min(backoff_max, backoff * 2^(n-1)), from the settings the
--- saga started with ("bo"). Scripts draw no random numbers: the caller passes `u`
--- in [0, 1). This is the one place a compensation's backoff is computed.
-local function backoff_ms(n, u)
-  local bo = split(hget('bo'), ',')
-  if #bo == 0 then
+-- saga started with ("bo"; "fbo" for a step sent forward again). Scripts draw
+-- no random numbers: the caller passes `u` in [0, 1). This is the one place
+-- a backoff is computed.
+local function backoff_ms(n, u, field)
+  local bo = split(hget(field or 'bo'), ',')
+  if #bo == 0 and not field then
     -- A record started by an earlier version keeps its settings inline.
     local ok, settings = pcall(cjson.decode, hget('settings') or '{}')
     if ok and type(settings) == 'table' then
@@ -597,10 +635,52 @@ local function saga_timeout_text()
   return 'timeout: the saga did not finish within ' .. secs(hget('sto'))
 end
 
--- Step m missed its deadline: fence or stop waiting for it, and roll back.
--- Returns the status the saga had before, when it changed.
-local function time_out_step(m)
+-- Step m, retriable or the pivot, has no outcome to go on (it failed, its
+-- outcome is lost, or it missed its deadline): send it again after a
+-- backoff drawn with `u`, with the same idempotency key, or give up after
+-- saga_forward_max_retries ("fmaxr"; an operator retry resets the budget
+-- from "fb0:<step>") and end the saga FAILED, reason "forward". In a saga
+-- that has given up already, a sibling gives up too, for the operator's
+-- retry to send again with it. Returns its due entry, and the status the
+-- saga had before if this ended it.
+local function forward_retry(m, err, u)
+  if err then redis.call('HSET', K, 'e:' .. m, err) end
+  local n = redis.call('HINCRBY', K, 'fa:' .. m, 1)
+  local entry = {step = m, forward = true, attempt = n}
+  local maxr = hget('fmaxr')
+  local going = live == 'PENDING' or live == 'RUNNING'
+  if not going or (maxr and maxr ~= '' and n - (num(hget('fb0:' .. m)) or 0) > num(maxr)) then
+    redis.call('HSET', K, 's:' .. m, 'FAILED', 'fg:' .. m, '1', 't1:' .. m, NOW)
+    redis.call('HDEL', K, 'dl:' .. m)
+    entry.gave_up = true
+    if not going then return entry, false end
+    redis.call('HSET', K, 'failed_step', m, 'error', err or '', 'reason', 'forward')
+    return entry, finish('FAILED')
+  end
+  local delay = backoff_ms(n, u, 'fbo')
+  redis.call('HSET', K, 's:' .. m, 'DISPATCHED', 'td:' .. m, NOW)
+  local to = num(hget('to:' .. m))
+  if to then redis.call('HSET', K, 'dl:' .. m, NOW + delay + to) end
+  entry.delay = delay / 1000
+  return entry, false
+end
+
+-- Whether step m, in flight, is sent again rather than stopped on: a
+-- retriable step, or the pivot while the saga still goes forward.
+local function sent_again(m)
+  return retriable(m) or (is_pivot(m) and (live == 'PENDING' or live == 'RUNNING'))
+end
+
+-- Step m missed its deadline: fence or stop waiting for it, and roll back;
+-- or, for a step sent again (see forward_retry), append its due entry to
+-- `out`. Returns the status the saga had before, when it changed.
+local function time_out_step(m, out, u)
   local err = 'timeout: step ' .. m .. ' had no outcome ' .. secs(hget('to:' .. m)) .. ' after it was dispatched'
+  if sent_again(m) then
+    local entry, changed = forward_retry(m, err, u)
+    out[#out + 1] = entry
+    return changed
+  end
   local st = live
   stop_waiting(m, 'timeout', err)
   if st == 'PENDING' or st == 'RUNNING' then return begin_rollback(m, err, 'timeout') end
@@ -651,7 +731,8 @@ local function apply_deadlines(out, u)
     local s = hget('s:' .. m)
     local dl = num(hget('dl:' .. m))
     if (s == 'DISPATCHED' or s == 'RUNNING') and dl and num(NOW) >= dl then
-      local c = time_out_step(m)
+      -- Several retries drawn in one sweep get different jitter.
+      local c = time_out_step(m, out, (u + #out * 0.6180339887) % 1)
       changed = changed or c
     end
   end)
@@ -783,8 +864,11 @@ OPS.begin = function()
       changed = settle(out, changed)
     elseif (status == 'PENDING' or status == 'RUNNING') and sdl and num(NOW) >= sdl then
       changed = settle(out, halt('timeout', saga_timeout_text()))
+    elseif dl and num(NOW) >= dl and sent_again(m) then
+      -- Late, but here before a sweeper sent it again: let this copy run, with a fresh deadline.
+      redis.call('HSET', K, 'dl:' .. m, NOW + (num(hget('to:' .. m)) or 0))
     elseif dl and num(NOW) >= dl then
-      changed = settle(out, time_out_step(m))
+      changed = settle(out, time_out_step(m, out, 0))
     end
     s = hget('s:' .. m)
   end
@@ -835,7 +919,17 @@ OPS.done = function()
     return respond('duplicate', nil, {step_status = s or ''})
   end
   redis.call('HSET', K, 's:' .. m, 'COMPLETED', 'r:' .. m, AV[5], 't1:' .. m, NOW)
+  if live == 'FAILED' and retriable(m) then
+    -- A sibling of a step that gave up forward: one step fewer for the operator's retry to wait for.
+    redis.call('HINCRBY', K, 'left', -1)
+    return remember(respond('late', changed))
+  end
   if live == 'RUNNING' then
+    if is_pivot(m) then
+      -- The point of no return: from here the saga only goes forward.
+      redis.call('HSET', K, 'past', '1')
+      redis.call('HDEL', K, 'sdl')
+    end
     local left = redis.call('HINCRBY', K, 'left', -1)
     if left > 0 then return remember(respond('wait', changed)) end
     -- The last step of the stage to finish dispatches the next stage: the
@@ -859,9 +953,10 @@ OPS.done = function()
   return remember(respond('late', changed))
 end
 
--- fail ARGV: 4 step, 5 error. lost ARGV: 4 step, 5 error, 6 why ("timeout"
--- for a hard time limit, "lost" for a lost worker). A lost outcome is
--- unknown: the step may have had its effect, so it is compensated blind.
+-- fail ARGV: 4 step, 5 error, 6 u. lost ARGV: 4 step, 5 error, 6 why
+-- ("timeout" for a hard time limit, "lost" for a lost worker), 7 u. A lost
+-- outcome is unknown: the step may have had its effect, so it is
+-- compensated blind. `u` draws the backoff of a step sent again.
 local function fail_or_lose()
   local m = AV[4]
   local s = hget('s:' .. m)
@@ -871,6 +966,15 @@ local function fail_or_lose()
     return remember(respond('late'))
   end
   if s ~= 'RUNNING' and s ~= 'DISPATCHED' then return respond('duplicate', nil, {step_status = s or ''}) end
+  if retriable(m) or (op == 'lost' and sent_again(m)) then
+    if s == 'DISPATCHED' and hget('fa:' .. m) then
+      -- An earlier attempt's outcome, after the step was sent again: the new copy decides.
+      return respond('duplicate', nil, {step_status = s})
+    end
+    local u = num(AV[op == 'lost' and 7 or 6]) or 0
+    local entry, changed = forward_retry(m, AV[5], u)
+    return remember(respond('resend', changed, {due = {entry}, attempt = entry.attempt}))
+  end
   local reason = 'failure'
   if op == 'lost' then
     stop_waiting(m, AV[6], AV[5])
@@ -901,7 +1005,8 @@ OPS.expire = function()
   local dl = num(hget('dl:' .. m))
   if not dl or num(NOW) < dl then return respond('early') end
   local out = {}
-  return remember(respond('rollback', settle(out, time_out_step(m)), {due = out}))
+  if sent_again(m) then return remember(respond('resend', time_out_step(m, out, 0), {due = out})) end
+  return remember(respond('rollback', settle(out, time_out_step(m, out, 0)), {due = out}))
 end
 
 -- ARGV: 4 the grace (ms) before a finished saga's unsent callback is sent,
@@ -924,6 +1029,8 @@ end
 -- ARGV: 4 error. Like a saga timeout, on demand.
 OPS.cancel = function()
   if finished(status) then return respond('finished') end
+  -- Past its point of no return, a saga finishes forward.
+  if hget('past') == '1' then return respond('not_allowed') end
   local out, changed = {}, false
   if status == 'COMPENSATING' then
     each_step(function(m) stop_waiting(m, 'cancelled') end)
@@ -984,8 +1091,28 @@ OPS.callback_sent = function()
   return respond('recorded')
 end
 
--- An operator re-drives the compensations that gave up in a FAILED saga.
+-- An operator re-drives what gave up in a FAILED saga: the steps that gave
+-- up forward (with a fresh budget), or else the compensations.
 OPS.retry = function()
+  if status == 'FAILED' and hget('reason') == 'forward' then
+    -- The steps that gave up, and any sibling still queued: a FAILED saga
+    -- runs nothing (begin refuses it), so its message was dropped.
+    local out = {}
+    each_step(function(m)
+      if hget('fg:' .. m) == '1' or hget('s:' .. m) == 'DISPATCHED' then
+        redis.call('HDEL', K, 'fg:' .. m, 't1:' .. m)
+        redis.call('HSET', K, 'fb0:' .. m, hget('fa:' .. m) or '0')
+        dispatch_step(m)
+        out[#out + 1] = {step = m, forward = true}
+      end
+    end)
+    if #out == 0 then return respond('not_allowed') end
+    redis.call('HINCRBY', K, 'rr', 1)
+    redis.call('HDEL', K, 'cbs', 'failed_step', 'error', 'reason')
+    local changed = set_status('RUNNING')
+    redis.call('PERSIST', K)
+    return remember(respond('resend', changed, {due = out}))
+  end
   if status ~= 'FAILED' or (num(hget('gaveup')) or 0) == 0 then return respond('not_allowed') end
   local out = {}
   each_step(function(m)
