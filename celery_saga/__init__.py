@@ -7,7 +7,7 @@ are compensated in reverse order. A record in Redis is the source of truth.
 
 from __future__ import annotations
 
-from .admin import cancel_saga, list_sagas, purge_saga, retry_saga, saga_state, saga_stats
+from .admin import cancel_saga, list_sagas, purge_saga, retry_saga, saga_state, saga_stats, signal_saga
 from .context import StepContext, current_step
 from .enable import enable
 from .errors import (
@@ -26,11 +26,19 @@ from .errors import (
 )
 from .result import SagaResult
 from .saga import Saga, parallel
-from .signals import compensation_failed, saga_compensated, saga_completed, saga_failed, saga_started
+from .signals import (
+    compensation_failed,
+    saga_compensated,
+    saga_completed,
+    saga_event_received,
+    saga_failed,
+    saga_started,
+)
 from .state import CompensationRound, CompensationStatus, SagaState, SagaStatus, StepRecord, StepStatus
 from .step import saga_step, step
 from .sweeper import SweepReport, sweep
 from .views import SagaStats, SagaSummary
+from .wait import wait_for
 
 __version__ = "0.1.0"
 
@@ -40,6 +48,7 @@ __all__ = [
     "parallel",
     "saga_step",
     "step",
+    "wait_for",
     # Inside a step
     "current_step",
     "StepContext",
@@ -60,6 +69,7 @@ __all__ = [
     "retry_saga",
     "purge_saga",
     "cancel_saga",
+    "signal_saga",
     "sweep",
     "SweepReport",
     "SagaSummary",
@@ -71,6 +81,7 @@ __all__ = [
     "saga_compensated",
     "saga_failed",
     "compensation_failed",
+    "saga_event_received",
     # Errors
     "SagaError",
     "SagaDefinitionError",

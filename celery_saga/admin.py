@@ -20,6 +20,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from celery import Celery
 
@@ -169,6 +170,8 @@ def check_registration(app: Celery, timeout: float = 1.0) -> RegistrationReport:
     missing: list[Unregistered] = []
     for saga in sorted(sagas_of(app), key=lambda s: s.name):
         for spec in saga.plan().steps:
+            if spec.is_wait:
+                continue  # no task: the outside world delivers its event
             if spec.task not in registered:
                 missing.append(Unregistered(saga.name, spec.name, spec.task, False))
             if spec.compensation is not None and spec.compensation not in registered:
@@ -188,6 +191,15 @@ def cancel_saga(app: Celery, saga_id: str) -> bool:
         SagaNotFound: no such saga.
     """
     return SagaResult(saga_id, app).cancel()
+
+
+def signal_saga(app: Celery, saga_id: str, event: str, data: Any = None) -> bool:
+    """Deliver an outside event to a saga's ``wait_for(event)``: `SagaResult.signal`.
+
+    Raises:
+        SagaNotFound: no such saga.
+    """
+    return SagaResult(saga_id, app).signal(event, data)
 
 
 def purge_saga(app: Celery, saga_id: str) -> None:

@@ -154,3 +154,24 @@ def forward_attempt_failed(
             delay,
             attempt,
         )
+
+
+def event_received(app: Celery, saga_id: str, name: str, event: str, data: Any) -> None:
+    """An outside event was accepted: the ``saga_event_received`` signal and a ``task-saga-event`` event.
+
+    The process delivering it is seldom a worker: the event goes out from a
+    worker per ``saga_send_events`` / ``-E``, and from any other process
+    only when ``saga_send_events`` is set to True.
+    """
+    signals.saga_event_received.send(
+        sender=name, saga_id=saga_id, saga_name=name, dedup_id=f"{saga_id}:event:{event}", event=event, data=data
+    )
+    fields = {"name": name, "saga_id": saga_id, "saga_name": name, "event": event}
+    if _WORKER.hostname is not None:
+        _send(app, "task-saga-event", saga_id, **fields)
+    elif app.conf.get("saga_send_events") is True:
+        try:
+            with app.events.default_dispatcher() as dispatcher:
+                dispatcher.send("task-saga-event", uuid=saga_id, **fields)
+        except Exception:  # monitoring must never break a saga
+            logger.warning("could not send task-saga-event for %s", saga_id, exc_info=True)

@@ -5,7 +5,10 @@ Commands::
     celery -A proj saga list [--status S] [--name N] [--since T] [--limit N] [--json]
     celery -A proj saga show ID [--json]
     celery -A proj saga stats [--json]
-    celery -A proj saga retry ID     re-drive the compensations that gave up in a FAILED saga
+    celery -A proj saga retry ID     re-drive what gave up in a FAILED saga: compensations, or
+                                     the steps past its pivot
+    celery -A proj saga signal ID EVENT [--data JSON]
+                                     deliver an outside event to the saga's wait_for(EVENT)
     celery -A proj saga purge ID     remove a finished saga (COMPLETED, COMPENSATED or FAILED)
     celery -A proj saga cancel ID    stop a running saga and compensate it (exit 1 if it had finished)
     celery -A proj saga sweep [--once] [--interval S]
@@ -126,7 +129,7 @@ _JSON = click.option("--json", "as_json", cls=CeleryOption, is_flag=True, help="
 
 @click.group(name="saga")
 def saga() -> None:
-    """Operate on sagas: list, show, stats, retry, purge, cancel, sweep, check, web."""
+    """Operate on sagas: list, show, stats, retry, signal, purge, cancel, sweep, check, web."""
 
 
 @saga.command(name="list", cls=CeleryCommand)
@@ -198,11 +201,33 @@ def stats(ctx: click.Context, as_json: bool) -> None:
 @click.argument("saga_id")
 @click.pass_context
 def retry(ctx: click.Context, saga_id: str) -> None:
-    """Re-drive the compensations that gave up in a FAILED saga."""
+    """Re-drive what gave up in a FAILED saga: its compensations, or its steps past the pivot."""
     with _errors():
         admin.retry_saga(_app(ctx), saga_id)
     follow_it = _hint(ctx, "show", saga_id)
-    click.echo(f"saga {saga_id}: compensations that gave up were sent again; follow it with `{follow_it}`")
+    click.echo(f"saga {saga_id}: what gave up was sent again; follow it with `{follow_it}`")
+
+
+@saga.command("signal", cls=CeleryCommand)
+@click.argument("saga_id")
+@click.argument("event")
+@click.option("--data", cls=CeleryOption, default=None, help="The event's data, as JSON (an object is merged).")
+@click.pass_context
+def signal_command(ctx: click.Context, saga_id: str, event: str, data: str | None) -> None:
+    """Deliver an outside event to a saga waiting for it; exit 1 if it cannot take it."""
+    try:
+        value = None if data is None else json.loads(data)
+    except ValueError as exc:
+        raise click.BadParameter(f"not JSON: {exc}", param_hint="--data") from exc
+    with _errors():
+        accepted = admin.signal_saga(_app(ctx), saga_id, event, value)
+    if not accepted:
+        raise CeleryCommandException(
+            message=f"saga {saga_id} did not take event {event!r}: it has finished, has no wait for it, "
+            f"or that wait is over; see `{_hint(ctx, 'show', saga_id)}`",
+            exit_code=EX_REFUSED,
+        )
+    click.echo(f"saga {saga_id}: event {event!r} accepted")
 
 
 @saga.command(cls=CeleryCommand)
@@ -223,7 +248,10 @@ def cancel(ctx: click.Context, saga_id: str) -> None:
     with _errors():
         cancelled = admin.cancel_saga(_app(ctx), saga_id)
     if not cancelled:
-        raise CeleryCommandException(message=f"saga {saga_id} had already finished", exit_code=EX_REFUSED)
+        raise CeleryCommandException(
+            message=f"saga {saga_id} had already finished, or is past its pivot (it then finishes forward)",
+            exit_code=EX_REFUSED,
+        )
     click.echo(f"saga {saga_id} cancelled: it is being compensated; follow it with `{_hint(ctx, 'show', saga_id)}`")
 
 

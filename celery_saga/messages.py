@@ -157,6 +157,10 @@ def publish_stage(
     Raises:
         StageNotPublished: a send failed; its cause is the broker's error.
     """
+    # A wait is not published: the outside world delivers its event.
+    specs = [spec for spec in specs if not spec.is_wait]
+    if not specs:
+        return
     # Every step gets the whole saga data (a participant filters on receipt),
     # so a key one step redacts is masked in every message of the saga.
     shown = _shown(data, redact)

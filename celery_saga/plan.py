@@ -40,6 +40,9 @@ class StepSpec:
             compensation attempt; None for no deadline.
         redact: Keys whose values are masked wherever the step's and its
             compensation's arguments are shown (Flower, events, logs, views).
+        event: For a wait (``wait_for``), named ``wait:<event>``: the event
+            it waits for. A wait has no task and is never published.
+        reject: For a wait: the event that rejects it, if any.
     """
 
     name: str
@@ -52,8 +55,17 @@ class StepSpec:
     compensation_options: dict[str, Any] = field(default_factory=dict)
     timeout: float | None = None
     redact: tuple[str, ...] = ()
+    event: str | None = None
+    reject: str | None = None
+
+    @property
+    def is_wait(self) -> bool:
+        return self.event is not None
 
     def to_json(self) -> dict[str, Any]:
+        if self.event is not None:
+            # (Only waits carry these: the plans of other sagas keep their digests.)
+            return {"name": self.name, "event": self.event, "reject": self.reject, "timeout": self.timeout}
         return {
             "name": self.name,
             "task": self.task,
@@ -97,7 +109,7 @@ class Plan:
                 tuple(
                     StepSpec(
                         name=str(s["name"]),
-                        task=str(s["task"]),
+                        task=str(s.get("task", "")),
                         compensation=s.get("compensation"),
                         compensate_on_failure=bool(s.get("compensate_on_failure", False)),
                         bound=dict(s.get("bound") or {}),
@@ -106,6 +118,8 @@ class Plan:
                         compensation_options=dict(s.get("compensation_options") or {}),
                         timeout=float(s["timeout"]) if s.get("timeout") is not None else None,
                         redact=tuple(str(k) for k in s.get("redact") or ()),
+                        event=str(s["event"]) if s.get("event") else None,
+                        reject=str(s["reject"]) if s.get("reject") else None,
                     )
                     for s in stage
                 )

@@ -8,13 +8,15 @@ from typing import Any
 from celery import Celery
 from celery.exceptions import TimeoutError as CeleryTimeoutError
 
-from .errors import SagaCompensated, SagaFailed, SagaNotFound, SagaRecordCorrupt
+from . import announce, codec
+from .errors import SagaCompensated, SagaDataError, SagaFailed, SagaNotFound, SagaRecordCorrupt
 from .follow import follow
 from .messages import queue_of
 from .plan import cached_plan
 from .state import CompensationStatus, SagaState, SagaStatus
 from .store import Outcome, SagaStore
 from .stores import store_for
+from .wait import check_event_name
 
 __all__ = ["SagaResult"]
 
@@ -70,6 +72,47 @@ class SagaResult:
     def ready(self) -> bool:
         """True once the saga has finished: COMPLETED, COMPENSATED or FAILED."""
         return self.status.finished
+
+    def signal(self, event: str, data: Any = None) -> bool:
+        """Deliver the outside event ``event`` to the saga's ``wait_for(event)``.
+
+        A dict ``data`` is merged into the saga data like a step's result.
+        The first delivery wins: an event delivered before the saga reaches
+        its wait is kept and consumed when it does, and a later delivery of
+        the same event changes nothing. Delivering a wait's ``reject`` event
+        rolls the saga back (reason ``"rejected"``).
+
+        Returns:
+            True if the event was accepted, now or by an earlier delivery;
+            False if the saga has finished, has no wait for the event, or
+            its wait is over (it timed out, or the saga is rolling back).
+
+        Raises:
+            SagaNotFound: there is no such saga.
+            SagaDataError: ``data`` cannot be stored as JSON.
+            SagaRecordCorrupt: its record cannot be read.
+            SagaStoreUnavailable: the saga store cannot be reached; nothing changed.
+        """
+        check_event_name(event)
+        try:
+            data_json = codec.dumps(data)
+        except (TypeError, ValueError) as exc:
+            raise SagaDataError(
+                f"saga {self.id}: the data of event {event!r} cannot be stored in the saga record: "
+                f"{codec.why_unstorable(data)}. Pass {codec.STORABLE}"
+            ) from exc
+        store = self._store()
+        t = store.signal(self.id, event, data_json)
+        if t.outcome is Outcome.MISSING:
+            raise SagaNotFound(self.id, store.where())
+        if t.outcome is Outcome.CORRUPT:
+            raise SagaRecordCorrupt(self.id, f"the store refused the event {event!r}")
+        if t.outcome in (Outcome.FINISHED, Outcome.NOT_ALLOWED):
+            return False
+        if t.outcome is not Outcome.DUPLICATE:
+            announce.event_received(self.app, self.id, t.name, event, data)
+            follow(self.app, store, t)
+        return True
 
     def cancel(self) -> bool:
         """Stop the saga and roll it back, as a saga timeout would.
@@ -132,7 +175,11 @@ class SagaResult:
             return f"it is {status.value}"
         raw = store.load(self.id)
         plan = cached_plan(raw["ph"], lambda: raw["plan"])
-        queues = ", ".join(sorted({repr(queue_of(self.app, spec)) for spec in plan.stages[0]}))
+        specs = [spec for spec in plan.stages[0] if not spec.is_wait]
+        if not specs:
+            waits = ", ".join(spec.event or "" for spec in plan.stages[0])
+            return f"it is PENDING, waiting for event(s) {waits} (deliver one with SagaResult.signal())"
+        queues = ", ".join(sorted({repr(queue_of(self.app, spec)) for spec in specs}))
         return (
             f"it is PENDING: no worker has begun its first step. Is a worker of app {self.app.main!r} "
             f"consuming queue {queues}?"

@@ -28,6 +28,7 @@ from .state import SagaStatus
 from .step import StepRef, check_step_name
 from .store import Outcome, SagaStore, StartRequest, Transition
 from .stores import settings_of, store_for
+from .wait import WaitRef
 
 __all__ = ["Saga", "parallel", "saga_id_for"]
 
@@ -55,7 +56,7 @@ class parallel:  # noqa: N801 - named like Celery's own `group`
 
 def _stages(item: Any) -> list[list[Any]]:
     """Flatten a step list or Celery canvas into stages of leaves."""
-    if is_proxy(item):
+    if is_proxy(item) or isinstance(item, WaitRef):
         return [[item]]
     if isinstance(item, (list, tuple)):
         return [stage for x in item for stage in _stages(x)]
@@ -86,6 +87,8 @@ def _leaf(item: Any) -> StepRef:
     """Turn one step (task, signature or step()) into a StepRef, checking it is a declared step."""
     if not is_proxy(item) and isinstance(item, StepRef):
         return item
+    if isinstance(item, WaitRef):
+        return StepRef(item.step_name, "", None, False, timeout=item.timeout, event=item.event, reject=item.reject)
     if is_task(item) or isinstance(item, Signature):
         name = task_name(item)
         meta = step_meta(name)
@@ -109,7 +112,7 @@ def _leaf(item: Any) -> StepRef:
         )
     raise SagaDefinitionError(
         f"{item!r} cannot be a saga step: use a task decorated with @saga_step, its signature, "
-        f"step('task.name', compensate=...), parallel(...), or a Celery chain/group of those"
+        f"step('task.name', compensate=...), wait_for(...), parallel(...), or a Celery chain/group of those"
     )
 
 
@@ -161,6 +164,7 @@ class Saga:
                         f"with step(task, name='...')"
                     )
                 seen.add(ref.name)
+        _check_events(name, stages)
         self._refs = stages
         #: The pivot step's name, or None; ``pivot_stage`` is its stage (None: no pivot).
         self.pivot: str | None = pivot
@@ -211,6 +215,11 @@ class Saga:
         for k, stage in enumerate(self._refs):
             specs = []
             for ref in stage:
+                if ref.event is not None:
+                    specs.append(
+                        StepSpec(ref.name, "", None, stage=k, timeout=ref.timeout, event=ref.event, reject=ref.reject)
+                    )
+                    continue
                 local = tasks.get(ref.task)
                 if ref.compensation is not None and local is not None and ref.compensation not in tasks:
                     raise SagaDefinitionError(
@@ -271,6 +280,9 @@ class Saga:
         for stage in self._refs:
             capped = []
             for ref in stage:
+                if ref.event is not None and ref.timeout is None:
+                    capped.append(ref)  # a wait for ever stays one: the test delivers its event
+                    continue
                 timeout = default if ref.timeout is MISSING else ref.timeout
                 capped.append(dataclasses.replace(ref, timeout=None if timeout is None else min(timeout, cap)))
             refs.append(capped)
@@ -341,6 +353,8 @@ class Saga:
                 step_fields.append((f"cof:{spec.name}", "1"))
             if spec.timeout is not None:
                 step_fields.append((f"to:{spec.name}", f"{spec.timeout * 1000:.0f}"))
+            if spec.reject is not None:
+                step_fields.append((f"rj:{spec.name}", spec.reject))
         # The first deadline can be no sooner than the shortest timeout.
         first = min((x for x in (plan.shortest_timeout(), saga_timeout) if x is not None), default=None)
         plan_json, settings_json = plan.to_json(), settings.saga_copy()
@@ -399,6 +413,20 @@ class Saga:
         except Exception:
             logger.exception("saga %s: could not mark the failed start", created.saga_id)
         raise cause  # the broker's own error, as publishing raised it
+
+
+def _check_events(saga: str, stages: list[list[StepRef]]) -> None:
+    """Each event names one thing to do: one wait's arrival, or one wait's rejection."""
+    seen: set[str] = set()
+    for ref in (r for stage in stages for r in stage if r.event is not None):
+        for event in (ref.event, ref.reject):
+            if event is None:
+                continue
+            if event in seen:
+                raise SagaDefinitionError(
+                    f"saga {saga!r}: event {event!r} is awaited (or rejects a wait) twice; give each its own name"
+                )
+            seen.add(event)
 
 
 def _pivot_stage(saga: str, stages: list[list[StepRef]], pivot: str | None) -> int | None:

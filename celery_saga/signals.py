@@ -15,6 +15,8 @@ saga_compensated       the rollback finished           failed_step, error
 saga_failed            a compensation gave up          failed_step, error
 compensation_failed    one compensation attempt        step, attempt, error,
                        raised                          gave_up
+saga_event_received    an outside event was accepted   event, data
+                       (by the process delivering it)
 =====================  ==============================  =======================
 """
 
@@ -22,10 +24,18 @@ from __future__ import annotations
 
 from celery.utils.dispatch import Signal
 
-__all__ = ["compensation_failed", "saga_compensated", "saga_completed", "saga_failed", "saga_started"]
+__all__ = [
+    "compensation_failed",
+    "saga_compensated",
+    "saga_completed",
+    "saga_event_received",
+    "saga_failed",
+    "saga_started",
+]
 
 saga_started = Signal(name="saga_started")
 saga_completed = Signal(name="saga_completed")
 saga_compensated = Signal(name="saga_compensated")
 saga_failed = Signal(name="saga_failed")
 compensation_failed = Signal(name="compensation_failed")
+saga_event_received = Signal(name="saga_event_received")

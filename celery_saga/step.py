@@ -109,6 +109,9 @@ class StepRef:
     timeout: Any = MISSING
     #: Keys masked where the step's arguments are shown.
     redact: tuple[str, ...] = ()
+    #: A wait (``wait_for``): the event it waits for, and the one that rejects it. No task.
+    event: str | None = None
+    reject: str | None = None
 
 
 def _timeout(value: Any, where: str) -> Any:

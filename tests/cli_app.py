@@ -39,6 +39,7 @@ from typing import Any
 import redis
 from celery import Celery
 
+import celery_saga
 from celery_saga import Saga, SagaResult, SagaStatus, current_step, saga_step, step
 from tests.helpers import Gates, wait_for
 
@@ -116,6 +117,8 @@ def create(redis_url: str, prefix: str, queue: str) -> SimpleNamespace:
     order = Saga("cli_order", [reserve, charge, ship])
     refund = Saga("cli_refund", [reserve, ship])
     hasty = Saga("cli_hasty", [step(reserve, timeout=HASTY_TIMEOUT), charge, ship])
+    # Waits for an outside event first: with no worker, it still takes one.
+    approval = Saga("cli_approval", [celery_saga.wait_for("approval", timeout=None, reject="denied"), ship])
     # A step of another service, by name, whose refund task that service lacks.
     remote = Saga("cli_remote", [reserve, step("svc.charge", compensate="svc.refund")])
 

@@ -67,7 +67,7 @@ def listed(proc: subprocess.CompletedProcess[str]) -> list[dict[str, str | None]
 
 
 fresh, world = cli_app.world_fixtures("sagacli")
-COMMANDS = ("list", "show", "stats", "retry", "purge", "cancel", "sweep", "check", "web")
+COMMANDS = ("list", "show", "stats", "retry", "signal", "purge", "cancel", "sweep", "check", "web")
 
 
 @pytest.fixture
@@ -605,3 +605,28 @@ def test_check_lists_the_tasks_no_running_worker_has(idle: SimpleNamespace, tmp_
     missing = [line.strip() for line in proc.stdout.splitlines() if line.startswith("  ")]
     assert missing == ["saga 'cli_remote': compensation of step 'svc.charge': task 'svc.refund'"]
     assert "1 task(s) the sagas need are not registered on any worker" in proc.stderr
+
+
+def test_signal_delivers_an_event_once_and_refuses_what_no_wait_takes(idle) -> None:
+    # Given a saga waiting for "approval" in its first stage (no worker: a wait holds none)
+    res = idle.shop.approval.apply_async(kwargs={"token": "t-1"})
+    # When an operator delivers the event with data
+    proc = cli(idle.env, "signal", res.id, "approval", "--data", '{"approved_by": "ann"}')
+    # Then it is accepted: the wait completed with the data, and the saga went on to its next stage
+    assert proc.returncode == 0, proc.stderr
+    assert f"saga {res.id}: event 'approval' accepted" in proc.stdout
+    record = shown(idle.env, res.id)
+    wait = record["steps"][0]
+    assert (wait["name"], wait["status"], wait["result"]) == ("wait:approval", "COMPLETED", {"approved_by": "ann"})
+    assert (record["status"], record["steps"][1]["status"]) == ("RUNNING", "DISPATCHED")
+    # ... a second delivery is accepted and changes nothing; the reject event comes too late
+    again = cli(idle.env, "signal", res.id, "approval", "--data", '{"approved_by": "bob"}')
+    assert again.returncode == 0 and shown(idle.env, res.id)["steps"][0]["result"] == {"approved_by": "ann"}
+    late = cli(idle.env, "signal", res.id, "denied")
+    assert late.returncode == 1 and "did not take event 'denied'" in late.stderr
+    # ... an event no wait takes, bad JSON and an unknown saga are refused
+    assert cli(idle.env, "signal", res.id, "nope").returncode == 1
+    bad = cli(idle.env, "signal", res.id, "approval", "--data", "{nope")
+    assert bad.returncode == 2 and "not JSON" in bad.stderr
+    missing = cli(idle.env, "signal", "no-such-saga", "approval")
+    assert missing.returncode == 1 and "not found" in missing.stderr

@@ -31,6 +31,14 @@ PLAN = Plan(
     )
 )
 GEN = "g1"
+# With a wait: "a", then a wait for event "ok" (rejected by "no"), then "c".
+WAIT_PLAN = Plan(
+    (
+        (StepSpec("a", "t.a", "t.undo_a", timeout=60.0),),
+        (StepSpec("wait:ok", "", None, stage=1, event="ok", reject="no"),),
+        (StepSpec("c", "t.c", None, stage=2, timeout=60.0),),
+    )
+)
 
 
 @pytest.fixture
@@ -73,11 +81,13 @@ def request(
     maxr: int | None = None,
     pivot: str = "",
     forward_maxr: int | None = None,
+    plan: Plan = PLAN,
 ) -> StartRequest:
     # With a pivot, as Saga.apply_async does: the steps after it keep no compensation.
     retriable = {"b", "c"} if pivot == "a" else set()
-    fields = [(f"comp:{s.name}", s.compensation) for s in PLAN.steps if s.compensation and s.name not in retriable]
-    fields += [(f"to:{s.name}", "60000") for s in PLAN.steps]
+    fields = [(f"comp:{s.name}", s.compensation) for s in plan.steps if s.compensation and s.name not in retriable]
+    fields += [(f"to:{s.name}", "60000") for s in plan.steps if not s.is_wait]
+    fields += [(f"rj:{s.name}", s.reject) for s in plan.steps if s.reject]
     kwargs_json = json.dumps(kwargs or {"order": 1})
     return StartRequest(
         saga_id=saga_id,
@@ -85,9 +95,9 @@ def request(
         name="s",
         fingerprint=kwargs_json,
         kwargs_json=kwargs_json,
-        plan_json=PLAN.to_json(),
-        plan_digest=PLAN.digest(),
-        stages=PLAN.lua_stages(),
+        plan_json=plan.to_json(),
+        plan_digest=plan.digest(),
+        stages=plan.lua_stages(),
         retention=60.0,
         settings_json=json.dumps(
             {
@@ -232,6 +242,27 @@ def _sent_again(step: str, attempt: int) -> Callable[[Saga, Transition], None]:
         assert saga.step(step).forward_retries == attempt
 
     return check
+
+
+def before_wait(store: RedisSagaStore) -> Saga:
+    """A saga of WAIT_PLAN whose first step runs: its wait is not reached yet."""
+    saga = Saga(store, str(uuid.uuid4()))
+    assert store.start(request(saga.saga_id, plan=WAIT_PLAN)).outcome is Outcome.CREATED
+    assert saga.apply(Op.BEGIN, "a", "0", "").outcome is Outcome.RUN
+    return saga
+
+
+def waiting(store: RedisSagaStore) -> Saga:
+    """A saga of WAIT_PLAN at its wait for "ok"."""
+    saga = before_wait(store)
+    t = saga.apply(Op.DONE, "a", '{"reservation": "r1"}')
+    assert (t.outcome, t.stage) == (Outcome.NEXT_STAGE, 1)
+    return saga
+
+
+def _past_the_wait(saga: Saga, t: Transition) -> None:
+    assert t.stage == 2 and t.data == {"order": 1, "reservation": "r1", "by": "ann"}
+    assert saga.step("wait:ok").status is StepStatus.COMPLETED and saga.step("wait:ok").result == {"by": "ann"}
 
 
 Build = Callable[[RedisSagaStore], Saga]
@@ -430,6 +461,27 @@ CASES = [
     Case(Op.RETRY, completed, (), Outcome.NOT_ALLOWED, SagaStatus.COMPLETED),
     Case(Op.PURGE, compensated, (), Outcome.PURGED, SagaStatus.COMPENSATED, lambda s, t: _gone(s)),
     Case(Op.PURGE, running, (), Outcome.NOT_ALLOWED, SagaStatus.RUNNING),
+    # signal: an outside event for a wait
+    Case(Op.SIGNAL, waiting, ("ok", '{"by": "ann"}'), Outcome.NEXT_STAGE, SagaStatus.RUNNING, _past_the_wait),
+    Case(
+        Op.SIGNAL,
+        before_wait,
+        ("ok", "null"),
+        Outcome.RECORDED,
+        SagaStatus.RUNNING,
+        _step_is("wait:ok", StepStatus.WAITING),
+    ),
+    Case(Op.SIGNAL, waiting, ("no", '{"why": "x"}'), Outcome.ROLLBACK, SagaStatus.COMPENSATING, _due("a")),
+    Case(
+        Op.SIGNAL,
+        waiting,
+        ("ok", "null"),
+        Outcome.DUPLICATE,
+        SagaStatus.RUNNING,
+        prepare=lambda saga: saga.apply(Op.SIGNAL, "ok", "null", gen="*") and None,
+    ),
+    Case(Op.SIGNAL, waiting, ("zzz", "null"), Outcome.NOT_ALLOWED, SagaStatus.RUNNING),
+    Case(Op.SIGNAL, completed, ("ok", "null"), Outcome.FINISHED, SagaStatus.COMPLETED),
     # a pivot: the steps after it are sent again; the saga no longer rolls back
     Case(Op.FAIL, past_pivot, ("b", "RuntimeError: down"), Outcome.RESEND, SagaStatus.RUNNING, _sent_again("b", 1)),
     Case(
@@ -500,7 +552,7 @@ def test_op(store: RedisSagaStore, case: Case) -> None:
     saga = case.given(store)
     if case.prepare is not None:
         case.prepare(saga)
-    gen = "*" if case.op in (Op.SWEEP, Op.CANCEL, Op.RETRY, Op.PURGE) else GEN
+    gen = "*" if case.op in (Op.SWEEP, Op.CANCEL, Op.RETRY, Op.PURGE, Op.SIGNAL) else GEN
     t = saga.apply(case.op, *case.args, gen=gen)
     assert (t.op, t.outcome, t.status) == (case.op, case.outcome, case.status)
     if case.check is not None:
@@ -749,3 +801,21 @@ def test_a_record_of_an_earlier_version_keeps_its_inline_backoff(store: RedisSag
     # Then a failed attempt is retried after that backoff (equal jitter: 2 to 4 s), not at once
     t = saga.apply(Op.COMP_FAIL, "a", "RuntimeError: down", "1")
     assert t.outcome is Outcome.BACKOFF and 2.0 <= t.due[0].delay <= 4.0
+
+
+def test_an_early_event_is_consumed_when_the_saga_reaches_its_wait(store: RedisSagaStore) -> None:
+    saga = before_wait(store)
+    assert saga.apply(Op.SIGNAL, "ok", '{"by": "ann"}', gen="*").outcome is Outcome.RECORDED
+    # The step before the wait completes: the wait is settled at once, and the stage after it is the one to publish
+    t = saga.apply(Op.DONE, "a", '{"reservation": "r1"}')
+    assert t.outcome is Outcome.NEXT_STAGE
+    _past_the_wait(saga, t)
+
+
+def test_an_early_reject_event_rolls_back_when_the_saga_reaches_its_wait(store: RedisSagaStore) -> None:
+    saga = before_wait(store)
+    assert saga.apply(Op.SIGNAL, "no", '{"why": "x"}', gen="*").outcome is Outcome.RECORDED
+    t = saga.apply(Op.DONE, "a", '{"reservation": "r1"}')
+    assert (t.outcome, t.status, [d.step for d in t.due]) == (Outcome.ROLLBACK, SagaStatus.COMPENSATING, ["a"])
+    state = store.state(saga.saga_id)
+    assert (state.reason, state.failed_step) == ("rejected", "wait:ok")

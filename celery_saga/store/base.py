@@ -391,6 +391,10 @@ class SagaStore(abc.ABC):
         """Stop forward progress and compensate (``finished`` if it ended, ``not_allowed`` past its pivot)."""
         return self.apply(Op.CANCEL, saga_id, "*", "", error)
 
+    def signal(self, saga_id: str, event: str, data_json: str) -> Transition:
+        """Deliver an outside event to the saga's wait for it (``transitions.lua``: signal)."""
+        return self.apply(Op.SIGNAL, saga_id, "*", "", event, data_json)
+
     def compensation_failed(self, saga_id: str, gen: str, name: str, step: str, error: str, round: int) -> Transition:
         """Record that an attempt of a compensation failed: ``backoff`` (it is sent again) or ``gave_up``."""
         return self.apply(Op.COMP_FAIL, saga_id, gen, name, step, error, str(round))

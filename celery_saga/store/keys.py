@@ -93,6 +93,8 @@ comp:<step>        compensation task name; cof:<step> "1" = compensate on failur
                    (none for a step after the pivot: it is never compensated)
 pv, past           the pivot step (a saga with one); "1" once it has completed
 fbo, fmaxr         forward backoff "<base>,<max>" (s); forward max retries ("": none)
+rj:<wait>          the event that rejects a wait ("wait:<event>", a step with no task)
+ev:/evt:<event>    an outside event's data (JSON), first delivery only; when it came (ms)
 fa:<step>          times a step past the pivot (or the pivot, its outcome lost)
                    was sent again; fb0:<step> the count before the last operator
                    retry; fg:<step> "1": it gave up (the saga is FAILED, "forward")

@@ -36,6 +36,7 @@ class Op(str, Enum):
     COMP_BEGIN = "comp_begin"
     COMP_DONE = "comp_done"
     COMP_FAIL = "comp_fail"
+    SIGNAL = "signal"
     CALLBACK_SENT = "callback_sent"
     RETRY = "retry"
     PURGE = "purge"

@@ -58,6 +58,8 @@ OPS, in lifecycle order
   comp_done      wrapper, after it returned       compensation RUNNING, RETRYING,   rollback | recorded | duplicate
                                                   DISPATCHED (a lost comp_begin)
   comp_fail      wrapper; main process (lost)     compensation RUNNING, DISPATCHED  backoff | gave_up | duplicate
+  signal         SagaResult.signal (outside)      a wait for the event, not over    recorded | wait | next_stage | completed |
+                                                  (kept if not reached yet)         rollback | duplicate | finished | not_allowed
   callback_sent  whoever sent on_complete/on_failure   a finished saga              recorded
   retry          retry_saga (operator)            FAILED, a compensation or a step  rollback | resend | not_allowed
                                                   past the pivot gave up
@@ -284,6 +286,12 @@ end
 
 local function is_pivot(m)
   return HEAD[8] and HEAD[8] ~= '' and HEAD[8] == m
+end
+
+-- A wait (wait_for) is the step "wait:<event>": no task, no message; the
+-- signal op delivers its event (see OPS.signal).
+local function is_wait(m)
+  return string.sub(m, 1, 5) == 'wait:'
 end
 
 -- Whether step m comes after the pivot: sent again, never compensated.
@@ -668,6 +676,7 @@ end
 -- Whether step m, in flight, is sent again rather than stopped on: a
 -- retriable step, or the pivot while the saga still goes forward.
 local function sent_again(m)
+  if is_wait(m) then return false end
   return retriable(m) or (is_pivot(m) and (live == 'PENDING' or live == 'RUNNING'))
 end
 
@@ -682,6 +691,14 @@ local function time_out_step(m, out, u)
     return changed
   end
   local st = live
+  if is_wait(m) and hget('past') == '1' then
+    -- A wait past the pivot that times out: nothing can be rolled back.
+    err = 'timeout: event ' .. string.sub(m, 6) .. ' did not come within ' .. secs(hget('to:' .. m))
+    stop_waiting(m, 'timeout', err)
+    if st ~= 'RUNNING' then return false end
+    redis.call('HSET', K, 'failed_step', m, 'error', err, 'reason', 'timeout')
+    return finish('FAILED')
+  end
   stop_waiting(m, 'timeout', err)
   if st == 'PENDING' or st == 'RUNNING' then return begin_rollback(m, err, 'timeout') end
   return false
@@ -774,6 +791,96 @@ local function begun_after_all(m)
   redis.call('HSETNX', K, 't0:' .. m, NOW)
   if live == 'PENDING' then return set_status('RUNNING') end
   return false
+end
+
+-- -- moving forward ------------------------------------------------------------
+
+local step_completed
+
+-- The event that settles wait m, if it came already: "accept" or "reject", and its data.
+local function early_event(m)
+  local data = hget('ev:' .. string.sub(m, 6))
+  if data then return 'accept', data end
+  local rj = hget('rj:' .. m)
+  if rj then
+    data = hget('ev:' .. rj)
+    if data then return 'reject', data end
+  end
+  return nil
+end
+
+-- Wait m was rejected by event `ev`: roll back with reason "rejected" (past
+-- the pivot, nothing can be: the saga ends FAILED).
+local function reject_wait(m, ev, data, changed)
+  local err = 'rejected: event ' .. ev .. ' came with data ' .. data
+  redis.call('HSET', K, 's:' .. m, 'FAILED', 'e:' .. m, err, 't1:' .. m, NOW)
+  redis.call('HSETNX', K, 't0:' .. m, NOW)
+  if hget('past') == '1' then
+    redis.call('HSET', K, 'failed_step', m, 'error', err, 'reason', 'rejected')
+    local ended = finish('FAILED')
+    return remember(respond('rollback', changed or ended))
+  end
+  changed = changed or begin_rollback(m, err, 'rejected')
+  local out = {}
+  return remember(respond('rollback', settle(out, changed), {due = out}))
+end
+
+-- The stage is complete: dispatch the next one (completing the saga after
+-- the last). A wait whose event came early is settled as it is reached,
+-- which may complete that stage too. Returns the reply.
+local function enter_next(changed)
+  local st = stages()
+  local k = num(hget('stage')) + 1
+  while k < #st do
+    redis.call('HSET', K, 'stage', k, 'left', #st[k + 1])
+    for _, n in ipairs(st[k + 1]) do dispatch_step(n) end
+    local left = #st[k + 1]
+    for _, n in ipairs(st[k + 1]) do
+      if is_wait(n) then
+        local how, data = early_event(n)
+        if how == 'reject' then return reject_wait(n, hget('rj:' .. n), data, changed) end
+        if how == 'accept' then
+          redis.call('HSET', K, 's:' .. n, 'COMPLETED', 'r:' .. n, data, 't0:' .. n, NOW, 't1:' .. n, NOW)
+          left = redis.call('HINCRBY', K, 'left', -1)
+        end
+      end
+    end
+    if left > 0 then
+      local text = remember(respond('next_stage', changed, {stage = k, plan_digest = hget('ph')}), k)
+      return with_stage_data(text, k)
+    end
+    k = k + 1
+  end
+  local ended = finish('COMPLETED')
+  return remember(respond('completed', changed or ended, {callback = hget('cb_ok') or ''}))
+end
+
+-- Step m (or wait m) completed with `result` (JSON). Returns the reply.
+function step_completed(m, result, changed)
+  redis.call('HSET', K, 's:' .. m, 'COMPLETED', 'r:' .. m, result, 't1:' .. m, NOW)
+  if live == 'FAILED' and retriable(m) then
+    -- A sibling of a step that gave up forward: one step fewer for the operator's retry to wait for.
+    redis.call('HINCRBY', K, 'left', -1)
+    return remember(respond('late', changed))
+  end
+  if live == 'RUNNING' then
+    if is_pivot(m) then
+      -- The point of no return: from here the saga only goes forward.
+      redis.call('HSET', K, 'past', '1')
+      redis.call('HDEL', K, 'sdl')
+    end
+    local left = redis.call('HINCRBY', K, 'left', -1)
+    if left > 0 then return remember(respond('wait', changed)) end
+    -- The last step of the stage to finish dispatches the next stage: the
+    -- join lives here, not in a chord, so a lost header task cannot hang it.
+    return enter_next(changed)
+  end
+  if live == 'COMPENSATING' then
+    -- A sibling that was still running when another failed: undo it now.
+    local out = {}
+    return remember(respond('rollback', settle(out, changed), {due = out}))
+  end
+  return remember(respond('late', changed))
 end
 
 -- -- the ops, in lifecycle order ----------------------------------------------
@@ -918,39 +1025,7 @@ OPS.done = function()
   elseif s ~= 'RUNNING' then
     return respond('duplicate', nil, {step_status = s or ''})
   end
-  redis.call('HSET', K, 's:' .. m, 'COMPLETED', 'r:' .. m, AV[5], 't1:' .. m, NOW)
-  if live == 'FAILED' and retriable(m) then
-    -- A sibling of a step that gave up forward: one step fewer for the operator's retry to wait for.
-    redis.call('HINCRBY', K, 'left', -1)
-    return remember(respond('late', changed))
-  end
-  if live == 'RUNNING' then
-    if is_pivot(m) then
-      -- The point of no return: from here the saga only goes forward.
-      redis.call('HSET', K, 'past', '1')
-      redis.call('HDEL', K, 'sdl')
-    end
-    local left = redis.call('HINCRBY', K, 'left', -1)
-    if left > 0 then return remember(respond('wait', changed)) end
-    -- The last step of the stage to finish dispatches the next stage: the
-    -- join lives here, not in a chord, so a lost header task cannot hang it.
-    local k = num(hget('stage')) + 1
-    local st = stages()
-    if k >= #st then
-      local ended = finish('COMPLETED')
-      return remember(respond('completed', changed or ended, {callback = hget('cb_ok') or ''}))
-    end
-    redis.call('HSET', K, 'stage', k, 'left', #st[k + 1])
-    for _, n in ipairs(st[k + 1]) do dispatch_step(n) end
-    local text = remember(respond('next_stage', changed, {stage = k, plan_digest = hget('ph')}), k)
-    return with_stage_data(text, k)
-  end
-  if live == 'COMPENSATING' then
-    -- A sibling that was still running when another failed: undo it now.
-    local out = {}
-    return remember(respond('rollback', settle(out, changed), {due = out}))
-  end
-  return remember(respond('late', changed))
+  return step_completed(m, AV[5], changed)
 end
 
 -- fail ARGV: 4 step, 5 error, 6 u. lost ARGV: 4 step, 5 error, 6 why
@@ -1083,6 +1158,34 @@ OPS.comp_fail = function()
   local fields = {due = out, attempt = failed.attempt}
   if failed.gave_up then return remember(respond('gave_up', changed, fields)) end
   return remember(respond('backoff', changed, fields))
+end
+
+-- ARGV: 4 event, 5 its data (JSON). The outside world delivers an event.
+-- The first delivery is kept ("ev:<event>") and consumed by the wait for
+-- it ("wait:<event>", or the wait it rejects, "rj:<wait>"), now or when the
+-- saga gets there; a later one changes nothing and says so (duplicate).
+-- Refused (not_allowed) when no wait of the saga can still take it.
+OPS.signal = function()
+  local ev, data = AV[4], AV[5]
+  if finished(status) then return respond('finished') end
+  local target, rejects = nil, false
+  each_step(function(m)
+    if is_wait(m) and string.sub(m, 6) == ev then target = m end
+    if is_wait(m) and hget('rj:' .. m) == ev then target, rejects = m, true end
+  end)
+  if not target then return respond('not_allowed') end
+  if hget('ev:' .. ev) then return respond('duplicate') end
+  local s = hget('s:' .. target)
+  local forward = status == 'PENDING' or status == 'RUNNING'
+  -- Over (settled, timed out, fenced), or never to be reached (rolling back).
+  if (s and s ~= 'DISPATCHED') or not forward then return respond('not_allowed') end
+  redis.call('HSET', K, 'ev:' .. ev, data, 'evt:' .. ev, NOW)
+  if not s then return remember(respond('recorded')) end  -- kept until the saga gets there
+  local changed = false
+  if status == 'PENDING' then changed = set_status('RUNNING') end
+  if rejects then return reject_wait(target, ev, data, changed) end
+  redis.call('HSETNX', K, 't0:' .. target, NOW)
+  return step_completed(target, data, changed)
 end
 
 -- Not de-duplicated: setting the flag twice is harmless.
