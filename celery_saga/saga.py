@@ -129,7 +129,7 @@ class Saga:
             and compensated. Compensation is not bounded by it. None (the
             default) leaves only the step deadlines. It stops applying once
             the pivot has completed.
-        pivot: The name of the step that is the saga's point of no return.
+        pivot: The step that is the saga's point of no return: its name, or its task.
             Steps before it are compensatable; once it has completed, the
             steps of later stages are retriable: a failure or a lost outcome
             sends them again (``saga_forward_retry_backoff``), and the saga
@@ -142,7 +142,7 @@ class Saga:
         steps: Any,
         app: Celery | None = None,
         timeout: float | None = None,
-        pivot: str | None = None,
+        pivot: Any = None,
     ) -> None:
         if not isinstance(name, str) or not name or any(c in name for c in " \t\r\n:"):
             raise SagaDefinitionError(f"saga name must be a non-empty string without whitespace or ':', not {name!r}")
@@ -167,8 +167,8 @@ class Saga:
         _check_events(name, stages)
         self._refs = stages
         #: The pivot step's name, or None; ``pivot_stage`` is its stage (None: no pivot).
-        self.pivot: str | None = pivot
-        self.pivot_stage: int | None = _pivot_stage(name, stages, pivot)
+        self.pivot: str | None = _step_name(pivot)
+        self.pivot_stage: int | None = _pivot_stage(name, stages, self.pivot)
         self._app = app or next((r.app for stage in stages for r in stage if r.app is not None), None)
         # The plan, and the app it was built for: a saga of shared tasks follows the current app.
         self._plan: tuple[Celery, Plan] | None = None
@@ -427,6 +427,17 @@ def _check_events(saga: str, stages: list[list[StepRef]]) -> None:
                     f"saga {saga!r}: event {event!r} is awaited (or rejects a wait) twice; give each its own name"
                 )
             seen.add(event)
+
+
+def _step_name(step: Any) -> Any:
+    """The step name ``step`` stands for: a name, a task or signature (its task name), or a step()."""
+    if step is None or isinstance(step, str):
+        return step
+    if not is_proxy(step) and isinstance(step, StepRef):
+        return step.name
+    if is_task(step) or isinstance(step, Signature):
+        return task_name(step)
+    return step  # refused, with the reason, by _pivot_stage
 
 
 def _pivot_stage(saga: str, stages: list[list[StepRef]], pivot: str | None) -> int | None:

@@ -19,6 +19,7 @@ app.conf.update(
     saga_redis_url=REDIS_URL,
     saga_key_prefix=PREFIX,
     saga_compensation_retry_backoff=0.2,
+    saga_forward_retry_backoff=0.2,
     task_routes={
         "inventory.*": {"queue": "inventory"},
         "payments.*": {"queue": "payments"},

@@ -1,11 +1,14 @@
 """`make demo`: run the order saga for real and show what happened.
 
 Starts a private Redis (or uses ``REDIS_URL``), one worker per service as
-subprocesses, and places four orders: one that completes, one whose card is
+subprocesses, and places five orders: one that completes, one whose card is
 declined, one whose carrier hangs past the shipping deadline (``reason``
 "timeout": the shipment is compensated blind, then again when the carrier
-answers late), and one that the demo cancels while its payment waits for the
-customer (``reason`` "cancelled"). It prints live progress, then each saga's
+answers late), one that the demo cancels while its payment waits for the
+customer (``reason`` "cancelled"), and a big order (``big_order``) that waits
+for a manager's approval, which the demo gives, and whose warehouse request,
+after the payment (its pivot), fails twice and is sent again until it
+succeeds. It prints live progress, then each saga's
 timeline, what the services did and what is left, then stops everything it
 started: workers first, then Redis (with ``REDIS_URL``, it deletes every key
 it wrote there instead). Ctrl-C stops it all the same.
@@ -47,9 +50,13 @@ ORDERS: dict[str, tuple[str, dict[str, Any]]] = {
                                               "card": "4000-0027-6000-3184", "address": "4 Low St"}),
     "undeliverable": ("undeliverable", {"order_id": 5, "items": ["sofa"], "amount": 400,
                                         "card": "4242-4242-4242-4242", "address": "nowhere"}),
+    "big": ("big order", {"order_id": 6, "items": ["piano"], "amount": 5000,
+                          "card": "4242-4242-4242-4242", "address": "6 Grand Ave"}),
 }  # fmt: skip
+#: The saga each kind of order starts (by default place_order).
+SAGA_OF = {"big": "big_order"}
 #: The orders `make demo` places, in order.
-DEMO_ORDERS = ("happy", "declined", "slow", "unconfirmed")
+DEMO_ORDERS = ("happy", "declined", "slow", "unconfirmed", "big")
 #: Where each gated order waits: its step, and the answer the demo gives when it opens the gate.
 GATES = {"slow": ("shipping.ship_order", "open"), "unconfirmed": ("payments.charge_card", "confirmed")}
 SWEEP_NOTE = (
@@ -130,14 +137,12 @@ class Demo:
     # -- the orders ----------------------------------------------------------
 
     def place_orders(self) -> None:
-        from example_project.orders import place_order
-
         print(SWEEP_NOTE)
         print()
         run = uuid.uuid4().hex[:6]
         for kind in DEMO_ORDERS:
             label, order = ORDERS[kind]
-            res = place_order.apply_async(kwargs=order, idempotency_key=f"order-{order['order_id']}-{run}")
+            res = saga_of(kind).apply_async(kwargs=order, idempotency_key=f"order-{order['order_id']}-{run}")
             self.results.append((kind, label, res))
             print(f"Placed {label!r}: saga {res.id} (the start returned at once: {res.status.value})")
         print()
@@ -151,6 +156,7 @@ class Demo:
         seen: dict[str, str] = {}
         noted: set[tuple[str, str]] = set()
         cancelled: set[str] = set()
+        approved: set[str] = set()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             settled = True
@@ -168,6 +174,19 @@ class Demo:
                 if seen.get(res.id) != summary:
                     seen[res.id] = summary
                     print(f"  {label:<20} {summary}")
+                if (
+                    kind == "big"
+                    and res.id not in approved
+                    and state.step("wait:approval").status is StepStatus.DISPATCHED
+                ):
+                    approved.add(res.id)
+                    answer = res.signal("approval", {"approved_by": "the manager"})
+                    print(
+                        f"  -> {label}: it waits for a manager's approval, holding no worker; the manager approves "
+                        f"it: SagaResult.signal('approval') -> {answer}"
+                    )
+                    settled = False
+                    continue
                 charge = state.step("payments.charge_card")
                 if kind == "unconfirmed" and res.id not in cancelled and charge.status is StepStatus.RUNNING:
                     cancelled.add(res.id)
@@ -290,6 +309,13 @@ LATE = {
 }
 
 
+def saga_of(kind: str) -> Any:
+    """The saga an order of ``kind`` starts."""
+    from example_project import orders
+
+    return getattr(orders, SAGA_OF.get(kind, "place_order"))
+
+
 def _short(step: StepRecord) -> str:
     text = step.status.value.lower()
     if step.compensation_status is not None:
@@ -326,7 +352,17 @@ def step_notes(state: SagaState) -> list[str]:
     from celery_saga import SagaStatus, StepStatus
 
     lines = []
+    if state.pivot:
+        passed = "passed: from there it only went forward" if state.passed_pivot else "not passed"
+        lines.append(f"the pivot (point of no return) {state.pivot} was {passed}")
     for s in state.steps:
+        if s.forward_retries:
+            lines.append(
+                f"{s.name} came after the pivot: it failed {s.forward_retries} time(s) and was sent again, with the "
+                f"same idempotency key, until it {'succeeded' if s.status is StepStatus.COMPLETED else 'gave up'}"
+            )
+        if s.name.startswith("wait:") and s.status is StepStatus.COMPLETED:
+            lines.append(f"{s.name}: the event came with {s.result}")
         if s.status is StepStatus.CANCELLED:
             lines.append(f"{s.name} was fenced while still queued ({s.stopped_by}): it never ran")
         elif s.status is StepStatus.UNKNOWN:

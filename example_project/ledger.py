@@ -80,6 +80,12 @@ def apply(service: str, effect: dict[str, Any]) -> None:
     _note(service, "applied" if added else "already applied", key, effect)
 
 
+def note(service: str, what: str) -> None:
+    """Journal something the current step did that left no effect (a refused request)."""
+    ctx = current_step()
+    _note(service, what, ctx.idempotency_key if ctx else "outside-a-saga", None)
+
+
 def find(service: str, forward_key: str) -> dict[str, Any] | None:
     """The effect a service holds under a forward step's idempotency key, if any."""
     raw = client().hget(_key(service), forward_key)

@@ -1,6 +1,6 @@
 """Place one order, or confirm a waiting payment.
 
-``python -m example_project.place happy|declined|slow|unconfirmed|undeliverable``
+``python -m example_project.place happy|declined|slow|unconfirmed|undeliverable|big``
 places an order of that kind (see ``demo.ORDERS``), waits for its saga to end,
 and for the late outcome of any step it stopped waiting for, then prints its
 timeline and what the services did.
@@ -20,8 +20,7 @@ from celery_saga import SagaCompensated, SagaFailed
 from celery_saga.views import render_timeline
 
 from . import ledger
-from .demo import GATES, ORDERS, effects_left, journal_lines, step_notes, unsettled
-from .orders import place_order
+from .demo import GATES, ORDERS, effects_left, journal_lines, saga_of, step_notes, unsettled
 from .payments import CONFIRM_WAIT
 from .shipping import CARRIER_DELAY
 
@@ -33,6 +32,11 @@ USAGE = (
 LATE_WITHIN = {"shipping.ship_order": CARRIER_DELAY, "payments.charge_card": CONFIRM_WAIT}
 
 HINTS = {
+    "big": (
+        "It waits for a manager's approval. In another terminal:\n"
+        '  celery -A example_project.app saga signal {id} approval --data \'{{"approved_by": "you"}}\'\n'
+        "  celery -A example_project.app saga signal {id} rejected   # rolls it back, reason rejected"
+    ),
     "slow": f"The carrier hangs for {CARRIER_DELAY:g}s; the saga stops waiting for it after the shipping deadline.",
     "unconfirmed": (
         f"The payment waits up to {CONFIRM_WAIT:g}s for the customer to confirm it. Meanwhile, in another terminal:\n"
@@ -52,7 +56,7 @@ def main(argv: list[str]) -> int:
         print(USAGE, file=sys.stderr)
         return 2
     label, order = ORDERS[argv[0]]
-    res = place_order.apply_async(kwargs=order, idempotency_key=f"{argv[0]}-{uuid.uuid4().hex[:8]}")
+    res = saga_of(argv[0]).apply_async(kwargs=order, idempotency_key=f"{argv[0]}-{uuid.uuid4().hex[:8]}")
     print(f"{label}: saga {res.id}")
     if argv[0] in HINTS:
         print(HINTS[argv[0]].format(id=res.id))

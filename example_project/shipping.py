@@ -1,4 +1,4 @@
-"""The shipping service: ship the parcel, cancel it; send the receipt.
+"""The shipping service: ship the parcel, cancel it; send the receipt; tell the warehouse to pick an order.
 
 ``ship_order`` has a deadline of ``SHIPPING_TIMEOUT`` seconds. Shipping to
 ``SLOW_ADDRESS`` makes the carrier book the parcel at once but hang before it
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from celery_saga import saga_step
+from celery_saga import current_step, saga_step
 
 from . import ledger
 from .app import app
@@ -43,6 +43,22 @@ def ship_order(order_id: int, items: list[str], address: str) -> dict[str, Any]:
     if address == SLOW_ADDRESS:
         ledger.wait_at_gate(CARRIER_DELAY)  # the carrier booked it, and hangs before it says so
     return {"tracking": f"TRK-{order_id}"}
+
+
+class WarehouseBusy(Exception):
+    """The warehouse system did not take the request; it will later."""
+
+
+@saga_step(compensate=None)  # after big_order's pivot: sent again until it succeeds, never undone
+@app.task(name="shipping.notify_warehouse")
+def notify_warehouse(order_id: int, items: list[str]) -> None:
+    # The fake warehouse system is busy the first two times it is asked. Retrying
+    # is safe: the ledger keeps one effect per idempotency key, as a real API would.
+    ctx = current_step()
+    if ctx is not None and ctx.attempt <= 2:
+        ledger.note("shipping", f"warehouse busy (attempt {ctx.attempt})")
+        raise WarehouseBusy(f"the warehouse did not take order {order_id}")
+    ledger.apply("shipping", {"order_id": order_id, "pick": items})
 
 
 @saga_step(compensate=None)  # an e-mail cannot be unsent

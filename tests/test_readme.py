@@ -57,10 +57,18 @@ def test_add_sagas_to_an_existing_app_runs_as_written(server: RedisServer, tmp_p
 
 
 def test_the_usage_example_runs_as_written(server: RedisServer, tmp_path: Path) -> None:
-    (usage,) = python_blocks("Usage")
+    usage, _ = python_blocks("Usage")
     command = re.search(r'# python -c "(.*?)"', usage)
     assert command is not None
     out = _run("usage", usage, server, tmp_path, command[1])
     lines = out.strip().splitlines()
     assert lines[-3].endswith("'charge_id': 'ch-1'}") and "'currency'" not in lines[-3]
     assert lines[-2:] == ["False", "COMPLETED"]
+
+
+def test_the_saga_shapes_example_runs_as_written(server: RedisServer, tmp_path: Path) -> None:
+    _, shapes = python_blocks("Usage")
+    command = re.search(r'# python -c "(.*?)"', shapes)
+    assert command is not None
+    out = _run("shapes", shapes, server, tmp_path, command[1])
+    assert out.strip().splitlines()[-2:] == ["True", "ch-1 True"]
