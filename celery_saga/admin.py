@@ -17,6 +17,7 @@ What these return looks like to people and tools (JSON, tables) is
 
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -91,6 +92,16 @@ def list_sagas(
 def saga_state(app: Celery, saga_id: str) -> SagaState:
     """The full record of one saga. Raises SagaNotFound, or SagaRecordCorrupt if it cannot be parsed."""
     return store_for(app).state(saga_id)
+
+
+def child_states(app: Celery, state: SagaState) -> dict[str, SagaState]:
+    """The states of the child sagas of ``state`` that have started, by id."""
+    store, found = store_for(app), {}
+    for s in state.steps:
+        if s.child_id:
+            with contextlib.suppress(SagaNotFound):  # not started yet
+                found[s.child_id] = store.state(s.child_id)
+    return found
 
 
 def saga_stats(app: Celery) -> SagaStats:

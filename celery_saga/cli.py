@@ -181,7 +181,9 @@ def show(ctx: click.Context, saga_id: str, as_json: bool) -> None:
     if as_json:
         _echo_json(views.state_json(state, redact_keys(_app(ctx))))
         return
-    click.echo(views.saga_text(state))
+    with _errors():
+        children = admin.child_states(_app(ctx), state)
+    click.echo(views.saga_text(state, children))
 
 
 @saga.command(cls=CeleryCommand)

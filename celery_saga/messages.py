@@ -66,14 +66,17 @@ def task_id(saga_id: str, step: str, undo: bool = False, round: int = 1) -> str:
 
 
 def parse_task_id(tid: str | None) -> tuple[str, str, int] | None:
-    """(saga_id, step, round) of a saga task id, round 0 for the forward step; None for other ids."""
+    """(saga_id, step, round) of a saga task id, round 0 for the forward step; None for other ids.
+
+    Step names hold no ":", saga ids may: a child saga's id is ``<parent_id>:<name>``.
+    """
     parts = (tid or "").split(":")
-    if len(parts) == 2:
-        return parts[0], parts[1], 0
-    if len(parts) == 3 and parts[2] == "undo":
-        return parts[0], parts[1], 1
-    if len(parts) == 4 and parts[2] == "undo" and parts[3].isdigit():
-        return parts[0], parts[1], int(parts[3])
+    if len(parts) >= 4 and parts[-2] == "undo" and parts[-1].isdigit():
+        return ":".join(parts[:-3]), parts[-3], int(parts[-1])
+    if len(parts) >= 3 and parts[-1] == "undo":
+        return ":".join(parts[:-2]), parts[-2], 1
+    if len(parts) >= 2 and all(parts):
+        return ":".join(parts[:-1]), parts[-1], 0
     return None
 
 

@@ -43,6 +43,9 @@ class StepSpec:
         event: For a wait (``wait_for``), named ``wait:<event>``: the event
             it waits for. A wait has no task and is never published.
         reject: For a wait: the event that rejects it, if any.
+        child: For a child saga (a ``Saga`` used as a step, named after
+            it): its name. Its task starts the child, and its compensation
+            rolls the child back as a unit.
     """
 
     name: str
@@ -57,15 +60,18 @@ class StepSpec:
     redact: tuple[str, ...] = ()
     event: str | None = None
     reject: str | None = None
+    child: str | None = None
 
     @property
     def is_wait(self) -> bool:
         return self.event is not None
 
     def to_json(self) -> dict[str, Any]:
+        # (Only waits and children carry their own keys: the plans of other sagas keep their digests.)
         if self.event is not None:
-            # (Only waits carry these: the plans of other sagas keep their digests.)
             return {"name": self.name, "event": self.event, "reject": self.reject, "timeout": self.timeout}
+        if self.child is not None:
+            return {"name": self.name, "child": self.child, "task": self.task, "compensation": self.compensation}
         return {
             "name": self.name,
             "task": self.task,
@@ -120,6 +126,7 @@ class Plan:
                         redact=tuple(str(k) for k in s.get("redact") or ()),
                         event=str(s["event"]) if s.get("event") else None,
                         reject=str(s["reject"]) if s.get("reject") else None,
+                        child=str(s["child"]) if s.get("child") else None,
                     )
                     for s in stage
                 )

@@ -20,6 +20,7 @@ from .errors import IdempotencyConflict, SagaDataError, SagaDefinitionError
 from .follow import follow
 from .introspect import is_proxy, is_task, task_app, task_name
 from .messages import StageNotPublished, message_serializer
+from .nested import CHILD_ENDED_TASK, CHILD_TASK, UNDO_CHILD_TASK
 from .plan import Plan, StepSpec, remember_plan
 from .registry import MISSING, register_saga, step_meta
 from .result import SagaResult
@@ -56,7 +57,7 @@ class parallel:  # noqa: N801 - named like Celery's own `group`
 
 def _stages(item: Any) -> list[list[Any]]:
     """Flatten a step list or Celery canvas into stages of leaves."""
-    if is_proxy(item) or isinstance(item, WaitRef):
+    if is_proxy(item) or isinstance(item, (WaitRef, Saga)):
         return [[item]]
     if isinstance(item, (list, tuple)):
         return [stage for x in item for stage in _stages(x)]
@@ -89,6 +90,9 @@ def _leaf(item: Any) -> StepRef:
         return item
     if isinstance(item, WaitRef):
         return StepRef(item.step_name, "", None, False, timeout=item.timeout, event=item.event, reject=item.reject)
+    if isinstance(item, Saga):
+        # No deadline of its own: the child has its steps' (and the parent's timeout reaches into it).
+        return StepRef(item.name, CHILD_TASK, UNDO_CHILD_TASK, False, timeout=None, child=item.name)
     if is_task(item) or isinstance(item, Signature):
         name = task_name(item)
         meta = step_meta(name)
@@ -112,7 +116,8 @@ def _leaf(item: Any) -> StepRef:
         )
     raise SagaDefinitionError(
         f"{item!r} cannot be a saga step: use a task decorated with @saga_step, its signature, "
-        f"step('task.name', compensate=...), wait_for(...), parallel(...), or a Celery chain/group of those"
+        f"step('task.name', compensate=...), wait_for(...), another Saga, parallel(...), or a Celery chain/group "
+        f"of those"
     )
 
 
@@ -165,6 +170,8 @@ class Saga:
                     )
                 seen.add(ref.name)
         _check_events(name, stages)
+        #: The sagas used as steps of this one, by name.
+        self.children: dict[str, Saga] = _children(name, steps)
         self._refs = stages
         #: The pivot step's name, or None; ``pivot_stage`` is its stage (None: no pivot).
         self.pivot: str | None = _step_name(pivot)
@@ -215,6 +222,9 @@ class Saga:
         for k, stage in enumerate(self._refs):
             specs = []
             for ref in stage:
+                if ref.child is not None:
+                    specs.append(StepSpec(ref.name, ref.task, ref.compensation, stage=k, timeout=None, child=ref.child))
+                    continue
                 if ref.event is not None:
                     specs.append(
                         StepSpec(ref.name, "", None, stage=k, timeout=ref.timeout, event=ref.event, reject=ref.reject)
@@ -334,15 +344,40 @@ class Saga:
             _callback_json(cb, which) for cb, which in ((on_complete, "on_complete"), (on_failure, "on_failure"))
         ]
         saga_timeout = self.timeout if timeout is MISSING else timeout_seconds(f"saga {self.name!r}: timeout", timeout)
+        key = idempotency_key or ""
+        if idempotency_key is not None and (not isinstance(idempotency_key, str) or not idempotency_key):
+            raise SagaDataError("idempotency_key must be a non-empty string")
+        saga_id = self.id_for(key) if key else str(uuid.uuid4())
+        return self._start(saga_id, data, kwargs_json, key, callbacks, saga_timeout)
+
+    def start_as_child(self, parent_id: str, parent_gen: str, data: dict[str, Any]) -> SagaResult:
+        """Start this saga as the child step of saga ``parent_id``: id ``<parent_id>:<name>``; idempotent.
+
+        Its end is reported to the parent by a message (``celery_saga.child_ended``,
+        its end callback), so the parent's record is never touched by the
+        child's transitions and the two may live in different slots.
+        """
+        ended = self.app.signature(CHILD_ENDED_TASK, kwargs={"parent": parent_id, "parent_gen": parent_gen})
+        callback = _callback_json(ended, "on_complete")
+        link = (parent_id, parent_gen, self.name)
+        return self._start(f"{parent_id}:{self.name}", data, _dumps(data, f"saga {self.name!r}: kwargs"), "",
+                           [callback, callback], self.timeout, parent=link)  # fmt: skip
+
+    def _start(
+        self,
+        saga_id: str,
+        data: dict[str, Any],
+        kwargs_json: str,
+        key: str,
+        callbacks: list[str],
+        saga_timeout: float | None,
+        parent: tuple[str, str, str] | None = None,
+    ) -> SagaResult:
         plan = self.plan()
         app = self.app
         message_serializer(app)  # raises before anything is written if workers would drop the messages
         settings = settings_of(app)
         store = store_for(app)
-        key = idempotency_key or ""
-        if idempotency_key is not None and (not isinstance(idempotency_key, str) or not idempotency_key):
-            raise SagaDataError("idempotency_key must be a non-empty string")
-        saga_id = self.id_for(key) if key else str(uuid.uuid4())
         step_fields: list[tuple[str, str]] = []
         for spec in plan.steps:
             # A retriable step is never compensated in this saga: it has no compensation here.
@@ -383,6 +418,7 @@ class Saga:
             saga_timeout=saga_timeout,
             watch_at=None if first is None else time.time() + first,
             pivot=self.pivot or "",
+            parent=parent,
         )
         t = store.start(req)
         if t.outcome is Outcome.CONFLICT:
@@ -413,6 +449,24 @@ class Saga:
         except Exception:
             logger.exception("saga %s: could not mark the failed start", created.saga_id)
         raise cause  # the broker's own error, as publishing raised it
+
+
+def _children(name: str, steps: Any) -> dict[str, Saga]:
+    """The sagas among ``steps``, by name; a saga that contains itself, at any depth, is refused."""
+    found: dict[str, Saga] = {}
+    for stage in _stages(steps):
+        for item in stage:
+            if isinstance(item, Saga):
+                found[item.name] = item
+    pending = list(found.values())
+    while pending:
+        child = pending.pop()
+        if child.name == name:
+            raise SagaDefinitionError(
+                f"saga {name!r} contains itself (through child saga {child.name!r}); a saga cannot be its own step"
+            )
+        pending.extend(child.children.values())
+    return found
 
 
 def _check_events(saga: str, stages: list[list[StepRef]]) -> None:

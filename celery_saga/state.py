@@ -154,6 +154,8 @@ class StepRecord:
     second_round: CompensationRound | None = None
     retriable: bool = False
     forward_retries: int = 0
+    #: A step that is a child saga: that saga's id (``<saga_id>:<step>``).
+    child_id: str | None = None
 
     @property
     def timed_out(self) -> bool:
@@ -168,7 +170,9 @@ class SagaState:
     ``data`` is the saga data as of now: the start kwargs updated by the dict
     results of every completed stage. ``pivot`` names the saga's point of no
     return (None: it has none), and ``passed_pivot`` says the pivot has
-    completed: the saga can no longer roll back.
+    completed: the saga can no longer roll back. A child saga (a saga used
+    as a step of another) has ``parent_id``; the parent's step that is a
+    child has its ``child_id``.
     """
 
     saga_id: str
@@ -190,6 +194,9 @@ class SagaState:
     redact: frozenset[str] = frozenset()
     pivot: str | None = None
     passed_pivot: bool = False
+    #: A child saga's parent saga, and the parent's step that it is.
+    parent_id: str | None = None
+    parent_step: str | None = None
 
     def step(self, name: str) -> StepRecord:
         for s in self.steps:
@@ -251,6 +258,7 @@ class SagaState:
                         else None,
                         retriable=pivot_stage is not None and spec.stage > pivot_stage,
                         forward_retries=_int(raw.get(f"fa:{n}")),
+                        child_id=f"{saga_id}:{n}" if spec.child else None,
                     )
                 )
         except (KeyError, ValueError, TypeError) as exc:
@@ -276,6 +284,8 @@ class SagaState:
             redact=plan.redacted_keys,
             pivot=pivot,
             passed_pivot=raw.get("past") == "1",
+            parent_id=raw.get("parent") or None,
+            parent_step=raw.get("pstep") or None,
         )
 
 

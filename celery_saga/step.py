@@ -112,6 +112,8 @@ class StepRef:
     #: A wait (``wait_for``): the event it waits for, and the one that rejects it. No task.
     event: str | None = None
     reject: str | None = None
+    #: A child saga (a ``Saga`` used as a step): its name, which is the step's name.
+    child: str | None = None
 
 
 def _timeout(value: Any, where: str) -> Any:

@@ -195,6 +195,12 @@ def state_json(state: SagaState, redact: Collection[str] = ()) -> dict[str, Any]
         "deadline": iso(state.deadline),
         "steps": [_step_json(s, shown) for s in state.steps],
     }
+    if state.parent_id:
+        doc["parent"] = {"id": state.parent_id, "step": state.parent_step}
+    if any(s.child_id for s in state.steps):
+        for step, s in zip(doc["steps"], state.steps, strict=True):
+            if s.child_id:
+                step["child"] = s.child_id
     if state.pivot:
         doc["pivot"], doc["passed_pivot"] = state.pivot, state.passed_pivot
         for step, s in zip(doc["steps"], state.steps, strict=True):
@@ -346,12 +352,22 @@ def render_timeline(state: SagaState, width: int = 48) -> str:
     return table(header, rows)
 
 
-def saga_text(state: SagaState) -> str:
-    """``celery saga show``: the saga's status, then its timeline."""
+def saga_text(state: SagaState, children: dict[str, SagaState] | None = None) -> str:
+    """``celery saga show``: the saga's status, then its timeline; ``children``, its child sagas' states by id."""
     lines = [
         f"saga {state.saga_id} ({state.name}): {state.status.value} since {iso(state.status_at)}",
         f"created {iso(state.created_at)}",
     ]
+    if state.parent_id:
+        lines.append(f"child saga of {state.parent_id} (its step {state.parent_step})")
+    for s in state.steps:
+        if s.child_id:
+            child = (children or {}).get(s.child_id)
+            if child is None:
+                lines.append(f"child saga {s.child_id}: not started")
+            else:
+                why = f" ({child.reason})" if child.reason and child.status is not SagaStatus.COMPLETED else ""
+                lines.append(f"child saga {s.child_id}: {child.status.value}{why}")
     if state.failed_step:
         lines.append(f"failed step {state.failed_step}: {state.error}")
     if state.pivot:

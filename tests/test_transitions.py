@@ -82,6 +82,7 @@ def request(
     pivot: str = "",
     forward_maxr: int | None = None,
     plan: Plan = PLAN,
+    parent: tuple[str, str, str] | None = None,
 ) -> StartRequest:
     # With a pivot, as Saga.apply_async does: the steps after it keep no compensation.
     retriable = {"b", "c"} if pivot == "a" else set()
@@ -114,6 +115,7 @@ def request(
         max_retries=maxr,
         step_fields=tuple(fields),
         pivot=pivot,
+        parent=parent,
     )
 
 
@@ -263,6 +265,26 @@ def waiting(store: RedisSagaStore) -> Saga:
 def _past_the_wait(saga: Saga, t: Transition) -> None:
     assert t.stage == 2 and t.data == {"order": 1, "reservation": "r1", "by": "ann"}
     assert saga.step("wait:ok").status is StepStatus.COMPLETED and saga.step("wait:ok").result == {"by": "ann"}
+
+
+def completed_child(store: RedisSagaStore) -> Saga:
+    """A child saga (of saga "p", its step "s") that completed: packed, but keeping what a rollback needs."""
+    saga = Saga(store, f"p:{uuid.uuid4()}")
+    assert store.start(request(saga.saga_id, parent=("p", "g0", "s"))).outcome is Outcome.CREATED
+    saga.apply(Op.BEGIN, "a", "0", "")
+    saga.apply(Op.DONE, "a", '{"reservation": "r1"}')
+    for m in ("b", "c"):
+        saga.apply(Op.BEGIN, m, "0", "")
+        saga.apply(Op.DONE, m, "null")
+    assert saga.status() is SagaStatus.COMPLETED
+    return saga
+
+
+def _unwound(saga: Saga, t: Transition) -> None:
+    """A completed saga rolled back as a unit: its completed steps compensated in reverse, reason "parent"."""
+    assert [d.step for d in t.due] == ["b"]  # c has nothing to undo; a waits for the stage after it
+    state = saga.store.state(saga.saga_id)
+    assert (state.reason, state.status) == ("parent", SagaStatus.COMPENSATING)
 
 
 Build = Callable[[RedisSagaStore], Saga]
@@ -482,6 +504,10 @@ CASES = [
     ),
     Case(Op.SIGNAL, waiting, ("zzz", "null"), Outcome.NOT_ALLOWED, SagaStatus.RUNNING),
     Case(Op.SIGNAL, completed, ("ok", "null"), Outcome.FINISHED, SagaStatus.COMPLETED),
+    # unwind: a parent rolls this child saga back as a unit
+    Case(Op.UNWIND, completed_child, ("parent rolls back",), Outcome.ROLLBACK, SagaStatus.COMPENSATING, _unwound),
+    Case(Op.UNWIND, second_stage, ("parent rolls back",), Outcome.ROLLBACK, SagaStatus.COMPENSATING, _due("a")),
+    Case(Op.UNWIND, compensated, ("parent rolls back",), Outcome.FINISHED, SagaStatus.COMPENSATED),
     # a pivot: the steps after it are sent again; the saga no longer rolls back
     Case(Op.FAIL, past_pivot, ("b", "RuntimeError: down"), Outcome.RESEND, SagaStatus.RUNNING, _sent_again("b", 1)),
     Case(
@@ -552,7 +578,7 @@ def test_op(store: RedisSagaStore, case: Case) -> None:
     saga = case.given(store)
     if case.prepare is not None:
         case.prepare(saga)
-    gen = "*" if case.op in (Op.SWEEP, Op.CANCEL, Op.RETRY, Op.PURGE, Op.SIGNAL) else GEN
+    gen = "*" if case.op in (Op.SWEEP, Op.CANCEL, Op.RETRY, Op.PURGE, Op.SIGNAL, Op.UNWIND) else GEN
     t = saga.apply(case.op, *case.args, gen=gen)
     assert (t.op, t.outcome, t.status) == (case.op, case.outcome, case.status)
     if case.check is not None:

@@ -54,6 +54,8 @@ class StartRequest:
     dedup_window: float = 600.0
     #: The pivot step ("": none); the forward retry settings are written only with one.
     pivot: str = ""
+    #: A child saga's parent: (parent saga id, its generation, the step that is this saga).
+    parent: tuple[str, str, str] | None = None
 
     def definition(self) -> str:
         """The plan and settings, stored once under ``plan_digest`` rather than in every record."""
@@ -82,6 +84,8 @@ class StartRequest:
         ]
         if self.saga_timeout is not None:
             pairs.append(("sto", f"{self.saga_timeout * 1000:.0f}"))
+        if self.parent is not None:
+            pairs += [("parent", self.parent[0]), ("pgen", self.parent[1]), ("pstep", self.parent[2])]
         if self.pivot:
             forward = (settings.get("forward_retry_backoff", 1.0), settings.get("forward_retry_backoff_max", 600.0))
             max_forward = settings.get("forward_max_retries")
@@ -324,8 +328,9 @@ class SagaStore(abc.ABC):
         saga from PENDING to RUNNING. ``tx`` is the transition id: a call
         repeated with the same id gets the first reply back (default: a fresh id).
         """
-        if op in _DRAW_BACKOFF:
-            args = (*args, _jitter())
+        at = _DRAW_AT.get(op)
+        if at is not None:
+            args = (*args[:at], _jitter(), *args[at:])
         # Every saga makes this move once: send it in the same round trip as
         # the begin, and put the entry right in the rare other cases.
         move = (name, SagaStatus.PENDING.value, SagaStatus.RUNNING.value) if first else None
@@ -391,6 +396,10 @@ class SagaStore(abc.ABC):
         """Stop forward progress and compensate (``finished`` if it ended, ``not_allowed`` past its pivot)."""
         return self.apply(Op.CANCEL, saga_id, "*", "", error)
 
+    def unwind(self, saga_id: str, error: str) -> Transition:
+        """Roll a child saga back as a unit, for its parent: cancel it, or compensate it if it completed."""
+        return self.apply(Op.UNWIND, saga_id, "*", "", error)
+
     def signal(self, saga_id: str, event: str, data_json: str) -> Transition:
         """Deliver an outside event to the saga's wait for it (``transitions.lua``: signal)."""
         return self.apply(Op.SIGNAL, saga_id, "*", "", event, data_json)
@@ -427,9 +436,9 @@ _DEFINITIONS: dict[str, tuple[str, str]] = {}
 CALLBACK_GRACE = 10.0
 
 # Ops that may decide a retry (of a compensation, or of a step past the
-# pivot) get a draw for its backoff's jitter as their last argument (scripts
-# draw no random numbers).
-_DRAW_BACKOFF = frozenset({Op.COMP_FAIL, Op.SWEEP, Op.FAIL, Op.LOST})
+# pivot) get a draw for its backoff's jitter, at this place among their
+# arguments (scripts draw no random numbers; transitions.lua lists them).
+_DRAW_AT = {Op.SWEEP: 1, Op.FAIL: 2, Op.LOST: 3, Op.COMP_FAIL: 3}
 
 
 def _new_tx() -> str:

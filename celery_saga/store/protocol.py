@@ -37,6 +37,7 @@ class Op(str, Enum):
     COMP_DONE = "comp_done"
     COMP_FAIL = "comp_fail"
     SIGNAL = "signal"
+    UNWIND = "unwind"
     CALLBACK_SENT = "callback_sent"
     RETRY = "retry"
     PURGE = "purge"

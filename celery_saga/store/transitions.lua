@@ -60,6 +60,7 @@ OPS, in lifecycle order
   comp_fail      wrapper; main process (lost)     compensation RUNNING, DISPATCHED  backoff | gave_up | duplicate
   signal         SagaResult.signal (outside)      a wait for the event, not over    recorded | wait | next_stage | completed |
                                                   (kept if not reached yet)         rollback | duplicate | finished | not_allowed
+  unwind         a parent's undo of this child    any                               rollback | finished
   callback_sent  whoever sent on_complete/on_failure   a finished saga              recorded
   retry          retry_saga (operator)            FAILED, a compensation or a step  rollback | resend | not_allowed
                                                   past the pivot gave up
@@ -204,7 +205,8 @@ local function dropped(f, st, v, fields)
   if kind == 'dl' and fields['s:' .. m] == 'COMPLETED' then return true end
   -- A step that returned None reads the same without its result.
   if kind == 'r' and v == 'null' then return true end
-  if st ~= 'COMPLETED' then return false end
+  -- A completed child saga may still be rolled back by its parent (unwind).
+  if st ~= 'COMPLETED' or fields['parent'] then return false end
   return COMPLETED_DROP_FIELDS[f] or (kind ~= nil and COMPLETED_DROP[kind] ~= nil)
 end
 
@@ -707,7 +709,7 @@ end
 -- A compensation attempt failed (or missed its deadline): retry it after a
 -- backoff drawn with `u`, or give up after the saga's max retries. Returns
 -- its due entry, with the attempts so far.
-local function compensation_failed(m, r, err, u)
+local function compensation_failed(m, r, err, u, forced)
   redis.call('HSET', K, cf('ce', m, r), err)
   count('compfail:' .. (hget('name') or ''))
   local n = num(hget(cf('ca', m, r))) or 0
@@ -715,7 +717,7 @@ local function compensation_failed(m, r, err, u)
   entry.attempt = n
   local maxr = hget('maxr')
   -- An operator retry gives each compensation a fresh budget from cb0:<step>.
-  if maxr and maxr ~= '' and n - (num(hget(cf('cb0', m, r))) or 0) > num(maxr) then
+  if forced or (maxr and maxr ~= '' and n - (num(hget(cf('cb0', m, r))) or 0) > num(maxr)) then
     redis.call('HSET', K, cf('cs', m, r), 'GAVE_UP', cf('ct1', m, r), NOW)
     if r == '1' then
       redis.call('HINCRBY', K, 'copen', -1)
@@ -1028,7 +1030,9 @@ OPS.done = function()
   return step_completed(m, AV[5], changed)
 end
 
--- fail ARGV: 4 step, 5 error, 6 u. lost ARGV: 4 step, 5 error, 6 why
+-- fail ARGV: 4 step, 5 error, 6 u, 7 "1" for a child saga that ended FAILED
+-- (its compensations gave up: the step counts as one whose compensation
+-- gave up, and the rollback ends FAILED). lost ARGV: 4 step, 5 error, 6 why
 -- ("timeout" for a hard time limit, "lost" for a lost worker), 7 u. A lost
 -- outcome is unknown: the step may have had its effect, so it is
 -- compensated blind. `u` draws the backoff of a step sent again.
@@ -1058,6 +1062,10 @@ local function fail_or_lose()
     redis.call('HSET', K, 's:' .. m, 'FAILED', 'e:' .. m, AV[5], 't1:' .. m, NOW)
   end
   local out, changed = {}, false
+  if op == 'fail' and AV[7] == '1' and hget('comp:' .. m) then
+    redis.call('HSET', K, 'cs:' .. m, 'GAVE_UP', 'ce:' .. m, AV[5], 'ct1:' .. m, NOW)
+    redis.call('HINCRBY', K, 'gaveup', 1)
+  end
   if status == 'PENDING' or status == 'RUNNING' then
     changed = begin_rollback(m, AV[5], reason)
   elseif status ~= 'COMPENSATING' then
@@ -1144,14 +1152,15 @@ OPS.comp_done = function()
   return remember(respond('rollback', settle(out, false), {due = out}))
 end
 
--- ARGV: 4 step, 5 error, 6 round, 7 u, the jitter of its retry backoff.
+-- ARGV: 4 step, 5 error, 6 round, 7 u, the jitter of its retry backoff,
+-- 8 "1" to give up now (a child saga whose own compensations gave up).
 OPS.comp_fail = function()
   local m, r = AV[4], AV[6]
   local cs = hget(cf('cs', m, r))
   if cs ~= 'RUNNING' and cs ~= 'DISPATCHED' then return respond('duplicate') end
   -- DISPATCHED: its comp_begin was lost (a failover); the attempt still counts.
   if cs == 'DISPATCHED' then redis.call('HINCRBY', K, cf('ca', m, r), 1) end
-  local failed = compensation_failed(m, r, AV[5], num(AV[7]) or 0)
+  local failed = compensation_failed(m, r, AV[5], num(AV[7]) or 0, AV[8] == '1')
   local out = {failed}
   local changed = false
   if r == '1' then changed = settle(out, false) end
@@ -1186,6 +1195,28 @@ OPS.signal = function()
   if rejects then return reject_wait(target, ev, data, changed) end
   redis.call('HSETNX', K, 't0:' .. target, NOW)
   return step_completed(target, data, changed)
+end
+
+-- ARGV: 4 error. The parent of this child saga rolls back: a running child
+-- is cancelled; a completed one is compensated as a unit (its completed
+-- steps in reverse order), reason "parent"; one rolling back or ended
+-- already is left as it is (finished tells the caller to look at it).
+OPS.unwind = function()
+  local out = {}
+  if status == 'COMPLETED' then
+    redis.call('HSET', K, 'reason', 'parent', 'error', AV[4], 'failed_step', '', 'cstage', #stages() - 1)
+    redis.call('HSETNX', K, 'copen', '0')
+    redis.call('HSETNX', K, 'gaveup', '0')
+    redis.call('HDEL', K, 'cbs')
+    redis.call('PERSIST', K)
+    local changed = set_status('COMPENSATING')
+    return remember(respond('rollback', settle(out, changed), {due = out}))
+  end
+  if status == 'PENDING' or status == 'RUNNING' then
+    return remember(respond('rollback', settle(out, halt('cancelled', AV[4])), {due = out}))
+  end
+  if status == 'COMPENSATING' then return respond('rollback') end
+  return respond('finished')
 end
 
 -- Not de-duplicated: setting the flag twice is harmless.

@@ -349,7 +349,8 @@ def _compensate(message: _Message, original: Any, params: Params) -> Any:
     call = request.kwargs = params.pick(message.kwargs)
     try:
         result = original(**call)
-    except Retry:
+    except (Retry, Ignore):
+        # Ignore: the outcome comes later, by another message (a child saga's end).
         raise
     except Exception as exc:
         t = message.record(store, Op.COMP_FAIL, message.step, error_text(exc), round_)

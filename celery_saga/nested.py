@@ -1,0 +1,160 @@
+"""Sagas made of sagas: a ``Saga`` used as a step of another.
+
+The step that is a child saga (named after it) is an ordinary step whose
+task, ``celery_saga.child``, starts the child with the id
+``<parent_id>:<child_name>`` and the parent's data, then leaves the step
+running. Its compensation, ``celery_saga.undo_child``, rolls the child back
+as a unit (``unwind``): a completed child compensates its completed steps in
+reverse order and ends COMPENSATED with reason ``"parent"``; a running one
+is cancelled. Either way the compensation stays running too.
+
+The parent learns of the child's end by a message, never by a script that
+touches both records (so they may live in different slots of a Redis
+Cluster): ``celery_saga.child_ended`` is the child's end callback, sent like
+any ``on_complete``/``on_failure`` (and by a sweeper if the process that
+ended the child died first). It records the child's outcome as the outcome
+of the parent's step, or of its compensation.
+
+These three tasks are registered on every enabled app, and go to its
+default queue.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from celery import Celery, Task
+from celery.exceptions import Ignore
+
+from . import codec
+from .context import current_step
+from .errors import SagaDefinitionError, SagaError, SagaNotFound
+from .registry import sagas_of
+from .state import CompensationStatus, SagaState, SagaStatus, StepStatus
+
+if TYPE_CHECKING:
+    from .saga import Saga
+
+__all__ = ["CHILD_ENDED_TASK", "CHILD_TASK", "UNDO_CHILD_TASK", "child_id", "register_tasks"]
+
+logger = logging.getLogger("celery_saga")
+
+CHILD_TASK = "celery_saga.child"
+UNDO_CHILD_TASK = "celery_saga.undo_child"
+CHILD_ENDED_TASK = "celery_saga.child_ended"
+
+_FORWARD = (StepStatus.DISPATCHED.value, StepStatus.RUNNING.value)
+_UNDOING = tuple(
+    s.value for s in (CompensationStatus.DISPATCHED, CompensationStatus.RUNNING, CompensationStatus.RETRYING)
+)
+
+
+def child_id(parent_id: str, step: str) -> str:
+    """The id of the child saga that is step ``step`` of saga ``parent_id``."""
+    return f"{parent_id}:{step}"
+
+
+def register_tasks(app: Celery) -> None:
+    """Register the three tasks of child sagas on ``app`` (once)."""
+    if CHILD_TASK in app.tasks:
+        return
+    # ignore_result: the record holds their outcome (and a result-backend subscription per call would leak).
+    app.task(name=CHILD_TASK, bind=True, shared=False, ignore_result=True)(_start_child)
+    app.task(name=UNDO_CHILD_TASK, bind=True, shared=False, ignore_result=True)(_undo_child)
+    app.task(name=CHILD_ENDED_TASK, bind=True, shared=False, ignore_result=True)(_child_ended)
+
+
+def _saga_named(app: Celery, name: str) -> Saga:
+    for saga in sagas_of(app):
+        if saga.name == name:
+            return saga  # type: ignore[return-value]
+    raise SagaDefinitionError(
+        f"child saga {name!r} is not defined in this worker: import the module that defines it "
+        f"(the parent saga's module does, if it is imported)"
+    )
+
+
+def _start_child(task: Task, **data: Any) -> None:
+    """A child saga's step: start the child (idempotent), and leave the step running until it ends."""
+    ctx = current_step()
+    if ctx is None:
+        raise SagaError(f"{CHILD_TASK} runs only as a step of a saga")
+    gen = task.request.get("saga_gen") or ""
+    _saga_named(task.app, ctx.step).start_as_child(ctx.saga_id, gen, data)
+    raise Ignore()  # the step's outcome comes with the child's end: celery_saga.child_ended
+
+
+def _undo_child(task: Task, **_: Any) -> None:
+    """A child saga's compensation: roll the child back as a unit; its end records this compensation's outcome."""
+    from .follow import follow
+    from .stores import store_for
+
+    ctx = current_step()
+    if ctx is None or not ctx.compensating:
+        raise SagaError(f"{UNDO_CHILD_TASK} runs only as a compensation of a saga")
+    app, store = task.app, store_for(task.app)
+    cid = child_id(ctx.saga_id, ctx.step)
+    t = store.unwind(cid, f"saga {ctx.saga_id} rolls back")
+    if t.status is None:
+        return None  # the child never started: nothing to undo
+    follow(app, store, t)
+    if t.status.finished and t.status is not SagaStatus.COMPLETED:
+        # It had ended already (compensated, or failed): its end was reported
+        # when the parent did not wait for it yet. Report it again, for this compensation.
+        _report(app, store, store.state(cid), ctx.saga_id, task.request.get("saga_gen") or "", ctx.step)
+    raise Ignore()  # this compensation's outcome comes with the child's end
+
+
+def _child_ended(task: Task, saga_id: str, parent: str, parent_gen: str) -> None:
+    """The end callback of a child saga: record its outcome in the parent."""
+    from .stores import store_for
+
+    try:
+        child = store_for(task.app).state(saga_id)
+    except SagaNotFound:
+        logger.warning("saga %s: child saga ended, but its record is gone; its parent %s waits for it", saga_id, parent)
+        return
+    _report(task.app, store_for(task.app), child, parent, parent_gen, saga_id.rsplit(":", 1)[-1])
+
+
+def _report(app: Celery, store: Any, child: SagaState, parent: str, gen: str, step: str) -> None:
+    """What the child's end means for the parent: its step's outcome, or its compensation's."""
+    from .follow import follow
+    from .store import Op
+
+    try:
+        raw = store.load(parent)
+    except SagaNotFound:
+        logger.warning("saga %s: child saga ended, but its parent %s is gone", child.saga_id, parent)
+        return
+    name, gen = raw.get("name", ""), gen or raw.get("gen", "")
+    forward, undoing = raw.get(f"s:{step}") in _FORWARD, raw.get(f"cs:{step}") in _UNDOING
+    what = f"child saga {child.saga_id} ended {child.status.value}"
+    if child.reason and child.status is not SagaStatus.COMPLETED:
+        what += f" ({child.reason}: {child.error})"
+    if child.status is SagaStatus.COMPLETED:
+        if forward:
+            t = store.apply(Op.DONE, parent, gen, name, step, codec.dumps(child.data))
+        elif undoing:
+            t = store.unwind(child.saga_id, f"saga {parent} rolls back")  # it completed as it was being undone
+        else:
+            return
+    elif child.status is SagaStatus.COMPENSATED:
+        if forward:
+            t = store.apply(Op.FAIL, parent, gen, name, step, what)
+        elif undoing:
+            t = store.apply(Op.COMP_DONE, parent, gen, name, step, "1")
+        else:
+            return
+    elif child.status is SagaStatus.FAILED:
+        # Its compensations gave up, so its effects may remain: the parent ends FAILED too.
+        if forward:
+            t = store.apply(Op.FAIL, parent, gen, name, step, what, "1")
+        elif undoing:
+            t = store.apply(Op.COMP_FAIL, parent, gen, name, step, what, "1", "1")
+        else:
+            return
+    else:
+        return
+    follow(app, store, t)
