@@ -86,13 +86,15 @@ def _members(items: Iterable[Any], what: str) -> list[Any]:
 
 def _leaf(item: Any) -> StepRef:
     """Turn one step (task, signature or step()) into a StepRef, checking it is a declared step."""
-    if not is_proxy(item) and isinstance(item, StepRef):
-        return item
-    if isinstance(item, WaitRef):
-        return StepRef(item.step_name, "", None, False, timeout=item.timeout, event=item.event, reject=item.reject)
-    if isinstance(item, Saga):
-        # No deadline of its own: the child has its steps' (and the parent's timeout reaches into it).
-        return StepRef(item.name, CHILD_TASK, UNDO_CHILD_TASK, False, timeout=None, child=item.name)
+    # (A task not created yet is a proxy: looking at its type would create it, and finalize its app.)
+    if not is_proxy(item):
+        if isinstance(item, StepRef):
+            return item
+        if isinstance(item, WaitRef):
+            return StepRef(item.step_name, "", None, False, timeout=item.timeout, event=item.event, reject=item.reject)
+        if isinstance(item, Saga):
+            # No deadline of its own: the child has its steps' (and the parent's timeout reaches into it).
+            return StepRef(item.name, CHILD_TASK, UNDO_CHILD_TASK, False, timeout=None, child=item.name)
     if is_task(item) or isinstance(item, Signature):
         name = task_name(item)
         meta = step_meta(name)
@@ -456,7 +458,7 @@ def _children(name: str, steps: Any) -> dict[str, Saga]:
     found: dict[str, Saga] = {}
     for stage in _stages(steps):
         for item in stage:
-            if isinstance(item, Saga):
+            if not is_proxy(item) and isinstance(item, Saga):
                 found[item.name] = item
     pending = list(found.values())
     while pending:
@@ -485,9 +487,13 @@ def _check_events(saga: str, stages: list[list[StepRef]]) -> None:
 
 def _step_name(step: Any) -> Any:
     """The step name ``step`` stands for: a name, a task or signature (its task name), or a step()."""
-    if step is None or isinstance(step, str):
+    if step is None:
+        return None
+    if is_proxy(step):  # a task not created yet: its type is not looked at (that would finalize its app)
+        return task_name(step)
+    if isinstance(step, str):
         return step
-    if not is_proxy(step) and isinstance(step, StepRef):
+    if isinstance(step, StepRef):
         return step.name
     if is_task(step) or isinstance(step, Signature):
         return task_name(step)

@@ -102,6 +102,8 @@ def test_nothing_happens_at_import_and_finalize_enables_the_app() -> None:
         @app.task(name="imp.v")
         def v(): ...
         saga = Saga("imp", [t, parallel(u, v)])
+        # ... nor do the other shapes: a wait, a pivot given as a task, a child saga
+        shapes = Saga("imp2", [t, celery_saga.wait_for("ok", timeout=None), Saga("imp3", [u]), v], pivot=t)
         assert not app.finalized and not app.configured
         assert not signals.task_failure.receivers and not _STORES and not is_enabled(app)
         app.finalize()

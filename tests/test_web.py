@@ -110,9 +110,17 @@ def get(url: str, auth: str | None = None) -> tuple[int, str]:
 
 
 def until(driver: Any, condition: Callable[[Any], Any], timeout: float = 20.0) -> Any:
+    """Poll ``condition`` until it holds.
+
+    The live refresh replaces the page's nodes: a node found a moment ago may
+    be gone (stale, or "does not belong to the document") when it is read;
+    the next poll finds the new one.
+    """
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException, WebDriverException
     from selenium.webdriver.support.ui import WebDriverWait
 
-    return WebDriverWait(driver, timeout, poll_frequency=0.1).until(condition)
+    ignored = (NoSuchElementException, StaleElementReferenceException, WebDriverException)
+    return WebDriverWait(driver, timeout, poll_frequency=0.1, ignored_exceptions=ignored).until(condition)
 
 
 @pytest.fixture
