@@ -197,6 +197,9 @@ def create(
     secret = Saga("proc_secret", [one, pay, three])
     dies = Saga("proc_die", [one, two, die, three])
     limited = Saga("proc_limit", [one, two, slow, three])
+    # Sagas of sagas: a child after a step, whose steps a worker dies in.
+    nested = Saga("proc_nest", [one, Saga("proc_inner", [two, three])])
+    nested_dies = Saga("proc_nest_die", [one, Saga("proc_inner_die", [two, die])])
 
     # -- deadline tasks (tests/test_timeouts_process.py) ------------------------------
     effects, stock = f"{prefix}:effects", f"{prefix}:stock"

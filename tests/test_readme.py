@@ -71,4 +71,4 @@ def test_the_saga_shapes_example_runs_as_written(server: RedisServer, tmp_path: 
     command = re.search(r'# python -c "(.*?)"', shapes)
     assert command is not None
     out = _run("shapes", shapes, server, tmp_path, command[1])
-    assert out.strip().splitlines()[-2:] == ["True", "ch-1 True"]
+    assert out.strip().splitlines()[-3:] == ["True", "ch-1 True", "h-1"]

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import redis
 
-from celery_saga import SagaCompensated, SagaStatus
+from celery_saga import SagaCompensated, SagaResult, SagaStatus
 from tests.helpers import Ledger, drained, finished, kombu_prefix, wait_for
 
 
@@ -168,3 +168,41 @@ def test_hard_time_limit_compensates(env, procs, shop, r) -> None:
     assert slow.compensation_attempts == 1
     assert state.step("proc.one").compensation_attempts == 1
     assert state.step("proc.two").compensation_attempts == 1
+
+
+@pytest.mark.timeout(90)
+def test_a_worker_killed_while_a_child_saga_runs_leaves_the_trip_to_complete(env, procs, shop, r) -> None:
+    # Given a saga whose second step is a child saga, and a worker that dies as the child publishes its last step
+    ledger = Ledger(r, f"{env.prefix}:ledger")
+    first = procs.worker(visibility=2)
+    res = shop.nested.delay(order_id=9, crash_worker_before="proc.three")
+    assert procs.wait_dead(first, timeout=30) == -signal.SIGKILL
+    # When another worker takes over (the dead one's message comes back after its visibility timeout)
+    procs.worker(visibility=2)
+    # Then the child saga completes, and with it the parent, each step's function run once
+    data = res.get(timeout=40)
+    assert data["tracking"] == "t-9-p-9-r-9"
+    assert ledger.actions() == ["do:proc.one", "do:proc.two", "crash:proc.three", "do:proc.three"]
+    inner = SagaResult(f"{res.id}:proc_inner", app=shop.app).state()
+    assert (inner.status, inner.parent_id) == (SagaStatus.COMPLETED, res.id)
+
+
+def test_a_pool_child_killed_in_a_child_saga_rolls_back_the_child_then_the_parent(env, procs, shop, r) -> None:
+    ledger = Ledger(r, f"{env.prefix}:ledger")
+    procs.worker()
+    # When the child saga's second step's pool child is SIGKILLed mid-step
+    res = shop.nested_dies.delay(order_id=10, die_in="proc.die")
+    # Then the child rolls back (the lost step blind, then the one before it), and the parent undoes its own step
+    with pytest.raises(SagaCompensated) as info:
+        res.get(timeout=40)
+    assert info.value.step == "proc_inner_die" and "WorkerLostError" in (info.value.error or "")
+    inner = SagaResult(f"{res.id}:proc_inner_die", app=shop.app).state()
+    assert (inner.status, inner.failed_step) == (SagaStatus.COMPENSATED, "proc.die")
+    assert [e[:2] for e in ledger.entries()] == [
+        ["do", "proc.one"],
+        ["do", "proc.two"],
+        ["dying", "proc.die"],
+        ["undo", "proc.die"],
+        ["undo", "proc.two"],
+        ["undo", "proc.one"],
+    ]
