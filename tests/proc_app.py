@@ -200,6 +200,8 @@ def create(
     # Sagas of sagas: a child after a step, whose steps a worker dies in.
     nested = Saga("proc_nest", [one, Saga("proc_inner", [two, three])])
     nested_dies = Saga("proc_nest_die", [one, Saga("proc_inner_die", [two, die])])
+    # Past its pivot (proc.two), a step whose worker is lost is sent again, not compensated.
+    pivoted = Saga("proc_pivot", [one, two, die, three], pivot="proc.two")
 
     # -- deadline tasks (tests/test_timeouts_process.py) ------------------------------
     effects, stock = f"{prefix}:effects", f"{prefix}:stock"

@@ -241,3 +241,24 @@ def test_a_parent_deadline_passing_while_a_child_runs_cancels_the_child(
     assert (hotel.state().status, hotel.state().reason) == (SagaStatus.COMPENSATED, "cancelled")
     flight = SagaResult(f"{res.id}:flight", app=app).state()
     assert (flight.status, flight.reason) == (SagaStatus.COMPENSATED, "parent")
+
+
+def test_a_grandchild_saga_completes_and_is_undone_through_its_parent(
+    app: Celery, shop: SimpleNamespace, r: redis.Redis, prefix: str, worker: Any
+) -> None:
+    # Given a holiday made of the trip saga (itself made of two sagas), then a step
+    holiday = Saga("holiday", [shop.trip, shop.book_hotel.s(trip="second")])
+    with worker():
+        res = holiday.delay(trip="t7")
+        assert res.get(timeout=60)["hotel"] == "HO-second"
+        grandchild = SagaResult(f"{res.id}:trip:flight", app=app).state()
+        assert (grandchild.status, grandchild.parent_id) == (SagaStatus.COMPLETED, f"{res.id}:trip")
+        # When one fails after the trip completed, the trip is undone as a unit, and with it its children
+        # (the failure is bound to that step alone: saga data would reach the children's steps too)
+        undone = Saga("holiday_undone", [shop.trip, shop.seat.s(flight="x", fail=["seat"])]).delay(trip="t8")
+        with pytest.raises(SagaCompensated):
+            undone.get(timeout=60)
+        for child in ("trip", "trip:hotel", "trip:flight"):
+            wait_for(lambda c=child: SagaResult(f"{undone.id}:{c}", app=app).state().status.finished)
+            state = SagaResult(f"{undone.id}:{child}", app=app).state()
+            assert (state.status, state.reason) == (SagaStatus.COMPENSATED, "parent"), child

@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 from celery import Celery
 
-from celery_saga import SagaCompensated, SagaFailed, SagaStatus
+from celery_saga import SagaCompensated, SagaFailed, SagaResult, SagaStatus
 from celery_saga.views import state_json
 from celery_saga.web import WebSettings, make_app
 from tests import shop
@@ -332,3 +332,28 @@ def test_the_list_is_newest_first_and_paged(app: Celery, r, prefix, worker, saga
         assert re.findall(r'<tr data-id="([^"]+)"', get(base + "/?name=order")[1]) == []
         assert re.findall(r'<tr data-id="([^"]+)"', get(base + "/?until=2000-01-01T00:00:00")[1]) == []
         assert get(base + "/?status=NOPE")[0] == 400
+
+
+def test_pages_of_every_shape_render_a_pivot_a_wait_and_child_sagas(app: Celery, r, prefix, worker) -> None:
+    from tests import test_nested, test_waits
+
+    trips, waits = test_nested.build(app, r, prefix), test_waits.build(app, r, prefix)
+    with worker():
+        trip = trips.trip.delay(trip="w1")
+        trip.get(timeout=30)
+        late = waits.late.delay(order_id=1)  # past its pivot, its wait times out: FAILED
+        with pytest.raises(SagaFailed):
+            late.get(timeout=30)
+        waiting = waits.refund.delay(order_id=2)
+        wait_for(lambda: waiting.state().step("wait:approval").status.value == "DISPATCHED")
+    with web_server(app) as base:
+        for res, shown in (
+            (trip, ["flight", "hotel", "n.charge"]),
+            (SagaResult(f"{trip.id}:flight", app=app), ["n.book_flight", "n.seat"]),
+            (late, ["w.pay", "wait:delivered"]),
+            (waiting, ["wait:approval", "w.pay"]),
+        ):
+            status, page = get(f"{base}/saga/{res.id}")
+            assert status == 200 and all(name in page for name in shown), (res.id, page[:500])
+            status, body = get(f"{base}/api/sagas/{res.id}")
+            assert json.loads(body) == json.loads(json.dumps(state_json(res.state()), default=str))

@@ -206,3 +206,22 @@ def test_a_pool_child_killed_in_a_child_saga_rolls_back_the_child_then_the_paren
         ["undo", "proc.two"],
         ["undo", "proc.one"],
     ]
+
+
+def test_a_pool_child_killed_in_a_step_past_the_pivot_is_sent_again_not_compensated(env, procs, shop, r) -> None:
+    ledger = Ledger(r, f"{env.prefix}:ledger")
+    procs.worker()
+    # When the pool child of a step after the pivot is SIGKILLed mid-step (once)
+    res = shop.pivoted.delay(order_id=11, die_in="proc.die")
+    # Then the step is sent again, runs, and the saga completes: nothing is undone
+    data = res.get(timeout=40)
+    assert data["tracking"] == "t-11-p-11-r-11"
+    assert [e[:2] for e in ledger.entries()] == [
+        ["do", "proc.one"],
+        ["do", "proc.two"],
+        ["dying", "proc.die"],
+        ["do", "proc.die"],
+        ["do", "proc.three"],
+    ]
+    step = res.state().step("proc.die")
+    assert (step.forward_retries, step.attempts) == (1, 2) and "WorkerLostError" in (step.error or "")
