@@ -94,15 +94,28 @@ def _undo_child(task: Task, **_: Any) -> None:
     if ctx is None or not ctx.compensating:
         raise SagaError(f"{UNDO_CHILD_TASK} runs only as a compensation of a saga")
     app, store = task.app, store_for(task.app)
-    cid = child_id(ctx.saga_id, ctx.step)
+    cid, gen = child_id(ctx.saga_id, ctx.step), task.request.get("saga_gen") or ""
     t = store.unwind(cid, f"saga {ctx.saga_id} rolls back")
     if t.status is None:
-        return None  # the child never started: nothing to undo
+        if not ctx.result_known:
+            return None  # the child never started: nothing to undo
+        # It completed, and its record is gone: what it did cannot be undone. Say so (FAILED), never "undone".
+        from .store import Op
+
+        error = (
+            f"child saga {cid} completed, and its record expired (saga_retention) or was purged before its "
+            f"parent rolled back: its effects cannot be compensated. Keep saga_retention above your sagas' "
+            f"longest run"
+        )
+        parent = store.load(ctx.saga_id)
+        t = store.apply(Op.COMP_FAIL, ctx.saga_id, gen, parent.get("name", ""), ctx.step, error, "1", "1")
+        follow(app, store, t)
+        raise Ignore()
     follow(app, store, t)
     if t.status.finished and t.status is not SagaStatus.COMPLETED:
         # It had ended already (compensated, or failed): its end was reported
         # when the parent did not wait for it yet. Report it again, for this compensation.
-        _report(app, store, store.state(cid), ctx.saga_id, task.request.get("saga_gen") or "", ctx.step)
+        _report(app, store, store.state(cid), ctx.saga_id, gen, ctx.step)
     raise Ignore()  # this compensation's outcome comes with the child's end
 
 

@@ -262,3 +262,22 @@ def test_a_grandchild_saga_completes_and_is_undone_through_its_parent(
             wait_for(lambda c=child: SagaResult(f"{undone.id}:{c}", app=app).state().status.finished)
             state = SagaResult(f"{undone.id}:{child}", app=app).state()
             assert (state.status, state.reason) == (SagaStatus.COMPENSATED, "parent"), child
+
+
+def test_a_completed_child_whose_record_is_gone_makes_the_parent_failed_not_undone(
+    app: Celery, shop: SimpleNamespace, r: redis.Redis, prefix: str, worker: Any
+) -> None:
+    gates = Gates(r, prefix)
+    with worker():
+        # Given a trip whose flight saga completed, and whose record then expired (here: deleted)
+        res = shop.trip.delay(trip="t9", gates=["book_hotel"], fail=["charge"])
+        gates.wait_entered("book_hotel")
+        r.delete(f"{prefix}:{{{res.id}:flight}}")
+        # When the trip rolls back
+        gates.open("book_hotel")
+        with pytest.raises(SagaFailed) as info:
+            res.get(timeout=60)
+    # Then it says the flight saga's effects could not be compensated
+    assert list(info.value.gave_up) == ["flight"]
+    assert "its effects cannot be compensated" in (info.value.gave_up["flight"] or "")
+    assert ("undo", "n.book_flight") not in ledger(r, prefix)
