@@ -30,8 +30,11 @@ from celery.exceptions import Ignore
 from . import codec
 from .context import current_step
 from .errors import SagaDefinitionError, SagaError, SagaNotFound
+from .follow import follow
 from .registry import sagas_of
 from .state import CompensationStatus, SagaState, SagaStatus, StepStatus
+from .store import Op, SagaStore
+from .stores import store_for
 
 if TYPE_CHECKING:
     from .saga import Saga
@@ -57,7 +60,7 @@ def child_id(parent_id: str, step: str) -> str:
 
 def register_tasks(app: Celery) -> None:
     """Register the three tasks of child sagas on ``app`` (once)."""
-    if CHILD_TASK in app.tasks:
+    if CHILD_TASK in app._tasks:  # (not app.tasks: that would finalize the app)
         return
     # ignore_result: the record holds their outcome (and a result-backend subscription per call would leak).
     app.task(name=CHILD_TASK, bind=True, shared=False, ignore_result=True)(_start_child)
@@ -87,9 +90,6 @@ def _start_child(task: Task, **data: Any) -> None:
 
 def _undo_child(task: Task, **_: Any) -> None:
     """A child saga's compensation: roll the child back as a unit; its end records this compensation's outcome."""
-    from .follow import follow
-    from .stores import store_for
-
     ctx = current_step()
     if ctx is None or not ctx.compensating:
         raise SagaError(f"{UNDO_CHILD_TASK} runs only as a compensation of a saga")
@@ -100,8 +100,6 @@ def _undo_child(task: Task, **_: Any) -> None:
         if not ctx.result_known:
             return None  # the child never started: nothing to undo
         # It completed, and its record is gone: what it did cannot be undone. Say so (FAILED), never "undone".
-        from .store import Op
-
         error = (
             f"child saga {cid} completed, and its record expired (saga_retention) or was purged before its "
             f"parent rolled back: its effects cannot be compensated. Keep saga_retention above your sagas' "
@@ -121,21 +119,17 @@ def _undo_child(task: Task, **_: Any) -> None:
 
 def _child_ended(task: Task, saga_id: str, parent: str, parent_gen: str) -> None:
     """The end callback of a child saga: record its outcome in the parent."""
-    from .stores import store_for
-
+    store = store_for(task.app)
     try:
-        child = store_for(task.app).state(saga_id)
+        child = store.state(saga_id)
     except SagaNotFound:
         logger.warning("saga %s: child saga ended, but its record is gone; its parent %s waits for it", saga_id, parent)
         return
-    _report(task.app, store_for(task.app), child, parent, parent_gen, saga_id.rsplit(":", 1)[-1])
+    _report(task.app, store, child, parent, parent_gen, child.parent_step or saga_id.rsplit(":", 1)[-1])
 
 
-def _report(app: Celery, store: Any, child: SagaState, parent: str, gen: str, step: str) -> None:
+def _report(app: Celery, store: SagaStore, child: SagaState, parent: str, gen: str, step: str) -> None:
     """What the child's end means for the parent: its step's outcome, or its compensation's."""
-    from .follow import follow
-    from .store import Op
-
     try:
         raw = store.load(parent)
     except SagaNotFound:
