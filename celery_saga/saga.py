@@ -1,4 +1,4 @@
-"""Defining a saga: ``Saga`` and ``parallel``, and starting one."""
+"""Defining a saga (``Saga``; its steps are read by `celery_saga.stages`), and starting one."""
 
 from __future__ import annotations
 
@@ -9,27 +9,27 @@ import inspect
 import logging
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from celery import Celery, current_app
-from celery.canvas import Signature, _chain, _chord, group
+from celery.canvas import Signature
 
 from . import codec
 from .errors import IdempotencyConflict, SagaDataError, SagaDefinitionError
 from .follow import follow
-from .introspect import is_proxy, is_task, task_app, task_name
+from .introspect import is_proxy
 from .messages import StageNotPublished, message_serializer
-from .nested import CHILD_ENDED_TASK, CHILD_TASK, UNDO_CHILD_TASK
+from .nested import CHILD_ENDED_TASK
 from .plan import Plan, StepSpec, remember_plan
-from .registry import MISSING, register_saga, step_meta
+from .registry import MISSING, register_saga
 from .result import SagaResult
 from .settings import default_step_timeout, redact_keys, timeout_seconds
+from .stages import check_events, children_of, flatten, leaf, parallel, pivot_stage, step_name
 from .state import SagaStatus
-from .step import StepRef, check_step_name
+from .step import StepRef
 from .store import Outcome, SagaStore, StartRequest, Transition
 from .stores import settings_of, store_for
-from .wait import WaitRef
 
 __all__ = ["Saga", "parallel", "saga_id_for"]
 
@@ -37,90 +37,6 @@ logger = logging.getLogger("celery_saga")
 
 _ROUTING_OPTIONS = ("queue", "exchange", "routing_key", "priority")
 _ID_NAMESPACE = uuid.UUID("6c6a1f55-3c1e-4b4e-9a51-3f5d1b8f1e2a")
-
-
-class parallel:  # noqa: N801 - named like Celery's own `group`
-    """Steps that run together; the saga goes on once all have finished."""
-
-    def __init__(self, *steps: Any) -> None:
-        if len(steps) == 1 and not is_proxy(steps[0]) and isinstance(steps[0], (list, tuple)):
-            steps = tuple(steps[0])
-        if len(steps) < 2:
-            raise SagaDefinitionError(
-                f"parallel() needs at least two steps, got {len(steps)}; put a single step in the list on its own"
-            )
-        self.steps: tuple[Any, ...] = tuple(steps)
-
-    def __repr__(self) -> str:
-        return f"parallel({', '.join(map(repr, self.steps))})"
-
-
-def _stages(item: Any) -> list[list[Any]]:
-    """Flatten a step list or Celery canvas into stages of leaves."""
-    if is_proxy(item) or isinstance(item, (WaitRef, Saga)):
-        return [[item]]
-    if isinstance(item, (list, tuple)):
-        return [stage for x in item for stage in _stages(x)]
-    if isinstance(item, _chord):
-        return [_members(item.tasks, "a chord header"), *_stages(item.body)]
-    if isinstance(item, _chain):
-        return [stage for x in item.tasks for stage in _stages(x)]
-    if isinstance(item, group):
-        return [_members(item.tasks, "a group")]
-    if isinstance(item, parallel):
-        return [_members(item.steps, "parallel()")]
-    return [[item]]
-
-
-def _members(items: Iterable[Any], what: str) -> list[Any]:
-    members = list(items)
-    if len(members) < 2:
-        raise SagaDefinitionError(f"{what} needs at least two steps, got {len(members)}; use the step on its own")
-    for m in members:
-        if not is_proxy(m) and isinstance(m, (list, tuple, _chain, group, parallel)):
-            raise SagaDefinitionError(
-                f"{what} may only hold single steps, not {type(m).__name__}: split the branch into its own stages"
-            )
-    return members
-
-
-def _leaf(item: Any) -> StepRef:
-    """Turn one step (task, signature or step()) into a StepRef, checking it is a declared step."""
-    # (A task not created yet is a proxy: looking at its type would create it, and finalize its app.)
-    if not is_proxy(item):
-        if isinstance(item, StepRef):
-            return item
-        if isinstance(item, WaitRef):
-            return StepRef(item.step_name, "", None, False, timeout=item.timeout, event=item.event, reject=item.reject)
-        if isinstance(item, Saga):
-            # No deadline of its own: the child has its steps' (and the parent's timeout reaches into it).
-            return StepRef(item.name, CHILD_TASK, UNDO_CHILD_TASK, False, timeout=None, child=item.name)
-    if is_task(item) or isinstance(item, Signature):
-        name = task_name(item)
-        meta = step_meta(name)
-        if meta is None:
-            raise SagaDefinitionError(
-                f"task {name!r} is not a saga step: decorate it with @saga_step(compensate=...) "
-                f"(compensate=None if there is nothing to undo), or wrap it in step({name!r}, compensate=...)"
-            )
-        sig = item if not is_proxy(item) and isinstance(item, Signature) else None
-        return StepRef(
-            name=check_step_name(name),
-            task=name,
-            compensation=meta.compensation,
-            compensate_on_failure=meta.compensate_on_failure,
-            bound=dict(sig.kwargs or {}) if sig is not None else {},
-            args=tuple(sig.args or ()) if sig is not None else (),
-            options=dict(sig.options or {}) if sig is not None else {},
-            app=task_app(item),
-            timeout=meta.timeout,
-            redact=meta.redact,
-        )
-    raise SagaDefinitionError(
-        f"{item!r} cannot be a saga step: use a task decorated with @saga_step, its signature, "
-        f"step('task.name', compensate=...), wait_for(...), another Saga, parallel(...), or a Celery chain/group "
-        f"of those"
-    )
 
 
 class Saga:
@@ -159,7 +75,7 @@ class Saga:
         self.module: str | None = _caller_module()
         if not is_proxy(steps) and isinstance(steps, (list, tuple)) and not steps:
             raise SagaDefinitionError(f"saga {name!r} has no steps; give it at least one")
-        stages = [[_leaf(x) for x in stage] for stage in _stages(steps)]
+        stages = [[leaf(x) for x in stage] for stage in flatten(steps)]
         if not stages:
             raise SagaDefinitionError(f"saga {name!r} has no steps; give it at least one")
         seen: set[str] = set()
@@ -171,13 +87,13 @@ class Saga:
                         f"with step(task, name='...')"
                     )
                 seen.add(ref.name)
-        _check_events(name, stages)
+        check_events(name, stages)
         #: The sagas used as steps of this one, by name.
-        self.children: dict[str, Saga] = _children(name, steps)
+        self.children: dict[str, Saga] = children_of(name, steps)
         self._refs = stages
         #: The pivot step's name, or None; ``pivot_stage`` is its stage (None: no pivot).
-        self.pivot: str | None = _step_name(pivot)
-        self.pivot_stage: int | None = _pivot_stage(name, stages, self.pivot)
+        self.pivot: str | None = step_name(pivot)
+        self.pivot_stage: int | None = pivot_stage(name, stages, self.pivot)
         self._app = app or next((r.app for stage in stages for r in stage if r.app is not None), None)
         # The plan, and the app it was built for: a saga of shared tasks follows the current app.
         self._plan: tuple[Celery, Plan] | None = None
@@ -362,8 +278,9 @@ class Saga:
         ended = self.app.signature(CHILD_ENDED_TASK, kwargs={"parent": parent_id, "parent_gen": parent_gen})
         callback = _callback_json(ended, "on_complete")
         link = (parent_id, parent_gen, self.name)
-        return self._start(f"{parent_id}:{self.name}", data, _dumps(data, f"saga {self.name!r}: kwargs"), "",
-                           [callback, callback], self.timeout, parent=link)  # fmt: skip
+        kwargs_json = _dumps(data, f"saga {self.name!r}: kwargs")
+        saga_id = f"{parent_id}:{self.name}"
+        return self._start(saga_id, data, kwargs_json, "", [callback, callback], self.timeout, parent=link)
 
     def _start(
         self,
@@ -451,70 +368,6 @@ class Saga:
         except Exception:
             logger.exception("saga %s: could not mark the failed start", created.saga_id)
         raise cause  # the broker's own error, as publishing raised it
-
-
-def _children(name: str, steps: Any) -> dict[str, Saga]:
-    """The sagas among ``steps``, by name; a saga that contains itself, at any depth, is refused."""
-    found: dict[str, Saga] = {}
-    for stage in _stages(steps):
-        for item in stage:
-            if not is_proxy(item) and isinstance(item, Saga):
-                found[item.name] = item
-    pending = list(found.values())
-    while pending:
-        child = pending.pop()
-        if child.name == name:
-            raise SagaDefinitionError(
-                f"saga {name!r} contains itself (through child saga {child.name!r}); a saga cannot be its own step"
-            )
-        pending.extend(child.children.values())
-    return found
-
-
-def _check_events(saga: str, stages: list[list[StepRef]]) -> None:
-    """Each event names one thing to do: one wait's arrival, or one wait's rejection."""
-    seen: set[str] = set()
-    for ref in (r for stage in stages for r in stage if r.event is not None):
-        for event in (ref.event, ref.reject):
-            if event is None:
-                continue
-            if event in seen:
-                raise SagaDefinitionError(
-                    f"saga {saga!r}: event {event!r} is awaited (or rejects a wait) twice; give each its own name"
-                )
-            seen.add(event)
-
-
-def _step_name(step: Any) -> Any:
-    """The step name ``step`` stands for: a name, a task or signature (its task name), or a step()."""
-    if step is None:
-        return None
-    if is_proxy(step):  # a task not created yet: its type is not looked at (that would finalize its app)
-        return task_name(step)
-    if isinstance(step, str):
-        return step
-    if isinstance(step, StepRef):
-        return step.name
-    if is_task(step) or isinstance(step, Signature):
-        return task_name(step)
-    return step  # refused, with the reason, by _pivot_stage
-
-
-def _pivot_stage(saga: str, stages: list[list[StepRef]], pivot: str | None) -> int | None:
-    if pivot is None:
-        return None
-    if not isinstance(pivot, str):
-        raise SagaDefinitionError(f"saga {saga!r}: pivot must be a step name (a string), not {pivot!r}")
-    for k, stage in enumerate(stages):
-        if any(ref.name == pivot for ref in stage):
-            if len(stage) > 1:
-                raise SagaDefinitionError(
-                    f"saga {saga!r}: the pivot {pivot!r} is in a parallel stage; the point of no return must be "
-                    f"a step of its own: move it out of parallel()"
-                )
-            return k
-    names = ", ".join(repr(ref.name) for stage in stages for ref in stage)
-    raise SagaDefinitionError(f"saga {saga!r}: pivot {pivot!r} is not one of its steps ({names})")
 
 
 def saga_id_for(name: str, idempotency_key: str) -> str:
