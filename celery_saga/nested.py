@@ -22,7 +22,7 @@ default queue.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from celery import Celery, Task
 from celery.exceptions import Ignore
@@ -31,13 +31,10 @@ from . import codec
 from .context import current_step
 from .errors import SagaDefinitionError, SagaError, SagaNotFound
 from .follow import follow
-from .registry import sagas_of
+from .registry import DefinedSaga, sagas_of
 from .state import CompensationStatus, SagaState, SagaStatus, StepStatus
 from .store import Op, SagaStore
 from .stores import store_for
-
-if TYPE_CHECKING:
-    from .saga import Saga
 
 __all__ = ["CHILD_ENDED_TASK", "CHILD_TASK", "UNDO_CHILD_TASK", "child_id", "register_tasks"]
 
@@ -68,10 +65,10 @@ def register_tasks(app: Celery) -> None:
     app.task(name=CHILD_ENDED_TASK, bind=True, shared=False, ignore_result=True)(_child_ended)
 
 
-def _saga_named(app: Celery, name: str) -> Saga:
+def _saga_named(app: Celery, name: str) -> DefinedSaga:
     for saga in sagas_of(app):
         if saga.name == name:
-            return saga  # type: ignore[return-value]
+            return saga
     raise SagaDefinitionError(
         f"child saga {name!r} is not defined in this worker: import the module that defines it "
         f"(the parent saga's module does, if it is imported)"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from celery import Celery
 
@@ -39,14 +39,18 @@ class StepMeta:
     redact: tuple[str, ...] = ()
 
 
+@runtime_checkable
 class DefinedSaga(Protocol):
-    """What the registry needs of a saga definition (`celery_saga.Saga`)."""
+    """What the registry, and a saga that uses another as a step, need of a saga definition (`celery_saga.Saga`)."""
 
     name: str
+    children: dict[str, DefinedSaga]
 
     def plan(self) -> Plan: ...
 
     def belongs_to(self, app: Celery) -> bool: ...
+
+    def start_as_child(self, parent_id: str, parent_gen: str, data: dict[str, Any]) -> Any: ...
 
 
 _STEPS: dict[str, StepMeta] = {}

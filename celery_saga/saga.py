@@ -22,7 +22,7 @@ from .introspect import is_proxy
 from .messages import StageNotPublished, message_serializer
 from .nested import CHILD_ENDED_TASK
 from .plan import Plan, StepSpec, remember_plan
-from .registry import MISSING, register_saga
+from .registry import MISSING, DefinedSaga, register_saga
 from .result import SagaResult
 from .settings import default_step_timeout, redact_keys, timeout_seconds
 from .stages import check_events, children_of, flatten, leaf, parallel, pivot_stage, step_name
@@ -89,7 +89,7 @@ class Saga:
                 seen.add(ref.name)
         check_events(name, stages)
         #: The sagas used as steps of this one, by name.
-        self.children: dict[str, Saga] = children_of(name, steps)
+        self.children: dict[str, DefinedSaga] = children_of(name, steps)
         self._refs = stages
         #: The pivot step's name, or None; ``pivot_stage`` is its stage (None: no pivot).
         self.pivot: str | None = step_name(pivot)

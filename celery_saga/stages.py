@@ -10,27 +10,22 @@ would create it, and finalize its app).
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from celery.canvas import Signature, _chain, _chord, group
 
 from .errors import SagaDefinitionError
 from .introspect import is_proxy, is_task, task_app, task_name
 from .nested import CHILD_TASK, UNDO_CHILD_TASK
-from .registry import step_meta
+from .registry import DefinedSaga, step_meta
 from .step import StepRef, check_step_name
 from .wait import WaitRef
-
-if TYPE_CHECKING:
-    from .saga import Saga
 
 __all__ = ["check_events", "children_of", "flatten", "leaf", "parallel", "pivot_stage", "step_name"]
 
 
 def _is_saga(item: Any) -> bool:
-    from .saga import Saga  # here: saga.py imports this module to define Saga
-
-    return not is_proxy(item) and isinstance(item, Saga)
+    return not is_proxy(item) and isinstance(item, DefinedSaga)
 
 
 class parallel:  # noqa: N801 - named like Celery's own `group`
@@ -117,9 +112,9 @@ def leaf(item: Any) -> StepRef:
     )
 
 
-def children_of(name: str, steps: Any) -> dict[str, Saga]:
+def children_of(name: str, steps: Any) -> dict[str, DefinedSaga]:
     """The sagas among ``steps``, by name; a saga that contains itself, at any depth, is refused."""
-    found: dict[str, Saga] = {}
+    found: dict[str, DefinedSaga] = {}
     for stage in flatten(steps):
         for item in stage:
             if _is_saga(item):
