@@ -357,3 +357,8 @@ def test_pages_of_every_shape_render_a_pivot_a_wait_and_child_sagas(app: Celery,
             assert status == 200 and all(name in page for name in shown), (res.id, page[:500])
             status, body = get(f"{base}/api/sagas/{res.id}")
             assert json.loads(body) == json.loads(json.dumps(state_json(res.state()), default=str))
+        # ... and link a child to its parent and back, and say where a saga stands against its pivot
+        page = get(f"{base}/saga/{trip.id}")[1]
+        assert f'href="/saga/{trip.id}:flight"' in page and f'href="/saga/{trip.id}:hotel"' in page
+        assert f'child saga of <a href="/saga/{trip.id}"' in get(f"{base}/saga/{trip.id}:flight")[1]
+        assert "pivot <b>w.pay</b>: passed" in get(f"{base}/saga/{late.id}")[1]
