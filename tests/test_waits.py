@@ -164,6 +164,7 @@ def test_a_wait_whose_deadline_passes_rolls_back_as_a_step_would(
             res.get(timeout=30)
         assert res.signal("approval") is False
     assert info.value.reason == "timeout" and info.value.step == "wait:approval"
+    assert info.value.error == "timeout: event approval did not come within 1s"
     assert effects(r, prefix) == [["do", "w.reserve"], ["undo", "w.reserve"]]
 
 

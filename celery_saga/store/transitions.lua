@@ -687,6 +687,9 @@ end
 -- `out`. Returns the status the saga had before, when it changed.
 local function time_out_step(m, out, u)
   local err = 'timeout: step ' .. m .. ' had no outcome ' .. secs(hget('to:' .. m)) .. ' after it was dispatched'
+  if is_wait(m) then
+    err = 'timeout: event ' .. string.sub(m, 6) .. ' did not come within ' .. secs(hget('to:' .. m))
+  end
   if sent_again(m) then
     local entry, changed = forward_retry(m, err, u)
     out[#out + 1] = entry
@@ -695,7 +698,6 @@ local function time_out_step(m, out, u)
   local st = live
   if is_wait(m) and hget('past') == '1' then
     -- A wait past the pivot that times out: nothing can be rolled back.
-    err = 'timeout: event ' .. string.sub(m, 6) .. ' did not come within ' .. secs(hget('to:' .. m))
     stop_waiting(m, 'timeout', err)
     if st ~= 'RUNNING' then return false end
     redis.call('HSET', K, 'failed_step', m, 'error', err, 'reason', 'timeout')
