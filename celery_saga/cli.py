@@ -41,7 +41,13 @@ and a ``Z`` (``"2026-11-27T03:25:09.640Z"``), or null when unknown:
   a step with nothing to undo, else ``{"task", "status", "attempts",
   "started_at", "ended_at", "error", "deadline", "round2"}`` (``status`` null
   until it is dispatched; ``round2`` null, or the second round's ``{"status",
-  "attempts", "started_at", "ended_at", "error"}``).
+  "attempts", "started_at", "ended_at", "error"}``). ``reason`` may also be
+  "rejected" (a wait's reject event), "parent" (a child saga its parent
+  undid) or "forward" (a step past the pivot gave up). Only where they
+  apply: ``"pivot"`` and ``"passed_pivot"``, with ``"retriable"`` and
+  ``"forward_retries"`` on every step (a saga with a pivot); ``"parent":
+  {"id", "step"}`` (a child saga); ``"child"``, the child's id, on a step
+  that is a child saga. A wait is the step ``wait:<event>``.
 * stats: ``{"by_status": {status: n}, "by_name": {name: {status: n}}}``,
   every status present; finished sagas count within ``saga_retention``. Once
   sagas were met lost in a reset of the store, also ``"lost_in_reset": n``.

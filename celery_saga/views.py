@@ -169,9 +169,11 @@ def state_json(state: SagaState, redact: Collection[str] = ()) -> dict[str, Any]
     """The JSON shape of a saga record, as ``celery saga show --json`` prints it.
 
     Values of the keys the saga redacts, and of ``redact``, are ``"***"``;
-    kombu's types (datetime, Decimal, UUID ...) are strings. A saga with a
-    pivot also has ``pivot`` and ``passed_pivot``, and its steps
-    ``retriable`` and ``forward_retries`` (others keep the shape they had).
+    kombu's types (datetime, Decimal, UUID ...) are strings. Keys only where
+    they apply, so other sagas keep the shape they had: a saga with a pivot
+    has ``pivot`` and ``passed_pivot``, and its steps ``retriable`` and
+    ``forward_retries``; a child saga has ``parent``; a step that is a child
+    saga has ``child``.
     """
     secrets = state.redact | frozenset(redact)
 
