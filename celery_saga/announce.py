@@ -48,8 +48,11 @@ def configure_worker(app: Celery, hostname: str, task_events: bool) -> None:
 
 
 def _send(app: Celery, type_: str, uuid: str, **fields: Any) -> None:
-    if not _WORKER.events:
-        return
+    if _WORKER.events:
+        _dispatch(app, type_, uuid, **fields)
+
+
+def _dispatch(app: Celery, type_: str, uuid: str, **fields: Any) -> None:
     try:
         with app.events.default_dispatcher(hostname=_WORKER.hostname) as dispatcher:
             dispatcher.send(type_, uuid=uuid, **fields)
@@ -166,12 +169,6 @@ def event_received(app: Celery, saga_id: str, name: str, event: str, data: Any) 
     signals.saga_event_received.send(
         sender=name, saga_id=saga_id, saga_name=name, dedup_id=f"{saga_id}:event:{event}", event=event, data=data
     )
-    fields = {"name": name, "saga_id": saga_id, "saga_name": name, "event": event}
-    if _WORKER.hostname is not None:
-        _send(app, "task-saga-event", saga_id, **fields)
-    elif app.conf.get("saga_send_events") is True:
-        try:
-            with app.events.default_dispatcher() as dispatcher:
-                dispatcher.send("task-saga-event", uuid=saga_id, **fields)
-        except Exception:  # monitoring must never break a saga
-            logger.warning("could not send task-saga-event for %s", saga_id, exc_info=True)
+    setting = app.conf.get("saga_send_events")
+    if setting is True or (setting is None and _WORKER.events):
+        _dispatch(app, "task-saga-event", saga_id, name=name, saga_id=saga_id, saga_name=name, event=event)

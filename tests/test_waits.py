@@ -7,6 +7,7 @@ ledger entry; a step waits at a gate when the saga data names it in ``gates``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from types import SimpleNamespace
 from typing import Any
@@ -215,3 +216,30 @@ def test_a_wait_needs_a_timeout_and_unique_event_names(shop: SimpleNamespace) ->
         wait_for("bad name", timeout=None)
     with pytest.raises(SagaDefinitionError, match="twice"):
         Saga("w_twice", [shop.reserve, wait_for("a", timeout=None), wait_for("b", timeout=None, reject="a")])
+
+
+def test_an_accepted_event_is_a_task_saga_event_where_events_are_on(app: Celery, shop: SimpleNamespace) -> None:
+    # Given events turned on for this process (it is no worker: only an explicit True sends them)
+    app.conf.saga_send_events = True
+    res = shop.refund.delay(order_id=7)
+    got: list[dict[str, Any]] = []
+    with app.connection_for_read() as conn:
+        receiver = app.events.Receiver(conn, handlers={"task-saga-event": got.append})
+        with receiver.consumer_context() as (connection, _, _):
+            # (Events go by Redis pub/sub: the receiver subscribes when it first polls.)
+            _drained(connection)
+            # When the event is delivered (early: the saga has not reached its wait)
+            assert res.signal("approval", {"approved_by": "fay"}) is True
+            # Then a task-saga-event names the saga and the event
+            wait_until(lambda: _drained(connection) or got, 10, "the task-saga-event")
+            # ... and a second delivery, which changes nothing, sends none
+            assert res.signal("approval") is True
+            _drained(connection)
+    assert [(e["uuid"], e["saga_name"], e["event"]) for e in got] == [(res.id, "w_refund", "approval")]
+
+
+def _drained(connection: Any) -> bool:
+    """Handle the events that came within 0.2 s; False, so a wait_for keeps polling."""
+    with contextlib.suppress(TimeoutError):
+        connection.drain_events(timeout=0.2)
+    return False
