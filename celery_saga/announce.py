@@ -3,7 +3,9 @@
 Events go out only from workers (a client that sent events would show up in
 Flower as a worker), and only when ``saga_send_events`` is true; it defaults
 to the worker's own ``worker_send_task_events`` (``celery worker -E``).
-Saga-level events carry the saga id as their ``uuid``, so Flower shows one
+The one exception is ``task-saga-event``: an outside event is seldom
+delivered by a worker, so any process sends it when ``saga_send_events`` is
+set to True. Saga-level events carry the saga id as their ``uuid``, so Flower shows one
 pseudo-task per saga whose state follows the saga; step-level events carry
 the step's task id, so a skipped duplicate does not stay STARTED in Flower.
 """
