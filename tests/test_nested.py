@@ -281,3 +281,25 @@ def test_a_completed_child_whose_record_is_gone_makes_the_parent_failed_not_undo
     assert list(info.value.gave_up) == ["flight"]
     assert "its effects cannot be compensated" in (info.value.gave_up["flight"] or "")
     assert ("undo", "n.book_flight") not in ledger(r, prefix)
+
+
+def test_child_sagas_side_by_side_in_a_parallel_stage(
+    app: Celery, shop: SimpleNamespace, r: redis.Redis, prefix: str, worker: Any
+) -> None:
+    from celery_saga import parallel
+
+    both = Saga("trip_side_by_side", [parallel(shop.flight, shop.hotel), shop.charge.s(fail=["charge"])])
+    with worker():
+        # Both children complete, side by side; then the charge fails: each child is undone as a unit
+        res = both.delay(trip="t10")
+        with pytest.raises(SagaCompensated):
+            res.get(timeout=60)
+        for child in ("flight", "hotel"):
+            wait_for(lambda c=child: SagaResult(f"{res.id}:{c}", app=app).state().status.finished)
+            state = SagaResult(f"{res.id}:{child}", app=app).state()
+            assert (state.status, state.reason) == (SagaStatus.COMPENSATED, "parent"), child
+    done = ledger(r, prefix)
+    assert sorted(done[:3]) == [("do", "n.book_flight"), ("do", "n.book_hotel"), ("do", "n.seat")]
+    assert done[3] == ("failed", "n.charge")
+    assert sorted(done[4:]) == [("undo", "n.book_flight"), ("undo", "n.book_hotel"), ("undo", "n.seat")]
+    assert done.index(("undo", "n.seat")) < done.index(("undo", "n.book_flight"))
