@@ -311,3 +311,32 @@ def test_step_and_setting_redact_keys_in_every_message_and_in_show(app: Celery, 
     assert r.lrange(received, 0, -1) == ["4111-2222"]
     doc = json.dumps(state_json(res.state()))
     assert "4111" not in doc and "tok-" not in doc
+
+
+def test_saga_messages_show_their_kwargs_cut_at_celerys_limit(app: Celery, r, prefix, worker) -> None:
+    # Given a saga started with short data, and one with data far over Celery's 1024-character repr limit
+    s = shop.build(app, r, prefix)
+    saga = Saga("shown", [s.reserve, s.charge])
+    shown: dict[str, tuple[str, str]] = {}
+
+    def on_publish(headers: dict[str, Any] | None = None, **_: Any) -> None:
+        if (headers or {}).get("saga_id"):
+            shown[headers["id"]] = (str(headers.get("argsrepr")), str(headers.get("kwargsrepr")))
+
+    signals.before_task_publish.connect(on_publish, weak=False)
+    try:
+        with worker():
+            short = saga.delay(order_id=1, note="it's")
+            long = saga.delay(order_id=2, note="x" * 5000)
+            short.get(timeout=20)
+            long.get(timeout=20)
+    finally:
+        signals.before_task_publish.disconnect(on_publish)
+    # Then each step message shows its kwargs as Python shows them (what Flower and the logs print) ...
+    args, kwargs = shown[f"{short.id}:shop.reserve"]
+    assert args == "()" and kwargs == repr({"order_id": 1, "note": "it's"})
+    charge = shown[f"{short.id}:shop.charge"][1]
+    assert charge.startswith("{'order_id': 1, 'note': \"it's\"") and "'reservation': 'r-1'" in charge
+    # ... and a long one is cut at Celery's limit
+    kwargs = shown[f"{long.id}:shop.reserve"][1]
+    assert len(kwargs) == 1024 and kwargs.startswith("{'order_id': 2, 'note': 'xxx") and kwargs.endswith("x...")
