@@ -13,7 +13,7 @@ from .errors import SagaCompensated, SagaDataError, SagaFailed, SagaNotFound, Sa
 from .follow import follow
 from .messages import queue_of
 from .plan import cached_plan
-from .state import CompensationStatus, SagaState, SagaStatus
+from .state import CompensationStatus, SagaState, SagaStatus, final_data
 from .store import Outcome, SagaStore
 from .stores import store_for
 from .wait import check_event_name
@@ -152,23 +152,32 @@ class SagaResult:
             SagaFailed: compensation gave up.
             celery.exceptions.TimeoutError: it did not finish within ``timeout`` seconds.
             SagaNotFound: there is no such saga.
+            SagaRecordCorrupt: its record cannot be read.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         store = self._store()
-        # Subscribed before the first read: an end between the two is not missed.
+        # A saga that has finished already (most get() calls on a batch of
+        # handles) costs one read, and no subscription.
+        raw = self._read(store)
+        if _status(self.id, raw).finished:
+            return _outcome(self.id, raw)
         with store.end_signal(self.id) as wait:
             while True:
-                status = self.status
+                # Read again once subscribed: an end since the last read is not missed.
+                raw = self._read(store)
+                status = _status(self.id, raw)
                 if status.finished:
-                    return _outcome(self.state())
+                    return _outcome(self.id, raw)
                 if deadline is not None and time.monotonic() >= deadline:
                     why = self._why(store, status)
                     raise CeleryTimeoutError(f"saga {self.id} did not finish within {timeout}s: {why}")
-                if wait(interval if deadline is None else max(0.0, min(interval, deadline - time.monotonic()))):
-                    # Woken by the end: read the record straight away.
-                    state = self.state()
-                    if state.status.finished:
-                        return _outcome(state)
+                wait(interval if deadline is None else max(0.0, min(interval, deadline - time.monotonic())))
+
+    def _read(self, store: SagaStore) -> dict[str, str]:
+        try:
+            return store.load(self.id)
+        except SagaNotFound as exc:
+            raise self._not_found(store, exc) from exc
 
     def _why(self, store: SagaStore, status: SagaStatus) -> str:
         if status is not SagaStatus.PENDING:
@@ -186,9 +195,19 @@ class SagaResult:
         )
 
 
-def _outcome(state: SagaState) -> dict[str, Any]:
-    if state.status is SagaStatus.COMPLETED:
-        return state.data
+def _status(saga_id: str, raw: dict[str, str]) -> SagaStatus:
+    try:
+        return SagaStatus(raw["status"])
+    except ValueError as exc:
+        raise SagaRecordCorrupt(saga_id, f"unknown status {raw['status']!r}") from exc
+
+
+def _outcome(saga_id: str, raw: dict[str, str]) -> dict[str, Any]:
+    """What ``get()`` returns or raises for a finished saga's raw record."""
+    if raw["status"] == SagaStatus.COMPLETED.value:
+        # The common case, and the cheap one: the data, not every step parsed.
+        return final_data(saga_id, raw)
+    state = SagaState.from_record(saga_id, raw)
     if state.status is SagaStatus.COMPENSATED:
         raise SagaCompensated(state.saga_id, state.failed_step, state.error, state.reason or "failure")
     gave_up = {s.name: s.compensation_error for s in state.steps if s.compensation_status is CompensationStatus.GAVE_UP}

@@ -11,7 +11,7 @@ from typing import Any
 
 from . import codec
 from .errors import SagaRecordCorrupt
-from .plan import Plan
+from .plan import Plan, cached_plan
 
 __all__ = [
     "CompensationRound",
@@ -21,6 +21,7 @@ __all__ = [
     "StepRecord",
     "StepStatus",
     "data_before",
+    "final_data",
     "fold",
     "ms_time",
 ]
@@ -208,7 +209,7 @@ class SagaState:
     def from_record(cls, saga_id: str, raw: dict[str, str]) -> SagaState:
         """Parse a raw record (a Redis hash). Never trusts it to name classes."""
         try:
-            plan = Plan.from_json(raw["plan"])
+            plan = _plan_of(raw)
             kwargs = codec.loads(raw["kwargs"])
             status = SagaStatus(raw["status"])
             settings = json.loads(raw.get("settings") or "{}")
@@ -287,6 +288,27 @@ class SagaState:
             parent_id=raw.get("parent") or None,
             parent_step=raw.get("pstep") or None,
         )
+
+
+def _plan_of(raw: dict[str, str]) -> Plan:
+    digest = raw.get("ph")
+    return cached_plan(digest, lambda: raw["plan"]) if digest else Plan.from_json(raw["plan"])
+
+
+def final_data(saga_id: str, raw: dict[str, str]) -> dict[str, Any]:
+    """A raw record's saga data, without parsing its steps: all a completed saga's ``get()`` returns.
+
+    Raises:
+        SagaRecordCorrupt: the record cannot be read.
+    """
+    try:
+        plan = _plan_of(raw)
+        kwargs = codec.loads(raw["kwargs"])
+        if not isinstance(kwargs, dict):
+            raise TypeError("kwargs is not a JSON object")
+        return data_before(plan, raw, len(plan.stages), kwargs)
+    except (KeyError, ValueError, TypeError) as exc:
+        raise SagaRecordCorrupt(saga_id, f"{type(exc).__name__}: {exc}") from exc
 
 
 def fold(kwargs: dict[str, Any], results: Iterable[Any]) -> dict[str, Any]:
