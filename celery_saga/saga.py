@@ -10,6 +10,7 @@ import logging
 import time
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from celery import Celery, current_app
@@ -24,7 +25,7 @@ from .nested import CHILD_ENDED_TASK
 from .plan import Plan, StepSpec, remember_plan
 from .registry import MISSING, DefinedSaga, register_saga
 from .result import SagaResult
-from .settings import default_step_timeout, redact_keys, timeout_seconds
+from .settings import SagaSettings, default_step_timeout, redact_keys, timeout_seconds
 from .stages import check_events, children_of, flatten, leaf, parallel, pivot_stage, step_name
 from .state import SagaStatus
 from .step import StepRef
@@ -97,6 +98,7 @@ class Saga:
         self._app = app or next((r.app for stage in stages for r in stage if r.app is not None), None)
         # The plan, and the app it was built for: a saga of shared tasks follows the current app.
         self._plan: tuple[Celery, Plan] | None = None
+        self._defined: _Definition | None = None
         # Checked when its app is finalized, and read by the worker's checks.
         register_saga(self)
         if self._app is not None and self._app.finalized:
@@ -215,7 +217,7 @@ class Saga:
                 capped.append(dataclasses.replace(ref, timeout=None if timeout is None else min(timeout, cap)))
             refs.append(capped)
         twin = copy.copy(self)
-        twin._refs, twin._plan = refs, None
+        twin._refs, twin._plan, twin._defined = refs, None, None
         return twin
 
     # -- starting ---------------------------------------------------------------
@@ -292,11 +294,60 @@ class Saga:
         saga_timeout: float | None,
         parent: tuple[str, str, str] | None = None,
     ) -> SagaResult:
-        plan = self.plan()
         app = self.app
         message_serializer(app)  # raises before anything is written if workers would drop the messages
         settings = settings_of(app)
         store = store_for(app)
+        d = self._definition(app, settings)
+        # The first deadline can be no sooner than the shortest timeout.
+        first = min((x for x in (d.shortest_timeout, saga_timeout) if x is not None), default=None)
+        req = StartRequest(
+            saga_id=saga_id,
+            gen=uuid.uuid4().hex[:12],
+            name=self.name,
+            # Only a start whose id another start can repeat (an idempotency
+            # key, a child's derived id) compares its kwargs with the record's.
+            fingerprint=hashlib.sha256(_canonical(data).encode()).hexdigest() if key or parent else "",
+            kwargs_json=kwargs_json,
+            plan_json=d.plan_json,
+            plan_digest=d.digest,
+            stages=d.stages,
+            retention=settings.retention,
+            settings_json=d.settings_json,
+            compensated_retention=settings.compensated_retention,
+            failed_retention=settings.failed_retention,
+            late_outcome_window=settings.late_outcome_window,
+            dedup_window=settings.dedup_window,
+            on_complete=callbacks[0],
+            on_failure=callbacks[1],
+            idempotency_key=key,
+            max_retries=settings.compensation_max_retries,
+            step_fields=d.step_fields,
+            saga_timeout=saga_timeout,
+            watch_at=None if first is None else time.time() + first,
+            pivot=self.pivot or "",
+            parent=parent,
+        )
+        t = store.start(req)
+        if t.outcome is Outcome.CONFLICT:
+            raise IdempotencyConflict(self.name, key, saga_id)
+        remember_plan(d.digest, d.plan)
+        stage0 = dataclasses.replace(t, stage=0, data=data, plan_digest=d.digest)
+        if t.outcome is Outcome.CREATED:
+            self._publish_first(app, store, stage0)
+        elif t.status is SagaStatus.PENDING:
+            # A start of this saga wrote its record but may have died before
+            # publishing: publish its first stage again (with the record's
+            # generation); a copy of a message already sent is skipped.
+            follow(app, store, dataclasses.replace(stage0, outcome=Outcome.NEXT_STAGE))
+        return SagaResult(saga_id, app=app, epoch=store.epoch())
+
+    def _definition(self, app: Celery, settings: SagaSettings) -> _Definition:
+        """What every start writes about the plan and settings; derived again only when either changed."""
+        plan = self.plan()
+        cached = self._defined
+        if cached is not None and cached.plan is plan and cached.settings is settings:
+            return cached
         step_fields: list[tuple[str, str]] = []
         for spec in plan.steps:
             # A retriable step is never compensated in this saga: it has no compensation here.
@@ -309,49 +360,20 @@ class Saga:
                 step_fields.append((f"to:{spec.name}", f"{spec.timeout * 1000:.0f}"))
             if spec.reject is not None:
                 step_fields.append((f"rj:{spec.name}", spec.reject))
-        # The first deadline can be no sooner than the shortest timeout.
-        first = min((x for x in (plan.shortest_timeout(), saga_timeout) if x is not None), default=None)
         plan_json, settings_json = plan.to_json(), settings.saga_copy()
         # One stored definition per plan and settings: records name it by digest.
         digest = hashlib.sha1(f"{plan_json}\n{settings_json}".encode()).hexdigest()[:16]
-        req = StartRequest(
-            saga_id=saga_id,
-            gen=uuid.uuid4().hex[:12],
-            name=self.name,
-            fingerprint=hashlib.sha256(_canonical(data).encode()).hexdigest(),
-            kwargs_json=kwargs_json,
-            plan_json=plan_json,
-            plan_digest=digest,
-            stages=plan.lua_stages(),
-            retention=settings.retention,
-            settings_json=settings_json,
-            compensated_retention=settings.compensated_retention,
-            failed_retention=settings.failed_retention,
-            late_outcome_window=settings.late_outcome_window,
-            dedup_window=settings.dedup_window,
-            on_complete=callbacks[0],
-            on_failure=callbacks[1],
-            idempotency_key=key,
-            max_retries=settings.compensation_max_retries,
-            step_fields=tuple(step_fields),
-            saga_timeout=saga_timeout,
-            watch_at=None if first is None else time.time() + first,
-            pivot=self.pivot or "",
-            parent=parent,
+        self._defined = _Definition(
+            plan,
+            settings,
+            plan_json,
+            settings_json,
+            digest,
+            plan.lua_stages(),
+            tuple(step_fields),
+            plan.shortest_timeout(),
         )
-        t = store.start(req)
-        if t.outcome is Outcome.CONFLICT:
-            raise IdempotencyConflict(self.name, key, saga_id)
-        remember_plan(digest, plan)
-        stage0 = dataclasses.replace(t, stage=0, data=data, plan_digest=digest)
-        if t.outcome is Outcome.CREATED:
-            self._publish_first(app, store, stage0)
-        elif t.status is SagaStatus.PENDING:
-            # A start of this saga wrote its record but may have died before
-            # publishing: publish its first stage again (with the record's
-            # generation); a copy of a message already sent is skipped.
-            follow(app, store, dataclasses.replace(stage0, outcome=Outcome.NEXT_STAGE))
-        return SagaResult(saga_id, app=app, epoch=store.epoch())
+        return self._defined
 
     def _publish_first(self, app: Celery, store: SagaStore, created: Transition) -> None:
         try:
@@ -381,6 +403,20 @@ def _caller_module() -> str | None:
     caller = frame.f_back.f_back if frame is not None and frame.f_back is not None else None
     name = caller.f_globals.get("__name__") if caller is not None else None
     return name if isinstance(name, str) else None
+
+
+@dataclass(frozen=True)
+class _Definition:
+    """What every start of a saga writes about its plan and settings (`Saga._definition`)."""
+
+    plan: Plan
+    settings: SagaSettings
+    plan_json: str
+    settings_json: str
+    digest: str
+    stages: str
+    step_fields: tuple[tuple[str, str], ...]
+    shortest_timeout: float | None
 
 
 def _routing_of(options: dict[str, Any]) -> dict[str, Any]:

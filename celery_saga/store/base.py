@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import functools
 import json
 import random
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from ..errors import SagaNotFound
 from ..state import SagaState, SagaStatus
@@ -63,7 +65,7 @@ class StartRequest:
 
     def fields(self) -> list[str]:
         """The new record's fields as flat field/value pairs (`celery_saga.store.keys` lists them)."""
-        settings = json.loads(self.settings_json or "{}")
+        settings = _decoded(self.settings_json)
         backoff = (settings.get("compensation_retry_backoff"), settings.get("compensation_retry_backoff_max"))
         pairs = [
             ("name", self.name),
@@ -93,6 +95,13 @@ class StartRequest:
             pairs.append(("fbo", ",".join(repr(float(x)) for x in forward)))
             pairs.append(("fmaxr", "" if max_forward is None else str(max_forward)))
         return [x for pair in (*pairs, *self.step_fields) for x in pair]
+
+
+@functools.lru_cache(maxsize=64)
+def _decoded(settings_json: str) -> dict[str, Any]:
+    # The same few settings JSONs come with every start: decode each once (read only).
+    decoded: dict[str, Any] = json.loads(settings_json or "{}")
+    return decoded
 
 
 class SagaStore(abc.ABC):
