@@ -163,15 +163,17 @@ class SagaResult:
             return _outcome(self.id, raw)
         with store.end_signal(self.id) as wait:
             while True:
-                # Read again once subscribed: an end since the last read is not missed.
-                raw = self._read(store)
-                status = _status(self.id, raw)
+                # Once subscribed, read again (the status only): an end since the last read is not missed.
+                status = self.status
                 if status.finished:
-                    return _outcome(self.id, raw)
+                    return _outcome(self.id, self._read(store))
                 if deadline is not None and time.monotonic() >= deadline:
                     why = self._why(store, status)
                     raise CeleryTimeoutError(f"saga {self.id} did not finish within {timeout}s: {why}")
-                wait(interval if deadline is None else max(0.0, min(interval, deadline - time.monotonic())))
+                notice = wait(interval if deadline is None else max(0.0, min(interval, deadline - time.monotonic())))
+                if notice is not None and notice.data is not None:
+                    # The end message carried a completed saga's data: no read.
+                    return notice.data
 
     def _read(self, store: SagaStore) -> dict[str, str]:
         try:

@@ -20,6 +20,7 @@ from celery_saga import (
     saga_step,
     step,
 )
+from celery_saga.stores import store_for
 from tests import shop
 from tests.helpers import Ledger, saga_keys, wait_for
 
@@ -385,6 +386,39 @@ def test_get_is_woken_when_the_saga_ends_not_by_polling(app: Celery, r, prefix, 
         with pytest.raises(SagaCompensated):
             failing.get(timeout=30, interval=60)
         assert time.monotonic() - rolled < 15
+
+
+def test_the_end_message_carries_a_completed_sagas_data_unless_it_is_large(app: Celery, r, prefix, worker) -> None:
+    """So a woken get() returns without reading the record; large data is read from the record instead."""
+    s = shop.build(app, r, prefix)
+    store = store_for(app)
+    with worker():
+        # Given a waiter subscribed to a saga's end before it starts (its id is derived from its key)
+        with store.end_signal(s.sequential.id_for("k1")) as wait:
+            res = s.sequential.apply_async(kwargs={"order_id": 1, "note": "é"}, idempotency_key="k1")
+            notice = wait(30)
+        # Then the message that woke it holds the saga's final data, as the record has it
+        assert notice is not None and notice.status is SagaStatus.COMPLETED
+        assert notice.data == res.state().data == res.get(timeout=5)
+        assert notice.data["tracking"] == "t-1" and notice.data["note"] == "é"
+
+        # Given a saga whose data is over the 64 KB the message carries
+        big_id = s.sequential.id_for("k2")
+        with store.end_signal(big_id) as wait:
+            big = s.sequential.apply_async(kwargs={"order_id": 2, "blob": "x" * 70_000}, idempotency_key="k2")
+            notice = wait(30)
+        # Then the message only says it completed, and get() reads the data from the record
+        assert notice is not None and notice.status is SagaStatus.COMPLETED and notice.data is None
+        assert big.get(timeout=5)["blob"] == "x" * 70_000
+
+        # And a rolled-back saga's message carries its status only
+        undone_id = s.sequential.id_for("k3")
+        with store.end_signal(undone_id) as wait:
+            undone = s.sequential.apply_async(kwargs={"order_id": 3, "fail": {"ship": "no"}}, idempotency_key="k3")
+            notice = wait(30)
+        assert notice is not None and notice.status is SagaStatus.COMPENSATED and notice.data is None
+        with pytest.raises(SagaCompensated):
+            undone.get(timeout=5)
 
 
 def test_steps_and_compensations_keep_their_own_queues(app: Celery, r, prefix, ns: str) -> None:

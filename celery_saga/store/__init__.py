@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .base import SagaStore, StartRequest
-from .protocol import Due, Op, Outcome, Transition
+from .protocol import Due, EndNotice, Op, Outcome, Transition
 from .redis import RedisSagaStore, mask_url
 
-__all__ = ["Due", "Op", "Outcome", "RedisSagaStore", "SagaStore", "StartRequest", "Transition", "mask_url"]
+__all__ = ["Due", "EndNotice", "Op", "Outcome", "RedisSagaStore", "SagaStore", "StartRequest", "Transition", "mask_url"]

@@ -20,7 +20,7 @@ from typing import Any
 
 from ..errors import SagaNotFound
 from ..state import SagaState, SagaStatus
-from .protocol import Op, Outcome, Transition
+from .protocol import EndNotice, Op, Outcome, Transition
 
 __all__ = ["SagaStore", "StartRequest"]
 
@@ -234,15 +234,16 @@ class SagaStore(abc.ABC):
         return 0
 
     @contextlib.contextmanager
-    def end_signal(self, saga_id: str) -> Iterator[Callable[[float], bool]]:
-        """A ``wait(seconds)`` that returns True early when ``saga_id`` ends; enter it before reading the status.
+    def end_signal(self, saga_id: str) -> Iterator[Callable[[float], EndNotice | None]]:
+        """A ``wait(seconds)`` that returns the saga's `EndNotice` when it ends, None after the seconds.
 
-        Here it just sleeps (and returns False): callers re-read the status after each wait.
+        Enter it before reading the status, so that an end in between is not
+        missed. Here it just sleeps: callers re-read the status after each wait.
         """
 
-        def wait(seconds: float) -> bool:
+        def wait(seconds: float) -> EndNotice | None:
             time.sleep(seconds)
-            return False
+            return None
 
         yield wait
 

@@ -18,7 +18,7 @@ from typing import Any
 from .. import codec
 from ..state import SagaStatus, StepStatus, fold
 
-__all__ = ["Due", "Op", "Outcome", "Transition"]
+__all__ = ["Due", "EndNotice", "Op", "Outcome", "Transition"]
 
 
 class Op(str, Enum):
@@ -200,3 +200,38 @@ class Transition:
             next_deadline=int(deadline) if deadline else None,
             step_status=StepStatus(step_status) if step_status else None,
         )
+
+
+@dataclass(frozen=True)
+class EndNotice:
+    """What the transition that ended a saga told its waiters (`SagaStore.end_signal`).
+
+    ``data`` is a completed saga's final data when the notice carried it
+    (all but very large data), else None: the waiter reads the record.
+    """
+
+    status: SagaStatus | None
+    data: dict[str, Any] | None = None
+
+    @classmethod
+    def from_message(cls, text: str) -> EndNotice:
+        """Decode the script's end message: the status, and after a newline a completed saga's data parts.
+
+        The parts are ``[<kwargs>, <result>, ...]``, as a next_stage reply's, folded here.
+
+        Anything it cannot read is a notice without data: the waiter then reads the record.
+        """
+        status_text, _, parts_json = text.partition("\n")
+        try:
+            status: SagaStatus | None = SagaStatus(status_text)
+        except ValueError:
+            return cls(None)
+        if status is not SagaStatus.COMPLETED or not parts_json:
+            return cls(status)
+        try:
+            parts = codec.loads(parts_json)
+        except ValueError:
+            return cls(status)
+        if not isinstance(parts, list) or not parts or not isinstance(parts[0], dict):
+            return cls(status)
+        return cls(status, fold(parts[0], parts[1:]))

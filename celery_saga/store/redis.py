@@ -45,7 +45,7 @@ from .base import SagaStore
 from .compact import unpack
 from .connect import Target, connect, mask_url, parse
 from .keys import DEFAULT_SHARDS, Keys
-from .protocol import Op
+from .protocol import EndNotice, Op
 
 __all__ = ["RedisSagaStore", "mask_url"]
 
@@ -148,9 +148,9 @@ Call = tuple[Script, list[str], list[str]]
 ShardCall = tuple[list[str], list[str]]
 
 
-def _sleep(seconds: float) -> bool:
+def _sleep(seconds: float) -> EndNotice | None:
     time.sleep(seconds)
-    return False
+    return None
 
 
 def _forgotten(reply: Any) -> bool:
@@ -721,8 +721,8 @@ class RedisSagaStore(SagaStore):
     # -- waiting for an end -------------------------------------------------------
 
     @contextlib.contextmanager
-    def end_signal(self, saga_id: str) -> Iterator[Callable[[float], bool]]:
-        """Subscribes to the saga's end channel; ``wait`` returns True at its message, False after the seconds.
+    def end_signal(self, saga_id: str) -> Iterator[Callable[[float], EndNotice | None]]:
+        """Subscribes to the saga's end channel; ``wait`` returns its message's `EndNotice`, None after the seconds.
 
         A user whose ACL has no channel access (or a failing subscribe) gets
         the plain sleep: callers poll the status after each wait anyway.
@@ -744,17 +744,18 @@ class RedisSagaStore(SagaStore):
             yield _sleep
             return
 
-        def wait(seconds: float) -> bool:
+        def wait(seconds: float) -> EndNotice | None:
             deadline = time.monotonic() + seconds
             try:
                 while (left := deadline - time.monotonic()) > 0:
                     message = pubsub.get_message(timeout=left)
                     if message is not None and message.get("channel") in (channel, channel.encode()):
-                        return True
+                        data = message.get("data") or ""
+                        return EndNotice.from_message(data.decode() if isinstance(data, bytes) else str(data))
             except redis.RedisError:
                 self._drop_subscriber()
                 time.sleep(max(0.0, deadline - time.monotonic()))
-            return False
+            return None
 
         try:
             yield wait
