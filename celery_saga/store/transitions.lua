@@ -191,7 +191,9 @@ local COMPLETED_DROP_FIELDS = {copen = true, gaveup = true, cstage = true, stage
   cret = true, fret = true, lw = true, dw = true, retention = true, startfail = true, fbo = true, fmaxr = true}
 
 local function dropped(f, st, v, fields)
-  local kind, m = string.match(f, '^(%w+):(.*)$')
+  -- (string.find, not a pattern with captures: this runs for every field of every ending saga.)
+  local colon = string.find(f, ':', 1, true)
+  local kind = colon and string.sub(f, 1, colon - 1)
   -- A saga that gave up forward may be retried: it still counts the steps left in its stage.
   if f == 'left' and fields['reason'] == 'forward' then return false end
   if ENDED_DROP_FIELDS[f] or (kind and ENDED_DROP[kind]) then return true end
@@ -202,12 +204,25 @@ local function dropped(f, st, v, fields)
     return f ~= slot() or (st == 'COMPLETED' and (fields['cb_ok'] or '') == '')
   end
   -- A deadline says when a step without an outcome was given up on: kept for those.
-  if kind == 'dl' and fields['s:' .. m] == 'COMPLETED' then return true end
+  if kind == 'dl' and fields['s:' .. string.sub(f, colon + 1)] == 'COMPLETED' then return true end
   -- A step that returned None reads the same without its result.
   if kind == 'r' and v == 'null' then return true end
   -- A completed child saga may still be rolled back by its parent (unwind).
   if st ~= 'COMPLETED' or fields['parent'] then return false end
   return COMPLETED_DROP_FIELDS[f] or (kind ~= nil and COMPLETED_DROP[kind] ~= nil)
+end
+
+-- The decimal text of small lengths, kept across calls (a function library
+-- lives on between calls): turning a number into text costs Lua more than
+-- the rest of packing a field.
+local DIGITS = {}
+local function digits(n)
+  local d = DIGITS[n]
+  if not d then
+    d = tostring(n)
+    if n < 4096 then DIGITS[n] = d end
+  end
+  return d
 end
 
 local function compact(st)
@@ -225,7 +240,7 @@ local function compact(st)
     elseif v ~= '' and not dropped(f, st, v, fields) and not (no_key and f == 'fp') then
       -- (An empty field reads as a missing one; the fingerprint only matters
       -- to a start with the same idempotency key.)
-      packed[#packed + 1] = #f .. ':' .. f .. #v .. ':' .. v
+      packed[#packed + 1] = digits(#f) .. ':' .. f .. digits(#v) .. ':' .. v
     end
   end
   local text = table.concat(packed)
@@ -524,6 +539,29 @@ local function dispatch_waiting_rounds(out)
   end)
 end
 
+-- The end message: the new status, and for a completed saga the data parts
+-- get() returns ("COMPLETED\n[<kwargs>,<result>,...]", folded by the waiter,
+-- as a next_stage reply's), so a woken waiter needs no read of the record.
+-- Data over END_DATA_MAX bytes is left for the waiter to read.
+local END_DATA_MAX = 65536
+
+local function end_message(new)
+  if new ~= 'COMPLETED' then return new end
+  local parts = {hget('kwargs') or '{}'}
+  local size = #parts[1]
+  each_step(function(m)
+    if hget('s:' .. m) == 'COMPLETED' then
+      local result = hget('r:' .. m)
+      if result then
+        parts[#parts + 1] = result
+        size = size + #result
+      end
+    end
+  end)
+  if size > END_DATA_MAX then return new end
+  return new .. '\n[' .. table.concat(parts, ',') .. ']'
+end
+
 -- A finished saga expires after its retention; a running one never does.
 -- FAILED sagas are the dead-letter list: by default kept until an operator
 -- retries or purges them.
@@ -533,7 +571,7 @@ local function finish(new, out)
   expire_after_retention(new)
   -- Wakes SagaResult.get() waiters, which would otherwise poll. pcall: a
   -- user whose ACL has no channel access still ends its sagas (they poll).
-  redis.pcall('PUBLISH', K .. ':end', new)
+  redis.pcall('PUBLISH', K .. ':end', end_message(new))
   if out then dispatch_waiting_rounds(out) end
   return old
 end
