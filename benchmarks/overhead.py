@@ -245,15 +245,23 @@ class Runner:
         after = int(self.client.info("memory")["used_memory"])
         return (after - before) / n
 
-    def latency(self, kind: str, n: int) -> tuple[float, float]:
-        """p50 and p95 of one ``delay().get()`` (ms), ``n`` times in a row."""
-        times = []
-        for _ in range(n):
-            start = time.perf_counter()
-            self.wait(kind, self.publish(kind, 1), 30.0)
-            times.append((time.perf_counter() - start) * 1000)
-        times.sort()
-        return statistics.median(times), times[min(len(times) - 1, round(0.95 * (len(times) - 1)))]
+    def latency(self, kinds: tuple[str, ...], n: int) -> dict[str, tuple[float, float]]:
+        """p50 and p95 (ms) of one ``delay().get()`` of each kind, ``n`` times, the kinds taking turns.
+
+        Taking turns, rather than one kind's ``n`` and then the other's, puts
+        both under the same drift in the machine's load.
+        """
+        times: dict[str, list[float]] = {kind: [] for kind in kinds}
+        for i in range(n):
+            for kind in kinds[i % len(kinds) :] + kinds[: i % len(kinds)]:
+                start = time.perf_counter()
+                self.wait(kind, self.publish(kind, 1), 30.0)
+                times[kind].append((time.perf_counter() - start) * 1000)
+        result = {}
+        for kind, got in times.items():
+            got.sort()
+            result[kind] = statistics.median(got), got[min(len(got) - 1, round(0.95 * (len(got) - 1)))]
+        return result
 
     def tasks(self, workload: str) -> tuple[list[Any], dict[str, Any]]:
         """The tasks of a workload's chain, and the kwargs each takes."""
@@ -562,7 +570,7 @@ def run(args: argparse.Namespace) -> int:
                 for kind in KINDS:
                     runner.batch(kind, args.warmup)
             batches = run_rounds(runner, args.n, args.rounds)
-            latencies = {kind: runner.latency(kind, args.latency_n) for kind in ("chain:real", "saga:real")}
+            latencies = runner.latency(("chain:real", "saga:real"), args.latency_n)
             memory: dict[str, float] = {}
             if args.memory_n > 0:
                 for workload in ("noop", "real", "wide"):
