@@ -388,6 +388,28 @@ def test_get_is_woken_when_the_saga_ends_not_by_polling(app: Celery, r, prefix, 
         assert time.monotonic() - rolled < 15
 
 
+def test_a_stage_of_250_steps_passes_every_result_on_and_to_get(app: Celery, r, prefix, worker) -> None:
+    """The next stage's data and the end message each read hundreds of fields (in batches of 200)."""
+
+    @app.task(shared=False, name="wide.add")
+    def add(k: int) -> dict[str, int]:
+        return {f"key{k:03d}": k}
+
+    @app.task(shared=False, name="wide.total")
+    def total(**data: int) -> dict[str, int]:
+        return {"total": sum(v for key, v in data.items() if key.startswith("key"))}
+
+    # Given a parallel stage of 250 steps, each adding a key, then a step that takes them all
+    n = 250
+    wide = parallel(*[step(add.s(k=i), name=f"add{i:03d}", compensate=None) for i in range(n)])
+    saga = Saga("wide", [wide, step(total, compensate=None)])
+    with worker():
+        data = saga.delay(start=1).get(timeout=60)
+    # Then the last step got every result, and get() returns them all
+    assert data["total"] == sum(range(n))
+    assert len([key for key in data if key.startswith("key")]) == n and data["start"] == 1
+
+
 def test_the_end_message_carries_a_completed_sagas_data_unless_it_is_large(app: Celery, r, prefix, worker) -> None:
     """So a woken get() returns without reading the record; large data is read from the record instead."""
     s = shop.build(app, r, prefix)

@@ -122,6 +122,16 @@ local expanded, ending, purged_name, unindexed  -- see expand, finish, OPS.purge
 local slot              -- this call's reply slot, a function (see de-duplication)
 
 local function hget(f) return redis.call('HGET', K, f) end
+
+-- HMGET of any number of fields (unpack has a limit: 200 at a time); false for a missing one.
+local function hmget(names)
+  local values = {}
+  for i = 1, #names, 200 do
+    local got = redis.call('HMGET', K, unpack(names, i, math.min(i + 199, #names)))
+    for j = 1, #got do values[i + j - 1] = got[j] end
+  end
+  return values
+end
 local function num(x) return tonumber(x) end
 
 -- The counters of /metrics (the shard's "metrics" hash, store/keys.py): kept
@@ -340,13 +350,15 @@ end
 -- results of every stage before it, in declaration order, which the caller
 -- folds. Saga data is never copied in the record: it is read back from it.
 local function with_stage_data(text, k)
-  local parts = {hget('kwargs')}
+  local names = {'kwargs'}
   local st = stages()
   for j = 1, k do
-    for _, n in ipairs(st[j]) do
-      local result = hget('r:' .. n)
-      if result then parts[#parts + 1] = result end
-    end
+    for _, n in ipairs(st[j]) do names[#names + 1] = 'r:' .. n end
+  end
+  local values = hmget(names)
+  local parts = {}
+  for i = 1, #names do
+    if values[i] then parts[#parts + 1] = values[i] end
   end
   return string.sub(text, 1, -2) .. ',"data":[' .. table.concat(parts, ',') .. ']}'
 end
@@ -547,17 +559,21 @@ local END_DATA_MAX = 65536
 
 local function end_message(new)
   if new ~= 'COMPLETED' then return new end
-  local parts = {hget('kwargs') or '{}'}
-  local size = #parts[1]
+  local names = {'kwargs'}
   each_step(function(m)
-    if hget('s:' .. m) == 'COMPLETED' then
-      local result = hget('r:' .. m)
-      if result then
-        parts[#parts + 1] = result
-        size = size + #result
-      end
-    end
+    names[#names + 1] = 's:' .. m
+    names[#names + 1] = 'r:' .. m
   end)
+  local values = hmget(names)
+  local parts = {values[1] or '{}'}
+  local size = #parts[1]
+  for i = 2, #names, 2 do
+    local result = values[i + 1]
+    if values[i] == 'COMPLETED' and result then
+      parts[#parts + 1] = result
+      size = size + #result
+    end
+  end
   if size > END_DATA_MAX then return new end
   return new .. '\n[' .. table.concat(parts, ',') .. ']'
 end
