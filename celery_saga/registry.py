@@ -68,9 +68,13 @@ def step_meta(task_name: str) -> StepMeta | None:
 
 
 def has_steps(app: Celery) -> bool:
-    """True if any task of ``app`` is a saga step."""
+    """True if any task of ``app`` is a saga step, or a saga is defined on it.
+
+    A saga may be made only of undecorated tasks (``step(task, compensate=...)``):
+    its app's workers need the step wrapper all the same.
+    """
     tasks = app._tasks
-    return any(name in tasks for name in list(_STEPS))
+    return any(name in tasks for name in list(_STEPS)) or any(saga.belongs_to(app) for saga in list(_SAGAS))
 
 
 def register_saga(saga: DefinedSaga) -> None:

@@ -17,6 +17,7 @@ from celery import Celery, current_app
 from celery.canvas import Signature
 
 from . import codec
+from .enable import enable_apps_with_steps
 from .errors import IdempotencyConflict, SagaDataError, SagaDefinitionError
 from .follow import follow
 from .introspect import is_proxy
@@ -101,6 +102,9 @@ class Saga:
         self._defined: _Definition | None = None
         # Checked when its app is finalized, and read by the worker's checks.
         register_saga(self)
+        # Its app enables the saga hooks when finalized, as for a @saga_step
+        # task: the saga's steps may all be undecorated tasks.
+        enable_apps_with_steps(self._app)
         if self._app is not None and self._app.finalized:
             self.plan()
 

@@ -313,6 +313,34 @@ def test_step_and_setting_redact_keys_in_every_message_and_in_show(app: Celery, 
     assert "4111" not in doc and "tok-" not in doc
 
 
+def test_a_saga_of_undecorated_tasks_only_runs_and_rolls_back(app: Celery, r, ledger: Ledger, worker) -> None:
+    # Given an app whose tasks carry no @saga_step: the saga names each compensation itself
+    @app.task(shared=False, name="plain.book")
+    def book(trip: str) -> dict[str, str]:
+        r.rpush(ledger.key, json.dumps(["book", trip]))
+        return {"booking": f"b-{trip}"}
+
+    @app.task(shared=False, name="plain.unbook")
+    def unbook(trip: str, booking: str | None = None, step_result: Any = None) -> None:
+        r.rpush(ledger.key, json.dumps(["unbook", step_result]))
+
+    @app.task(shared=False, name="plain.pay")
+    def pay(trip: str, booking: str, fail: bool = False) -> None:
+        if fail:
+            raise RuntimeError("card declined")
+        r.rpush(ledger.key, json.dumps(["pay", booking]))
+
+    saga = Saga("plain_trip", [step(book, compensate=unbook), step(pay, compensate=None)])
+    with worker():
+        # Then its app enabled the saga hooks itself: steps get only their own kwargs ...
+        assert saga.delay(trip="rome", note="x").get(timeout=20) == {"trip": "rome", "note": "x", "booking": "b-rome"}
+        # ... and a failure rolls back with the compensation the saga named
+        with pytest.raises(SagaCompensated):
+            saga.delay(trip="oslo", fail=True).get(timeout=20)
+    assert [e[0] for e in ledger.entries()] == ["book", "pay", "book", "unbook"]
+    assert ledger.entries()[-1][1] == {"booking": "b-oslo"}
+
+
 def test_saga_messages_show_their_kwargs_cut_at_celerys_limit(app: Celery, r, prefix, worker) -> None:
     # Given a saga started with short data, and one with data far over Celery's 1024-character repr limit
     s = shop.build(app, r, prefix)
