@@ -61,7 +61,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from celery_saga.redis_server import RedisServer, redis_answers  # noqa: E402
-from celery_saga.store.redis import mask_url  # noqa: E402 - needs ROOT on sys.path
+from celery_saga.store.redis import RedisSagaStore, mask_url  # noqa: E402 - needs ROOT on sys.path
+from celery_saga.stores import store_for  # noqa: E402
 from tests.deployments import Cluster, replica_online  # noqa: E402 - the test suite's own deployments
 
 STEPS = 3
@@ -240,10 +241,16 @@ class Runner:
         and index entries are counted.
         """
         delete_run_keys(self.client, [f"celery-task-meta-{self.ns}-*"])
-        before = int(self.client.info("memory")["used_memory"])
+        before = self.store_memory()
         self.batch(f"saga:{workload}", n)
-        after = int(self.client.info("memory")["used_memory"])
+        after = self.store_memory()
         return (after - before) / n
+
+    def store_memory(self) -> int:
+        """``used_memory`` of the saga store: the broker's Redis, or each primary of a separate store."""
+        store = store_for(self.bench.app)
+        servers = store.servers() if isinstance(store, RedisSagaStore) else [self.client]
+        return sum(int(server.info("memory")["used_memory"]) for server in servers)
 
     def latency(self, kinds: tuple[str, ...], n: int) -> dict[str, tuple[float, float]]:
         """p50 and p95 (ms) of one ``delay().get()`` of each kind, ``n`` times, the kinds taking turns.

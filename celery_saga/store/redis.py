@@ -493,7 +493,7 @@ class RedisSagaStore(SagaStore):
 
     # -- what the server is -----------------------------------------------------
 
-    def _servers(self) -> list[redis.Redis]:
+    def servers(self) -> list[redis.Redis]:
         """A client for each server holding saga data: the primaries of a cluster, or the one server."""
         if self.cluster:
             return [node.redis_connection for node in self.client.get_primaries()]
@@ -505,7 +505,7 @@ class RedisSagaStore(SagaStore):
         Needs INFO; a user without it is not checked here (a command the old
         server lacks then fails when it is first used).
         """
-        for server in self._servers():
+        for server in self.servers():
             try:
                 info = self._call(functools.partial(server.info, "server"))
             except SagaStoreMisconfigured:
@@ -520,7 +520,7 @@ class RedisSagaStore(SagaStore):
     def health_warnings(self) -> list[str]:
         """What about the store's servers can lose sagas: no persistence, or eviction of keys without a TTL."""
         warnings: list[str] = []
-        for server in self._servers():
+        for server in self.servers():
             try:
                 if server.exists(PRIVATE_SERVER_KEY):
                     continue  # celery_saga's own private server (the demo's, the tests'): data is throwaway
