@@ -9,8 +9,10 @@ Redis result backend as Celery users configure it):
   return dicts of about 100 bytes, each with a compensation;
 - ``data``: 3 steps that take ``**data`` and return small dicts, with compensations.
 
-They run interleaved, round after round, against one Redis (broker, result
-backend and saga store) and one ``celery worker -P prefork -c 2`` subprocess,
+They run interleaved, round after round (in each round, each workload's chain
+and saga in halves, A B B A, so drift in the machine's load hits both alike),
+against one Redis (broker, result backend and saga store) and one
+``celery worker -P prefork -c 2`` subprocess,
 with every saga deadline on (the default 300 s step timeout). Printed: the
 saga/chain throughput ratio per workload (targets: >= 1.1 real, >= 1.0 data),
 the Redis memory each finished saga holds (growth of ``used_memory`` over a
@@ -466,8 +468,8 @@ def report_sample(samples: dict[str, Sample], n: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--n", type=int, default=200, help="sagas and chains per batch (default 200)")
-    parser.add_argument("--rounds", type=int, default=5, help="rounds of one batch of each (default 5)")
+    parser.add_argument("--n", type=int, default=200, help="sagas and chains of each kind per round (default 200)")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds of each kind (default 5)")
     parser.add_argument("--warmup", type=int, default=30, help="untimed sagas and chains first (default 30)")
     parser.add_argument(
         "--memory-n", type=int, default=300, help="sagas per memory measurement, 0 to skip (default 300)"
@@ -611,34 +613,42 @@ def _db(url: str) -> int:
 
 
 def run_rounds(runner: Runner, n: int, rounds: int) -> list[Batch]:
+    """``rounds`` rounds; in each, every workload as chain and saga in halves, A B B A.
+
+    The halves of a workload run chain, saga, saga, chain (saga first in odd
+    rounds), so a drift in the machine's load during the round hits both
+    kinds alike instead of whichever ran while it lasted.
+    """
     batches: list[Batch] = []
-    print(f"\n{rounds} rounds of {n} of each, {STEPS} steps each, prefork -c 2 (saga/chain ratio per workload)")
+    half = max(1, n // 2)
+    print(f"\n{rounds} rounds of {2 * half} of each, {STEPS} steps each, prefork -c 2 (saga/chain ratio per workload)")
     for r in range(rounds):
-        # Rotate which goes first, so drift in the machine's load hits all kinds.
-        order = KINDS[r % len(KINDS) :] + KINDS[: r % len(KINDS)]
-        got = {kind: runner.batch(kind, n, round=r) for kind in order}
-        batches += got.values()
-        print(
-            f"  round {r + 1}: "
-            + "   ".join(
-                f"{w} {got['saga:' + w].rate:6.1f}/{got['chain:' + w].rate:6.1f}/s "
-                f"({got['saga:' + w].rate / got['chain:' + w].rate:.3f})"
-                for w in WORKLOADS
-            )
-        )
+        rates: dict[str, str] = {}
+        for w in WORKLOADS[r % len(WORKLOADS) :] + WORKLOADS[: r % len(WORKLOADS)]:
+            a, b = (f"chain:{w}", f"saga:{w}") if r % 2 == 0 else (f"saga:{w}", f"chain:{w}")
+            got = [runner.batch(kind, half, round=r) for kind in (a, b, b, a)]
+            batches += got
+            saga, chain = (_rate([x for x in got if x.kind == f"{k}:{w}"]) for k in ("saga", "chain"))
+            rates[w] = f"{w} {saga:6.1f}/{chain:6.1f}/s ({saga / chain:.3f})"
+        print(f"  round {r + 1}: " + "   ".join(rates[w] for w in WORKLOADS))
     return batches
+
+
+def _rate(batches: list[Batch]) -> float:
+    return sum(b.n for b in batches) / sum(b.seconds for b in batches)
 
 
 def report_ratio(batches: list[Batch], latencies: dict[str, tuple[float, float]], memory: dict[str, float]) -> None:
     def total(kind: str) -> float:
-        mine = [b for b in batches if b.kind == kind]
-        return sum(b.n for b in mine) / sum(b.seconds for b in mine)
+        return _rate([b for b in batches if b.kind == kind])
 
     def round_ratios(workload: str) -> list[float]:
-        by_round: dict[int, dict[str, float]] = {}
-        for b in batches:
-            by_round.setdefault(b.round, {})[b.kind] = b.rate
-        return [r[f"saga:{workload}"] / r[f"chain:{workload}"] for r in by_round.values()]
+        rounds = sorted({b.round for b in batches})
+        return [
+            _rate([b for b in batches if b.round == r and b.kind == f"saga:{workload}"])
+            / _rate([b for b in batches if b.round == r and b.kind == f"chain:{workload}"])
+            for r in rounds
+        ]
 
     print("\nsaga/chain throughput, deadlines on (median of the rounds' ratios; target)")
     for w in WORKLOADS:
