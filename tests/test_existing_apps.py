@@ -148,6 +148,21 @@ def typed(app: Celery, r: redis.Redis, prefix: str) -> SimpleNamespace:
     return SimpleNamespace(saga=Saga("typed", [book, bill]), seen=seen_types)
 
 
+def test_the_record_decoder_restores_kombu_types_and_reads_plain_json_alike() -> None:
+    from kombu.utils.json import loads as kombu_loads
+
+    from celery_saga import codec
+
+    # Plain JSON takes the fast path; text with a kombu type object takes kombu's
+    plain = {"order_id": 7, "items": [{"sku": "A", "qty": 1}], "note": "é \u2603", "ok": True, "none": None}
+    typed = {**plain, "at": datetime(2026, 12, 6, 12, 0), "price": Decimal("12.99"), "id": uuid.UUID(int=7)}
+    for value in (plain, typed, [plain, typed], "text", 3, None):
+        text = codec.dumps(value)
+        assert codec.loads(text) == kombu_loads(text) == value
+    # A user's own key that merely contains the word is not mistaken for a type
+    assert codec.loads(codec.dumps({"__type__": "mine"})) == {"__type__": "mine"}
+
+
 @pytest.mark.parametrize("serializer", ["json", "pickle"])
 def test_kombu_json_types_reach_steps_and_compensations_as_themselves(
     app: Celery, typed, worker, serializer: str
