@@ -30,7 +30,7 @@ script starts (the broker stays the plain Redis: kombu has no cluster
 transport); ``--wait-replicas 1`` puts it on a primary with a replica, and
 every transition WAITs for the replica.
 
-Usage: ``python benchmarks/overhead.py [--n 200] [--rounds 5] [--store cluster] [--wait-replicas 1]``
+Usage: ``python benchmarks/overhead.py [--n 300] [--rounds 5] [--store cluster] [--wait-replicas 1]``
 """
 
 from __future__ import annotations
@@ -468,7 +468,7 @@ def report_sample(samples: dict[str, Sample], n: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--n", type=int, default=200, help="sagas and chains of each kind per round (default 200)")
+    parser.add_argument("--n", type=int, default=300, help="sagas and chains of each kind per round (default 300)")
     parser.add_argument("--rounds", type=int, default=5, help="rounds of each kind (default 5)")
     parser.add_argument("--warmup", type=int, default=30, help="untimed sagas and chains first (default 30)")
     parser.add_argument(
