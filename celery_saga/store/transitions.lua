@@ -132,6 +132,7 @@ local function hmget(names)
   end
   return values
 end
+
 local function num(x) return tonumber(x) end
 
 -- The counters of /metrics (the shard's "metrics" hash, store/keys.py): kept
