@@ -347,21 +347,31 @@ local function respond(outcome, changed, fields, raw)
   return text
 end
 
--- A next_stage reply with the data of stage k: the start kwargs and the
--- results of every stage before it, in declaration order, which the caller
--- folds. Saga data is never copied in the record: it is read back from it.
-local function with_stage_data(text, k)
+-- The data of the steps of stage k + 1, as JSON texts the caller folds: the
+-- start kwargs, then the result of every step of stages 1..k that has one
+-- (only a completed step has), in declaration order; and their size in bytes.
+-- Saga data is never copied in the record: it is read back from it.
+local function data_parts(k)
   local names = {'kwargs'}
   local st = stages()
   for j = 1, k do
     for _, n in ipairs(st[j]) do names[#names + 1] = 'r:' .. n end
   end
   local values = hmget(names)
-  local parts = {}
-  for i = 1, #names do
-    if values[i] then parts[#parts + 1] = values[i] end
+  local parts = {values[1] or '{}'}
+  local size = #parts[1]
+  for i = 2, #names do
+    if values[i] then
+      parts[#parts + 1] = values[i]
+      size = size + #values[i]
+    end
   end
-  return string.sub(text, 1, -2) .. ',"data":[' .. table.concat(parts, ',') .. ']}'
+  return parts, size
+end
+
+-- A next_stage reply with the data of stage k + 1 (see data_parts).
+local function with_stage_data(text, k)
+  return string.sub(text, 1, -2) .. ',"data":[' .. table.concat(data_parts(k), ',') .. ']}'
 end
 
 -- -- de-duplication -----------------------------------------------------------
@@ -560,21 +570,7 @@ local END_DATA_MAX = 65536
 
 local function end_message(new)
   if new ~= 'COMPLETED' then return new end
-  local names = {'kwargs'}
-  each_step(function(m)
-    names[#names + 1] = 's:' .. m
-    names[#names + 1] = 'r:' .. m
-  end)
-  local values = hmget(names)
-  local parts = {values[1] or '{}'}
-  local size = #parts[1]
-  for i = 2, #names, 2 do
-    local result = values[i + 1]
-    if values[i] == 'COMPLETED' and result then
-      parts[#parts + 1] = result
-      size = size + #result
-    end
-  end
+  local parts, size = data_parts(#stages())
   if size > END_DATA_MAX then return new end
   return new .. '\n[' .. table.concat(parts, ',') .. ']'
 end
