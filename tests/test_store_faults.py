@@ -224,6 +224,27 @@ def test_the_documented_acl_is_enough_and_a_missing_command_is_named(
         s.sequential.delay(order_id=3)
 
 
+def test_a_command_missing_from_a_function_library_is_named(
+    app: Celery, store_server: RedisServer, r: redis.Redis, prefix: str
+) -> None:
+    # Given a saga user that may load and call the transitions as a function library (Redis 7.0 names only
+    # the function and its line in the error), but lacks HSET, which every transition writes with
+    app.conf.saga_redis_url = _saga_user(store_server, prefix, ACL_COMMANDS + " fcall function|load")
+    s = shop_module.build(app, r, prefix)
+    assert s.sequential.delay(order_id=1).status is SagaStatus.PENDING
+    store = store_for(app)
+    assert isinstance(store, RedisSagaStore) and store._functions is True
+    _saga_user(store_server, prefix, (ACL_COMMANDS + " fcall function|load").replace(" hset ", " "))
+
+    # When a saga starts
+    with pytest.raises(SagaStoreMisconfigured) as info:
+        s.sequential.delay(order_id=2)
+
+    # Then the error names the command, not only the function's line
+    assert "@user_function" in str(info.value)
+    assert "may not run the 'hset' command" in str(info.value)
+
+
 def test_workers_warn_about_a_store_that_can_lose_sagas(
     app: Celery, store_server: RedisServer, r: redis.Redis, prefix: str, worker: Any, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -140,8 +140,13 @@ _TRANSIENT_TYPES: tuple[type[Exception], ...] = (
 # Redis reports a command an ACL forbids inside a script with this text and
 # the script's line, not the command: read the command off that line.
 _ACL_IN_SCRIPT = "can't run this command"
-# Redis 7: "script: <sha>, on @user_script:<line>."; 6.2: "(call to f_<sha>): @user_script:<line>:".
-_SCRIPT_LINE = re.compile(r"(?:script: |f_)(?P<sha>[0-9a-f]{40}).*?@user_script:(?P<line>\d+)")
+# Redis 7: "script: <sha>, on @user_script:<line>."; 6.2: "(call to f_<sha>): @user_script:<line>:". A
+# function (FCALL) is named, not hashed: "script: <function>, on @user_function:<line>.", its line counted
+# in the library, whose first line is the "#!lua" shebang.
+_SCRIPT_LINE = re.compile(
+    r"(?:script: |f_)(?P<sha>[0-9a-f]{40}).*?@user_script:(?P<line>\d+)"
+    r"|script: (?P<function>[\w.-]+), on @user_function:(?P<fline>\d+)"
+)
 _REDIS_CALL = re.compile(r"redis\.call\('(\w+)'")
 
 Call = tuple[Script, list[str], list[str]]
@@ -263,10 +268,12 @@ class RedisSagaStore(SagaStore):
         scripts = [self._script, self._shard_script, self._claim_script, self._rescore_script, self._lost_script]
         scripts.append(self._define_script)
         sources = {s.sha: str(s.script) for s in scripts}
-        if found is None or found["sha"] not in sources:
+        sources[self._function] = self._library
+        name = None if found is None else found["sha"] or found["function"]
+        if found is None or name not in sources:
             return exc
-        lines = sources[found["sha"]].splitlines()
-        line = int(found["line"])
+        lines = sources[name].splitlines()
+        line = int(found["line"] or found["fline"])
         command = _REDIS_CALL.search(lines[line - 1]) if 0 < line <= len(lines) else None
         if command is None:
             return exc
