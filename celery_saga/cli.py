@@ -59,9 +59,8 @@ Errors are one line on stderr: never a traceback, never a password.
 
 from __future__ import annotations
 
+import contextlib
 import json
-import signal
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta
@@ -77,6 +76,7 @@ from . import admin, views
 from .admin import parse_since
 from .errors import SagaError, SagaStoreMisconfigured, SagaStoreUnavailable
 from .settings import redact_keys
+from .shutdown import interrupted_by_signals
 from .state import SagaStatus
 from .sweeper import SweeperThread
 from .sweeper import sweep as sweep_once
@@ -85,6 +85,8 @@ __all__ = ["parse_since", "saga"]
 
 EX_REFUSED = 1  # not found or expired, not allowed in its status, corrupt record
 EX_UNAVAILABLE = 69  # sysexits.h, as Celery's own commands use
+#: Seconds ``saga sweep`` waits for a pass in progress to end, once asked to stop.
+STOP_GRACE = 2.0
 
 
 def _since(ctx: click.Context, param: click.Parameter, value: str | None) -> datetime | timedelta | None:
@@ -314,24 +316,25 @@ def sweep(ctx: click.Context, once: bool, interval: float | None) -> None:
         return
     with _errors():
         thread = SweeperThread(app, name="celery_saga-sweeper")
-        admin.ping(app)
     if interval is not None:
         thread.interval = interval
-    click.echo(f"sweeping saga deadlines every {thread.interval:g}s; Ctrl-C to stop")
-    # A supervisor stops it with SIGTERM: stop as cleanly as on Ctrl-C. Claims
-    # are leases, so even a kill loses nothing; this only keeps the exit 0.
-    terminated = threading.Event()
-    previous = signal.signal(signal.SIGTERM, lambda *_: terminated.set())
-    thread.start()
-    try:
-        while thread.is_alive() and not terminated.is_set():
-            thread.join(0.5)
-        click.echo("stopping")
-    except KeyboardInterrupt:
-        click.echo("stopping")
-    finally:
-        thread.stop()
-        signal.signal(signal.SIGTERM, previous)
+    # SIGINT and SIGTERM (a supervisor's stop) end it within STOP_GRACE
+    # seconds, whatever the sweeper is doing: the thread is a daemon, so one
+    # stuck in a Redis call does not hold the exit. Claims are leases, so even
+    # a kill loses nothing; this keeps the exit clean and 0.
+    with interrupted_by_signals():
+        try:
+            with _errors():
+                admin.ping(app)
+            click.echo(f"sweeping saga deadlines every {thread.interval:g}s; Ctrl-C to stop")
+            thread.start()
+            while thread.is_alive():
+                thread.join(0.5)
+        except KeyboardInterrupt:
+            pass
+        with contextlib.suppress(KeyboardInterrupt):  # a second Ctrl-C while it stops
+            click.echo("stopping")
+            thread.stop(STOP_GRACE)
 
 
 @saga.command(cls=CeleryCommand)
@@ -372,11 +375,17 @@ def web(
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--basic-auth") from exc
     where = f"http://{address}:{port}{settings.url('/')}"
-    serve(
-        app,
-        address,
-        port,
-        settings,
-        ready=lambda: click.echo(f"serving the sagas of {app.main} at {where}; Ctrl-C to stop"),
-    )
+    try:
+        serve(
+            app,
+            address,
+            port,
+            settings,
+            ready=lambda: click.echo(f"serving the sagas of {app.main} at {where}; Ctrl-C to stop"),
+        )
+    except OSError as exc:  # the port is taken, the address is not this host's ...
+        raise CeleryCommandException(
+            message=f"cannot listen on {address}:{port}: {exc.strerror or exc}; choose another --port or --address",
+            exit_code=EX_UNAVAILABLE,
+        ) from exc
     click.echo("stopped")

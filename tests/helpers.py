@@ -1,12 +1,16 @@
 """What every test module shares: waiting on conditions, the store clock, queues, gates and the ledger.
 
 Nothing here sleeps for a fixed time: tests wait for a condition (polling
-with a deadline), and hold a task mid-flight on a gate in Redis.
+with a deadline), and hold a task mid-flight on a gate in Redis. Every
+deadline a test waits against is scaled by one knob,
+``SAGA_TEST_TIMEOUT_SCALE`` (default 1): `wait_for`, `finished` and the gates
+scale their own, and a test passes any other wait through `patience`.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -16,8 +20,18 @@ import redis
 from celery_saga import SagaResult, SagaStatus
 
 
+#: How much longer than on an idle machine every wait of the tests may take.
+TIMEOUT_SCALE = float(os.environ.get("SAGA_TEST_TIMEOUT_SCALE") or 1)
+
+
+def patience(seconds: float) -> float:
+    """How long to wait for something that takes ``seconds`` at most on an idle machine."""
+    return seconds * TIMEOUT_SCALE
+
+
 def wait_for(predicate: Callable[[], Any], timeout: float = 15.0, what: str = "condition") -> Any:
-    """Poll ``predicate`` until it returns something truthy, or fail after ``timeout``."""
+    """Poll ``predicate`` until it returns something truthy, or fail after ``patience(timeout)``."""
+    timeout = patience(timeout)
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
@@ -87,7 +101,7 @@ class Gates:
     def enter(self, name: str, entry: str = "1") -> None:
         """Task side: say it got here, and wait for the gate to open."""
         self.client.rpush(f"{self.prefix}:entered:{name}", entry)
-        if self.client.blpop([f"{self.prefix}:gate:{name}"], timeout=self.timeout) is None:
+        if self.client.blpop([f"{self.prefix}:gate:{name}"], timeout=patience(self.timeout)) is None:
             raise TimeoutError(f"gate {name} never opened")
 
     def open(self, name: str) -> None:

@@ -10,9 +10,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import hmac
 import json
-import signal
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -28,6 +28,7 @@ from ..messages import parse_task_id
 from ..metrics import metrics_text
 from ..saga import saga_id_for
 from ..settings import redact_keys
+from ..shutdown import interrupted_by_signals
 from ..state import SagaStatus
 from ..stores import store_for
 from ..views import SagaSummary, state_json
@@ -286,17 +287,23 @@ def serve(
     web: WebSettings | None = None,
     ready: Callable[[], None] | None = None,
 ) -> None:
-    """Serve on ``address:port`` until SIGINT or SIGTERM; ``ready`` is called once it listens."""
+    """Serve on ``address:port`` until SIGINT or SIGTERM; ``ready`` is called once it listens.
+
+    It returns at once on either signal, also while a request waits on a
+    saga store that does not answer (`celery_saga.shutdown`).
+
+    Raises:
+        OSError: it cannot listen on ``address:port`` (the port is taken ...).
+    """
 
     async def main() -> None:
         server = make_app(celery_app, web).listen(port, address=address, xheaders=True)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        if ready is not None:
-            ready()
-        await stop.wait()
-        server.stop()
+        try:
+            if ready is not None:
+                ready()
+            await asyncio.Event().wait()  # until a signal interrupts the loop
+        finally:
+            server.stop()
 
-    asyncio.run(main())
+    with interrupted_by_signals(), contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(main())
