@@ -2,6 +2,8 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
+# Extra pytest arguments: .ci/run asks for the slowest tests (--durations=15).
+PYTEST_ARGS ?=
 
 .PHONY: demo test lint typecheck unit browser bench clean
 
@@ -33,7 +35,7 @@ browser:
 	fi
 
 unit: $(VENV)/.installed browser
-	$(PY) -m pytest
+	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/overhead.py
