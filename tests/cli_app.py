@@ -41,7 +41,7 @@ from celery import Celery
 
 import celery_saga
 from celery_saga import Saga, SagaResult, SagaStatus, current_step, saga_step, step
-from tests.helpers import Gates, wait_for
+from tests.helpers import Gates, patience, wait_for
 
 ENV_REDIS = "CELERY_SAGA_CLI_REDIS"
 ENV_PREFIX = "CELERY_SAGA_CLI_PREFIX"
@@ -73,7 +73,7 @@ def create(redis_url: str, prefix: str, queue: str) -> SimpleNamespace:
     if os.environ.get(ENV_STORE):  # a saga store elsewhere (a cluster), with 8 index shards
         app.conf.update(saga_redis_url=os.environ[ENV_STORE], saga_index_shards=8)
     # redis-py 8 defaults to a 5 s socket timeout, shorter than the gates block.
-    client = redis.Redis.from_url(redis_url, decode_responses=True, socket_timeout=120)
+    client = redis.Redis.from_url(redis_url, decode_responses=True, socket_timeout=patience(120))
 
     gates = Gates(client, prefix)
 

@@ -15,7 +15,19 @@ from celery import Celery
 from celery_saga.redis_server import RedisServer, redis_answers
 from celery_saga.testing import thread_worker
 from tests.deployments import Cluster
-from tests.helpers import Ledger
+from tests.helpers import TIMEOUT_SCALE, Ledger, patience
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Per-test time limits (pytest-timeout) grow with SAGA_TEST_TIMEOUT_SCALE, like every wait."""
+    if TIMEOUT_SCALE == 1:
+        return
+    default = float(config.getini("timeout") or 0)
+    for item in items:
+        mark = item.get_closest_marker("timeout")
+        limit = float(mark.args[0]) if mark is not None and mark.args else default
+        if limit:
+            item.add_marker(pytest.mark.timeout(limit * TIMEOUT_SCALE), append=False)
 
 
 @pytest.fixture(scope="session")
@@ -40,7 +52,7 @@ def ns() -> str:
 @pytest.fixture
 def r(redis_url: str) -> Iterator[redis.Redis]:
     # redis-py 8 defaults to a 5 s socket timeout, shorter than the gates block.
-    client = redis.Redis.from_url(redis_url, decode_responses=True, socket_timeout=120)
+    client = redis.Redis.from_url(redis_url, decode_responses=True, socket_timeout=patience(120))
     yield client
     client.close()
 

@@ -20,7 +20,7 @@ from types import TracebackType
 import redis
 
 from celery_saga.redis_server import RedisServer, find_redis_server, free_port
-from tests.helpers import wait_for
+from tests.helpers import patience, wait_for
 
 SLOTS = 16384
 
@@ -133,16 +133,16 @@ class SentinelProcess:
         if proc is not None and proc.poll() is None:
             os.kill(proc.pid, signal.SIGTERM)
             try:
-                proc.wait(10)
+                proc.wait(patience(10))
             except subprocess.TimeoutExpired:
                 proc.kill()
-                proc.wait(10)
+                proc.wait(patience(10))
 
 
 def _is_process(port: int, pid: int) -> bool:
     """The server on ``port`` answers, and is process ``pid`` (not another that holds the port)."""
     try:
-        with redis.Redis(port=port, socket_timeout=0.5) as client:
+        with redis.Redis(port=port, socket_timeout=patience(0.5)) as client:
             return int(client.info("server")["process_id"]) == pid
     except redis.RedisError:
         return False

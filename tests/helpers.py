@@ -19,7 +19,6 @@ import redis
 
 from celery_saga import SagaResult, SagaStatus
 
-
 #: How much longer than on an idle machine every wait of the tests may take.
 TIMEOUT_SCALE = float(os.environ.get("SAGA_TEST_TIMEOUT_SCALE") or 1)
 

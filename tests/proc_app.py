@@ -58,7 +58,7 @@ import redis
 from celery import Celery, signals
 
 from celery_saga import Saga, current_step, enable, saga_step
-from tests.helpers import Gates, kombu_prefix
+from tests.helpers import Gates, kombu_prefix, patience
 
 ENV_BROKER = "CELERY_SAGA_TEST_BROKER"
 ENV_PREFIX = "CELERY_SAGA_TEST_PREFIX"
@@ -122,7 +122,7 @@ def create(
     client = redis.Redis.from_url(broker_url, decode_responses=True)
     # A client of its own for the gates: redis-py's default 5 s socket timeout
     # would end a BLPOP early.
-    gate_client = redis.Redis.from_url(broker_url, decode_responses=True, socket_timeout=120)
+    gate_client = redis.Redis.from_url(broker_url, decode_responses=True, socket_timeout=patience(120))
     gates = Gates(gate_client, prefix)
     ledger = f"{prefix}:ledger"
 

@@ -17,6 +17,7 @@ from types import SimpleNamespace
 from typing import Any, TypeVar
 
 from tests import proc_app
+from tests.helpers import patience
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -57,7 +58,7 @@ class Subprocs:
 
     def wait_dead(self, proc: Popen, timeout: float = 15.0) -> int:
         """Wait for a process that was killed to exit, then make sure its children are gone too."""
-        code = proc.wait(timeout)
+        code = proc.wait(patience(timeout))
         self.kill_group(proc)
         return code
 
@@ -65,10 +66,10 @@ class Subprocs:
         if proc.poll() is None:
             proc.terminate()
             try:
-                proc.wait(timeout)
+                proc.wait(patience(timeout))
             except subprocess.TimeoutExpired:
                 self.kill_group(proc)
-                proc.wait(timeout)
+                proc.wait(patience(timeout))
         self.kill_group(proc)
 
     def stop_all(self) -> None:
@@ -135,7 +136,7 @@ class Procs(Subprocs):
         # Killed, not stopped: a warm shutdown would wait for steps blocked on gates.
         for _, proc, _ in reversed(self.procs):
             self.kill_group(proc)
-            proc.wait(15)
+            proc.wait(patience(15))
 
 
 def proc_env(redis_url: str, prefix: str, queue: str, saga_conf: dict[str, Any] | None = None) -> SimpleNamespace:

@@ -35,6 +35,7 @@ from celery_saga.store.keys import Keys
 from celery_saga.stores import store_for
 from tests import cli_app
 from tests.cli_app import STATES, wait_for
+from tests.helpers import patience
 
 ISO = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 
@@ -231,7 +232,7 @@ def test_retry_redrives_compensation_that_gave_up(fresh) -> None:
         assert state.status is SagaStatus.FAILED
         assert state.step("cli.reserve").compensation_attempts == 2
         with pytest.raises(SagaFailed):
-            result.get(timeout=5)
+            result.get(timeout=patience(5))
 
         # When the compensation is fixed and the saga retried again
         w.client.delete(f"{w.prefix}:broken:{w.tokens['FAILED']}")
@@ -239,7 +240,7 @@ def test_retry_redrives_compensation_that_gave_up(fresh) -> None:
 
         # Then the saga ends COMPENSATED, undone once, with on_failure sent for the new outcome
         with pytest.raises(SagaCompensated):
-            result.get(timeout=15)
+            result.get(timeout=patience(15))
         wait_for(lambda: len(w.shop.callbacks(saga_id)) == 3, what="on_failure after the second retry")
         assert w.client.lrange(f"{w.prefix}:undone:{w.tokens['FAILED']}", 0, -1) == ["cli.reserve"]
         assert [s.saga_id for s in list_sagas(app, status="COMPENSATED")] == [saga_id]

@@ -33,7 +33,7 @@ from celery_saga.store.keys import Keys
 from celery_saga.testing import thread_worker
 from tests import cli_app
 from tests.cli_app import HASTY_TIMEOUT, STATES, cli_env
-from tests.helpers import store_now, wait_for
+from tests.helpers import patience, store_now, wait_for
 from tests.subprocs import Subprocs, running
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -549,11 +549,11 @@ def test_sweep_runs_until_interrupted(idle, tmp_path: Path) -> None:
 
         # And Ctrl-C stops it cleanly
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(15) == 0
+        assert proc.wait(patience(15)) == 0
     finally:
         if proc.poll() is None:
             proc.kill()
-            proc.wait(15)
+            proc.wait(patience(15))
     output = log_path.read_text()
     assert "Traceback" not in output, output
     assert output.splitlines() == ["sweeping saga deadlines every 0.1s; Ctrl-C to stop", "stopping"]

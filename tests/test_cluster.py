@@ -31,7 +31,7 @@ from tests import shop as shop_module
 from tests import timed_shop
 from tests.cli_app import cli_env
 from tests.deployments import Cluster
-from tests.helpers import Ledger, finished, wait_for
+from tests.helpers import Ledger, finished, patience, wait_for
 from tests.subprocs import ROOT
 
 
@@ -48,11 +48,11 @@ def test_sagas_complete_and_compensate_on_a_cluster(
     s = shop_module.build(on_cluster, r, prefix)
     with worker():
         # Sequential and parallel sagas complete
-        assert s.sequential.delay(order_id=1).get(timeout=20)["tracking"] == "t-1"
-        assert s.mixed.delay(order_id=2).get(timeout=20)["tracking"] == "t-2"
+        assert s.sequential.delay(order_id=1).get(timeout=patience(20))["tracking"] == "t-1"
+        assert s.mixed.delay(order_id=2).get(timeout=patience(20))["tracking"] == "t-2"
         # A failing step compensates the completed ones, latest first
         with pytest.raises(SagaCompensated):
-            s.sequential.delay(order_id=3, fail={"ship": "no carrier"}).get(timeout=20)
+            s.sequential.delay(order_id=3, fail={"ship": "no carrier"}).get(timeout=patience(20))
     assert [a for a in ledger.actions() if a.startswith("undo")] == ["undo:shop.charge", "undo:shop.reserve"]
     # The records and the index shards spread over the masters (keys hash to random
     # slots: with about ten keys, all on one master of three is a 1-in-10,000 chance)
@@ -72,7 +72,7 @@ def test_deadlines_cancel_show_and_purge_on_a_cluster(
         # A step nobody runs times out: a sweeper fences it, and the saga rolls back
         timed = Saga("timed", [shop.reserve, step(shop.last, timeout=0.5)]).delay(qty=1)
         with pytest.raises(SagaCompensated) as info:
-            timed.get(timeout=15)
+            timed.get(timeout=patience(15))
         assert info.value.reason == "timeout"
         assert timed.state().step("timed.last").status is StepStatus.CANCELLED
 

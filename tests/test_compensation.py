@@ -9,7 +9,7 @@ from celery import Celery
 
 from celery_saga import CompensationStatus, SagaCompensated, SagaFailed, SagaStatus
 from tests import shop
-from tests.helpers import Ledger, wait_for
+from tests.helpers import Ledger, patience, wait_for
 
 
 def test_compensation_failing_n_times_is_retried_with_growing_backoff(
@@ -22,7 +22,7 @@ def test_compensation_failing_n_times_is_retried_with_growing_backoff(
     with worker():
         res = s.sequential.delay(order_id=1, fail={"charge": "declined"})
         with pytest.raises(SagaCompensated):
-            res.get(timeout=30)
+            res.get(timeout=patience(30))
     attempts = ledger.times("undo_failed:shop.reserve") + ledger.times("undo:shop.reserve")
     assert len(attempts) == 4
     gaps = [b - a for a, b in itertools.pairwise(attempts)]
@@ -48,7 +48,7 @@ def test_max_retries_gives_up_and_the_saga_ends_failed(app: Celery, r, prefix, l
     with worker():
         res = s.sequential.delay(order_id=1, fail={"ship": "lost truck"})
         with pytest.raises(SagaFailed) as info:
-            res.get(timeout=30)
+            res.get(timeout=patience(30))
     assert info.value.step == "shop.ship"
     assert list(info.value.gave_up) == ["shop.charge"]
     assert "compensation of shop.charge failed" in (info.value.gave_up["shop.charge"] or "")
@@ -79,7 +79,7 @@ def test_a_failing_compensation_does_not_hold_back_earlier_stages(
         # When charge's compensation finally succeeds, the saga ends COMPENSATED.
         r.hset(f"{prefix}:undo_fail", "shop.charge", 0)
         with pytest.raises(SagaCompensated):
-            res.get(timeout=30)
+            res.get(timeout=patience(30))
     undone = [a for a in ledger.actions() if a.startswith("undo:")]
     assert undone == ["undo:shop.reserve", "undo:shop.charge"]
 
@@ -94,6 +94,6 @@ def test_settings_in_force_at_start_are_used_by_the_workers(app: Celery, r, pref
     app.conf.saga_compensation_max_retries = None
     # Then the saga still gives up after one attempt, as its record says.
     with worker(), pytest.raises(SagaFailed):
-        res.get(timeout=30)
+        res.get(timeout=patience(30))
     assert res.state().step("shop.reserve").compensation_attempts == 1
     assert res.state().settings["compensation_max_retries"] == 0

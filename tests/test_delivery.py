@@ -15,7 +15,7 @@ from celery_saga.saga import Saga
 from celery_saga.stores import store_for
 from tests import shop
 from tests.conftest import configure, running_worker
-from tests.helpers import Ledger, wait_for
+from tests.helpers import Ledger, patience, wait_for
 
 
 def _logged(caplog: pytest.LogCaptureFixture, text: str) -> bool:
@@ -29,7 +29,7 @@ def test_duplicate_of_a_finished_step_does_not_run_again(
     s = shop.build(app, r, prefix)
     with worker():
         res = s.sequential.apply_async(kwargs={"order_id": 1}, on_complete=s.notify.s(tag="done"))
-        res.get(timeout=20)
+        res.get(timeout=patience(20))
         wait_for(lambda: r.llen(f"{prefix}:callbacks"), what="on_complete")
         # When a copy of the charge message arrives after the saga ended
         raw = store_for(app).load(res.id)
@@ -55,7 +55,7 @@ def test_duplicate_of_a_running_step_is_skipped(
         publish_stage(app, res.id, "order_seq", raw["gen"], [spec], {"order_id": 2, "gates": ["reserve"]}, first=False)
         wait_for(lambda: _logged(caplog, "'shop.reserve' skipped (busy)"), what="the copy to be skipped")
         s.gates.open("reserve")
-        res.get(timeout=20)
+        res.get(timeout=patience(20))
     assert len(s.gates.entered("reserve")) == 1
     assert res.state().step("shop.reserve").attempts == 1
 
@@ -68,7 +68,7 @@ def test_step_message_without_a_record_is_not_executed_and_the_worker_goes_on(
     with worker():
         publish_stage(app, "no-such-saga", "order_seq", "g", [spec], {"order_id": 1}, first=False)
         wait_for(lambda: _logged(caplog, "saga no-such-saga: no record"), what="the error")
-        assert s.sequential.delay(order_id=3).get(timeout=20)["tracking"] == "t-3"
+        assert s.sequential.delay(order_id=3).get(timeout=patience(20))["tracking"] == "t-3"
     message = next(rec.getMessage() for rec in caplog.records if "no-such-saga" in rec.getMessage())
     assert f"prefix {prefix!r}" in message and "saga_key_prefix" in message
     assert ledger.actions()[0] == "do:shop.validate"  # reserve of the missing saga never ran
@@ -88,7 +88,7 @@ def test_step_message_with_a_corrupt_record_is_not_executed(
         r.set(key, "not a hash")
     with worker():
         wait_for(lambda: _logged(caplog, f"saga {res.id}"), what="the error")
-        assert s.sequential.delay(order_id=2).get(timeout=20)["order_id"] == 2
+        assert s.sequential.delay(order_id=2).get(timeout=patience(20))["order_id"] == 2
     assert [e for e in ledger.entries() if e[2:3] == [1]] == []
     if damage == "bad_status":
         with pytest.raises(SagaRecordCorrupt):
@@ -110,7 +110,7 @@ def test_store_outage_in_a_worker_retries_the_step_until_the_store_is_back(
             assert ledger.actions() == []  # never runs without a record
             # When the store comes back with its data, the saga finishes
             store_server = RedisServer(port=store_server.port, persist=True, dir=store_server.dir).start()
-            assert res.get(timeout=40)["tracking"] == "t-5"
+            assert res.get(timeout=patience(40))["tracking"] == "t-5"
         assert ledger.actions().count("do:shop.validate") == 1
     finally:
         store_server.stop()
@@ -145,7 +145,7 @@ def test_participant_service_runs_steps_named_by_another_codebase(
     )
     res = saga.delay(amount=30, customer="c-9")
     with running_worker(payments), pytest.raises(SagaCompensated):
-        res.get(timeout=20)
+        res.get(timeout=patience(20))
     # Each function received only the data it declares.
     assert ledger.entries()[0][:3] == ["do", "pay.charge", 30]
     # The compensation sees the data of its step's stage, and what the step returned.

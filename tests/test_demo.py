@@ -14,6 +14,7 @@ import pytest
 import redis
 
 from celery_saga.redis_server import PRIVATE_SERVER_KEY, RedisServer
+from tests.helpers import patience
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -125,7 +126,7 @@ def test_demo_interrupted_with_ctrl_c_cleans_up_without_a_traceback(when: str) -
             break
     interrupted = time.monotonic()
     proc.send_signal(signal.SIGINT)
-    rest, _ = proc.communicate(timeout=60)
+    rest, _ = proc.communicate(timeout=patience(60))
     stopped_in = time.monotonic() - interrupted
     text = "".join(lines) + rest
     assert when in text, text
@@ -189,14 +190,14 @@ def test_demo_in_a_terminal_ends_by_serving_the_web_view_until_ctrl_c() -> None:
         # Then it reports as before, and prints the web view's URL
         assert "ended COMPLETED" in text and "The web view of these sagas: http://" in text, text
         url = re.findall(r"serving (http://127\.0\.0\.1:\d+/)", text)[-1]
-        with urllib.request.urlopen(url + "api/sagas", timeout=10) as response:
+        with urllib.request.urlopen(url + "api/sagas", timeout=patience(10)) as response:
             sagas = json.loads(response.read())["sagas"]
         assert sorted(s["status"] for s in sagas) == ["COMPENSATED"] * 3 + ["COMPLETED"] * 2
-        with urllib.request.urlopen(url + f"saga/{sagas[0]['id']}", timeout=10) as response:
+        with urllib.request.urlopen(url + f"saga/{sagas[0]['id']}", timeout=patience(10)) as response:
             assert "Timeline" in response.read().decode()
         # When Ctrl-C is pressed, it stops serving and cleans up as it always does
         proc.send_signal(signal.SIGINT)
-        proc.wait(60)
+        proc.wait(patience(60))
         while True:
             try:
                 chunk = os.read(main, 65536)
@@ -212,5 +213,5 @@ def test_demo_in_a_terminal_ends_by_serving_the_web_view_until_ctrl_c() -> None:
     finally:
         if proc.poll() is None:
             proc.kill()
-            proc.wait(10)
+            proc.wait(patience(10))
         os.close(main)

@@ -33,7 +33,7 @@ from celery_saga import (
 from celery_saga.testing import thread_worker
 from celery_saga.views import saga_text, state_json
 from tests import shop
-from tests.helpers import Ledger, wait_for
+from tests.helpers import Ledger, patience, wait_for
 from tests.subprocs import Subprocs, running, worker_args
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,9 +71,9 @@ def test_a_saga_of_shared_tasks_in_a_module_autodiscovery_imports(
             import tests.django_style.proj  # noqa: F401 - makes the project's app the current one
             from celery_saga import SagaCompensated
             from tests.django_style.shop.tasks import place_order
-            done = place_order.delay(order_id=1).get(timeout=60)
+            done = place_order.delay(order_id=1).get(timeout=patience(60))
             try:
-                place_order.delay(order_id=2, fail=True).get(timeout=60)
+                place_order.delay(order_id=2, fail=True).get(timeout=patience(60))
             except SagaCompensated as exc:
                 print(json.dumps([done, exc.step, exc.reason]))
             """
@@ -106,9 +106,9 @@ def test_an_app_that_accepts_only_pickle_completes_and_compensates_sagas(
     app.conf.update(accept_content=["pickle"], task_serializer="pickle", result_serializer="pickle")
     s = shop.build(app, r, prefix)
     with worker():
-        assert s.sequential.delay(order_id=1).get(timeout=20)["tracking"] == "t-1"
+        assert s.sequential.delay(order_id=1).get(timeout=patience(20))["tracking"] == "t-1"
         with pytest.raises(SagaCompensated):
-            s.sequential.delay(order_id=2, fail={"ship": "no carrier"}).get(timeout=20)
+            s.sequential.delay(order_id=2, fail={"ship": "no carrier"}).get(timeout=patience(20))
     assert [a for a in ledger.actions() if a.startswith("undo")] == ["undo:shop.charge", "undo:shop.reserve"]
 
 
@@ -173,7 +173,7 @@ def test_kombu_json_types_reach_steps_and_compensations_as_themselves(
     ref = uuid.uuid4()
     start = {"when": datetime(2026, 12, 1, 8, 0), "amount": Decimal("19.90"), "ref": ref}
     with worker():
-        data = typed.saga.delay(**start).get(timeout=20)
+        data = typed.saga.delay(**start).get(timeout=patience(20))
         assert (data["due"], data["total"], data["at"], data["ref"]) == (
             date(2026, 12, 1),
             Decimal("39.80"),
@@ -182,7 +182,7 @@ def test_kombu_json_types_reach_steps_and_compensations_as_themselves(
         )
         assert typed.seen()["bill"] == {"due": "date", "total": "Decimal", "at": "time"}
         with pytest.raises(SagaCompensated):
-            typed.saga.delay(**start, fail=True).get(timeout=20)
+            typed.saga.delay(**start, fail=True).get(timeout=patience(20))
     seen = typed.seen()
     assert seen["book"] == seen["unbook"] == {"when": "datetime", "amount": "Decimal", "ref": "UUID"}
     assert seen["unbook.step_result"] == {"due": "date", "total": "Decimal", "at": "time"}
@@ -199,7 +199,7 @@ def test_a_misspelled_remote_step_fails_at_once_with_the_reason(app: Celery, r, 
         res = saga.delay(order_id=1)
         # Then it is rolled back within seconds, not at the step's 300 s deadline
         with pytest.raises(SagaCompensated) as info:
-            res.get(timeout=10)
+            res.get(timeout=patience(10))
     reason = f"task 'm4.stmap' is not registered on worker {w.hostname}"
     assert info.value.step == "m4.stmap" and reason in (info.value.error or "")
     assert reason in saga_text(res.state())  # what `celery saga show` prints
@@ -231,7 +231,7 @@ def test_a_compensation_no_worker_has_counts_as_a_failed_attempt(app: Celery, ns
         res = saga.delay(order_id=1)
         # Then each attempt fails at once, and the compensation gives up after its one retry
         with pytest.raises(SagaFailed) as info:
-            res.get(timeout=15)
+            res.get(timeout=patience(15))
     refund = res.state().step("svc.charge")
     assert (refund.compensation_status, refund.compensation_attempts) == (CompensationStatus.GAVE_UP, 2)
     assert f"task 'svc.refund' is not registered on worker {w.hostname}" in (refund.compensation_error or "")
@@ -268,7 +268,7 @@ def test_get_on_a_saga_no_worker_picked_up_says_so_and_names_the_queue(app: Cele
     s = shop.build(app, r, prefix)
     res = s.sequential.delay(order_id=1)
     with pytest.raises(CeleryTimeoutError, match="no worker has begun its first step") as info:
-        res.get(timeout=0.3)
+        res.get(timeout=patience(0.3))
     assert repr(app.conf.task_default_queue) in str(info.value)
 
 
@@ -312,10 +312,10 @@ def test_step_and_setting_redact_keys_in_every_message_and_in_show(app: Celery, 
     try:
         saga2 = Saga("secrets_undone", [step(s.validate, compensate=undo, redact=["card"]), s.ship])
         with worker():
-            saga.delay(order_id=1, card="4111-1111", api_token="tok-1").get(timeout=20)
+            saga.delay(order_id=1, card="4111-1111", api_token="tok-1").get(timeout=patience(20))
             res = saga2.delay(order_id=2, card="4111-2222", api_token="tok-2", fail={"ship": "no"})
             with pytest.raises(SagaCompensated):
-                res.get(timeout=20)
+                res.get(timeout=patience(20))
     finally:
         signals.before_task_publish.disconnect(on_publish)
     # Then no message of either saga shows them, steps and compensations alike
@@ -349,10 +349,14 @@ def test_a_saga_of_undecorated_tasks_only_runs_and_rolls_back(app: Celery, r, le
     saga = Saga("plain_trip", [step(book, compensate=unbook), step(pay, compensate=None)])
     with worker():
         # Then its app enabled the saga hooks itself: steps get only their own kwargs ...
-        assert saga.delay(trip="rome", note="x").get(timeout=20) == {"trip": "rome", "note": "x", "booking": "b-rome"}
+        assert saga.delay(trip="rome", note="x").get(timeout=patience(20)) == {
+            "trip": "rome",
+            "note": "x",
+            "booking": "b-rome",
+        }
         # ... and a failure rolls back with the compensation the saga named
         with pytest.raises(SagaCompensated):
-            saga.delay(trip="oslo", fail=True).get(timeout=20)
+            saga.delay(trip="oslo", fail=True).get(timeout=patience(20))
     assert [e[0] for e in ledger.entries()] == ["book", "pay", "book", "unbook"]
     assert ledger.entries()[-1][1] == {"booking": "b-oslo"}
 
@@ -372,8 +376,8 @@ def test_saga_messages_show_their_kwargs_cut_at_celerys_limit(app: Celery, r, pr
         with worker():
             short = saga.delay(order_id=1, note="it's")
             long = saga.delay(order_id=2, note="x" * 5000)
-            short.get(timeout=20)
-            long.get(timeout=20)
+            short.get(timeout=patience(20))
+            long.get(timeout=patience(20))
     finally:
         signals.before_task_publish.disconnect(on_publish)
     # Then each step message shows its kwargs as Python shows them (what Flower and the logs print) ...

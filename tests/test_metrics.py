@@ -12,7 +12,7 @@ from celery_saga import SagaCompensated, SagaFailed
 from celery_saga.metrics import metrics_text
 from celery_saga.stores import forget_store
 from tests import shop
-from tests.helpers import Gates, wait_for
+from tests.helpers import Gates, patience, wait_for
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -34,9 +34,9 @@ def test_metrics_count_the_sagas_run_exactly(app: Celery, r, prefix, worker) -> 
     with worker():
         # Given 3 completed orders, 1 rolled back with 2 failed compensation attempts, and 1 still running
         for order_id in (1, 2, 3):
-            s.sequential.delay(order_id=order_id).get(timeout=30)
+            s.sequential.delay(order_id=order_id).get(timeout=patience(30))
         with pytest.raises(SagaCompensated):
-            s.sequential.delay(order_id=4, fail={"charge": "declined"}).get(timeout=30)
+            s.sequential.delay(order_id=4, fail={"charge": "declined"}).get(timeout=patience(30))
         held = s.mixed.delay(order_id=5, gates=["ship"])
         gates.wait_entered("ship")
 
@@ -63,7 +63,7 @@ def test_metrics_count_the_sagas_run_exactly(app: Celery, r, prefix, worker) -> 
         assert 0 < value(parsed, "celery_saga_duration_seconds_sum", **completed) < 3 * 30
 
         gates.open("ship")
-        held.get(timeout=30)
+        held.get(timeout=patience(30))
     parsed = samples(metrics_text(app))
     assert value(parsed, "celery_saga_finished_total", name="order", status="COMPLETED", reason="") == 1
     assert value(parsed, "celery_saga_in_flight", status="RUNNING") == 0
@@ -76,7 +76,7 @@ def test_a_replayed_transition_is_not_counted_twice(app: Celery, r, prefix, work
         first = s.sequential.apply_async(kwargs={"order_id": 6}, idempotency_key="k-6")
         again = s.sequential.apply_async(kwargs={"order_id": 6}, idempotency_key="k-6")
         assert first.id == again.id
-        first.get(timeout=30)
+        first.get(timeout=patience(30))
         wait_for(lambda: samples(metrics_text(app)), what="metrics")
     parsed = samples(metrics_text(app))
     assert value(parsed, "celery_saga_started_total", name="order_seq") == 1
@@ -90,7 +90,7 @@ def test_a_rollback_that_gives_up_shows_in_the_failed_gauge(app: Celery, r, pref
     with worker():
         res = s.sequential.delay(order_id=7, fail={"charge": "declined"})
         with pytest.raises(SagaFailed):
-            res.get(timeout=30)
+            res.get(timeout=patience(30))
     parsed = samples(metrics_text(app))
     assert value(parsed, "celery_saga_failed", name="order_seq") == 1
     assert value(parsed, "celery_saga_finished_total", name="order_seq", status="FAILED", reason="failure") == 1

@@ -28,7 +28,7 @@ from celery_saga import (
 )
 from celery_saga.admin import child_states
 from celery_saga.views import saga_text, state_json
-from tests.helpers import Gates, wait_for
+from tests.helpers import Gates, patience, wait_for
 
 
 def build(app: Celery, client: redis.Redis, prefix: str) -> SimpleNamespace:
@@ -98,7 +98,7 @@ def test_a_trip_of_two_child_sagas_completes_with_their_data(
 ) -> None:
     with worker():
         res = shop.trip.delay(trip="t1")
-        data = res.get(timeout=60)
+        data = res.get(timeout=patience(60))
     # The children's final data was merged into the trip's, and the charge saw it
     assert (data["flight"], data["seat"], data["hotel"]) == ("FL-t1", "FL-t1-12A", "HO-t1")
     assert ledger(r, prefix) == [("do", "n.book_flight"), ("do", "n.seat"), ("do", "n.book_hotel"), ("do", "n.charge")]
@@ -127,7 +127,7 @@ def test_a_parent_failing_after_two_children_completed_undoes_each_child_as_a_un
     with worker():
         res = shop.trip.delay(trip="t2", fail=["charge"])
         with pytest.raises(SagaCompensated) as info:
-            res.get(timeout=60)
+            res.get(timeout=patience(60))
         # The hotel saga was undone first, then the flight saga, each by its own compensations, in reverse
         for child in ("hotel", "flight"):
             wait_for(lambda c=child: SagaResult(f"{res.id}:{c}", app=app).state().status.finished)
@@ -154,7 +154,7 @@ def test_a_child_saga_that_rolls_back_fails_its_step_and_the_parent_rolls_back(
     with worker():
         res = shop.trip.delay(trip="t3", fail=["book_hotel"])
         with pytest.raises(SagaCompensated) as info:
-            res.get(timeout=60)
+            res.get(timeout=patience(60))
     # The hotel saga rolled back on its own (nothing left to undo in it); the trip undid the flight saga
     assert info.value.step == "hotel" and "child saga" in (info.value.error or "")
     hotel = SagaResult(f"{res.id}:hotel", app=app).state()
@@ -178,7 +178,7 @@ def test_a_child_saga_that_ends_failed_makes_the_parent_failed(
     with worker():
         res = shop.trip.delay(trip="t4", fail=["book_hotel"])
         with pytest.raises(SagaFailed) as info:
-            res.get(timeout=60)
+            res.get(timeout=patience(60))
     # The hotel failed, the trip undid the flight saga, whose seat compensation gave up: all FAILED
     flight = SagaResult(f"{res.id}:flight", app=app).state()
     assert (flight.status, flight.reason) == (SagaStatus.FAILED, "parent")
@@ -202,7 +202,7 @@ def test_cancelling_the_parent_while_a_child_runs_cancels_the_child(
         assert hotel.state().step("n.book_hotel").status is StepStatus.UNKNOWN
         # ... and the trip rolls back, the flight saga undone as a unit
         with pytest.raises(SagaCompensated) as info:
-            res.get(timeout=60)
+            res.get(timeout=patience(60))
         gates.open("book_hotel")  # the held booking ends late: undone again, with its result
         wait_for(lambda: hotel.state().step("n.book_hotel").second_round is not None, what="the late booking")
         wait_for(lambda: ledger(r, prefix).count(("undo", "n.book_hotel")) == 2, what="its second undo")
@@ -232,7 +232,7 @@ def test_a_parent_deadline_passing_while_a_child_runs_cancels_the_child(
         gates.wait_entered("book_hotel")
         # When the deadline passes, then the hotel saga is cancelled, and the trip rolls back for "timeout"
         with pytest.raises(SagaCompensated) as info:
-            res.get(timeout=60)
+            res.get(timeout=patience(60))
         hotel = SagaResult(f"{res.id}:hotel", app=app)
         wait_for(lambda: hotel.state().status.finished, what="the hotel saga to roll back")
         gates.open("book_hotel")
@@ -250,14 +250,14 @@ def test_a_grandchild_saga_completes_and_is_undone_through_its_parent(
     holiday = Saga("holiday", [shop.trip, shop.book_hotel.s(trip="second")])
     with worker():
         res = holiday.delay(trip="t7")
-        assert res.get(timeout=60)["hotel"] == "HO-second"
+        assert res.get(timeout=patience(60))["hotel"] == "HO-second"
         grandchild = SagaResult(f"{res.id}:trip:flight", app=app).state()
         assert (grandchild.status, grandchild.parent_id) == (SagaStatus.COMPLETED, f"{res.id}:trip")
         # When one fails after the trip completed, the trip is undone as a unit, and with it its children
         # (the failure is bound to that step alone: saga data would reach the children's steps too)
         undone = Saga("holiday_undone", [shop.trip, shop.seat.s(flight="x", fail=["seat"])]).delay(trip="t8")
         with pytest.raises(SagaCompensated):
-            undone.get(timeout=60)
+            undone.get(timeout=patience(60))
         for child in ("trip", "trip:hotel", "trip:flight"):
             wait_for(lambda c=child: SagaResult(f"{undone.id}:{c}", app=app).state().status.finished)
             state = SagaResult(f"{undone.id}:{child}", app=app).state()
@@ -276,7 +276,7 @@ def test_a_completed_child_whose_record_is_gone_makes_the_parent_failed_not_undo
         # When the trip rolls back
         gates.open("book_hotel")
         with pytest.raises(SagaFailed) as info:
-            res.get(timeout=60)
+            res.get(timeout=patience(60))
     # Then it says the flight saga's effects could not be compensated
     assert list(info.value.gave_up) == ["flight"]
     assert "its effects cannot be compensated" in (info.value.gave_up["flight"] or "")
@@ -293,7 +293,7 @@ def test_child_sagas_side_by_side_in_a_parallel_stage(
         # Both children complete, side by side; then the charge fails: each child is undone as a unit
         res = both.delay(trip="t10")
         with pytest.raises(SagaCompensated):
-            res.get(timeout=60)
+            res.get(timeout=patience(60))
         for child in ("flight", "hotel"):
             wait_for(lambda c=child: SagaResult(f"{res.id}:{c}", app=app).state().status.finished)
             state = SagaResult(f"{res.id}:{child}", app=app).state()

@@ -33,7 +33,7 @@ from celery_saga import (
 )
 from celery_saga.stores import store_for
 from celery_saga.views import saga_text, state_json
-from tests.helpers import Gates, wait_for
+from tests.helpers import Gates, patience, wait_for
 
 
 def build(app: Celery, client: redis.Redis, prefix: str) -> SimpleNamespace:
@@ -116,7 +116,7 @@ def test_a_retriable_step_failing_three_times_is_sent_again_until_it_succeeds(
     with worker():
         # When the saga runs
         res = shop.order.delay(order_id=1)
-        data = res.get(timeout=60)
+        data = res.get(timeout=patience(60))
     # Then it completes: the e-mail went out on its fourth attempt, and nothing was undone
     assert data["picked"] == "yes"
     assert effects(r, prefix) == [
@@ -160,7 +160,7 @@ def test_a_retriable_step_that_gives_up_ends_the_saga_failed_and_retry_drives_it
         res = shop.order.delay(order_id=2)
         # When it has failed 3 times (1 + 2 retries)
         with pytest.raises(SagaFailed) as info:
-            res.get(timeout=60)
+            res.get(timeout=patience(60))
         # Then the saga is FAILED, reason "forward", and nothing was compensated
         assert info.value.reason == "forward"
         assert info.value.step == "piv.email"
@@ -179,7 +179,7 @@ def test_a_retriable_step_that_gives_up_ends_the_saga_failed_and_retry_drives_it
         r.hset(f"{prefix}:fails", "email", 0)
         retry_saga(app, res.id)
         # Then it goes on forward and completes, the e-mail under its one idempotency key
-        assert res.get(timeout=60)["picked"] == "yes"
+        assert res.get(timeout=patience(60))["picked"] == "yes"
     assert effects(r, prefix)[-2:] == [("do", "piv.email"), ("do", "piv.warehouse")]
     assert {e[2] for e in entries(r, prefix) if e[1] == "piv.email"} == {f"{res.id}:piv.email"}
     assert not [e for e in entries(r, prefix) if e[0] == "undo"]
@@ -193,7 +193,7 @@ def test_a_retriable_step_that_gives_up_again_after_a_retry_gets_a_fresh_budget(
     with worker():
         res = shop.order.delay(order_id=3)
         with pytest.raises(SagaFailed):
-            res.get(timeout=60)
+            res.get(timeout=patience(60))
         retry_saga(app, res.id)
         wait_for(lambda: res.state().status is SagaStatus.FAILED and res.state().step("piv.warehouse").attempts == 4)
     # Two attempts before the retry, two after it: the budget was fresh
@@ -208,7 +208,7 @@ def test_a_failure_before_the_pivot_rolls_back_and_never_runs_a_retriable_step(
     with worker():
         res = shop.order.delay(order_id=4)
         with pytest.raises(SagaCompensated) as info:
-            res.get(timeout=60)
+            res.get(timeout=patience(60))
     # Then the saga rolled back as any saga does
     assert info.value.reason == "failure" and info.value.step == "piv.charge"
     assert effects(r, prefix) == [("do", "piv.reserve"), ("failed", "piv.charge"), ("undo", "piv.reserve")]
@@ -225,7 +225,7 @@ def test_cancel_before_the_pivot_rolls_back_and_after_it_changes_nothing(
         assert before.cancel() is True
         gates.open("reserve@1")
         with pytest.raises(SagaCompensated) as info:
-            before.get(timeout=60)
+            before.get(timeout=patience(60))
         assert info.value.reason == "cancelled"
         # Given a saga held after its pivot
         after = shop.order.delay(order_id=6, gates=["email@1"])
@@ -236,7 +236,7 @@ def test_cancel_before_the_pivot_rolls_back_and_after_it_changes_nothing(
         assert after.cancel() is False
         assert after.state() == state
         gates.open("email@1")
-        assert after.get(timeout=60)["picked"] == "yes"
+        assert after.get(timeout=patience(60))["picked"] == "yes"
     assert [e for e in entries(r, prefix) if e[0] == "undo" and e[2].startswith(after.id)] == []
 
 
@@ -248,7 +248,7 @@ def test_a_pivot_that_times_out_is_sent_again_and_its_outcome_decides(
         res = shop.order.delay(order_id=7, gates=["charge@1"])
         gates.wait_entered("charge@1")
         # When its deadline passes, then it is sent again (not compensated) and the second attempt completes it
-        assert res.get(timeout=60)["picked"] == "yes"
+        assert res.get(timeout=patience(60))["picked"] == "yes"
         # ... and the first attempt, ending late, changes nothing
         gates.open("charge@1")
         wait_for(lambda: len([e for e in entries(r, prefix) if e[1] == "piv.charge"]) == 2, 30, "the first attempt")
@@ -276,7 +276,7 @@ def test_the_saga_timeout_stops_applying_once_the_pivot_completed(
         # Then it still runs, and completes
         assert res.state().status is SagaStatus.RUNNING
         gates.open("email@1")
-        assert res.get(timeout=60)["picked"] == "yes"
+        assert res.get(timeout=patience(60))["picked"] == "yes"
 
 
 def test_parallel_retriable_steps_after_the_pivot_both_finish(
@@ -285,7 +285,7 @@ def test_parallel_retriable_steps_after_the_pivot_both_finish(
     r.hset(f"{prefix}:fails", mapping={"email": 2, "warehouse": 1})
     with worker():
         res = shop.fanout.delay(order_id=9)
-        assert res.get(timeout=60)["picked"] == "yes"
+        assert res.get(timeout=patience(60))["picked"] == "yes"
     state = res.state()
     assert state.step("piv.email").forward_retries == 2 and state.step("piv.warehouse").forward_retries == 1
 

@@ -22,14 +22,14 @@ from celery_saga import (
 )
 from celery_saga.stores import store_for
 from tests import shop
-from tests.helpers import Ledger, saga_keys, wait_for
+from tests.helpers import Ledger, patience, saga_keys, wait_for
 
 
 def test_sequential_happy_path_merges_dict_results_into_data(app: Celery, r, prefix, ledger: Ledger, worker) -> None:
     s = shop.build(app, r, prefix)
     with worker():
         res = s.sequential.delay(order_id=7)
-        data = res.get(timeout=20)
+        data = res.get(timeout=patience(20))
     assert data == {"order_id": 7, "reservation": "r-7", "payment": "p-7", "tracking": "t-7"}
     assert res.status is SagaStatus.COMPLETED and res.ready()
     # charge declared `reservation` and received what reserve returned.
@@ -59,7 +59,7 @@ def test_parallel_steps_see_the_same_data_and_merge_in_declaration_order(app: Ce
 
     saga = Saga("par", [parallel(left, right), after])
     with worker():
-        data = saga.delay(n=0).get(timeout=20)
+        data = saga.delay(n=0).get(timeout=patience(20))
     # Both saw n=0; the later-declared step wins the merge.
     assert data["n"] == 10
     assert data["seen"] == [["left", 1], ["n", 10], ["right", 1]]
@@ -81,7 +81,7 @@ def test_failure_at_each_position_compensates_completed_steps_in_reverse(
     with worker():
         res = s.sequential.delay(order_id=1, fail={failing: "boom"})
         with pytest.raises(SagaCompensated) as info:
-            res.get(timeout=20)
+            res.get(timeout=patience(20))
     assert info.value.step == f"shop.{failing}"
     assert "boom" in (info.value.error or "")
     assert info.value.reason == "failure"
@@ -118,7 +118,7 @@ def test_parallel_failure_waits_for_the_slow_sibling_before_earlier_stages(
         # When ship finishes, it is compensated first, then the earlier stages in reverse
         s.gates.open("ship")
         with pytest.raises(SagaCompensated):
-            res.get(timeout=20)
+            res.get(timeout=patience(20))
     undos = [a for a in ledger.actions() if a.startswith("undo")]
     assert undos == ["undo:shop.ship", "undo:shop.charge", "undo:shop.reserve"]
 
@@ -130,7 +130,7 @@ def test_queued_sibling_of_a_failed_step_never_runs(app: Celery, r, prefix, ledg
         # One thread: charge runs and fails while ship is still queued behind it.
         res = saga.delay(order_id=4, fail={"charge": "declined"})
         with pytest.raises(SagaCompensated):
-            res.get(timeout=20)
+            res.get(timeout=patience(20))
         # A plain task queued after ship runs after it: once it ran, ship's message was consumed.
         s.notify.delay("sentinel", tag="sentinel")
         wait_for(lambda: r.llen(f"{prefix}:callbacks"), what="the sentinel")
@@ -154,7 +154,7 @@ def test_compensate_on_failure_compensates_the_failed_step_itself(
         raise RuntimeError("half done")
 
     with worker(), pytest.raises(SagaCompensated):
-        Saga("cof", [s.reserve, hold]).delay(order_id=1).get(timeout=20)
+        Saga("cof", [s.reserve, hold]).delay(order_id=1).get(timeout=patience(20))
     assert [a for a in ledger.actions() if a.startswith("undo")] == ["undo:cof.hold", "undo:shop.reserve"]
     assert ledger.entries()[1][2] is None  # step_result of a failed step
 
@@ -174,7 +174,7 @@ def test_signature_bound_kwargs_override_saga_data_for_that_step_only(app: Celer
 
     saga = Saga("sig", [charge.s(currency="EUR"), audit])
     with worker():
-        saga.delay(amount=5, currency="GBP").get(timeout=20)
+        saga.delay(amount=5, currency="GBP").get(timeout=patience(20))
     assert seen == {"charge": (5, "EUR"), "audit": "GBP"}
 
 
@@ -189,7 +189,7 @@ def test_canvas_chain_and_group_become_stages(app: Celery, r, prefix, worker) ->
         ["shop.ship", "shop.receipt"],
     ]
     with worker():
-        assert saga.delay(order_id=2).get(timeout=20)["tracking"] == "t-2"
+        assert saga.delay(order_id=2).get(timeout=patience(20))["tracking"] == "t-2"
     # A group followed by a task is a chord: its header is one stage, its body the next.
     chorded = Saga("chord", [s.reserve, group(s.ship.s(), s.receipt.s()) | s.charge.s()])
     assert [[st.name for st in stage] for stage in chorded.plan().stages] == [
@@ -205,7 +205,7 @@ def test_one_task_twice_under_a_second_step_name(app: Celery, r, prefix, ledger:
     with worker():
         res = saga.delay(order_id=5, fail={"charge": "no"})
         with pytest.raises(SagaCompensated):
-            res.get(timeout=20)
+            res.get(timeout=patience(20))
     undos = [a for a in ledger.actions() if a.startswith("undo")]
     assert undos == ["undo:reserve_again", "undo:shop.reserve"]
 
@@ -234,7 +234,7 @@ def test_current_step_and_idempotency_keys(app: Celery, r, prefix, worker) -> No
         # Data the step does not take must not break its own retry.
         res = Saga("ctx", [first, second]).delay(unrelated="x")
         with pytest.raises(SagaCompensated):
-            res.get(timeout=20)
+            res.get(timeout=patience(20))
     try_1, try_2, comp = seen
     assert try_1 is not None and try_2 is not None and comp is not None
     assert try_1.idempotency_key == try_2.idempotency_key == f"{res.id}:ctx.first"  # type: ignore[attr-defined]
@@ -250,10 +250,12 @@ def test_step_task_outside_a_saga_behaves_as_before(app: Celery, r, prefix, ledg
     s = shop.build(app, r, prefix)
     assert s.reserve(order_id=1) == {"reservation": "r-1"}  # direct call
     with worker():
-        assert s.reserve.delay(order_id=2).get(timeout=10) == {"reservation": "r-2"}
-        assert chain(s.reserve.si(order_id=3), s.ship.si(order_id=3)).delay().get(timeout=10) == {"tracking": "t-3"}
+        assert s.reserve.delay(order_id=2).get(timeout=patience(10)) == {"reservation": "r-2"}
+        assert chain(s.reserve.si(order_id=3), s.ship.si(order_id=3)).delay().get(timeout=patience(10)) == {
+            "tracking": "t-3"
+        }
         with pytest.raises(RuntimeError, match="nope"):
-            s.reserve.delay(order_id=4, fail={"reserve": "nope"}).get(timeout=10)
+            s.reserve.delay(order_id=4, fail={"reserve": "nope"}).get(timeout=patience(10))
     # No saga context, no compensation, no record.
     assert ledger.actions() == ["do:-", "do:-", "do:-", "do:-"]
     assert not saga_keys(r, prefix)
@@ -293,7 +295,7 @@ def test_a_result_the_record_cannot_hold_is_an_unknown_outcome_compensated_blind
     with worker():
         res = Saga("badresult", [s.reserve, weird]).delay(order_id=1)
         with pytest.raises(SagaCompensated) as info:
-            res.get(timeout=20)
+            res.get(timeout=patience(20))
     # The error names the step, where in the result the value is, and its type.
     assert info.value.step == "bad.result" and info.value.reason == "failure"
     assert "step 'bad.result'" in (info.value.error or "") and "result.when is of type object" in info.value.error
@@ -313,7 +315,7 @@ def test_reject_without_requeue_is_a_failure(app: Celery, r, prefix, ledger: Led
         raise Reject("poison", requeue=False)
 
     with worker(), pytest.raises(SagaCompensated) as info:
-        Saga("reject", [s.reserve, rejecting]).delay(order_id=1).get(timeout=20)
+        Saga("reject", [s.reserve, rejecting]).delay(order_id=1).get(timeout=patience(20))
     assert info.value.step == "bad.reject"
     assert [a for a in ledger.actions() if a.startswith("undo")] == ["undo:shop.reserve"]
 
@@ -327,7 +329,7 @@ def test_revoked_step_is_a_failure(app: Celery, r, prefix, ledger: Ledger, worke
         app.control.revoke(f"{res.id}:shop.charge", reply=True, timeout=5)
         s.gates.open("reserve")
         with pytest.raises(SagaCompensated) as info:
-            res.get(timeout=20)
+            res.get(timeout=patience(20))
     assert info.value.step == "shop.charge"
     assert "revoked" in (info.value.error or "")
     assert [a for a in ledger.actions() if a.startswith("undo")] == ["undo:shop.reserve"]
@@ -351,7 +353,7 @@ def test_completed_sibling_is_compensated_at_once_while_another_still_runs(
         # And once charge finishes it is compensated, then the earlier stage
         s.gates.open("charge")
         with pytest.raises(SagaCompensated):
-            res.get(timeout=20)
+            res.get(timeout=patience(20))
     undone = [a for a in ledger.actions() if a.startswith("undo")]
     assert undone == ["undo:shop.ship", "undo:shop.charge", "undo:shop.reserve"]
 
@@ -362,7 +364,7 @@ def test_get_times_out_with_celerys_timeout_error(app: Celery, r, prefix) -> Non
     s = shop.build(app, r, prefix)
     res = s.sequential.delay(order_id=1)  # no worker runs
     with pytest.raises(CeleryTimeoutError, match="PENDING"):
-        res.get(timeout=0.3)
+        res.get(timeout=patience(0.3))
 
 
 def test_get_is_woken_when_the_saga_ends_not_by_polling(app: Celery, r, prefix, worker) -> None:
@@ -371,20 +373,20 @@ def test_get_is_woken_when_the_saga_ends_not_by_polling(app: Celery, r, prefix, 
         # Given waiters that would read the status only every 60 s
         first = s.sequential.delay(order_id=1)
         started = time.monotonic()
-        assert first.get(timeout=30, interval=60)["tracking"] == "t-1"
+        assert first.get(timeout=patience(30), interval=60)["tracking"] == "t-1"
         # Then each returns as its saga ends: the ending transition wakes it
         # (a poll every 60 s would return only at the 30 s timeout)
         assert time.monotonic() - started < 15
         # And again on the same thread, whose subscriber connection is reused
         second = s.sequential.delay(order_id=2)
         again = time.monotonic()
-        assert second.get(timeout=30, interval=60)["tracking"] == "t-2"
+        assert second.get(timeout=patience(30), interval=60)["tracking"] == "t-2"
         assert time.monotonic() - again < 15
         # And a rolled-back saga wakes its waiter too
         failing = s.sequential.delay(order_id=3, fail={"ship": "no"})
         rolled = time.monotonic()
         with pytest.raises(SagaCompensated):
-            failing.get(timeout=30, interval=60)
+            failing.get(timeout=patience(30), interval=60)
         assert time.monotonic() - rolled < 15
 
 
@@ -404,7 +406,7 @@ def test_a_stage_of_250_steps_passes_every_result_on_and_to_get(app: Celery, r, 
     wide = parallel(*[step(add.s(k=i), name=f"add{i:03d}", compensate=None) for i in range(n)])
     saga = Saga("wide", [wide, step(total, compensate=None)])
     with worker():
-        data = saga.delay(start=1).get(timeout=60)
+        data = saga.delay(start=1).get(timeout=patience(60))
     # Then the last step got every result, and get() returns them all
     assert data["total"] == sum(range(n))
     assert len([key for key in data if key.startswith("key")]) == n and data["start"] == 1
@@ -421,7 +423,7 @@ def test_the_end_message_carries_a_completed_sagas_data_unless_it_is_large(app: 
             notice = wait(30)
         # Then the message that woke it holds the saga's final data, as the record has it
         assert notice is not None and notice.status is SagaStatus.COMPLETED
-        assert notice.data == res.state().data == res.get(timeout=5)
+        assert notice.data == res.state().data == res.get(timeout=patience(5))
         assert notice.data["tracking"] == "t-1" and notice.data["note"] == "é"
 
         # Given a saga whose data is over the 64 KB the message carries
@@ -431,7 +433,7 @@ def test_the_end_message_carries_a_completed_sagas_data_unless_it_is_large(app: 
             notice = wait(30)
         # Then the message only says it completed, and get() reads the data from the record
         assert notice is not None and notice.status is SagaStatus.COMPLETED and notice.data is None
-        assert big.get(timeout=5)["blob"] == "x" * 70_000
+        assert big.get(timeout=patience(5))["blob"] == "x" * 70_000
 
         # And a rolled-back saga's message carries its status only
         undone_id = s.sequential.id_for("k3")
@@ -440,7 +442,7 @@ def test_the_end_message_carries_a_completed_sagas_data_unless_it_is_large(app: 
             notice = wait(30)
         assert notice is not None and notice.status is SagaStatus.COMPENSATED and notice.data is None
         with pytest.raises(SagaCompensated):
-            undone.get(timeout=5)
+            undone.get(timeout=patience(5))
 
 
 def test_steps_and_compensations_keep_their_own_queues(app: Celery, r, prefix, ns: str) -> None:
@@ -471,5 +473,5 @@ def test_steps_and_compensations_keep_their_own_queues(app: Celery, r, prefix, n
         thread_worker(app, queues=queues),
         pytest.raises(SagaCompensated),
     ):
-        saga.delay().get(timeout=20)
+        saga.delay().get(timeout=patience(20))
     assert routes == {"pay": f"q-{ns}-payments", "refund": f"q-{ns}-refunds"}

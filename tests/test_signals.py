@@ -12,6 +12,7 @@ from celery import Celery
 from celery_saga import SagaCompensated, SagaFailed, signals
 from celery_saga import saga_started as top_level_saga_started
 from tests import shop
+from tests.helpers import patience
 
 
 class Recorder:
@@ -49,7 +50,7 @@ def test_started_and_completed_are_sent_once(app: Celery, r, prefix, worker, rec
     s = shop.build(app, r, prefix)
     with worker():
         res = s.sequential.delay(order_id=1)
-        res.get(timeout=20)
+        res.get(timeout=patience(20))
     (started,) = recorder.of("saga_started", res.id)
     assert started["sender"] == "order_seq" and started["kwargs"] == {"order_id": 1}
     (completed,) = recorder.of("saga_completed", res.id)
@@ -68,7 +69,7 @@ def test_compensated_is_sent_once_with_the_failed_step(app: Celery, r, prefix, w
     with worker():
         res = s.sequential.delay(order_id=1, fail={"charge": "declined"})
         with pytest.raises(SagaCompensated):
-            res.get(timeout=20)
+            res.get(timeout=patience(20))
     (done,) = recorder.of("saga_compensated", res.id)
     assert done["failed_step"] == "shop.charge" and "declined" in done["error"]
     (attempt,) = recorder.of("compensation_failed", res.id)
@@ -83,7 +84,7 @@ def test_failed_and_each_failed_compensation_attempt(app: Celery, r, prefix, wor
     with worker():
         res = s.sequential.delay(order_id=1, fail={"charge": "declined"})
         with pytest.raises(SagaFailed):
-            res.get(timeout=20)
+            res.get(timeout=patience(20))
     attempts = recorder.of("compensation_failed", res.id)
     assert [(a["attempt"], a["gave_up"]) for a in attempts] == [(1, False), (2, True)]
     assert len({a["dedup_id"] for a in attempts}) == 2

@@ -21,7 +21,7 @@ from celery_saga.redis_server import free_port
 from celery_saga.stores import store_for
 from tests import shop
 from tests.conftest import configure
-from tests.helpers import Ledger, saga_keys, wait_for
+from tests.helpers import Ledger, patience, saga_keys, wait_for
 
 
 def _saga_keys(r: redis.Redis, prefix: str) -> list[str]:
@@ -41,7 +41,7 @@ def test_start_returns_at_once_and_a_saga_waits_pending_for_a_worker(
     assert r.pttl(f"{prefix}:{{{res.id}}}") == -1  # a running saga never expires
     assert ledger.actions() == []
     with worker():
-        assert res.get(timeout=20)["tracking"] == "t-1"
+        assert res.get(timeout=patience(20))["tracking"] == "t-1"
     # A handle made later, from the id alone, sees the same saga.
     assert SagaResult(res.id, app=app).status is SagaStatus.COMPLETED
 
@@ -62,7 +62,7 @@ def test_idempotent_start_with_ten_threads_racing_for_one_key(app: Celery, r, pr
         t.join()
     assert len(ids) == 10 and len(set(ids)) == 1
     with worker():
-        SagaResult(ids[0], app=app).get(timeout=20)
+        SagaResult(ids[0], app=app).get(timeout=patience(20))
         # The same key and kwargs after the end still give the same saga, whatever its status.
         again = s.sequential.apply_async(kwargs={"order_id": 9}, idempotency_key="order-9")
         assert again.id == ids[0] and again.status is SagaStatus.COMPLETED
@@ -130,7 +130,7 @@ def test_failed_publish_marks_the_saga_failed_and_releases_its_key(
     with worker():
         res = s.sequential.apply_async(kwargs={"order_id": 1}, idempotency_key="retry-me")
         assert res.id == saga_id
-        assert res.get(timeout=20)["tracking"] == "t-1"
+        assert res.get(timeout=patience(20))["tracking"] == "t-1"
 
 
 def test_unknown_saga_id_raises_not_found(app: Celery) -> None:
@@ -140,7 +140,7 @@ def test_unknown_saga_id_raises_not_found(app: Celery) -> None:
     with pytest.raises(SagaNotFound):
         res.state()
     with pytest.raises(SagaNotFound):
-        res.get(timeout=1)
+        res.get(timeout=patience(1))
 
 
 def test_finished_sagas_expire_after_retention_and_are_indexed(app: Celery, r, prefix, worker) -> None:
@@ -148,7 +148,7 @@ def test_finished_sagas_expire_after_retention_and_are_indexed(app: Celery, r, p
     s = shop.build(app, r, prefix)
     with worker():
         res = s.sequential.delay(order_id=1)
-        res.get(timeout=20)
+        res.get(timeout=patience(20))
     store = store_for(app)
     assert res.id in store.list_ids(SagaStatus.COMPLETED, name="order_seq")
     assert res.id not in store.list_ids(SagaStatus.RUNNING)
@@ -170,7 +170,7 @@ def test_status_indexes_follow_the_saga_without_a_scan(app: Celery, r, prefix, w
         assert store.list_ids(SagaStatus.RUNNING) == [res.id]
         assert store.list_ids(SagaStatus.PENDING) == []
         s.gates.open("validate")
-        res.get(timeout=20)
+        res.get(timeout=patience(20))
     assert store.list_ids(SagaStatus.RUNNING) == []
     assert store.list_ids(SagaStatus.COMPLETED, name="order_seq") == [res.id]
     assert store.counts()["order_seq"]["COMPLETED"] == 1
@@ -186,13 +186,13 @@ def test_scripts_forgotten_by_redis_are_loaded_again(app: Celery, r, prefix, wor
         s = shop.build(app, r, prefix)
         private = redis.Redis.from_url(store_server.url)
         with worker():
-            s.sequential.delay(order_id=1).get(timeout=20)
+            s.sequential.delay(order_id=1).get(timeout=patience(20))
             # Given Redis forgot its scripts (a restart), then learnt only the
             # transitions again, so a pipelined start finds one of two missing
             private.script_flush()
             private.script_load(resources.files("celery_saga.store").joinpath("transitions.lua").read_text())
             # Then starts and steps still work, and nothing runs twice
             res = s.sequential.delay(order_id=2)
-            assert res.get(timeout=20)["tracking"] == "t-2"
+            assert res.get(timeout=patience(20))["tracking"] == "t-2"
         assert res.state().step("shop.validate").attempts == 1
         private.close()

@@ -22,6 +22,7 @@ from celery_saga.testing import (
     isolated_settings,
     thread_worker,
 )
+from tests.helpers import patience
 
 pytest_plugins = ["pytester", "celery_saga.testing"]
 
@@ -281,7 +282,7 @@ def test_a_worker_that_cannot_stop_in_time_does_not_stop_the_next_one(
     class SlowToStop(bootsteps.StartStopStep):
         # start_worker ends its worker by terminating it, not stopping it
         def terminate(self, worker: Any) -> None:
-            release.wait(60)
+            release.wait(patience(60))
 
     slow = Celery(f"slow-{saga_prefix}", set_as_current=False)
     slow.steps["worker"].add(SlowToStop)

@@ -34,7 +34,7 @@ from celery_saga import (
 from celery_saga.stores import store_for
 from celery_saga.worker.bootstep import configuration_warnings
 from tests import timed_shop
-from tests.helpers import finished, store_now, wait_for
+from tests.helpers import finished, patience, store_now, wait_for
 
 
 @pytest.fixture
@@ -117,7 +117,7 @@ def test_deadlines_are_in_the_record_and_the_saga_in_the_deadline_index(app: Cel
 def test_a_completed_saga_leaves_the_deadline_index(app: Celery, shop: Any, worker) -> None:
     with worker():
         res = Saga("quick", [shop.reserve, shop.last]).delay(qty=1)
-        assert res.get(timeout=10)["timed.last_qty"] == 1
+        assert res.get(timeout=patience(10))["timed.last_qty"] == 1
     assert store_for(app).watched(res.id) is None  # type: ignore[attr-defined]
 
 
@@ -134,7 +134,7 @@ def test_hung_step_is_compensated_blind_then_again_with_its_late_result(app: Cel
         # Then it is timed out with an unknown outcome, and compensated blind
         # (step_result=None, result not known), then the step before it
         with pytest.raises(SagaCompensated) as info:
-            res.get(timeout=15)
+            res.get(timeout=patience(15))
         assert info.value.reason == "timeout" and info.value.step == "timed.hang"
         state = res.state()
         hung = state.step("timed.hang")
@@ -194,7 +194,7 @@ def test_saga_timeout_times_out_everything_in_flight(app: Celery, shop: Any, wor
     with worker():
         res = saga.delay(qty=2, gates=["hang"])
         with pytest.raises(SagaCompensated) as info:
-            res.get(timeout=15)
+            res.get(timeout=patience(15))
         assert info.value.reason == "timeout" and info.value.step == "timed.hang"
         assert "saga did not finish within 1s" in (info.value.error or "")
         shop.open_gate("hang")  # the late success gets its second round
@@ -222,7 +222,7 @@ def test_retry_countdown_past_the_deadline_times_out(app: Celery, shop: Any, wor
     with worker():
         res = saga.delay(qty=1, countdown=5)
         with pytest.raises(SagaCompensated) as info:
-            res.get(timeout=15)
+            res.get(timeout=patience(15))
     assert info.value.reason == "timeout"
     # It ran once and then waited for its retry: its outcome is unknown.
     assert [e for e in shop.ledger_entries() if e[0] == "try"] == [["try", "timed.retrying"]]
@@ -247,7 +247,7 @@ def test_a_step_whose_message_expired_never_ran_and_timed_out(app: Celery, shop:
     # When a worker receives the expired message,
     # then the step never runs: it is a timeout, not a failure
     with worker(), pytest.raises(SagaCompensated) as info:
-        res.get(timeout=15)
+        res.get(timeout=patience(15))
     signals.task_revoked.disconnect(on_revoked)
     assert info.value.reason == "timeout"
     assert dropped == [f"{res.id}:timed.reserve"]  # Celery dropped it as expired
@@ -303,7 +303,7 @@ def test_cancel_a_running_saga_and_a_finished_one(app: Celery, shop: Any, worker
         assert res.cancel() is True
 
         with pytest.raises(SagaCompensated) as info:
-            res.get(timeout=15)
+            res.get(timeout=patience(15))
         assert info.value.reason == "cancelled" and info.value.step == "timed.hang"
         state = res.state()
         assert state.step("timed.hang").status is StepStatus.UNKNOWN
@@ -312,7 +312,7 @@ def test_cancel_a_running_saga_and_a_finished_one(app: Celery, shop: Any, worker
         assert res.cancel() is False  # finished
 
         done = Saga("done", [shop.reserve]).delay(qty=1)
-        done.get(timeout=10)
+        done.get(timeout=patience(10))
         assert done.cancel() is False
         assert done.status is SagaStatus.COMPLETED
         shop.open_gate("hang")
@@ -349,7 +349,7 @@ def test_compensation_attempt_past_its_deadline_counts_as_failed(app: Celery, sh
         # The second step fails; the first step's compensation hangs past its 0.5 s deadline, twice
         res = saga.delay(qty=1, gates=["undo-timed.reserve"], fail_late=True)
         with pytest.raises(Exception, match="gave up"):
-            res.get(timeout=20)
+            res.get(timeout=patience(20))
         for _ in range(2):
             shop.open_gate("undo-timed.reserve")
     state = res.state()
@@ -383,7 +383,7 @@ def test_lost_compensation_message_is_sent_again_after_its_deadline(
         res = saga.delay(qty=1, fail_late=True)
         # Then its deadline passes, the attempt counts as failed, and it is sent again
         with pytest.raises(SagaCompensated):
-            res.get(timeout=20)
+            res.get(timeout=patience(20))
     first = res.state().step("timed.reserve")
     assert first.compensation_status is CompensationStatus.COMPENSATED
     assert first.compensation_attempts == 2
@@ -430,7 +430,7 @@ def test_racing_sweepers_send_each_compensation_once(
         finally:
             stop.set()
             for t in threads:
-                t.join(10)
+                t.join(patience(10))
     # Then each compensation was sent exactly once
     assert not errors
     for res in results:

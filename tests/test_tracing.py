@@ -15,7 +15,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from celery_saga import SagaCompensated, StepStatus
 from celery_saga.tracing import _span_id_of, trace_id_of
 from tests import shop
-from tests.helpers import Gates, wait_for
+from tests.helpers import Gates, patience, wait_for
 
 
 @pytest.fixture
@@ -42,7 +42,7 @@ def test_every_step_and_compensation_of_a_saga_is_in_one_trace_even_when_a_sweep
     with worker():
         res = s.sequential.delay(order_id=1, gates=["ship"])
         with pytest.raises(SagaCompensated):
-            res.get(timeout=30)
+            res.get(timeout=patience(30))
         gates.open("ship")
         state = res.state()
         assert state.reason == "timeout" and state.step("shop.ship").status is StepStatus.UNKNOWN

@@ -34,7 +34,7 @@ from celery_saga import (
     wait_for,
 )
 from celery_saga.views import saga_text
-from tests.helpers import Gates
+from tests.helpers import Gates, patience
 from tests.helpers import wait_for as wait_until
 
 
@@ -105,7 +105,7 @@ def test_an_event_delivered_during_the_wait_lets_the_saga_go_on_with_its_data(
             assert res.status is SagaStatus.RUNNING and [e[:2] for e in effects(r, prefix)] == [["do", "w.reserve"]]
             # When the approval arrives, with data
             assert res.signal("approval", {"approved_by": "ann"}) is True
-            data = res.get(timeout=30)
+            data = res.get(timeout=patience(30))
             # Then the saga went on: the data reached the next step and the saga data
             assert data["approved_by"] == "ann"
             assert effects(r, prefix) == [["do", "w.reserve"], ["do", "w.pay", "ann"]]
@@ -136,7 +136,7 @@ def test_an_event_delivered_before_the_saga_reaches_its_wait_is_kept_until_it_do
         assert res.state().step("wait:approval").status is StepStatus.WAITING
         # Then, once the first step finishes, the saga goes through its wait at once, with the first data
         gates.open("reserve")
-        assert res.get(timeout=30)["approved_by"] == "cy"
+        assert res.get(timeout=patience(30))["approved_by"] == "cy"
     assert effects(r, prefix) == [["do", "w.reserve"], ["do", "w.pay", "cy"]]
 
 
@@ -148,7 +148,7 @@ def test_the_reject_event_rolls_the_saga_back_with_its_data_in_the_error(
         wait_until(lambda: waiting(res, "approval"), what="the saga to reach its wait")
         assert res.signal("denied", {"why": "over budget"}) is True
         with pytest.raises(SagaCompensated) as info:
-            res.get(timeout=30)
+            res.get(timeout=patience(30))
         # ... and the approval, arriving after, is refused
         assert res.signal("approval") is False
     assert info.value.reason == "rejected" and info.value.step == "wait:approval"
@@ -162,7 +162,7 @@ def test_a_wait_whose_deadline_passes_rolls_back_as_a_step_would(
     with worker():
         res = shop.hasty.delay(order_id=4)
         with pytest.raises(SagaCompensated) as info:
-            res.get(timeout=30)
+            res.get(timeout=patience(30))
         assert res.signal("approval") is False
     assert info.value.reason == "timeout" and info.value.step == "wait:approval"
     assert info.value.error == "timeout: event approval did not come within 1s"
@@ -179,11 +179,11 @@ def test_a_wait_holds_no_worker(shop: SimpleNamespace, r: redis.Redis, prefix: s
         other = shop.side.delay(order_id=20)
         wait_until(lambda: waiting(other, "confirm"), what="the parallel wait")
         assert other.signal("confirm") is True
-        assert other.get(timeout=30)["paid"] is True
+        assert other.get(timeout=patience(30))["paid"] is True
         assert all(res.status is SagaStatus.RUNNING for res in waiting_sagas)
         for res in waiting_sagas:
             res.signal("approval", {"approved_by": "eve"})
-        assert all(res.get(timeout=30)["approved_by"] == "eve" for res in waiting_sagas)
+        assert all(res.get(timeout=patience(30))["approved_by"] == "eve" for res in waiting_sagas)
 
 
 def test_a_wait_after_the_pivot_that_times_out_ends_the_saga_failed(
@@ -192,7 +192,7 @@ def test_a_wait_after_the_pivot_that_times_out_ends_the_saga_failed(
     with worker():
         res = shop.late.delay(order_id=5)
         with pytest.raises(SagaFailed) as info:
-            res.get(timeout=30)
+            res.get(timeout=patience(30))
     assert info.value.reason == "timeout" and info.value.step == "wait:delivered"
     # Nothing was rolled back: the saga was past its point of no return
     assert [e[0] for e in effects(r, prefix)] == ["do", "do"]
@@ -241,5 +241,5 @@ def test_an_accepted_event_is_a_task_saga_event_where_events_are_on(app: Celery,
 def _drained(connection: Any) -> bool:
     """Handle the events that came within 0.2 s; False, so a wait_for keeps polling."""
     with contextlib.suppress(TimeoutError):
-        connection.drain_events(timeout=0.2)
+        connection.drain_events(timeout=patience(0.2))
     return False

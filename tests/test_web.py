@@ -29,7 +29,7 @@ from celery_saga import SagaCompensated, SagaFailed, SagaResult, SagaStatus
 from celery_saga.views import state_json
 from celery_saga.web import WebSettings, make_app
 from tests import shop
-from tests.helpers import Gates, wait_for
+from tests.helpers import Gates, patience, wait_for
 
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -64,13 +64,13 @@ def web_server(app: Celery, settings: WebSettings | None = None) -> Iterator[str
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
-    started.wait(10)
+    started.wait(patience(10))
     prefix = settings.url_prefix if settings else ""
     try:
         yield f"http://127.0.0.1:{port}{prefix}"
     finally:
         holder["loop"].call_soon_threadsafe(holder["loop"].stop)
-        thread.join(10)
+        thread.join(patience(10))
 
 
 @pytest.fixture
@@ -102,7 +102,7 @@ def get(url: str, auth: str | None = None) -> tuple[int, str]:
     if auth:
         request.add_header("Authorization", "Basic " + base64.b64encode(auth.encode()).decode())
     try:
-        with urllib.request.urlopen(request, timeout=10) as response:
+        with urllib.request.urlopen(request, timeout=patience(10)) as response:
             return response.status, response.read().decode()
     except urllib.error.HTTPError as exc:
         with exc:
@@ -140,13 +140,13 @@ def test_the_list_shows_every_status_and_search_finds_a_saga(
     with worker():
         # Given a completed, a compensated, a failed and a running saga
         done = sagas.sequential.apply_async(kwargs={"order_id": 1}, idempotency_key="order-1")
-        done.get(timeout=30)
+        done.get(timeout=patience(30))
         undone = sagas.sequential.delay(order_id=2, fail={"charge": "card declined"})
         with pytest.raises(SagaCompensated):
-            undone.get(timeout=30)
+            undone.get(timeout=patience(30))
         failed = sagas.sequential.delay(order_id=3, fail={"ship": "no truck"})
         with pytest.raises(SagaFailed):
-            failed.get(timeout=30)
+            failed.get(timeout=patience(30))
         running = sagas.mixed.delay(order_id=4, gates=["ship"])
         gates.wait_entered("ship")
         try:
@@ -189,7 +189,7 @@ def test_the_list_shows_every_status_and_search_finds_a_saga(
                 assert shown == [failed.id]
         finally:
             gates.open("ship")
-            running.get(timeout=30)
+            running.get(timeout=patience(30))
 
 
 @needs_browser
@@ -202,7 +202,7 @@ def test_a_compensated_saga_page_shows_steps_then_compensations_in_undo_order(
         # Given a saga whose shipping failed after stock and payment were taken
         res = sagas.sequential.delay(order_id=5, fail={"ship": "the truck broke down"})
         with pytest.raises(SagaCompensated):
-            res.get(timeout=30)
+            res.get(timeout=patience(30))
         with web_server(app, WebSettings(flower_url="http://flower.example:5555")) as base:
             browser.get(f"{base}/saga/{res.id}")
             browser.save_screenshot(str(artifacts / "saga-page.png"))
@@ -268,7 +268,7 @@ def test_a_running_saga_page_updates_by_itself_and_actions_cancel_it(
             # A POST without the token is refused
             request = urllib.request.Request(f"{base}/saga/{first.id}/purge", data=b"", method="POST")
             with pytest.raises(urllib.error.HTTPError) as refused:
-                urllib.request.urlopen(request, timeout=10)
+                urllib.request.urlopen(request, timeout=patience(10))
             refused.value.close()
             assert refused.value.code == 403
             assert second.state().status is SagaStatus.COMPENSATED
@@ -277,7 +277,7 @@ def test_a_running_saga_page_updates_by_itself_and_actions_cancel_it(
 def test_basic_auth_refuses_every_route_without_credentials(app: Celery, r, prefix, worker, sagas) -> None:
     with worker():
         res = sagas.sequential.delay(order_id=8)
-        res.get(timeout=30)
+        res.get(timeout=patience(30))
     settings = WebSettings(basic_auth=["ops:s3cret"], enable_actions=True)
     with web_server(app, settings) as base:
         for path in ("/", f"/saga/{res.id}", "/api/sagas", f"/api/sagas/{res.id}", "/metrics"):
@@ -287,7 +287,7 @@ def test_basic_auth_refuses_every_route_without_credentials(app: Celery, r, pref
         # And a POST action without credentials is refused before anything happens
         request = urllib.request.Request(f"{base}/saga/{res.id}/purge", data=b"", method="POST")
         with pytest.raises(urllib.error.HTTPError) as refused:
-            urllib.request.urlopen(request, timeout=10)
+            urllib.request.urlopen(request, timeout=patience(10))
         refused.value.close()
         assert refused.value.code in (401, 403)
         assert res.state().status is SagaStatus.COMPLETED
@@ -298,7 +298,7 @@ def test_the_api_is_the_json_of_the_cli_and_actions_are_off_by_default(app: Cele
 
     with worker():
         res = sagas.sequential.delay(order_id=9)
-        res.get(timeout=30)
+        res.get(timeout=patience(30))
     with web_server(app, WebSettings(url_prefix="/sagas/")) as base:
         status, body = get(f"{base}/api/sagas/{res.id}")
         assert status == 200 and json.loads(body) == json.loads(json.dumps(state_json(res.state()), default=str))
@@ -318,7 +318,7 @@ def test_the_list_is_newest_first_and_paged(app: Celery, r, prefix, worker, saga
         done = []
         for order_id in (10, 11, 12):
             res = sagas.sequential.delay(order_id=order_id)
-            res.get(timeout=30)
+            res.get(timeout=patience(30))
             done.append(res.id)
     with web_server(app, WebSettings(page_size=2)) as base:
         first = get(base + "/")[1]
@@ -340,10 +340,10 @@ def test_pages_of_every_shape_render_a_pivot_a_wait_and_child_sagas(app: Celery,
     trips, waits = test_nested.build(app, r, prefix), test_waits.build(app, r, prefix)
     with worker():
         trip = trips.trip.delay(trip="w1")
-        trip.get(timeout=30)
+        trip.get(timeout=patience(30))
         late = waits.late.delay(order_id=1)  # past its pivot, its wait times out: FAILED
         with pytest.raises(SagaFailed):
-            late.get(timeout=30)
+            late.get(timeout=patience(30))
         waiting = waits.refund.delay(order_id=2)
         wait_for(lambda: waiting.state().step("wait:approval").status.value == "DISPATCHED")
     with web_server(app) as base:

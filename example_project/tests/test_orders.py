@@ -22,6 +22,7 @@ from example_project.app import app
 from example_project.orders import place_order
 from example_project.payments import CONFIRM_CARD, DECLINED_CARD
 from example_project.shipping import SHIPPING_TIMEOUT, SLOW_ADDRESS
+from tests.helpers import patience
 
 pytest_plugins = ["celery_saga.testing"]
 
@@ -42,7 +43,7 @@ def saga_app() -> Celery:
 def shop_ledger(saga_redis_url: str, saga_prefix: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     # The ledger reads REDIS_URL and the demo prefix once, at import: point it
     # at the test Redis and this test's prefix, where saga_test_app cleans up.
-    client = redis.Redis.from_url(saga_redis_url, decode_responses=True, socket_timeout=120)
+    client = redis.Redis.from_url(saga_redis_url, decode_responses=True, socket_timeout=patience(120))
     monkeypatch.setattr(ledger, "_client", client)
     monkeypatch.setattr(ledger, "PREFIX", saga_prefix)
     yield

@@ -23,7 +23,7 @@ import redis
 from celery_saga import Saga, SagaStatus, SagaStoreUnavailable
 from celery_saga.stores import store_for
 from tests.deployments import SentinelGroup
-from tests.helpers import wait_for
+from tests.helpers import patience, wait_for
 from tests.subprocs import ROOT, Procs, proc_env
 
 #: What a worker logs when it lets a message go without running it as asked.
@@ -86,7 +86,7 @@ def test_a_forced_failover_loses_no_saga_and_no_effect(
         if i == 100:
             failover.start()
         results.append(_start(saga, f"fo-{i}", **data))
-    failover.join(60)
+    failover.join(patience(60))
 
     # Then, once the old primary follows the new one, every saga has ended,
     # COMPLETED or COMPENSATED, as its data says
@@ -138,7 +138,7 @@ def test_a_start_killed_between_record_and_publish_completes_when_retried(
     # When it is started again with the same key, and a worker runs
     procs.worker()
     # Then it completes
-    assert res.get(timeout=30)["tracking"] == "t-6-p-6-r-6"
+    assert res.get(timeout=patience(30))["tracking"] == "t-6-p-6-r-6"
 
 
 def test_a_callback_whose_sender_died_is_sent_by_a_sweeper(

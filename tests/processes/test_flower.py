@@ -25,6 +25,7 @@ import pytest
 
 from celery_saga import SagaCompensated
 from tests import subprocs
+from tests.helpers import patience
 from tests.subprocs import ROOT, Subprocs
 
 # Flower 2.2 logs "Visit me at http://127.0.0.1:<port>" once it listens.
@@ -57,7 +58,7 @@ class FlowerAPI:
         if params:
             url += "?" + urllib.parse.urlencode(params)
         try:
-            with urllib.request.urlopen(url, timeout=5) as response:
+            with urllib.request.urlopen(url, timeout=patience(5)) as response:
                 return response.status, response.read()
         except urllib.error.HTTPError as exc:
             with exc:
@@ -118,7 +119,7 @@ def test_flower_finds_saga_steps_and_compensations_by_saga_id(env, procs, shop, 
     # When a saga's last step fails, so the two before it are compensated
     res = shop.sequential.delay(order_id=11, fail={"proc.three": "out of stock"})
     with pytest.raises(SagaCompensated):
-        res.get(timeout=30)
+        res.get(timeout=patience(30))
     saga_id = res.id
 
     # Then a search for the saga id finds every step and compensation, with
@@ -188,7 +189,7 @@ def test_redacted_keys_never_reach_flower_or_show_while_the_task_gets_them(env, 
     # When the saga runs, and is rolled back after the payment (its compensation gets it too)
     res = shop.secret.delay(order_id=5, card_number=card, fail={"proc.three": "no stock"})
     with pytest.raises(SagaCompensated):
-        res.get(timeout=30)
+        res.get(timeout=patience(30))
 
     # Then the payment step received the real number
     assert ["paid", "proc.pay", card] in shop.entries("ledger")

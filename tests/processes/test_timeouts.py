@@ -26,7 +26,7 @@ import pytest
 
 from celery_saga import CompensationStatus, Saga, SagaCompensated, SagaResult, SagaStatus, StepStatus, step
 from celery_saga.messages import task_id
-from tests.helpers import drained, finished, queue_key, store_now, unacked, wait_for
+from tests.helpers import drained, finished, patience, queue_key, store_now, unacked, wait_for
 
 Popen = subprocess.Popen[bytes]
 
@@ -63,7 +63,7 @@ def test_hung_step_is_compensated_blind_then_again_with_its_late_result(env, pro
     # compensated blind (step_result None, result not known), then the step
     # before it with its real result; the saga ends COMPENSATED by timeout
     with pytest.raises(SagaCompensated) as info:
-        res.get(timeout=30)
+        res.get(timeout=patience(30))
     assert info.value.reason == "timeout" and info.value.step == "proc.t.hang"
     assert "timeout: step proc.t.hang had no outcome 2s" in (info.value.error or "")
     state = res.state()
@@ -190,7 +190,7 @@ def test_worker_killed_mid_step_acks_late_is_redelivered_and_completes(env, proc
     shop.open_gate("proc.t.hang_acked")
 
     # Then the saga completes: the redelivered copy ran the step, once
-    data = res.get(timeout=30)
+    data = res.get(timeout=patience(30))
     assert data["proc.t.hang_acked_qty"] == 2
     state = res.state()
     acked = state.step("proc.t.hang_acked")
@@ -254,7 +254,7 @@ def test_pool_child_killed_with_reject_on_worker_lost_reruns_the_step(env, procs
 
     # Then Celery requeues the message (WorkerLostError is not a failure here),
     # the step stays RUNNING, and the redelivered copy runs it to completion
-    data = res.get(timeout=30)
+    data = res.get(timeout=patience(30))
     assert data["proc.t.requeue_qty"] == 1
     state = res.state()
     requeued = state.step("proc.t.requeue")
@@ -365,7 +365,7 @@ def test_cancel_a_running_saga_and_a_finished_one(env, procs, shop, r) -> None:
     # Then the running step's outcome is unknown: it is compensated blind, the
     # first step with its result, and the last step never runs
     with pytest.raises(SagaCompensated) as info:
-        res.get(timeout=30)
+        res.get(timeout=patience(30))
     assert info.value.reason == "cancelled" and info.value.step == "proc.t.hang"
     state = res.state()
     hang = state.step("proc.t.hang")
@@ -381,7 +381,7 @@ def test_cancel_a_running_saga_and_a_finished_one(env, procs, shop, r) -> None:
 
     # Given a saga that completed
     done = Saga("t_done", [shop.t_reserve, shop.t_last]).delay(qty=5)
-    assert done.get(timeout=30)["proc.t.last_qty"] == 5
+    assert done.get(timeout=patience(30))["proc.t.last_qty"] == 5
 
     # When it is cancelled, then nothing happens
     assert done.cancel() is False
@@ -424,7 +424,7 @@ def test_sagas_started_with_no_worker_complete_or_time_out_when_one_starts(env, 
 
     # Then the first completes, and the second is rolled back by the deadline
     # (its step never ran, so nothing is compensated)
-    assert waits.get(timeout=30)["proc.t.last_qty"] == 1
+    assert waits.get(timeout=patience(30))["proc.t.last_qty"] == 1
     assert finished(expires) is SagaStatus.COMPENSATED
     state = expires.state()
     assert state.reason == "timeout" and state.failed_step == "proc.t.reserve"

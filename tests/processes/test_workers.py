@@ -15,7 +15,7 @@ import pytest
 import redis
 
 from celery_saga import SagaCompensated, SagaResult, SagaStatus
-from tests.helpers import Ledger, drained, finished, kombu_prefix, wait_for
+from tests.helpers import Ledger, drained, finished, kombu_prefix, patience, wait_for
 
 
 def _failures(r: redis.Redis, prefix: str) -> list[list[Any]]:
@@ -28,7 +28,7 @@ def test_prefork_worker_happy_and_compensated(env, procs, shop, r) -> None:
 
     # Happy path: the results of each stage flow into the next one.
     ok = shop.sequential.delay(order_id=7)
-    data = ok.get(timeout=30)
+    data = ok.get(timeout=patience(30))
     assert data["reservation"] == "r-7"
     assert data["payment"] == "p-7-r-7"
     assert data["tracking"] == "t-7-p-7-r-7"
@@ -37,7 +37,7 @@ def test_prefork_worker_happy_and_compensated(env, procs, shop, r) -> None:
     # Failure of the last step: the earlier ones are undone, latest first.
     bad = shop.sequential.delay(order_id=8, fail={"proc.three": "out of stock"})
     with pytest.raises(SagaCompensated) as info:
-        bad.get(timeout=30)
+        bad.get(timeout=patience(30))
     assert info.value.step == "proc.three"
     assert info.value.error == "RuntimeError: out of stock"
     entries = ledger.entries()[3:]
@@ -75,7 +75,7 @@ def test_worker_killed_between_record_and_publish(env, procs, shop, r) -> None:
     # When a new worker starts, kombu restores step 1's message after the
     # visibility timeout; its begin finds the outcome recorded and re-drives.
     procs.worker(visibility=2)
-    data = res.get(timeout=40)
+    data = res.get(timeout=patience(40))
 
     # Then the saga completes, and step 1's function ran exactly once.
     assert data["tracking"] == "t-3-p-3-r-3"
@@ -96,7 +96,7 @@ def test_saga_started_with_no_worker_completes_when_one_starts(env, procs, shop,
 
     # When a worker starts, it completes
     procs.worker()
-    assert res.get(timeout=30)["tracking"] == "t-5-p-5-r-5"
+    assert res.get(timeout=patience(30))["tracking"] == "t-5-p-5-r-5"
     assert Ledger(r, f"{env.prefix}:ledger").actions() == ["do:proc.one", "do:proc.two", "do:proc.three"]
 
 
@@ -180,7 +180,7 @@ def test_a_worker_killed_while_a_child_saga_runs_leaves_the_trip_to_complete(env
     # When another worker takes over (the dead one's message comes back after its visibility timeout)
     procs.worker(visibility=2)
     # Then the child saga completes, and with it the parent, each step's function run once
-    data = res.get(timeout=40)
+    data = res.get(timeout=patience(40))
     assert data["tracking"] == "t-9-p-9-r-9"
     assert ledger.actions() == ["do:proc.one", "do:proc.two", "crash:proc.three", "do:proc.three"]
     inner = SagaResult(f"{res.id}:proc_inner", app=shop.app).state()
@@ -194,7 +194,7 @@ def test_a_pool_child_killed_in_a_child_saga_rolls_back_the_child_then_the_paren
     res = shop.nested_dies.delay(order_id=10, die_in="proc.die")
     # Then the child rolls back (the lost step blind, then the one before it), and the parent undoes its own step
     with pytest.raises(SagaCompensated) as info:
-        res.get(timeout=40)
+        res.get(timeout=patience(40))
     assert info.value.step == "proc_inner_die" and "WorkerLostError" in (info.value.error or "")
     inner = SagaResult(f"{res.id}:proc_inner_die", app=shop.app).state()
     assert (inner.status, inner.failed_step) == (SagaStatus.COMPENSATED, "proc.die")
@@ -214,7 +214,7 @@ def test_a_pool_child_killed_in_a_step_past_the_pivot_is_sent_again_not_compensa
     # When the pool child of a step after the pivot is SIGKILLed mid-step (once)
     res = shop.pivoted.delay(order_id=11, die_in="proc.die")
     # Then the step is sent again, runs, and the saga completes: nothing is undone
-    data = res.get(timeout=40)
+    data = res.get(timeout=patience(40))
     assert data["tracking"] == "t-11-p-11-r-11"
     assert [e[:2] for e in ledger.entries()] == [
         ["do", "proc.one"],
