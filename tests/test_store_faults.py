@@ -1,7 +1,8 @@
-"""What the saga store's Redis does to sagas: full memory, a read-only primary, lost writes, resets, least privilege.
+"""What the saga store's Redis does to sagas: full memory, a read-only primary, lost writes, resets, warnings.
 
 Each test runs its saga store on a ``redis-server`` of its own (the broker
-stays the shared Redis), so it can fill, demote, restart or restrict it.
+stays the shared Redis), so it can fill, demote or restart it. The
+least-privilege ACL is tested in ``test_acl.py``.
 """
 
 from __future__ import annotations
@@ -18,11 +19,9 @@ from celery import Celery
 
 from celery_saga import (
     Saga,
-    SagaCompensated,
     SagaDefinitionError,
     SagaNotFound,
     SagaStatus,
-    SagaStoreMisconfigured,
     SagaStoreUnavailable,
     StepStatus,
     saga_stats,
@@ -180,69 +179,6 @@ def test_a_store_reset_is_logged_once_and_get_says_so(
         stats = saga_stats(app)
         assert stats.lost_in_reset == len(held) == stats.to_json()["lost_in_reset"]
     assert sum("was reset" in m for m in caplog.messages) == 1
-
-
-ACL_COMMANDS = (
-    "ping evalsha script|load time hget hgetall hmget hset hsetnx hdel hincrby del pexpire persist "
-    "zadd zrem zscore zcount zrangebyscore zrevrangebyscore zremrangebyscore sadd smembers "
-    "get set publish subscribe"
-)
-
-
-def _saga_user(server: RedisServer, prefix: str, commands: str) -> str:
-    """A Redis user that may only touch the prefix's keys with ``commands``; its URL."""
-    rules = [
-        "reset",
-        "on",
-        ">saga-pw",
-        f"~{prefix}:{{*",
-        "resetchannels",
-        f"&{prefix}:{{*",
-        "-@all",
-        *(f"+{c}" for c in commands.split()),
-    ]
-    with _client(server) as admin:
-        admin.execute_command("ACL", "SETUSER", "saga", *rules)
-    return f"redis://saga:saga-pw@127.0.0.1:{server.port}/0"
-
-
-def test_the_documented_acl_is_enough_and_a_missing_command_is_named(
-    app: Celery, store_server: RedisServer, r: redis.Redis, prefix: str, ledger: Ledger, worker: Any
-) -> None:
-    # Given a saga user restricted to the documented key pattern and commands
-    app.conf.saga_redis_url = _saga_user(store_server, prefix, ACL_COMMANDS)
-    s = shop_module.build(app, r, prefix)
-    with worker():
-        assert s.sequential.delay(order_id=1).get(timeout=20)["tracking"] == "t-1"
-        with pytest.raises(SagaCompensated):
-            s.sequential.delay(order_id=2, fail={"ship": "no"}).get(timeout=20)
-    assert [a for a in ledger.actions() if a.startswith("undo")] == ["undo:shop.charge", "undo:shop.reserve"]
-
-    # When the user lacks one command the scripts need (TIME)
-    _saga_user(store_server, prefix, ACL_COMMANDS.replace(" time ", " "))
-    with pytest.raises(SagaStoreMisconfigured, match="'time'"):
-        s.sequential.delay(order_id=3)
-
-
-def test_a_command_missing_from_a_function_library_is_named(
-    app: Celery, store_server: RedisServer, r: redis.Redis, prefix: str
-) -> None:
-    # Given a saga user that may load and call the transitions as a function library (Redis 7.0 names only
-    # the function and its line in the error), but lacks HSET, which every transition writes with
-    app.conf.saga_redis_url = _saga_user(store_server, prefix, ACL_COMMANDS + " fcall function|load")
-    s = shop_module.build(app, r, prefix)
-    assert s.sequential.delay(order_id=1).status is SagaStatus.PENDING
-    store = store_for(app)
-    assert isinstance(store, RedisSagaStore) and store._functions is True
-    _saga_user(store_server, prefix, (ACL_COMMANDS + " fcall function|load").replace(" hset ", " "))
-
-    # When a saga starts
-    with pytest.raises(SagaStoreMisconfigured) as info:
-        s.sequential.delay(order_id=2)
-
-    # Then the error names the command, not only the function's line
-    assert "@user_function" in str(info.value)
-    assert "may not run the 'hset' command" in str(info.value)
 
 
 def test_workers_warn_about_a_store_that_can_lose_sagas(

@@ -525,30 +525,49 @@ class RedisSagaStore(SagaStore):
                 )
 
     def health_warnings(self) -> list[str]:
-        """What about the store's servers can lose sagas: no persistence, or eviction of keys without a TTL."""
+        """What about the store's servers can lose sagas: no persistence, or eviction of keys without a TTL.
+
+        Needs CONFIG GET; a user without it is not warned (see the least
+        privilege section of docs/deployments.md).
+        """
         warnings: list[str] = []
         for server in self.servers():
             try:
-                if server.exists(PRIVATE_SERVER_KEY):
-                    continue  # celery_saga's own private server (the demo's, the tests'): data is throwaway
                 config = {**server.config_get("maxmemory-policy"), **server.config_get("appendonly")}
                 config.update(server.config_get("save"))
             except redis.RedisError as exc:
                 logger.debug("celery_saga: cannot read the saga store's configuration: %s", exc)
                 continue
             where = f"the saga store's server {server.get_connection_kwargs().get('host', '?')}"
+            found: list[str] = []
             policy = str(config.get("maxmemory-policy", ""))
             if policy.startswith("allkeys-"):
-                warnings.append(
+                found.append(
                     f"{where} has maxmemory-policy {policy}: when full it evicts keys without a TTL, such as "
                     f"running sagas' records, which are then lost. Use noeviction (or volatile-*)"
                 )
             if config.get("appendonly") != "yes" and not str(config.get("save", "")).strip():
-                warnings.append(
+                found.append(
                     f"{where} keeps nothing on disk (no AOF, no RDB save points): a restart loses every saga "
                     f"record. Set appendonly yes"
                 )
+            if found and not self._private(server):
+                warnings += found
         return warnings
+
+    def _private(self, server: redis.Redis) -> bool:
+        """True on celery_saga's own private server (the demo's, the tests'), whose data is throwaway.
+
+        Its mark is a key outside the saga prefix: a least-privilege user
+        (``~<prefix>:{*``) may not read it, and is on a server an operator
+        set up. Read only when there is something to warn about, so that a
+        well-kept server's ``ACL LOG`` shows no refusal.
+        """
+        try:
+            return bool(server.exists(PRIVATE_SERVER_KEY))
+        except redis.RedisError as exc:  # NOPERM under a least-privilege key pattern
+            logger.debug("celery_saga: cannot read the private server's mark, so warning: %s", exc)
+            return False
 
     # -- records -------------------------------------------------------------
 
