@@ -31,7 +31,7 @@ from celery import Celery
 
 from . import announce, codec
 from .messages import publish_compensation, publish_stage, send_callback
-from .plan import Plan, cached_plan
+from .plan import Plan
 from .state import SagaState, SagaStatus, StepStatus, data_before
 from .store import Due, Op, Outcome, SagaStore, Transition
 
@@ -103,17 +103,28 @@ def _announce_delivery(app: Celery, t: Transition, delivery: Delivery) -> None:
 
 def _publish_stage(app: Celery, store: SagaStore, t: Transition) -> None:
     assert t.stage is not None and t.data is not None
-    plan = cached_plan(t.plan_digest, lambda: store.load(t.saga_id)["plan"])
+    plan = store.plan(t.plan_digest)
     stage, secrets = plan.stages[t.stage], plan.redacted_keys
     first = t.stage == 0
-    publish_stage(app, t.saga_id, t.name, t.gen, stage, t.data, first=first, redact=secrets, epoch=store.epoch())
+    publish_stage(
+        app,
+        t.saga_id,
+        t.name,
+        t.gen,
+        stage,
+        t.data,
+        first=first,
+        redact=secrets,
+        epoch=store.epoch(),
+        plan=t.plan_digest,
+    )
 
 
 def _publish_rollback(app: Celery, store: SagaStore, t: Transition, load: Callable[[], dict[str, str]]) -> None:
     if not t.due and not t.ended:
         return
     raw = load()
-    plan = cached_plan(raw["ph"], lambda: raw["plan"])
+    plan = store.plan(raw["ph"])
     for due in t.due:
         if due.forward:
             _send_forward_again(app, store, t, raw, plan, due)
@@ -156,6 +167,7 @@ def _send_forward_again(
         redact=plan.redacted_keys,
         epoch=store.epoch(),
         countdown=due.delay or None,
+        plan=raw["ph"],
     )
 
 
@@ -182,7 +194,7 @@ def redrive(app: Celery, store: SagaStore, saga_id: str) -> None:
     needless re-publish costs a message, never a second effect.
     """
     raw = store.load(saga_id)
-    plan = cached_plan(raw["ph"], lambda: raw["plan"])
+    plan = store.plan(raw["ph"])
     status, name, gen = raw["status"], raw.get("name", ""), raw.get("gen", "")
     dispatched = StepStatus.DISPATCHED.value
     if status in (SagaStatus.PENDING.value, SagaStatus.RUNNING.value):
@@ -190,7 +202,7 @@ def redrive(app: Celery, store: SagaStore, saga_id: str) -> None:
         data = data_before(plan, raw, k, codec.loads(raw["kwargs"]))
         specs = [spec for spec in plan.stages[k] if raw.get(f"s:{spec.name}") == dispatched]
         secrets, epoch = plan.redacted_keys, store.epoch()
-        publish_stage(app, saga_id, name, gen, specs, data, first=k == 0, redact=secrets, epoch=epoch)
+        publish_stage(app, saga_id, name, gen, specs, data, first=k == 0, redact=secrets, epoch=epoch, plan=raw["ph"])
     elif status == SagaStatus.COMPENSATING.value:
         for spec in plan.steps:
             if raw.get(f"cs:{spec.name}") == dispatched:

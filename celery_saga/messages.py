@@ -8,8 +8,10 @@ knows how.
 
 from __future__ import annotations
 
+import re
 import weakref
 from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from celery import Celery, Task
@@ -27,6 +29,9 @@ from .tracing import saga_trace
 
 __all__ = [
     "Headers",
+    "MessageRejected",
+    "SagaHeaders",
+    "read_headers",
     "StageNotPublished",
     "parse_task_id",
     "publish_compensation",
@@ -52,6 +57,120 @@ class Headers:
     ROUND = "saga_round"
     KNOWN = "saga_known"
     EPOCH = "saga_epoch"
+    PLAN = "saga_plan"
+
+
+class MessageRejected(Exception):
+    """A saga message its headers, its record or its plan do not bear out: it changes nothing.
+
+    Anyone who can publish to the broker can send any task with any
+    headers; a message is a claim, and the record decides. ``reason`` is the
+    label of ``celery_saga_rejected_messages_total``: ``header`` (a header of
+    the wrong type or form), ``generation`` (not a start's 12-hex token:
+    ``"*"`` and ``""`` are the record's own wildcards, never a message's),
+    ``task`` (not the task the plan names for that step), ``plan`` (another
+    plan than the record's), ``parent`` (a child's end its record does not
+    name).
+    """
+
+    def __init__(self, reason: str, detail: str) -> None:
+        self.reason = reason
+        self.detail = detail
+        super().__init__(detail)
+
+
+@dataclass(frozen=True)
+class SagaHeaders:
+    """The saga headers of one message, each checked for its type and form (`read_headers`).
+
+    Attributes:
+        saga_id, name, step, gen: The saga, its name, the step, and the start
+            generation the message was sent for.
+        compensation: A compensation (``saga_undo``), not a forward step.
+        round: A compensation's round: 1, or 2 for a late success undone again.
+        bound: Arguments bound in the step's signature.
+        first: A first-stage step (its begin moves the saga to RUNNING).
+        known: A compensation's ``result_known``; None when not sent.
+        epoch: The store's epoch when it was sent ("" if not sent).
+        plan: The digest of the plan the sender took the task from; "" from
+            a sender older than this header (the record's is used then).
+    """
+
+    saga_id: str
+    name: str
+    step: str
+    gen: str
+    compensation: bool
+    round: int
+    bound: dict[str, Any]
+    first: bool
+    known: bool | None
+    epoch: str
+    plan: str
+
+
+_GENERATION = re.compile(r"[0-9a-f]{12}\Z")
+_DIGEST = re.compile(r"[0-9a-f]{16}\Z")
+_FLAGS = (None, 0, 1, True, False)
+
+
+def read_headers(get: Callable[[str], Any]) -> SagaHeaders:
+    """The saga headers ``get`` returns (a request's ``get``, a dict's), checked before any transition.
+
+    Raises:
+        MessageRejected: a header has the wrong type or form.
+    """
+
+    def text(name: str, required: bool = False) -> str:
+        value = get(name)
+        if value is None and not required:
+            return ""
+        if not isinstance(value, str) or (required and not value):
+            raise MessageRejected("header", f"header {name} is {_brief(value)}, not a non-empty string")
+        return value
+
+    def flag(name: str) -> bool | None:
+        value = get(name)
+        if isinstance(value, float) or value not in _FLAGS:
+            raise MessageRejected("header", f"header {name} is {_brief(value)}, not 0 or 1")
+        return None if value is None else bool(value)
+
+    saga_id, step = text(Headers.ID, required=True), text(Headers.STEP, required=True)
+    gen = get(Headers.GEN)
+    if not isinstance(gen, str) or not _GENERATION.match(gen):
+        raise MessageRejected("generation", f"header {Headers.GEN} is {_brief(gen)}, not a start's generation")
+    plan = text(Headers.PLAN)
+    if plan and not _DIGEST.match(plan):
+        raise MessageRejected("header", f"header {Headers.PLAN} is {_brief(plan)}, not a plan digest")
+    round_ = get(Headers.ROUND)
+    if round_ is None:
+        round_ = 1
+    if isinstance(round_, bool) or round_ not in (1, 2):
+        raise MessageRejected("header", f"header {Headers.ROUND} is {_brief(round_)}, not 1 or 2")
+    bound = get(Headers.BOUND)
+    if bound is None:
+        bound = {}
+    if not isinstance(bound, dict) or not all(isinstance(k, str) for k in bound):
+        raise MessageRejected("header", f"header {Headers.BOUND} is {_brief(bound)}, not a dict of arguments")
+    return SagaHeaders(
+        saga_id=saga_id,
+        name=text(Headers.NAME),
+        step=step,
+        gen=gen,
+        compensation=bool(flag(Headers.UNDO)),
+        round=int(round_),
+        bound=bound,
+        first=bool(flag(Headers.FIRST)),
+        known=flag(Headers.KNOWN),
+        epoch=text(Headers.EPOCH),
+        plan=plan,
+    )
+
+
+def _brief(value: Any) -> str:
+    """A header value as a log line may show it: its type, and a bounded repr."""
+    shown = repr(value)
+    return f"{type(value).__name__} {shown[:40]}{'...' if len(shown) > 40 else ''}"
 
 
 def task_id(saga_id: str, step: str, undo: bool = False, round: int = 1) -> str:
@@ -150,11 +269,14 @@ def publish_stage(
     redact: Collection[str] = (),
     epoch: str = "",
     countdown: float | None = None,
+    plan: str = "",
 ) -> None:
     """Send the steps of one stage, in order; ``redact`` keys are masked where their arguments are shown.
 
     ``epoch`` is the store's: a receiver that finds no record tells a lost
-    saga (the store was reset since) from an expired one by it.
+    saga (the store was reset since) from an expired one by it. ``plan`` is
+    the digest of the plan the steps come from: a receiver checks its task
+    against that plan, and the plan against the record's.
     ``countdown`` delays them (a step sent again after its backoff).
 
     Raises:
@@ -169,7 +291,7 @@ def publish_stage(
     shown = _shown(data, redact)
     for k, spec in enumerate(specs):
         try:
-            _publish_step(app, saga_id, saga_name, gen, spec, data, first, shown, epoch, countdown)
+            _publish_step(app, saga_id, saga_name, gen, spec, data, first, shown, epoch, countdown, plan)
         except Exception as exc:
             raise StageNotPublished(saga_id, [s.name for s in specs[k:]]) from exc
 
@@ -207,6 +329,7 @@ def _publish_step(
     shown: dict[str, Any],
     epoch: str,
     countdown: float | None = None,
+    plan: str = "",
 ) -> None:
     """Send one forward step as the user's own task, with the saga context in its headers."""
     options = {**spec.options, **shown}
@@ -235,6 +358,7 @@ def _publish_step(
                 Headers.BOUND: spec.bound,
                 Headers.FIRST: int(first),
                 Headers.EPOCH: epoch,
+                Headers.PLAN: plan,
             },
             # The saga record holds every result; a result-backend write per step
             # would only cost a round trip.
@@ -288,6 +412,7 @@ def publish_compensation(
                 Headers.ROUND: round,
                 Headers.KNOWN: int(known),
                 Headers.EPOCH: epoch,
+                Headers.PLAN: raw.get("ph", ""),
             },
             ignore_result=True,
             serializer=message_serializer(app),

@@ -38,7 +38,7 @@ def metrics_text(app: Celery) -> str:
     """Every saga metric of ``app``'s store, as Prometheus text."""
     store = store_for(app)
     counters, counts = store.counters(), store.counts()
-    started, finished, compfail = [], [], []
+    started, finished, compfail, rejected = [], [], [], []
     buckets: dict[tuple[str, str], dict[int, int]] = defaultdict(dict)
     sums: dict[tuple[str, str], int] = {}
     for field, value in sorted(counters.items()):
@@ -49,6 +49,8 @@ def metrics_text(app: Celery) -> str:
         elif kind == "finished" and len(parts) == 3:
             labels = _labels(name=parts[0], status=parts[1], reason=parts[2])
             finished.append(f"celery_saga_finished_total{labels} {value}")
+        elif kind == "rejected" and len(parts) == 1:
+            rejected.append(f"celery_saga_rejected_messages_total{_labels(reason=parts[0])} {value}")
         elif kind == "compfail" and len(parts) == 1:
             compfail.append(f"celery_saga_compensation_failures_total{_labels(name=parts[0])} {value}")
         elif kind == "dur" and len(parts) == 3 and parts[2].isdigit():
@@ -83,6 +85,12 @@ def metrics_text(app: Celery) -> str:
             "counter",
             "Compensation attempts that failed or missed their deadline, by saga name.",
             compfail,
+        ),
+        *_family(
+            "celery_saga_rejected_messages_total",
+            "counter",
+            "Saga messages that changed nothing: their headers, record or plan did not bear them out, by reason.",
+            rejected,
         ),
         *_family("celery_saga_in_flight", "gauge", "Sagas not finished, by status.", in_flight),
         *_family(

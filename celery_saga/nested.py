@@ -31,10 +31,12 @@ from . import codec
 from .context import current_step
 from .errors import SagaDefinitionError, SagaError, SagaNotFound
 from .follow import follow
+from .messages import MessageRejected
 from .registry import DefinedSaga, sagas_of
 from .state import CompensationStatus, SagaState, SagaStatus, StepStatus
 from .store import Op, SagaStore
 from .stores import store_for
+from .worker.claims import refuse
 
 __all__ = ["CHILD_ENDED_TASK", "CHILD_TASK", "UNDO_CHILD_TASK", "child_id", "register_tasks"]
 
@@ -115,14 +117,28 @@ def _undo_child(task: Task, **_: Any) -> None:
 
 
 def _child_ended(task: Task, saga_id: str, parent: str, parent_gen: str) -> None:
-    """The end callback of a child saga: record its outcome in the parent."""
+    """The end callback of a child saga: record its outcome in the parent.
+
+    It is a plain task anyone may send, so it acts only when the child's own
+    record names that parent, at that generation, and the step it is of.
+    """
     store = store_for(task.app)
     try:
         child = store.state(saga_id)
+        raw = store.load(saga_id)
     except SagaNotFound:
         logger.warning("saga %s: child saga ended, but its record is gone; its parent %s waits for it", saga_id, parent)
         return
-    _report(task.app, store, child, parent, parent_gen, child.parent_step or saga_id.rsplit(":", 1)[-1])
+    step = raw.get("pstep", "")
+    claimed = (raw.get("parent"), raw.get("pgen"), saga_id)
+    if not step or not isinstance(parent_gen, str) or claimed != (parent, parent_gen, child_id(parent, step)):
+        detail = (
+            f"{CHILD_ENDED_TASK} for saga {saga_id!r} names parent {parent!r} at generation {parent_gen!r}, "
+            f"which the child's record does not"
+        )
+        refuse(task.app, parent, CHILD_ENDED_TASK, MessageRejected("parent", detail))
+        return
+    _report(task.app, store, child, parent, parent_gen, step)
 
 
 def _report(app: Celery, store: SagaStore, child: SagaState, parent: str, gen: str, step: str) -> None:
@@ -132,7 +148,9 @@ def _report(app: Celery, store: SagaStore, child: SagaState, parent: str, gen: s
     except SagaNotFound:
         logger.warning("saga %s: child saga ended, but its parent %s is gone", child.saga_id, parent)
         return
-    name, gen = raw.get("name", ""), gen or raw.get("gen", "")
+    # Never the record's own generation in place of the message's: a report
+    # for an earlier start of the parent is stale, not current.
+    name = raw.get("name", "")
     forward, undoing = raw.get(f"s:{step}") in _FORWARD, raw.get(f"cs:{step}") in _UNDOING
     what = f"child saga {child.saga_id} ended {child.status.value}"
     if child.reason and child.status is not SagaStatus.COMPLETED:

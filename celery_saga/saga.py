@@ -31,6 +31,7 @@ from .stages import check_events, children_of, flatten, leaf, parallel, pivot_st
 from .state import SagaStatus
 from .step import StepRef
 from .store import Outcome, SagaStore, StartRequest, Transition
+from .store.base import definition_digest
 from .stores import settings_of, store_for
 
 __all__ = ["Saga", "parallel", "saga_id_for"]
@@ -366,7 +367,7 @@ class Saga:
                 step_fields.append((f"rj:{spec.name}", spec.reject))
         plan_json, settings_json = plan.to_json(), settings.saga_copy()
         # One stored definition per plan and settings: records name it by digest.
-        digest = hashlib.sha1(f"{plan_json}\n{settings_json}".encode()).hexdigest()[:16]
+        digest = definition_digest(plan_json, settings_json)
         self._defined = _Definition(
             plan,
             settings,

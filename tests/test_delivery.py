@@ -66,7 +66,7 @@ def test_step_message_without_a_record_is_not_executed_and_the_worker_goes_on(
     s = shop.build(app, r, prefix)
     spec = s.sequential.plan().step("shop.reserve")
     with worker():
-        publish_stage(app, "no-such-saga", "order_seq", "g", [spec], {"order_id": 1}, first=False)
+        publish_stage(app, "no-such-saga", "order_seq", "0123456789ab", [spec], {"order_id": 1}, first=False)
         wait_for(lambda: _logged(caplog, "saga no-such-saga: no record"), what="the error")
         assert s.sequential.delay(order_id=3).get(timeout=patience(20))["tracking"] == "t-3"
     message = next(rec.getMessage() for rec in caplog.records if "no-such-saga" in rec.getMessage())

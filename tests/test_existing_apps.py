@@ -71,15 +71,15 @@ def test_a_saga_of_shared_tasks_in_a_module_autodiscovery_imports(
             import tests.django_style.proj  # noqa: F401 - makes the project's app the current one
             from celery_saga import SagaCompensated
             from tests.django_style.shop.tasks import place_order
-            done = place_order.delay(order_id=1).get(timeout=patience(60))
+            done = place_order.delay(order_id=1).get(timeout=60 * {scale})
             try:
-                place_order.delay(order_id=2, fail=True).get(timeout=patience(60))
+                place_order.delay(order_id=2, fail=True).get(timeout=60 * {scale})
             except SagaCompensated as exc:
                 print(json.dumps([done, exc.step, exc.reason]))
             """
-        )
+        ).format(scale=patience(1))
         out = subprocess.run(
-            [sys.executable, "-c", client], cwd=ROOT, env=django_env, capture_output=True, text=True, timeout=120
+            [sys.executable, "-c", client], cwd=ROOT, env=django_env, capture_output=True, text=True, timeout=patience(120)
         )
         assert out.returncode == 0, out.stderr + procs.logs()
     done, failed_step, reason = json.loads(out.stdout.strip().splitlines()[-1])

@@ -23,6 +23,7 @@ import pytest
 from celery_saga import CompensationStatus, SagaStatus, StepStatus
 from celery_saga.plan import Plan, StepSpec
 from celery_saga.store import Op, Outcome, RedisSagaStore, StartRequest, Transition
+from celery_saga.store.base import definition_digest
 
 PLAN = Plan(
     (
@@ -90,6 +91,16 @@ def request(
     fields += [(f"to:{s.name}", "60000") for s in plan.steps if not s.is_wait]
     fields += [(f"rj:{s.name}", s.reject) for s in plan.steps if s.reject]
     kwargs_json = json.dumps(kwargs or {"order": 1})
+    settings_json = json.dumps(
+        {
+            "compensation_retry_backoff": 0.0,
+            "compensation_retry_backoff_max": 0.0,
+            "forward_retry_backoff": 0.0,
+            "forward_retry_backoff_max": 0.0,
+            "forward_max_retries": forward_maxr,
+        },
+        sort_keys=True,
+    )
     return StartRequest(
         saga_id=saga_id,
         gen=gen,
@@ -97,18 +108,11 @@ def request(
         fingerprint=kwargs_json,
         kwargs_json=kwargs_json,
         plan_json=plan.to_json(),
-        plan_digest=plan.digest(),
+        # Named as Saga.apply_async names it: a stored definition must hash to its digest.
+        plan_digest=definition_digest(plan.to_json(), settings_json),
         stages=plan.lua_stages(),
         retention=60.0,
-        settings_json=json.dumps(
-            {
-                "compensation_retry_backoff": 0.0,
-                "compensation_retry_backoff_max": 0.0,
-                "forward_retry_backoff": 0.0,
-                "forward_retry_backoff_max": 0.0,
-                "forward_max_retries": forward_maxr,
-            }
-        ),
+        settings_json=settings_json,
         on_complete="",
         on_failure="",
         idempotency_key="",
@@ -326,7 +330,7 @@ def _comp2_is(saga: Saga, name: str, status: CompensationStatus) -> None:
 
 
 def _next_stage(saga: Saga, t: Transition) -> None:
-    assert t.stage == 1 and t.plan_digest == PLAN.digest()
+    assert t.stage == 1 and t.plan_digest == request(saga.saga_id).plan_digest
     assert t.data == {"order": 1, "reservation": "r1"}
 
 
@@ -589,6 +593,7 @@ def test_every_op_and_outcome_is_covered() -> None:
     assert {c.op for c in CASES} | {Op.START, Op.ABORT} == set(Op)
     elsewhere = {Outcome.CREATED, Outcome.EXISTS, Outcome.CONFLICT, Outcome.ABORTED}  # start and abort, below
     elsewhere |= {Outcome.MISSING, Outcome.STALE, Outcome.CORRUPT}  # refusals every op shares, below
+    elsewhere.add(Outcome.REJECTED)  # a message checked against another plan, below
     assert {c.outcome for c in CASES} | elsewhere == set(Outcome)
 
 
@@ -621,6 +626,24 @@ def test_abort_releases_a_pending_start_and_rolls_back_a_started_one(store: Redi
     two.apply(Op.BEGIN, "a", "0", "")
     t = store.abort_start(two.saga_id, GEN, "s", "publish failed: boom", ["a"])
     assert (t.outcome, t.status) == (Outcome.ROLLBACK, SagaStatus.RUNNING)  # a ran: it decides
+
+
+def test_a_message_checked_against_another_plan_changes_nothing(store: RedisSagaStore) -> None:
+    # Given a saga whose step a is dispatched, and a's compensation of another saga due
+    saga, undoing = pending(store), compensating(store)
+    own = request(saga.saga_id).plan_digest
+    before, undoing_before = saga.raw(), undoing.raw()
+
+    # When a begin, and a compensation's begin, name another plan than the record's
+    t = saga.apply(Op.BEGIN, "a", "0", "", "0123456789abcdef")
+    u = undoing.apply(Op.COMP_BEGIN, "a", "0", "", "1", "0123456789abcdef")
+
+    # Then both are rejected, and neither record changed
+    assert (t.outcome, u.outcome) == (Outcome.REJECTED, Outcome.REJECTED)
+    assert (saga.raw(), undoing.raw()) == (before, undoing_before)
+    # While the record's own plan (or none named, from an older sender) runs it
+    assert saga.apply(Op.BEGIN, "a", "0", "", own).outcome is Outcome.RUN
+    assert undoing.apply(Op.COMP_BEGIN, "a", "0", "", "1", "").outcome is Outcome.RUN
 
 
 def test_refusals_every_op_shares(store: RedisSagaStore) -> None:

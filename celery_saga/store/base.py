@@ -11,6 +11,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import functools
+import hashlib
 import json
 import random
 import time
@@ -18,11 +19,18 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import SagaNotFound
+from .. import codec
+from ..errors import SagaNotFound, SagaRecordCorrupt
+from ..plan import Plan, cached_plan
 from ..state import SagaState, SagaStatus
 from .protocol import EndNotice, Op, Outcome, Transition
 
-__all__ = ["SagaStore", "StartRequest"]
+__all__ = ["SagaStore", "StartRequest", "definition_digest"]
+
+
+def definition_digest(plan_json: str, settings_json: str) -> str:
+    """The digest a definition (plan and settings) is stored and named by."""
+    return hashlib.sha1(f"{plan_json}\n{settings_json}".encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -152,24 +160,56 @@ class SagaStore(abc.ABC):
     def _complete(self, raw: dict[str, str] | None) -> dict[str, str] | None:
         """The record with its ``plan`` and ``settings``, which it names by digest (``ph``).
 
-        Definitions never change under their digest, so each is read once per process.
+        Definitions never change under their digest, so each is read once per
+        process. One that is missing, unreadable or not what its digest says
+        is left out: parsing the record then says it is corrupt.
         """
         if not raw or "plan" in raw or not raw.get("ph"):
             return raw
-        digest = raw["ph"]
+        try:
+            plan_json, settings_json = self._definition(raw["ph"])
+        except SagaRecordCorrupt:
+            return raw
+        return {**raw, "plan": plan_json, "settings": settings_json}
+
+    def _definition(self, digest: str) -> tuple[str, str]:
+        """The plan and settings JSON stored under ``digest``, checked against it.
+
+        Their task names are published (steps, compensations), so a
+        definition is used only if its content hashes to the digest the
+        record names: a definition key written by anyone but a saga start
+        cannot make a worker send tasks its saga never named.
+
+        Raises:
+            SagaRecordCorrupt: it is missing, unreadable, or not what its digest says.
+        """
         definition = _DEFINITIONS.get(digest)
-        if definition is None:
-            text = self._read_definition(digest)
-            if text is None:
-                return raw  # parsing it then says the plan is missing
-            try:
-                decoded = json.loads(text)
-                definition = (json.dumps(decoded["plan"]), json.dumps(decoded.get("settings") or {}))
-            except (ValueError, KeyError, TypeError):
-                return raw
-            if len(_DEFINITIONS) < 1024:
-                _DEFINITIONS[digest] = definition
-        return {**raw, "plan": definition[0], "settings": definition[1]}
+        if definition is not None:
+            return definition
+        text = self._read_definition(digest)
+        if text is None:
+            raise SagaRecordCorrupt(f"plan:{digest}", f"no definition is stored under {digest}")
+        try:
+            decoded = json.loads(text)
+            definition = (codec.dumps(decoded["plan"], sort_keys=True), json.dumps(decoded["settings"], sort_keys=True))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise SagaRecordCorrupt(f"plan:{digest}", f"its definition cannot be read: {exc}") from exc
+        if definition_digest(*definition) != digest:
+            raise SagaRecordCorrupt(f"plan:{digest}", "its definition does not match its digest: it was altered")
+        if len(_DEFINITIONS) < 1024:
+            _DEFINITIONS[digest] = definition
+        return definition
+
+    def plan(self, digest: str) -> Plan:
+        """The plan stored under ``digest``, checked against it (`_definition`); decoded once per process.
+
+        Raises:
+            SagaRecordCorrupt: it is missing, unreadable, or not what its digest says.
+        """
+        try:
+            return cached_plan(digest, lambda: self._definition(digest)[0])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise SagaRecordCorrupt(f"plan:{digest}", f"its plan cannot be read: {exc}") from exc
 
     @abc.abstractmethod
     def _index(
@@ -232,6 +272,17 @@ class SagaStore(abc.ABC):
     def lost_count(self) -> int:
         """How many sagas have been met lost in resets of the store since its last reset."""
         return 0
+
+    @abc.abstractmethod
+    def count_rejected(self, reason: str) -> None:
+        """Count a message rejected for ``reason`` (``/metrics``: celery_saga_rejected_messages_total)."""
+
+    def plan_digest(self, saga_id: str) -> str:
+        """The digest of the plan ``saga_id``'s record names; "" if there is no record."""
+        try:
+            return self.load(saga_id).get("ph", "")
+        except SagaNotFound:
+            return ""
 
     @contextlib.contextmanager
     def end_signal(self, saga_id: str) -> Iterator[Callable[[float], EndNotice | None]]:

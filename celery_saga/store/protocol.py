@@ -79,6 +79,7 @@ class Outcome(str, Enum):
     MISSING = "missing"  # no record
     CORRUPT = "corrupt"  # a record that cannot be read
     STALE = "stale"  # a message of an earlier start of this saga
+    REJECTED = "rejected"  # a message whose task was checked against another plan than the record's
 
     def __str__(self) -> str:
         return self.value

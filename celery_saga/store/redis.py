@@ -498,6 +498,10 @@ class RedisSagaStore(SagaStore):
     def lost_count(self) -> int:
         return int(self._call(lambda: self.client.hget(self.keys.meta(), "lost")) or 0)
 
+    def count_rejected(self, reason: str) -> None:
+        # Rare (a forged or malformed message), so one shard's counters do.
+        self._call(lambda: self.client.hincrby(self.keys.metrics(0), f"rejected:{reason}", 1))
+
     # -- what the server is -----------------------------------------------------
 
     def servers(self) -> list[redis.Redis]:

@@ -70,7 +70,8 @@ OPS, in lifecycle order
   reason "forward"); see "the point of no return".
   Every op but start replies missing without a record; every op but start and
   purge replies corrupt for a record it cannot read and stale for a message
-  of another generation.
+  of another generation; begin and comp_begin reply rejected for a message
+  checked against another plan than the record's.
 
 THE SAGA
                   start          a first-stage step begins
@@ -1010,7 +1011,8 @@ OPS.abort = function()
   return remember(respond('rollback', settle(out, changed), {due = out}))
 end
 
--- ARGV: 4 step, 5 Celery retries of this message, 6 "1" if redelivered.
+-- ARGV: 4 step, 5 Celery retries of this message, 6 "1" if redelivered,
+-- 7 the digest of the plan the message's task was checked against ("": unchecked; see run).
 OPS.begin = function()
   local m = AV[4]
   local s = hget('s:' .. m)
@@ -1176,7 +1178,8 @@ OPS.cancel = function()
   return remember(respond('rollback', settle(out, changed), {due = out}))
 end
 
--- ARGV: 4 step, 5 Celery retries of this message, 6 "1" if redelivered, 7 round.
+-- ARGV: 4 step, 5 Celery retries of this message, 6 "1" if redelivered, 7 round,
+-- 8 the digest of the plan the message's task was checked against ("": unchecked; see run).
 OPS.comp_begin = function()
   local m, r = AV[4], AV[7]
   local cs = hget(cf('cs', m, r))
@@ -1411,6 +1414,11 @@ local function run(handler)
     end
     -- Operators and sweepers act on whatever generation is current ("*").
     if gen ~= '*' and HEAD[2] ~= gen then return respond('stale') end
+    -- A step or compensation message names the plan its task was checked
+    -- against: one of another plan than the record's (forged, or of another
+    -- saga) changes nothing.
+    local plan = (op == 'begin' and AV[7]) or (op == 'comp_begin' and AV[8]) or ''
+    if plan ~= '' and plan ~= hget('ph') then return respond('rejected') end
   end
   return handler()
 end

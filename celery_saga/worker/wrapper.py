@@ -27,11 +27,12 @@ from ..context import StepContext, current_step, reset_current, set_current
 from ..errors import SagaError, SagaStoreMisconfigured, SagaStoreUnavailable, StepResultNotSerializable
 from ..follow import Delivery, follow
 from ..introspect import Params, params_of
-from ..messages import Headers, resend, task_id
+from ..messages import Headers, MessageRejected, SagaHeaders, read_headers, resend, task_id
 from ..store import Op, Outcome, SagaStore, Transition
 from ..stores import store_for
 from ..tracing import annotate_run
 from ..views import command
+from .claims import checked_plan, refuse
 
 __all__ = ["CrashPoint", "error_text", "set_crash_hook", "set_fault_hook", "wrap", "wrapped"]
 
@@ -122,8 +123,13 @@ def wrap(task: Task) -> None:
         saga_id = request.get(Headers.ID)
         if not saga_id or request.called_directly:
             return original(*args, **kwargs)
-        message = _Message(task, request, kwargs)
-        if request.get(Headers.UNDO):
+        try:
+            # Checked before any transition: a malformed header changes nothing.
+            message = _Message(task, request, kwargs, read_headers(request.get))
+        except MessageRejected as exc:
+            refuse(task.app, saga_id, task.name, exc)
+            raise Ignore() from exc
+        if message.headers.compensation:
             return _compensate(message, original, params)
         return _forward(message, original, params)
 
@@ -137,22 +143,23 @@ def error_text(exc: BaseException) -> str:
 
 
 class _Message:
-    """One saga message being handled: its task, request, kwargs and saga headers."""
+    """One saga message being handled: its task, request, kwargs and checked saga headers."""
 
-    def __init__(self, task: Task, request: Any, kwargs: dict[str, Any]) -> None:
+    def __init__(self, task: Task, request: Any, kwargs: dict[str, Any], headers: SagaHeaders) -> None:
         self.task = task
         self.request = request
         self.kwargs = kwargs
-        self.saga_id: str = request.get(Headers.ID)
-        self.name: str = request.get(Headers.NAME) or ""
-        self.step: str = request.get(Headers.STEP) or ""
-        self.gen: str = request.get(Headers.GEN) or ""
-        self.round = int(request.get(Headers.ROUND) or 1)
+        self.headers = headers
+        self.saga_id = headers.saga_id
+        self.name = headers.name
+        self.step = headers.step
+        self.gen = headers.gen
+        self.round = headers.round
         self.retries = str(int(request.retries or 0))
         delivery = request.delivery_info or {}
         self.redelivered = "1" if delivery.get("redelivered") else ""
-        self.first = bool(request.get(Headers.FIRST))
-        self.delivery = Delivery(request.id, self.step, compensation=bool(request.get(Headers.UNDO)))
+        self.first = headers.first
+        self.delivery = Delivery(request.id, self.step, compensation=headers.compensation)
 
     def apply(self, store: SagaStore, op: Op, *args: str, first: bool = False) -> Transition:
         """Apply ``op`` before the function runs, and follow it; if the store cannot take it, re-send the message.
@@ -230,17 +237,33 @@ def _log_store_problem(saga_id: str, exc: SagaStoreUnavailable, then: str) -> No
 
 
 def _begin(message: _Message, op: Op, *args: str) -> tuple[SagaStore, Transition]:
-    """Ask the record whether this copy may run; raise Ignore (acking it) if not."""
+    """Ask the record whether this copy may run; raise Ignore (acking it) if not.
+
+    The message's task is checked against the plan first, and the
+    transition checks that plan against the record's (`claims`).
+    """
     if _crash_hook is not None:
         _crash_hook(message.saga_id, message.step, message.delivery.compensation, CrashPoint.RECEIVED)
+    app = message.task.app
     try:
-        store = store_for(message.task.app)
-        t = message.apply(store, op, *args, first=message.first and op is Op.BEGIN)
+        store = store_for(app)
+        try:
+            digest = checked_plan(store, message.headers, message.task.name)
+        except SagaStoreUnavailable as exc:
+            raise message.retry_later(exc) from exc
+        t = message.apply(store, op, *args, digest, first=message.first and op is Op.BEGIN)
     except Retry:
         raise
+    except MessageRejected as exc:
+        refuse(app, message.saga_id, message.task.name, exc)
+        raise Ignore() from exc
     except (SagaError, redis.RedisError, ValueError, KeyError) as exc:
         logger.error("saga %s: cannot run %s, record unusable: %s", message.saga_id, message.what(), error_text(exc))
         raise Ignore() from exc
+    if t.outcome is Outcome.REJECTED:
+        rejected = MessageRejected("plan", f"it was sent for another plan ({digest}) than the record's")
+        refuse(app, message.saga_id, message.task.name, rejected)
+        raise Ignore()
     if t.outcome is not Outcome.RUN:
         _log_not_run(store, message, t)
         raise Ignore()
@@ -252,7 +275,7 @@ def _begin(message: _Message, op: Op, *args: str) -> tuple[SagaStore, Transition
 
 def _log_not_run(store: SagaStore, message: _Message, t: Transition) -> None:
     saga_id, what = message.saga_id, message.what()
-    if t.outcome is Outcome.MISSING and store.lost_in_reset(saga_id, message.request.get(Headers.EPOCH)):
+    if t.outcome is Outcome.MISSING and store.lost_in_reset(saga_id, message.headers.epoch or None):
         logger.error("saga %s: lost in the reset of the saga store; %s is not run", saga_id, what)
     elif t.outcome is Outcome.MISSING:
         logger.error(
@@ -279,7 +302,7 @@ def _log_not_run(store: SagaStore, message: _Message, t: Transition) -> None:
 def _forward(message: _Message, original: Any, params: Params) -> Any:
     store, t = _begin(message, Op.BEGIN, message.step, message.retries, message.redelivered)
     request = message.request
-    call = params.pick({**message.kwargs, **(request.get(Headers.BOUND) or {})})
+    call = params.pick({**message.kwargs, **message.headers.bound})
     # A retry (the task's own, or ours) re-sends request.kwargs, and Celery
     # checks them against the signature: send only what the function takes.
     request.kwargs = call
@@ -319,7 +342,7 @@ def _forward(message: _Message, original: Any, params: Params) -> Any:
     # again, and running again is what the step's idempotency key is for.
     t = message.record(store, Op.DONE, message.step, result_json)
     if t.outcome is Outcome.MISSING:
-        lost = store.lost_in_reset(message.saga_id, message.request.get(Headers.EPOCH))
+        lost = store.lost_in_reset(message.saga_id, message.headers.epoch or None)
         logger.warning(
             "saga %s: step %r finished after its record %s; its effect is not compensated",
             message.saga_id,
@@ -333,7 +356,7 @@ def _compensate(message: _Message, original: Any, params: Params) -> Any:
     round_ = str(message.round)
     store, t = _begin(message, Op.COMP_BEGIN, message.step, message.retries, message.redelivered, round_)
     request = message.request
-    known = request.get(Headers.KNOWN)
+    known = message.headers.known
     ctx = StepContext(
         message.saga_id,
         message.name,
