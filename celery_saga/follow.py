@@ -30,7 +30,8 @@ from dataclasses import dataclass
 from celery import Celery
 
 from . import announce, codec
-from .messages import publish_compensation, publish_stage, send_callback
+from .errors import SagaRecordCorrupt
+from .messages import CHILD_ENDED_TASK, publish_compensation, publish_stage, send_callback
 from .plan import Plan
 from .state import SagaState, SagaStatus, StepStatus, data_before
 from .store import Due, Op, Outcome, SagaStore, Transition
@@ -125,6 +126,7 @@ def _publish_rollback(app: Celery, store: SagaStore, t: Transition, load: Callab
         return
     raw = load()
     plan = store.plan(raw["ph"])
+    checked_tasks(t.saga_id, raw, plan)
     for due in t.due:
         if due.forward:
             _send_forward_again(app, store, t, raw, plan, due)
@@ -183,8 +185,47 @@ def _call_back(
 ) -> None:
     if not sig_json:
         return
+    checked_callback(saga_id, sig_json, load)
     send_callback(app, saga_id, which, sig_json, lambda: SagaState.from_record(saga_id, load()))
     store.apply(Op.CALLBACK_SENT, saga_id, gen or "*", name, tx="")
+
+
+def checked_tasks(saga_id: str, raw: dict[str, str], plan: Plan) -> None:
+    """Check that the compensations the record names are the ones its (digest-checked) plan names.
+
+    The record's ``comp:<step>`` fields decide which steps are compensated;
+    the task sent is always the plan's. A record whose fields say otherwise
+    was written by something other than a saga start.
+
+    Raises:
+        SagaRecordCorrupt: a compensation the plan does not name.
+    """
+    for spec in plan.steps:
+        recorded = raw.get(f"comp:{spec.name}")
+        if recorded is not None and recorded != spec.compensation:
+            raise SagaRecordCorrupt(
+                saga_id,
+                f"it names {recorded!r} as the compensation of {spec.name!r}, which its plan does not "
+                f"({spec.compensation!r}); nothing was sent",
+            )
+
+
+def checked_callback(saga_id: str, sig_json: str, load: Callable[[], dict[str, str]]) -> None:
+    """Check a child saga's end callback against its record: the parent and generation it names.
+
+    Raises:
+        SagaRecordCorrupt: the callback is not a signature, or names another parent.
+    """
+    try:
+        sig = codec.loads(sig_json)
+        task, kwargs = sig["task"], sig.get("kwargs") or {}
+    except (ValueError, KeyError, TypeError) as exc:
+        raise SagaRecordCorrupt(saga_id, f"its end callback is not a signature: {exc}") from exc
+    if task != CHILD_ENDED_TASK:
+        return
+    raw = load()
+    if (kwargs.get("parent"), kwargs.get("parent_gen")) != (raw.get("parent"), raw.get("pgen")):
+        raise SagaRecordCorrupt(saga_id, "its end callback names another parent than its record; nothing was sent")
 
 
 def redrive(app: Celery, store: SagaStore, saga_id: str) -> None:
@@ -195,6 +236,7 @@ def redrive(app: Celery, store: SagaStore, saga_id: str) -> None:
     """
     raw = store.load(saga_id)
     plan = store.plan(raw["ph"])
+    checked_tasks(saga_id, raw, plan)
     status, name, gen = raw["status"], raw.get("name", ""), raw.get("gen", "")
     dispatched = StepStatus.DISPATCHED.value
     if status in (SagaStatus.PENDING.value, SagaStatus.RUNNING.value):

@@ -28,6 +28,9 @@ from .state import SagaState, StepStatus, data_before
 from .tracing import saga_trace
 
 __all__ = [
+    "CHILD_ENDED_TASK",
+    "CHILD_TASK",
+    "UNDO_CHILD_TASK",
     "Headers",
     "MessageRejected",
     "SagaHeaders",
@@ -42,6 +45,12 @@ __all__ = [
     "send_callback",
     "task_id",
 ]
+
+
+# The tasks of child sagas (registered on every enabled app by `celery_saga.nested`).
+CHILD_TASK = "celery_saga.child"
+UNDO_CHILD_TASK = "celery_saga.undo_child"
+CHILD_ENDED_TASK = "celery_saga.child_ended"
 
 
 class Headers:

@@ -31,7 +31,7 @@ from . import codec
 from .context import current_step
 from .errors import SagaDefinitionError, SagaError, SagaNotFound
 from .follow import follow
-from .messages import MessageRejected
+from .messages import CHILD_ENDED_TASK, CHILD_TASK, UNDO_CHILD_TASK, MessageRejected
 from .registry import DefinedSaga, sagas_of
 from .state import CompensationStatus, SagaState, SagaStatus, StepStatus
 from .store import Op, SagaStore
@@ -42,9 +42,6 @@ __all__ = ["CHILD_ENDED_TASK", "CHILD_TASK", "UNDO_CHILD_TASK", "child_id", "reg
 
 logger = logging.getLogger("celery_saga")
 
-CHILD_TASK = "celery_saga.child"
-UNDO_CHILD_TASK = "celery_saga.undo_child"
-CHILD_ENDED_TASK = "celery_saga.child_ended"
 
 _FORWARD = (StepStatus.DISPATCHED.value, StepStatus.RUNNING.value)
 _UNDOING = tuple(

@@ -19,9 +19,11 @@ import redis
 from celery import Celery
 
 import celery_saga
-from celery_saga import Saga, SagaResult, SagaStatus, StepStatus, current_step, saga_step
+from celery_saga import Saga, SagaRecordCorrupt, SagaResult, SagaStatus, StepStatus, current_step, saga_step
+from celery_saga import plan as plan_module
 from celery_saga.messages import Headers, MessageRejected, read_headers
 from celery_saga.metrics import metrics_text
+from celery_saga.store import base as store_base
 from celery_saga.stores import store_for
 from tests import test_nested
 from tests.helpers import Gates, patience, wait_for
@@ -267,3 +269,40 @@ def test_headers_of_the_wrong_type_or_form_are_rejected(headers: dict[str, Any],
     with pytest.raises(MessageRejected) as info:
         read_headers({**good, **headers}.get)
     assert info.value.reason == reason
+
+
+def test_a_record_naming_another_compensation_sends_nothing(
+    app: Celery, shop: SimpleNamespace, r: redis.Redis, prefix: str, worker: Any
+) -> None:
+    with worker():
+        # Given a waiting saga whose record was altered to name another task as its reservation's compensation
+        res = shop.approval.delay(order_id=12)
+        _waiting(res)
+        r.hset(f"{prefix}:{{{res.id}}}", "comp:t.reserve", "t.echo")
+
+        # When it is rolled back
+        with pytest.raises(SagaRecordCorrupt, match="does not"):
+            res.cancel()
+
+    # Then neither that task nor the real compensation was sent
+    assert [e for e in shop.ledger() if e[0] in ("echo", "release")] == []
+
+
+def test_a_definition_that_does_not_hash_to_its_digest_is_not_used(
+    app: Celery, shop: SimpleNamespace, r: redis.Redis, prefix: str
+) -> None:
+    # Given a saga's stored definition, altered to name another compensation
+    res = shop.approval.delay(order_id=13)
+    store = store_for(app)
+    digest = store.load(res.id)["ph"]
+    key = f"{prefix}:{{plan:{digest}}}"
+    r.set(key, r.get(key).replace('"t.release"', '"t.echo"'))
+    # (as a worker that never started such a saga finds it: nothing cached)
+    plan_module._PLANS.clear()
+    store_base._DEFINITIONS.clear()
+
+    # Then it is refused wherever it would be read
+    with pytest.raises(SagaRecordCorrupt, match="does not match its digest"):
+        store.plan(digest)
+    with pytest.raises(SagaRecordCorrupt):
+        res.state()
