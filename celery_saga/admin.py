@@ -254,7 +254,7 @@ def _read_index(
     want = limit
     while True:
         ids = store.list_ids(status, name, want, since)
-        records = store.load_many(ids)
+        records = _load_each(store, ids)
         gone = [saga_id for saga_id, raw in zip(ids, records, strict=True) if raw is None]
         # Records expire (saga_retention) all the time: ask once per batch whether these were lost in a reset.
         reset = bool(gone) and store.was_reset()
@@ -264,12 +264,51 @@ def _read_index(
             store.drop_from_index(saga_id, status, name or "")
         live = [
             s
-            for s in (summary_of(saga_id, raw) for saga_id, raw in zip(ids, records, strict=True))
+            for s in (_summary(saga_id, raw, status, name) for saga_id, raw in zip(ids, records, strict=True))
             if s is not None and (s.status is status or not strict)
         ]
         if len(live) >= limit or len(ids) < want:
             return live[:limit]
         want *= 2
+
+
+def _load_each(store: SagaStore, ids: list[str]) -> list[dict[str, str] | SagaRecordCorrupt | None]:
+    """``store.load_many``, where one record that cannot be read is its error, not the whole batch's."""
+    try:
+        return list(store.load_many(ids))
+    except SagaRecordCorrupt:
+        pass
+    out: list[dict[str, str] | SagaRecordCorrupt | None] = []
+    for saga_id in ids:  # a round trip each, only while a corrupt record is in the batch
+        try:
+            out += store.load_many([saga_id])
+        except SagaRecordCorrupt as exc:
+            out.append(exc)
+    return out
+
+
+def _summary(
+    saga_id: str, raw: dict[str, str] | SagaRecordCorrupt | None, status: SagaStatus, name: str | None
+) -> SagaSummary | None:
+    """The list's line for a record, None for one that is gone; a corrupt one's says so, under its index's status."""
+    if isinstance(raw, SagaRecordCorrupt):
+        corrupt, known = raw, {}
+    else:
+        summary = summary_of(saga_id, raw)
+        if summary is not None or not raw:
+            return summary
+        # summary_of reads leniently, but without a status there is no line to show.
+        corrupt, known = SagaRecordCorrupt(saga_id, f"its status {raw.get('status')!r} is not a saga status"), raw
+    return SagaSummary(
+        saga_id=saga_id,
+        name=known.get("name") or name or "",
+        status=status,
+        status_at=None,
+        created_at=None,
+        failed_step=None,
+        error=str(corrupt),
+        corrupt=True,
+    )
 
 
 def _check(store: SagaStore, saga_id: str, t: Transition, action: str, allowed: str) -> None:

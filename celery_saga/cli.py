@@ -340,17 +340,37 @@ def sweep(ctx: click.Context, once: bool, interval: float | None) -> None:
 @saga.command(cls=CeleryCommand)
 @click.option("--address", cls=CeleryOption, default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", cls=CeleryOption, type=click.IntRange(0, 65535), default=5557, show_default=True)
-@click.option("--url-prefix", cls=CeleryOption, default="", help="Serve under this path, behind a proxy.")
+@click.option(
+    "--url-prefix",
+    cls=CeleryOption,
+    default="",
+    help="Serve under this path (letters, digits and -._~ segments, like /sagas), behind a proxy.",
+)
 @click.option("--flower-url", cls=CeleryOption, default=None, help="Link task ids to this Flower's task pages.")
 @click.option(
     "--basic-auth",
     cls=CeleryOption,
     multiple=True,
     metavar="USER:PASSWORD",
-    help="Require HTTP basic auth with these credentials (repeatable), like Flower's.",
+    help="Require HTTP basic auth with these credentials (repeatable), like Flower's. Others on the host see "
+    "them in ps: prefer --basic-auth-file, or CELERY_SAGA_WEB_AUTH (user:password pairs separated by commas).",
+)
+@click.option(
+    "--basic-auth-file",
+    cls=CeleryOption,
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="Require HTTP basic auth with the credentials in this file: user:password, one a line ('#' comments).",
 )
 @click.option(
     "--enable-actions", cls=CeleryOption, is_flag=True, help="Show cancel, retry and purge buttons (POST, with CSRF)."
+)
+@click.option(
+    "--behind-proxy",
+    cls=CeleryOption,
+    is_flag=True,
+    help="Trust X-Real-Ip, X-Forwarded-For, X-Forwarded-Proto and X-Forwarded-Host: only behind a proxy "
+    "that sets them (any client can send them).",
 )
 @click.pass_context
 def web(
@@ -360,20 +380,23 @@ def web(
     url_prefix: str,
     flower_url: str | None,
     basic_auth: tuple[str, ...],
+    basic_auth_file: str | None,
     enable_actions: bool,
+    behind_proxy: bool,
 ) -> None:
     """Serve a web view of the sagas: list, timelines, /metrics and /api/sagas."""
     try:
-        from .web import WebSettings, serve
+        from .web import SettingError, WebSettings, credentials, serve
     except ImportError as exc:
         raise click.UsageError(f"celery saga web needs Tornado: pip install 'celery-saga-engine[web]' ({exc})") from exc
     app = _app(ctx)
     with _errors():
         admin.ping(app)
     try:
-        settings = WebSettings(url_prefix, flower_url, basic_auth, enable_actions)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="--basic-auth") from exc
+        pairs = credentials(basic_auth, file=basic_auth_file)  # and CELERY_SAGA_WEB_AUTH's
+        settings = WebSettings(url_prefix, flower_url, pairs, enable_actions=enable_actions, behind_proxy=behind_proxy)
+    except SettingError as exc:
+        raise click.BadParameter(str(exc), param_hint=exc.option) from exc
     where = f"http://{address}:{port}{settings.url('/')}"
     try:
         serve(

@@ -72,6 +72,9 @@ class SagaSummary:
     #: Why a saga was rolled back: failure, timeout, cancelled (None otherwise). Not in the
     #: JSON, whose shape scripts parsing ``celery saga list --json`` know.
     reason: str | None = None
+    #: The record cannot be read: listed from its index entry (``status`` is that index's),
+    #: with ``error`` saying what is wrong. Not in the JSON either.
+    corrupt: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return {

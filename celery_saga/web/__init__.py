@@ -7,6 +7,19 @@ is missing.
 
 from __future__ import annotations
 
-from .app import PAGE_SIZE, WebSettings, make_app, serve
+from .app import make_app, serve
+from .settings import AUTH_ENV, MAX_DEPTH, MAX_LIMIT, PAGE_SIZE, SettingError, WebSettings, credentials
 
-__all__ = ["PAGE_SIZE", "WebSettings", "make_app", "serve"]
+__all__ = [
+    # serving
+    "make_app",
+    "serve",
+    # how it was started
+    "WebSettings",
+    "SettingError",
+    "credentials",
+    "AUTH_ENV",
+    "PAGE_SIZE",
+    "MAX_LIMIT",
+    "MAX_DEPTH",
+]

@@ -3,27 +3,37 @@
 Pages are rendered on the server (``templates/``), with no JavaScript: a
 running saga's page refreshes itself by a meta tag. Store calls are short
 and made on the IO loop, as Flower makes its own.
+
+What a request brings (query arguments, ids in the path, headers) is read
+here, at the edge. An error body echoes it escaped, and never in the HTTP
+reason phrase: Tornado up to 6.4 wrote the reason into its error page
+unescaped. A record that cannot be parsed is shown as such, never a broken
+page.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
 import contextlib
 import hmac
 import json
-from collections.abc import Callable, Sequence
+import re
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from http.client import responses
 from pathlib import Path
+from types import TracebackType
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode, urlsplit
 
 import tornado.web
 from celery import Celery
+from tornado.escape import xhtml_escape
+from tornado.log import app_log
 
 from .. import admin
-from ..errors import SagaError, SagaNotFound, SagaStateError
+from ..errors import SagaError, SagaNotFound, SagaRecordCorrupt, SagaStateError, SagaStoreUnavailable
 from ..messages import parse_task_id
 from ..metrics import metrics_text
 from ..saga import saga_id_for
@@ -32,57 +42,93 @@ from ..shutdown import interrupted_by_signals
 from ..state import SagaStatus
 from ..stores import store_for
 from ..views import SagaSummary, state_json
+from .settings import MAX_LIMIT, WebSettings
 from .timeline import bars, details
 
-__all__ = ["PAGE_SIZE", "WebSettings", "make_app", "serve"]
+__all__ = ["make_app", "serve"]
 
-PAGE_SIZE = 50
 _TEMPLATES = Path(__file__).parent / "templates"
+# Pages need nothing but their own inline styles and forms; no page may frame them (the action buttons).
+_CSP = "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+# What a saga page's ``done`` says after an action: only these, never text from the URL.
+_DONE = ("cancelled", "already finished", "retried")
 
 
-class WebSettings:
-    """How ``celery saga web`` was started."""
+class _Refused(tornado.web.HTTPError):
+    """An error answer whose message (it may hold what the request sent) goes into the body, escaped.
 
-    def __init__(
-        self,
-        url_prefix: str = "",
-        flower_url: str | None = None,
-        basic_auth: Sequence[str] = (),
-        enable_actions: bool = False,
-        page_size: int = PAGE_SIZE,
-    ) -> None:
-        self.page_size = page_size
-        self.url_prefix = "/" + url_prefix.strip("/") if url_prefix.strip("/") else ""
-        self.flower_url = flower_url.rstrip("/") if flower_url else None
-        for pair in basic_auth:
-            if ":" not in pair:
-                raise ValueError(f"--basic-auth takes user:password, not {pair!r}")
-        self.basic_auth = tuple(basic_auth)
-        self.enable_actions = enable_actions
+    The HTTP reason phrase stays the standard one for the status.
+    """
 
-    def url(self, path: str) -> str:
-        return f"{self.url_prefix}{path}"
+    def __init__(self, status_code: int, message: str) -> None:
+        super().__init__(status_code)
+        self.text = message
 
 
 class _Base(tornado.web.RequestHandler):
+    #: Errors as JSON (the API), or as a line of escaped text (pages).
+    api = False
+
     def initialize(self, celery_app: Celery, web: WebSettings) -> None:
         self.celery_app, self.web = celery_app, web
 
+    def set_default_headers(self) -> None:
+        # Set again on error answers (send_error clears the others).
+        self.set_header("X-Content-Type-Options", "nosniff")
+        self.set_header("X-Frame-Options", "DENY")
+        self.set_header("Content-Security-Policy", _CSP)
+        self.set_header("Referrer-Policy", "same-origin")
+
     def prepare(self) -> None:
-        if self.web.basic_auth and not self._authenticated():
+        if self.web.credentials and not self._authenticated():
             self.set_status(401)
-            self.set_header("WWW-Authenticate", 'Basic realm="celery saga"')
+            self.set_header("WWW-Authenticate", 'Basic realm="celery saga", charset="UTF-8"')
             self.finish("authentication required\n")
 
     def _authenticated(self) -> bool:
-        header = self.request.headers.get("Authorization", "")
-        if not header.startswith("Basic "):
+        scheme, _, token = self.request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "basic":
             return False
         try:
-            given = base64.b64decode(header[6:], validate=True).decode()
-        except (binascii.Error, UnicodeDecodeError):
+            given = base64.b64decode(token.strip(), validate=True)
+        except ValueError:  # not base64, or not ASCII at all
             return False
-        return any(hmac.compare_digest(given, pair) for pair in self.web.basic_auth)
+        # Bytes, so any UTF-8 password compares (str compare_digest takes ASCII only);
+        # every pair is compared, so the time taken does not say which one matched.
+        matched = False
+        for pair in self.web.credentials:
+            matched |= hmac.compare_digest(given, pair)
+        return matched
+
+    def check_xsrf_cookie(self) -> None:
+        """A POST must come from this site's own pages: its Origin and Referer, then the double-submit token.
+
+        The token alone is only as good as the cookie: the cookie is
+        ``SameSite=Strict`` and ``HttpOnly`` (`make_app`), and a browser says
+        where a POST comes from in ``Origin`` (and ``Referer``). A client that
+        sends neither (curl) still needs the token and its cookie.
+        """
+        for header in ("Origin", "Referer"):
+            value = self.request.headers.get(header)
+            if value is not None and not self._own_host(value):
+                raise _Refused(403, f"refused: this POST comes from another site (its {header} is not this host)")
+        try:
+            super().check_xsrf_cookie()
+        except tornado.web.HTTPError as exc:
+            raise _Refused(
+                403, "refused: the form's CSRF token (_xsrf) is missing or does not match its cookie; reload the page"
+            ) from exc
+
+    def _own_host(self, url: str) -> bool:
+        try:
+            parts = urlsplit(url)
+        except ValueError:
+            return False
+        hosts = {self.request.host.lower()}
+        forwarded = self.request.headers.get("X-Forwarded-Host")
+        if self.web.behind_proxy and forwarded:
+            hosts.add(forwarded.split(",")[0].strip().lower())
+        return parts.scheme in ("http", "https") and parts.netloc.lower() in hosts
 
     def get_template_path(self) -> str:
         return str(_TEMPLATES)
@@ -92,24 +138,73 @@ class _Base(tornado.web.RequestHandler):
         self.render(template, web=self.web, url=self.web.url, app_name=self.celery_app.main or "", **kwargs)
 
     def write_json(self, value: Any) -> None:
-        self.set_header("Content-Type", "application/json")
-        self.finish(json.dumps(value, indent=2, sort_keys=True, default=str))
+        self.set_header("Content-Type", "application/json; charset=UTF-8")
+        text = json.dumps(value, indent=2, sort_keys=True, default=str)
+        # The same JSON, with nothing in it that a browser sniffing it as HTML would run.
+        self.finish(text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026"))
+
+    def log_exception(
+        self, typ: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if isinstance(value, SagaError):
+            # A known condition (the store is down, a record is corrupt): one line, its message says it all.
+            app_log.error("%s %s: %s", self.request.method, self.request.uri, value)
+        else:
+            super().log_exception(typ, value, tb)
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
-        exc = kwargs.get("exc_info", (None, None))[1]
-        message = str(exc) if isinstance(exc, SagaError) else self._reason
-        self.finish(f"{status_code}: {message}\n")
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        if isinstance(exc, SagaStoreUnavailable):
+            status_code = 503  # try again later, as the CLI's exit code 69 says
+            self.set_status(status_code)
+        if isinstance(exc, _Refused):
+            message = exc.text
+        elif isinstance(exc, SagaError):  # the store is unavailable (its password masked) ...
+            message = str(exc)
+        else:  # Tornado's own errors can hold what was sent ("Invalid unicode in ..."): only the phrase
+            message = responses.get(status_code, "Unknown")
+        if self.api:
+            self.write_json({"error": message, "status": status_code})
+        else:
+            self.set_header("Content-Type", "text/html; charset=UTF-8")
+            self.finish(f"{status_code}: {xhtml_escape(message)}\n")
+
+    def int_argument(self, name: str, default: int, low: int, high: int | None = None) -> int:
+        """A whole-number query argument from ``low`` to ``high``; a 400 that says so otherwise."""
+        text = self.get_query_argument(name, str(default))
+        try:
+            value = int(text)
+        except ValueError:  # not a number, or more digits than int() takes
+            value = None
+        if value is None or value < low or (high is not None and value > high):
+            bounds = f"from {low} to {high}" if high is not None else f"at least {low}"
+            raise _Refused(400, f"{name} must be a whole number {bounds}, not {text[:40]!r}")
+        return value
 
 
-def _parse_time(text: str) -> datetime | timedelta | None:
-    """``admin.parse_since`` of a form field; None for an empty one."""
-    return admin.parse_since(text) if text.strip() else None
+def _time_filter(text: str) -> datetime | None:
+    """``admin.parse_since`` of a form field, a time ago made a time; None for an empty one.
+
+    Raises:
+        ValueError: not a time, or one too far back or ahead to compute
+            (OverflowError is a ValueError here).
+    """
+    if not text.strip():
+        return None
+    try:
+        value = admin.parse_since(text)
+        return datetime.now(UTC) - value if isinstance(value, timedelta) else value
+    except OverflowError as exc:
+        raise ValueError(f"{text[:40]!r} is too far from now") from exc
 
 
-def _when(value: datetime | timedelta | None) -> datetime | None:
-    if isinstance(value, timedelta):
-        return datetime.now(UTC) - value
-    return value
+def _summary_json(s: SagaSummary) -> dict[str, Any]:
+    """``celery saga list --json``'s entry; a corrupt record's also says ``"corrupt": true``."""
+    return {**s.to_json(), "corrupt": True} if s.corrupt else s.to_json()
+
+
+def _saga_url(web: WebSettings, saga_id: str, rest: str = "") -> str:
+    return web.url("/saga/" + quote(saga_id, safe=":") + rest)
 
 
 def _duration(s: SagaSummary, now: datetime) -> str:
@@ -126,18 +221,19 @@ class ListPage(_Base):
         if query:
             found = self._search(query)
             if found:
-                self.redirect(self.web.url(f"/saga/{found}"))
+                self.redirect(_saga_url(self.web, found))
                 return
         status = self.get_query_argument("status", "") or None
         name = self.get_query_argument("name", "") or None
         try:
-            since = _parse_time(self.get_query_argument("since", ""))
-            until = _when(_parse_time(self.get_query_argument("until", "")))
-            page = max(1, int(self.get_query_argument("page", "1")))
+            since = _time_filter(self.get_query_argument("since", ""))
+            until = _time_filter(self.get_query_argument("until", ""))
             if status is not None:
                 SagaStatus(status)
         except ValueError as exc:
-            raise tornado.web.HTTPError(400, reason=f"bad filter: {exc}") from exc
+            raise _Refused(400, f"bad filter: {exc}") from exc
+        # Each page reads every saga before it: the pages stop MAX_DEPTH sagas back.
+        page = self.int_argument("page", 1, 1, self.web.max_page)
         size = self.web.page_size
         sagas = admin.list_sagas(self.celery_app, status=status, name=name, since=since, limit=page * size + 1)
         if until is not None:
@@ -173,7 +269,17 @@ class ListPage(_Base):
         candidates = [query, *([parsed[0]] if parsed else [])]
         names = set(admin.saga_stats(self.celery_app).by_name)
         candidates += [saga_id_for(name, query) for name in sorted(names)]
-        for saga_id, raw in zip(candidates, store.load_many(candidates), strict=True):
+        try:
+            found = store.load_many(candidates)
+        except SagaRecordCorrupt:
+            # A record that cannot be read fails the whole batch; it is there all the same.
+            found = []
+            for saga_id in candidates:
+                try:
+                    found += store.load_many([saga_id])
+                except SagaRecordCorrupt:
+                    found.append({"corrupt": "1"})
+        for saga_id, raw in zip(candidates, found, strict=True):
             if raw:
                 return saga_id
         return None
@@ -184,8 +290,14 @@ class SagaPage(_Base):
         try:
             state = admin.saga_state(self.celery_app, saga_id)
         except SagaNotFound as exc:
-            raise tornado.web.HTTPError(404, reason=str(exc)) from exc
+            raise _Refused(404, str(exc)) from exc
+        except SagaRecordCorrupt as exc:
+            # Its page all the same: what is wrong, and Purge to clean it up.
+            self.set_status(500)
+            self.render_page("corrupt.html", saga_id=saga_id, error=str(exc), saga_url=_saga_url(self.web, saga_id))
+            return
         redact = redact_keys(self.celery_app)
+        done = self.get_query_argument("done", "")
         rows, span = bars(state)
         shown = state_json(state, redact)
         self.render_page(
@@ -198,7 +310,7 @@ class SagaPage(_Base):
             data_json=json.dumps(shown["data"], indent=2, sort_keys=True),
             flower=self.web.flower_url,
             dumps=lambda v: json.dumps(v, sort_keys=True),
-            message=self.get_query_argument("done", ""),
+            message=done if done in _DONE else "",
         )
 
 
@@ -207,7 +319,7 @@ class Action(_Base):
 
     def post(self, saga_id: str, action: str) -> None:
         if not self.web.enable_actions:
-            raise tornado.web.HTTPError(403, reason="actions are off: start the server with --enable-actions")
+            raise _Refused(403, "actions are off: start the server with --enable-actions")
         app = self.celery_app
         try:
             if action == "cancel":
@@ -220,38 +332,44 @@ class Action(_Base):
                 self.redirect(self.web.url("/"))
                 return
             else:
-                raise tornado.web.HTTPError(404)
+                raise _Refused(404, f"no action {action}")
         except SagaNotFound as exc:
-            raise tornado.web.HTTPError(404, reason=str(exc)) from exc
-        except SagaStateError as exc:
-            raise tornado.web.HTTPError(409, reason=str(exc)) from exc
-        self.redirect(self.web.url(f"/saga/{saga_id}?" + urlencode({"done": done})))
+            raise _Refused(404, str(exc)) from exc
+        except (SagaStateError, SagaRecordCorrupt) as exc:
+            raise _Refused(409, str(exc)) from exc
+        self.redirect(_saga_url(self.web, saga_id, "?" + urlencode({"done": done})))
 
 
 class ApiList(_Base):
+    api = True
+
     def get(self) -> None:
+        status = self.get_query_argument("status", "").upper() or None
         try:
-            since = _parse_time(self.get_query_argument("since", ""))
-            limit = int(self.get_query_argument("limit", "50"))
-            status = self.get_query_argument("status", "") or None
-            found = admin.list_sagas(
-                self.celery_app,
-                status=status.upper() if status else None,
-                name=self.get_query_argument("name", "") or None,
-                since=since,
-                limit=limit,
-            )
+            since = _time_filter(self.get_query_argument("since", ""))
+            if status is not None:
+                SagaStatus(status)
         except ValueError as exc:
-            raise tornado.web.HTTPError(400, reason=str(exc)) from exc
-        self.write_json({"sagas": [s.to_json() for s in found]})
+            raise _Refused(400, str(exc)) from exc
+        # Asking for more is not an error: scripts ask for "all", and get the most there is.
+        limit = min(self.int_argument("limit", 50, 1), MAX_LIMIT)
+        name = self.get_query_argument("name", "") or None
+        found = admin.list_sagas(self.celery_app, status=status, name=name, since=since, limit=limit)
+        self.write_json({"sagas": [_summary_json(s) for s in found]})
 
 
 class ApiSaga(_Base):
+    api = True
+
     def get(self, saga_id: str) -> None:
         try:
             state = admin.saga_state(self.celery_app, saga_id)
         except SagaNotFound as exc:
-            raise tornado.web.HTTPError(404, reason=str(exc)) from exc
+            raise _Refused(404, str(exc)) from exc
+        except SagaRecordCorrupt as exc:
+            self.set_status(500)
+            self.write_json({"id": saga_id, "corrupt": True, "error": str(exc)})
+            return
         self.write_json(state_json(state, redact_keys(self.celery_app)))
 
 
@@ -265,7 +383,7 @@ def make_app(celery_app: Celery, web: WebSettings | None = None) -> tornado.web.
     """The Tornado application serving ``celery_app``'s sagas."""
     web = web or WebSettings()
     args = {"celery_app": celery_app, "web": web}
-    p = web.url_prefix
+    p = re.escape(web.url_prefix)  # checked to be plain path segments; "." is still a regex's any-character
     return tornado.web.Application(
         [
             (rf"{p}/", ListPage, args),
@@ -276,6 +394,9 @@ def make_app(celery_app: Celery, web: WebSettings | None = None) -> tornado.web.
             (rf"{p}/metrics", Metrics, args),
         ],
         xsrf_cookies=True,
+        # Double-submit: the token in each form must match this cookie, which no other site's page sends
+        # (Strict) and no script reads (there are none, and HttpOnly keeps it so).
+        xsrf_cookie_kwargs={"samesite": "Strict", "httponly": True, "path": web.url("/")},
         autoescape="xhtml_escape",
     )
 
@@ -290,14 +411,18 @@ def serve(
     """Serve on ``address:port`` until SIGINT or SIGTERM; ``ready`` is called once it listens.
 
     It returns at once on either signal, also while a request waits on a
-    saga store that does not answer (`celery_saga.shutdown`).
+    saga store that does not answer (`celery_saga.shutdown`). With
+    ``web.behind_proxy``, the client's address and scheme are taken from
+    ``X-Real-Ip`` / ``X-Forwarded-For`` and ``X-Forwarded-Proto`` / ``X-Scheme``.
 
     Raises:
         OSError: it cannot listen on ``address:port`` (the port is taken ...).
     """
+    web = web or WebSettings()
 
     async def main() -> None:
-        server = make_app(celery_app, web).listen(port, address=address, xheaders=True)
+        # Any client can send X-Forwarded-*: they say who the client is only when a proxy sets them.
+        server = make_app(celery_app, web).listen(port, address=address, xheaders=web.behind_proxy)
         try:
             if ready is not None:
                 ready()
