@@ -226,11 +226,21 @@ def purge_saga(app: Celery, saga_id: str) -> None:
 
 
 def parse_since(text: str) -> datetime | timedelta:
-    """``10m``, ``2h``, ``1d`` ... as a time ago, else ISO-8601 (UTC unless it has an offset)."""
+    """``10m``, ``2h``, ``1d`` ... as a time ago, else ISO-8601 (UTC unless it has an offset).
+
+    Raises:
+        ValueError: it is neither.
+        OverflowError: a time ago before the year 1, which no datetime can hold.
+    """
     text = text.strip()
     ago = _AGO.fullmatch(text)
     if ago:
-        return timedelta(seconds=float(ago.group(1)) * _UNITS[ago.group(2)])
+        try:
+            delta = timedelta(seconds=float(ago.group(1)) * _UNITS[ago.group(2)])
+            datetime.now(UTC) - delta  # what a filter computes from it
+        except OverflowError as exc:
+            raise OverflowError(f"{text!r} is too far back") from exc
+        return delta
     when = datetime.fromisoformat(text)
     return when if when.tzinfo else when.replace(tzinfo=UTC)
 

@@ -29,7 +29,9 @@ JSON (``--json``), a stable schema; times are ISO-8601 UTC with milliseconds
 and a ``Z`` (``"2026-11-27T03:25:09.640Z"``), or null when unknown:
 
 * list: ``{"sagas": [{"id", "name", "status", "status_at", "created_at",
-  "failed_step", "error"}]}``, newest first.
+  "failed_step", "error"}]}``, newest first. A record that cannot be read
+  is listed with ``"corrupt": true`` and its ``error`` (its ``status`` is
+  that of the index it was found in).
 * show: ``{"id", "name", "status", "status_at", "created_at",
   "idempotency_key", "failed_step", "error", "reason", "kwargs", "data",
   "settings", "timeout", "deadline", "steps": [{"name", "task", "stage",
@@ -94,6 +96,8 @@ def _since(ctx: click.Context, param: click.Parameter, value: str | None) -> dat
         return None
     try:
         return parse_since(value)
+    except OverflowError:
+        raise click.BadParameter(f"{value!r} is too far back: give a time after the year 1") from None
     except ValueError:
         raise click.BadParameter(f"{value!r} is neither ISO-8601 nor a time ago like 30s, 10m, 2h, 1d") from None
 
@@ -173,9 +177,12 @@ def list_(
             _app(ctx), status=status.upper() if status else None, name=name, since=since, limit=limit
         )
     if as_json:
-        _echo_json({"sagas": [s.to_json() for s in found]})
+        # A corrupt record's entry also says so, as the web view's API does.
+        _echo_json({"sagas": [{**s.to_json(), "corrupt": True} if s.corrupt else s.to_json() for s in found]})
         return
     click.echo(views.list_table(found) if found else "no sagas found")
+    if any(s.corrupt for s in found):
+        click.echo(f"\ncorrupt records cannot be read: `{_hint(ctx, 'show', 'ID')}` says why; purge a finished one")
 
 
 @saga.command(cls=CeleryCommand)
@@ -312,7 +319,8 @@ def sweep(ctx: click.Context, once: bool, interval: float | None) -> None:
     if once:
         with _errors():
             report = sweep_once(app)
-        click.echo(f"claimed {report.claimed}, acted on {report.acted}, errors {report.errors}")
+        dropped = f", dropped {report.dropped}" if report.dropped else ""
+        click.echo(f"claimed {report.claimed}, acted on {report.acted}, errors {report.errors}{dropped}")
         return
     with _errors():
         thread = SweeperThread(app, name="celery_saga-sweeper")

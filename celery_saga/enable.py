@@ -14,6 +14,7 @@ from typing import Any
 from celery import Celery
 from celery._state import _get_active_apps, connect_on_app_finalize
 
+from . import redaction
 from .nested import register_tasks
 from .registry import has_steps
 from .worker import main_process
@@ -35,6 +36,7 @@ def enable(app: Celery) -> Celery:
     if not mark_enabled(app):
         return app
     main_process.connect_signals()
+    redaction.connect_signals()
     app.steps["worker"].add(SagaWorker)
     register_tasks(app)
     if app.finalized:

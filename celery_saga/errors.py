@@ -147,11 +147,17 @@ class SagaStoreMisconfigured(SagaStoreUnavailable):
     """The saga store refuses the call: the Redis user lacks a permission (NOPERM), or a key has the wrong type.
 
     Retried like an unavailable store, so that fixing the ACL (or the key)
-    lets the sagas finish; logged at ERROR with what is missing.
+    lets the sagas finish; logged at ERROR with what is missing. A step
+    message whose own saga key is of the wrong type is dropped after
+    ``saga_store_error_max_retries``.
+
+    Attributes:
+        wrong_type: True for a key of the wrong type (WRONGTYPE), False for a refused permission.
     """
 
-    def __init__(self, url: str, cause: BaseException) -> None:
+    def __init__(self, url: str, cause: BaseException, wrong_type: bool = False) -> None:
         super().__init__(url, cause)
+        self.wrong_type = wrong_type
         self.args = (
             f"saga store {url} refuses the call: {type(cause).__name__}: {cause}. Grant the saga user the "
             f"commands and key pattern listed in docs/deployments.md, or remove the key of the wrong type",

@@ -13,9 +13,10 @@ from .errors import SagaCompensated, SagaDataError, SagaFailed, SagaNotFound, Sa
 from .follow import follow
 from .messages import queue_of
 from .plan import cached_plan
+from .redaction import redacted_keys, rejection_text
 from .state import CompensationStatus, SagaState, SagaStatus, final_data
 from .store import Outcome, SagaStore
-from .stores import store_for
+from .stores import settings_of, store_for
 from .wait import check_event_name
 
 __all__ = ["SagaResult"]
@@ -94,15 +95,16 @@ class SagaResult:
             SagaStoreUnavailable: the saga store cannot be reached; nothing changed.
         """
         check_event_name(event)
+        depth = settings_of(self.app).max_data_depth
         try:
-            data_json = codec.dumps(data)
+            data_json = codec.dumps(data, max_depth=depth)
         except (TypeError, ValueError) as exc:
             raise SagaDataError(
                 f"saga {self.id}: the data of event {event!r} cannot be stored in the saga record: "
-                f"{codec.why_unstorable(data)}. Pass {codec.STORABLE}"
+                f"{codec.why_unstorable(data, max_depth=depth)}. Pass {codec.STORABLE}"
             ) from exc
         store = self._store()
-        t = store.signal(self.id, event, data_json)
+        t = store.signal(self.id, event, data_json, self._rejection(store, event, data))
         if t.outcome is Outcome.MISSING:
             raise SagaNotFound(self.id, store.where())
         if t.outcome is Outcome.CORRUPT:
@@ -113,6 +115,28 @@ class SagaResult:
             announce.event_received(self.app, self.id, t.name, event, data)
             follow(self.app, store, t)
         return True
+
+    def _rejection(self, store: SagaStore, event: str, data: Any) -> str:
+        """The error ``event`` records if it rejects a wait: its data masked and capped; "" if it rejects none.
+
+        Built here, not by the transition from the data: the record never
+        holds the event's redacted values as an error text.
+        """
+        try:
+            raw = store.load(self.id)
+        except SagaNotFound:
+            return ""  # the transition says so
+        digest = raw.get("ph", "")
+        if not digest:
+            return ""
+        plan = store.plan(digest)
+        if not any(spec.reject == event for spec in plan.steps):
+            return ""
+        try:
+            kwargs = codec.loads(raw["kwargs"])
+        except (KeyError, ValueError):
+            kwargs = None
+        return rejection_text(event, data, redacted_keys(self.app, plan), kwargs)
 
     def cancel(self) -> bool:
         """Stop the saga and roll it back, as a saga timeout would.

@@ -18,7 +18,7 @@ from celery.canvas import Signature
 
 from . import codec
 from .enable import enable_apps_with_steps
-from .errors import IdempotencyConflict, SagaDataError, SagaDefinitionError
+from .errors import IdempotencyConflict, SagaDataError, SagaDefinitionError, SagaStoreUnavailable
 from .follow import follow
 from .introspect import is_proxy
 from .messages import StageNotPublished, message_serializer
@@ -26,7 +26,7 @@ from .nested import CHILD_ENDED_TASK
 from .plan import Plan, StepSpec, remember_plan
 from .registry import MISSING, DefinedSaga, register_saga
 from .result import SagaResult
-from .settings import SagaSettings, default_step_timeout, redact_keys, timeout_seconds
+from .settings import SagaSettings, default_step_timeout, max_data_depth, redact_keys, timeout_seconds
 from .stages import check_events, children_of, flatten, leaf, parallel, pivot_stage, step_name
 from .state import SagaStatus
 from .step import StepRef
@@ -72,6 +72,8 @@ class Saga:
     ) -> None:
         if not isinstance(name, str) or not name or any(c in name for c in " \t\r\n:"):
             raise SagaDefinitionError(f"saga name must be a non-empty string without whitespace or ':', not {name!r}")
+        if not _is_text(name):
+            raise SagaDefinitionError(f"saga name {name!r} has a lone surrogate: it is no text in UTF-8")
         self.name = name
         self.timeout = timeout_seconds(f"saga {name!r}: timeout", timeout)
         #: The module that defined the saga: what a worker imports to have it (the crash-point explorer's -A).
@@ -166,7 +168,7 @@ class Saga:
                     bound = self._bind_args(ref, local, bound)
                 options = {**_routing(local), **_routing_of(ref.options)}
                 comp_options = _routing(tasks.get(ref.compensation)) if ref.compensation else {}
-                _dumps(bound, f"saga {self.name!r}: the arguments bound to step {ref.name!r}")
+                _dumps(bound, f"saga {self.name!r}: the arguments bound to step {ref.name!r}", max_data_depth(app))
                 specs.append(
                     StepSpec(
                         ref.name,
@@ -264,14 +266,17 @@ class Saga:
         if args:
             raise SagaDataError(f"saga {self.name!r} takes keyword arguments only, got positional {list(args)!r}")
         data = dict(kwargs or {})
-        kwargs_json = _dumps(data, f"saga {self.name!r}: kwargs")
+        depth = settings_of(self.app).max_data_depth
+        kwargs_json = _dumps(data, f"saga {self.name!r}: kwargs", depth)
         callbacks = [
-            _callback_json(cb, which) for cb, which in ((on_complete, "on_complete"), (on_failure, "on_failure"))
+            _callback_json(cb, which, depth) for cb, which in ((on_complete, "on_complete"), (on_failure, "on_failure"))
         ]
         saga_timeout = self.timeout if timeout is MISSING else timeout_seconds(f"saga {self.name!r}: timeout", timeout)
         key = idempotency_key or ""
         if idempotency_key is not None and (not isinstance(idempotency_key, str) or not idempotency_key):
             raise SagaDataError("idempotency_key must be a non-empty string")
+        if not _is_text(key):
+            raise SagaDataError(f"idempotency_key {key!r} has a lone surrogate: it is no text in UTF-8")
         saga_id = self.id_for(key) if key else str(uuid.uuid4())
         return self._start(saga_id, data, kwargs_json, key, callbacks, saga_timeout)
 
@@ -283,9 +288,10 @@ class Saga:
         child's transitions and the two may live in different slots.
         """
         ended = self.app.signature(CHILD_ENDED_TASK, kwargs={"parent": parent_id, "parent_gen": parent_gen})
-        callback = _callback_json(ended, "on_complete")
+        depth = settings_of(self.app).max_data_depth
+        callback = _callback_json(ended, "on_complete", depth)
         link = (parent_id, parent_gen, self.name)
-        kwargs_json = _dumps(data, f"saga {self.name!r}: kwargs")
+        kwargs_json = _dumps(data, f"saga {self.name!r}: kwargs", depth)
         saga_id = f"{parent_id}:{self.name}"
         return self._start(saga_id, data, kwargs_json, "", [callback, callback], self.timeout, parent=link)
 
@@ -312,7 +318,7 @@ class Saga:
             name=self.name,
             # Only a start whose id another start can repeat (an idempotency
             # key, a child's derived id) compares its kwargs with the record's.
-            fingerprint=hashlib.sha256(_canonical(data).encode()).hexdigest() if key or parent else "",
+            fingerprint=hashlib.sha256(_canonical(data, kwargs_json).encode()).hexdigest() if key or parent else "",
             kwargs_json=kwargs_json,
             plan_json=d.plan_json,
             plan_digest=d.digest,
@@ -385,13 +391,17 @@ class Saga:
             follow(app, store, created)
             return
         except StageNotPublished as exc:
-            failed = exc
+            cause, unpublished = exc.__cause__ or exc, exc.unpublished
+        except SagaStoreUnavailable:
+            raise  # the record stays PENDING: a start again with its key publishes its first stage
+        except Exception as exc:
+            # Before any send, or part-way: the abort fails the steps still DISPATCHED.
+            cause, unpublished = exc, tuple(spec.name for spec in self.plan().stages[0])
         # Mark the saga failed and release its idempotency key, so no orphan
         # RUNNING saga is left and the caller can simply retry.
-        cause = failed.__cause__ or failed
         error = f"publish failed: {type(cause).__name__}: {cause}"
         try:
-            store.abort_start(created.saga_id, created.gen, self.name, error, failed.unpublished)
+            store.abort_start(created.saga_id, created.gen, self.name, error, unpublished)
         except Exception:
             logger.exception("saga %s: could not mark the failed start", created.saga_id)
         raise cause  # the broker's own error, as publishing raised it
@@ -433,23 +443,37 @@ def _routing(task: Any) -> dict[str, Any]:
     return _routing_of(task._get_exec_options()) if task is not None else {}
 
 
-def _canonical(data: Any) -> str:
-    return codec.dumps(data, sort_keys=True, separators=(",", ":"))
-
-
-def _dumps(data: Any, what: str) -> str:
+def _canonical(data: Any, stored: str) -> str:
+    """``data`` as JSON with sorted keys, the same for the same data: what a repeated start compares."""
     try:
-        return codec.dumps(data)
+        return codec.dumps(data, sort_keys=True, separators=(",", ":"))
+    except TypeError:
+        # Keys of several types (1 and "a") do not sort; as stored, every key is a string.
+        return codec.dumps(codec.loads(stored), sort_keys=True, separators=(",", ":"))
+
+
+def _dumps(data: Any, what: str, max_depth: int) -> str:
+    try:
+        return codec.dumps(data, max_depth=max_depth)
     except (TypeError, ValueError) as exc:
         raise SagaDataError(
-            f"{what} cannot be stored in the saga record: {codec.why_unstorable(data)}. "
+            f"{what} cannot be stored in the saga record: {codec.why_unstorable(data, max_depth=max_depth)}. "
             f"Pass {codec.STORABLE}; e.g. ids instead of objects"
         ) from exc
 
 
-def _callback_json(sig: Signature | None, which: str) -> str:
+def _is_text(text: str) -> bool:
+    """True unless ``text`` has a lone surrogate: it then encodes in no UTF, so Redis keys cannot hold it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _callback_json(sig: Signature | None, which: str, max_depth: int) -> str:
     if sig is None:
         return ""
     if not isinstance(sig, Signature):
         raise SagaDataError(f"{which} must be a Celery signature such as notify.s(), not {sig!r}")
-    return _dumps(dict(sig), which)
+    return _dumps(dict(sig), which, max_depth)

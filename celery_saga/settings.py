@@ -35,9 +35,15 @@ saga_sweep_interval                 0.5          seconds between a worker's dead
 saga_sweeper                        True         False: no sweeper thread in workers (run
                                                  ``celery saga sweep`` processes instead)
 saga_send_events                    None         ``task-saga-*`` events (None: as ``-E``)
-saga_redact_keys                    ()           keys masked in every saga message's shown
-                                                 arguments and in ``celery saga show``
+saga_redact_keys                    ()           keys masked wherever saga values are shown:
+                                                 kwargs, results, exceptions, error texts,
+                                                 ``celery saga show``, the web view
 saga_config_warnings                True         False: no configuration warning at worker start
+saga_max_data_depth                 64           how deeply saga data, event data and step
+                                                 results may nest (dicts, lists); at most 200
+saga_store_error_max_retries        20           times a step message whose saga id names a key
+                                                 that is no saga record is sent again, then
+                                                 dropped (None: for ever)
 =================================== ============ =====================================
 """
 
@@ -52,7 +58,16 @@ from celery import Celery
 from .errors import SagaDefinitionError
 from .store.connect import parse
 
-__all__ = ["SETTING_NAMES", "SagaSettings", "default_step_timeout", "raw_conf", "redact_keys", "timeout_seconds"]
+__all__ = [
+    "MAX_DATA_DEPTH_LIMIT",
+    "SETTING_NAMES",
+    "SagaSettings",
+    "default_step_timeout",
+    "max_data_depth",
+    "raw_conf",
+    "redact_keys",
+    "timeout_seconds",
+]
 
 _DEFAULTS: dict[str, Any] = {
     "saga_redis_url": None,
@@ -71,10 +86,17 @@ _DEFAULTS: dict[str, Any] = {
     "saga_index_shards": 16,
     "saga_redis_wait_replicas": 0,
     "saga_redis_wait_timeout": 1.0,
+    "saga_max_data_depth": 64,
+    "saga_store_error_max_retries": 20,
 }
 
 #: Every setting `SagaSettings.from_app` reads.
 SETTING_NAMES = (*_DEFAULTS, "saga_redis_transport_options", "saga_compensated_retention", "saga_failed_retention")
+
+#: The largest ``saga_max_data_depth``: a prefork worker's main process pickles each
+#: message's data for its pool, and about 480 levels of nesting raised RecursionError
+#: there, killing the worker. A message nests a few levels more than its saga data.
+MAX_DATA_DEPTH_LIMIT = 200
 
 _BROKER_STORES = ("redis://", "rediss://", "unix://", "sentinel://")
 
@@ -118,6 +140,11 @@ class SagaSettings:
     forward_retry_backoff: float = 1.0
     forward_retry_backoff_max: float = 600.0
     forward_max_retries: int | None = None
+    #: How deeply data and results may nest (``check`` in `celery_saga.codec`).
+    max_data_depth: int = 64
+    #: Times a message whose saga id names a key that is no saga record is sent again
+    #: before it is dropped; None: for ever.
+    store_error_max_retries: int | None = 20
 
     @classmethod
     def from_app(cls, app: Celery) -> SagaSettings:
@@ -172,6 +199,8 @@ class SagaSettings:
             forward_retry_backoff=_number("saga_forward_retry_backoff", get("saga_forward_retry_backoff")),
             forward_retry_backoff_max=_number("saga_forward_retry_backoff_max", get("saga_forward_retry_backoff_max")),
             forward_max_retries=_max_retries("saga_forward_max_retries", get("saga_forward_max_retries")),
+            max_data_depth=max_data_depth(app),
+            store_error_max_retries=_limit(conf, "saga_store_error_max_retries"),
         )
 
     def saga_copy(self) -> str:
@@ -185,6 +214,8 @@ class SagaSettings:
             del copy[local]
         for local in ("index_shards", "wait_replicas", "wait_timeout", "dedup_window"):
             del copy[local]
+        for local in ("max_data_depth", "store_error_max_retries"):
+            del copy[local]
         return json.dumps(copy, sort_keys=True)
 
 
@@ -195,6 +226,14 @@ def _max_retries(name: str, value: Any) -> int | None:
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
         raise SagaDefinitionError(f"app.conf.{name} must be None (retry forever) or an int >= 0, not {value!r}")
     return value
+
+
+def _limit(conf: Any, name: str) -> int | None:
+    """A retry limit whose default is a number: None, set explicitly, for no limit."""
+    value = conf.get(name)
+    if value is None and not _explicit(conf, name):
+        value = _DEFAULTS[name]
+    return _max_retries(name, value)
 
 
 def _optional(conf: Any, name: str) -> float | None:
@@ -225,6 +264,19 @@ def default_step_timeout(app: Celery) -> float | None:
     if value is None and not _explicit(conf, "saga_default_step_timeout"):
         value = _DEFAULTS["saga_default_step_timeout"]
     return timeout_seconds("app.conf.saga_default_step_timeout", value)
+
+
+def max_data_depth(app: Celery) -> int:
+    """``saga_max_data_depth``, validated; readable without a saga store configured."""
+    value = app.conf.get("saga_max_data_depth")
+    if value is None:
+        return int(_DEFAULTS["saga_max_data_depth"])
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_DATA_DEPTH_LIMIT:
+        raise SagaDefinitionError(
+            f"app.conf.saga_max_data_depth must be an int from 1 to {MAX_DATA_DEPTH_LIMIT}, not {value!r}: a prefork "
+            f"worker pickles each message's data, and data nested much deeper exceeds Python's recursion limit there"
+        )
+    return value
 
 
 def redact_keys(app: Celery) -> tuple[str, ...]:

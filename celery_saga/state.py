@@ -86,6 +86,11 @@ class CompensationStatus(str, Enum):
         return self.value
 
 
+#: What parsing a damaged record can raise: bad values and types, times out of
+#: range, and JSON nested too deep to decode.
+_UNREADABLE = (KeyError, ValueError, TypeError, OverflowError, OSError, RecursionError)
+
+
 def ms_time(raw: str | None) -> datetime | None:
     """A record's time field (ms since the epoch) as a UTC datetime; None if unset."""
     if not raw:
@@ -207,7 +212,19 @@ class SagaState:
 
     @classmethod
     def from_record(cls, saga_id: str, raw: dict[str, str]) -> SagaState:
-        """Parse a raw record (a Redis hash). Never trusts it to name classes."""
+        """Parse a raw record (a Redis hash). Never trusts it to name classes.
+
+        Raises:
+            SagaRecordCorrupt: any part of it cannot be read (a time out of
+                range, JSON nested too deep to decode ...).
+        """
+        try:
+            return cls._parse(saga_id, raw)
+        except _UNREADABLE as exc:
+            raise SagaRecordCorrupt(saga_id, f"{type(exc).__name__}: {exc}") from exc
+
+    @classmethod
+    def _parse(cls, saga_id: str, raw: dict[str, str]) -> SagaState:
         try:
             plan = _plan_of(raw)
             kwargs = codec.loads(raw["kwargs"])
@@ -262,7 +279,7 @@ class SagaState:
                         child_id=f"{saga_id}:{n}" if spec.child else None,
                     )
                 )
-        except (KeyError, ValueError, TypeError) as exc:
+        except _UNREADABLE as exc:
             raise SagaRecordCorrupt(saga_id, f"{type(exc).__name__}: {exc}") from exc
         if not isinstance(kwargs, dict):
             raise SagaRecordCorrupt(saga_id, "kwargs is not a JSON object")
@@ -307,7 +324,7 @@ def final_data(saga_id: str, raw: dict[str, str]) -> dict[str, Any]:
         if not isinstance(kwargs, dict):
             raise TypeError("kwargs is not a JSON object")
         return data_before(plan, raw, len(plan.stages), kwargs)
-    except (KeyError, ValueError, TypeError) as exc:
+    except _UNREADABLE as exc:
         raise SagaRecordCorrupt(saga_id, f"{type(exc).__name__}: {exc}") from exc
 
 

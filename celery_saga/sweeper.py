@@ -15,6 +15,11 @@ Any number of sweepers may run. A claim is a lease on an index entry, which
 only keeps sweepers from doing the same work twice; exactly-once handling
 comes from the record's ``sweep`` transition, which acts only on deadlines
 that are due and not yet handled.
+
+An entry is poison if its key is no saga record a sweeper can read (a key
+of another type, a hash the transitions refuse, a record whose plan is
+gone): it is removed and logged once, and the pass goes on past it, so one
+bad entry never holds up the deadlines of every saga behind it.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from dataclasses import dataclass
 
 from celery import Celery
 
-from .errors import SagaError, SagaStoreUnavailable
+from .errors import SagaError, SagaRecordCorrupt, SagaStoreMisconfigured, SagaStoreUnavailable
 from .follow import follow
 from .store import Outcome, SagaStore
 from .stores import settings_of, store_for
@@ -39,8 +44,6 @@ logger = logging.getLogger("celery_saga")
 #: How long a claim keeps other sweepers off an entry, seconds. A sweeper
 #: that dies mid-sweep delays that saga's deadlines by at most this much.
 LEASE = 15.0
-#: A corrupt record is looked at again this much later (ms), and logged each time.
-CORRUPT_RETRY_MS = 300_000
 
 
 @dataclass(frozen=True)
@@ -51,11 +54,14 @@ class SweepReport:
         claimed: Index entries this pass claimed.
         acted: Sagas whose record changed: a deadline was acted on.
         errors: Sagas that could not be swept; their claims come due again.
+        dropped: Entries removed, logged once: their key is no saga record
+            the transitions can read (another type, unknown fields, no plan).
     """
 
     claimed: int
     acted: int
     errors: int
+    dropped: int = 0
 
 
 def sweep(app: Celery, limit: int = 1000) -> SweepReport:
@@ -66,17 +72,53 @@ def sweep(app: Celery, limit: int = 1000) -> SweepReport:
     """
     store = store_for(app)
     claimed = store.claim_due(limit, LEASE)
-    acted = errors = 0
+    acted = errors = dropped = 0
     for saga_id, claim in claimed:
         try:
             acted += _sweep_one(app, store, saga_id, claim)
+            continue
+        except SagaStoreMisconfigured as exc:
+            # A key of the wrong type refuses the transition: if it is this
+            # entry's own key, the entry is poison, and the pass goes on past
+            # it; any other (an index shard, an ACL) is the store's problem.
+            if not (exc.wrong_type and store.not_a_record(saga_id)):
+                raise
+            why = "its key holds something other than a saga record (a hash)"
         except SagaStoreUnavailable:
             raise
+        except (_Unreadable, SagaRecordCorrupt) as exc:
+            # The record, or what following its transition needs (its plan,
+            # its data), cannot be read: looking again will not read it either.
+            why = str(exc)
         except Exception:
-            # The claim runs out and another pass tries again.
+            # The claim runs out and another pass tries again (a broker that failed to publish, say).
             errors += 1
             logger.exception("saga %s: sweeping its deadlines failed; it is retried in %.0fs", saga_id, LEASE)
-    return SweepReport(len(claimed), acted, errors)
+            continue
+        _drop(app, store, saga_id, why)
+        dropped += 1
+    return SweepReport(len(claimed), acted, errors, dropped)
+
+
+class _Unreadable(Exception):
+    """The sweep transition could not read the record (`Outcome.CORRUPT`)."""
+
+
+def _drop(app: Celery, store: SagaStore, saga_id: str, why: str) -> None:
+    """Remove a deadline entry whose key is no readable saga record, logging it: once, since it is gone.
+
+    Whatever its time: the transition may have registered it again (a saga
+    it ended is looked at again later), and no later look would read more.
+    """
+    logger.error(
+        "saga %s: its deadline entry in %s names no readable saga record (%s), so its deadlines cannot be "
+        "checked; the entry is removed. Inspect it with `%s`, or purge it",
+        saga_id,
+        store.where(),
+        why,
+        command(app.main, "show", saga_id),
+    )
+    store.unwatch(saga_id)
 
 
 def _sweep_one(app: Celery, store: SagaStore, saga_id: str, claim: str) -> int:
@@ -89,16 +131,8 @@ def _sweep_one(app: Celery, store: SagaStore, saga_id: str, claim: str) -> int:
         store.rescore(saga_id, claim, "")
         return 0
     if t.outcome is not Outcome.SWEPT:
-        logger.error(
-            "saga %s: its record in %s is corrupt (%s), so its deadlines cannot be checked. Inspect it with "
-            "`%s`, or purge it",
-            saga_id,
-            store.where(),
-            t.outcome.value,
-            command(app.main, "show", saga_id),
-        )
-        store.rescore(saga_id, claim, f"{time.time() * 1000 + CORRUPT_RETRY_MS:.0f}")
-        return 0
+        # A hash, but not one the transitions can read (its status, its stages).
+        raise _Unreadable(f"the sweep transition found it {t.outcome.value}")
     follow(app, store, t)
     # Rescored only after publishing: if this process dies before, the
     # claim comes due again, and anything whose message was lost is caught

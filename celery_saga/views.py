@@ -142,12 +142,19 @@ def _lenient_time(raw: str | None) -> datetime | None:
 
 
 def list_table(sagas: Sequence[SagaSummary]) -> str:
-    """``celery saga list``: one row per saga."""
+    """``celery saga list``: one row per saga; a record that cannot be read is a "corrupt record" row."""
     rows = [
         (s.saga_id, s.name, s.status.value, iso(s.status_at) or "-", s.failed_step or "", (s.error or "")[:48])
+        if not s.corrupt
+        else (s.saga_id, s.name, "corrupt record", "-", "", _corrupt_detail(s)[:48])
         for s in sagas
     ]
     return table(("id", "name", "status", "since", "failed step", "error"), rows)
+
+
+def _corrupt_detail(s: SagaSummary) -> str:
+    """What is wrong with a corrupt record, without the id the row shows already."""
+    return (s.error or "").removeprefix(f"saga record {s.saga_id} is corrupt: ")
 
 
 def stats_tables(stats: SagaStats) -> str:

@@ -19,7 +19,8 @@ The step tasks write a ledger in Redis and misbehave when the saga data says
 so: ``fail={"proc.three": "why"}`` raises, ``die_in="proc.die"`` SIGKILLs the
 pool child, ``block_in="proc.slow"`` waits on a gate nobody opens, and
 ``crash_worker_before="proc.two"`` SIGKILLs the whole worker while the
-message of that step is being published.
+message of that step is being published, and ``deep_result=480`` makes
+``proc.one`` return, beside its reservation, a ``blob`` nested that deep.
 
 The deadline tasks (``proc.t.*``, for tests/test_timeouts_process.py) are
 modelled on tests/timed_shop.py: a forward step records its effect under
@@ -76,6 +77,14 @@ def worker_env(redis_url: str, prefix: str, queue: str, saga_conf: dict[str, Any
     env.pop(ENV_SWEEPER, None)
     env.pop("FLOWER_UNAUTHENTICATED_API", None)
     return env
+
+
+def deep_value(levels: int) -> Any:
+    """A value of ``levels`` dicts, one inside the other: ``{"a": {"a": ... 1}}``."""
+    value: Any = 1
+    for _ in range(levels):
+        value = {"a": value}
+    return value
 
 
 def _in_pool_child() -> bool:
@@ -156,7 +165,10 @@ def create(
     @app.task(name="proc.one", shared=False, acks_late=True)
     def one(order_id: int, **data: Any) -> dict[str, Any]:
         behave("proc.one", data)
-        return {"reservation": f"r-{order_id}"}
+        result: dict[str, Any] = {"reservation": f"r-{order_id}"}
+        if data.get("deep_result"):
+            result["blob"] = deep_value(int(data["deep_result"]))
+        return result
 
     @saga_step(compensate=undo)
     @app.task(name="proc.two", shared=False, acks_late=True)

@@ -868,3 +868,41 @@ def test_an_early_reject_event_rolls_back_when_the_saga_reaches_its_wait(store: 
     assert (t.outcome, t.status, [d.step for d in t.due]) == (Outcome.ROLLBACK, SagaStatus.COMPENSATING, ["a"])
     state = store.state(saga.saga_id)
     assert (state.reason, state.failed_step) == ("rejected", "wait:ok")
+
+
+def test_an_unwound_child_is_back_in_the_deadline_index(store: RedisSagaStore) -> None:
+    # Given a completed child saga, out of the deadline index (found by the fuzz test)
+    saga = completed_child(store)
+    due = store.keys.due(store.keys.shard_of(saga.saga_id))
+    store.client.zrem(due, saga.saga_id)
+
+    # When its parent rolls it back
+    t = store.unwind(saga.saga_id, "parent rolls back")
+
+    # Then its compensations' deadlines are watched: a sweeper will look
+    assert t.outcome is Outcome.ROLLBACK and t.status is SagaStatus.COMPENSATING
+    assert store.client.zscore(due, saga.saga_id) is not None
+
+
+def test_a_step_that_completes_after_the_saga_ended_is_a_late_outcome(store: RedisSagaStore) -> None:
+    # Given a saga past its pivot, with a wait and a step side by side (found by the fuzz test)
+    plan = Plan(
+        (
+            (StepSpec("p", "t.p", None, timeout=60.0),),
+            (StepSpec("wait:ok", "", None, stage=1, event="ok", reject="no"), StepSpec("c", "t.c", None, stage=1)),
+        )
+    )
+    saga = Saga(store, str(uuid.uuid4()))
+    assert store.start(request(saga.saga_id, plan=plan, pivot="p")).outcome is Outcome.CREATED
+    saga.apply(Op.BEGIN, "p", "0", "")
+    assert saga.apply(Op.DONE, "p", "null").outcome is Outcome.NEXT_STAGE
+    saga.apply(Op.BEGIN, "c", "0", "")
+
+    # When the wait is rejected (nothing can be undone past the pivot: the saga ends FAILED), then c completes
+    assert store.signal(saga.saga_id, "no", "null").status is SagaStatus.FAILED
+    t = saga.apply(Op.DONE, "c", '{"k": 1}')
+
+    # Then c's success is kept apart as a late outcome: no step completes after the end
+    assert (t.outcome, t.status) == (Outcome.LATE, SagaStatus.FAILED)
+    step_c = saga.step("c")
+    assert step_c.status is not StepStatus.COMPLETED and step_c.late_status is StepStatus.COMPLETED

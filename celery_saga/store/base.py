@@ -331,6 +331,19 @@ class SagaStore(abc.ABC):
     def load_many(self, saga_ids: Sequence[str]) -> list[dict[str, str] | None]:
         """Raw records of several sagas in one round trip; None where there is none."""
 
+    @abc.abstractmethod
+    def unwatch(self, saga_id: str) -> None:
+        """Remove ``saga_id``'s deadline entry, at whatever time: for an entry naming no readable record."""
+
+    @abc.abstractmethod
+    def not_a_record(self, saga_id: str) -> bool:
+        """True if the key of ``saga_id``'s record holds something else (a string, a list ...).
+
+        What refuses a transition with a key of the wrong type: this key (a
+        message or an index entry naming it is poison), or another one the
+        transition touches (an index shard: the store's own problem).
+        """
+
     # -- operations -----------------------------------------------------------
 
     def start(self, req: StartRequest) -> Transition:
@@ -459,11 +472,17 @@ class SagaStore(abc.ABC):
 
     def unwind(self, saga_id: str, error: str) -> Transition:
         """Roll a child saga back as a unit, for its parent: cancel it, or compensate it if it completed."""
-        return self.apply(Op.UNWIND, saga_id, "*", "", error)
+        # A completed child left the deadline index; its compensations'
+        # deadlines need it back there (a sweeper looking now rescores it).
+        return self.apply(Op.UNWIND, saga_id, "*", "", error, watch_at=time.time())
 
-    def signal(self, saga_id: str, event: str, data_json: str) -> Transition:
-        """Deliver an outside event to the saga's wait for it (``transitions.lua``: signal)."""
-        return self.apply(Op.SIGNAL, saga_id, "*", "", event, data_json)
+    def signal(self, saga_id: str, event: str, data_json: str, rejection: str = "") -> Transition:
+        """Deliver an outside event to the saga's wait for it (``transitions.lua``: signal).
+
+        ``rejection`` is the error recorded if the event rejects a wait: its
+        data as it may be shown (masked, capped); without it, only the event's name.
+        """
+        return self.apply(Op.SIGNAL, saga_id, "*", "", event, data_json, rejection)
 
     def compensation_failed(self, saga_id: str, gen: str, name: str, step: str, error: str, round: int) -> Transition:
         """Record that an attempt of a compensation failed: ``backoff`` (it is sent again) or ``gave_up``."""

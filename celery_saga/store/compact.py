@@ -20,7 +20,10 @@ def unpack(raw: dict[str, str]) -> dict[str, str]:
     count = raw.get("zn")
     if count is None:
         return raw
-    packed = "".join(raw.get(f"z{i}", "") for i in range(1, int(count) + 1)).encode()
+    parts = int(count)
+    if not 0 <= parts <= len(raw):  # a damaged count must not make every reader loop for ever
+        raise ValueError(f"zn is {count!r}, but the record has {len(raw)} fields")
+    packed = "".join(raw.get(f"z{i}", "") for i in range(1, parts + 1)).encode()
     fields = {k: v for k, v in raw.items() if k != "zn" and not (k[:1] == "z" and k[1:].isdigit())}
     items: list[str] = []
     pos = 0

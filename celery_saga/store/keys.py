@@ -95,6 +95,7 @@ pv, past           the pivot step (a saga with one); "1" once it has completed
 fbo, fmaxr         forward backoff "<base>,<max>" (s); forward max retries ("": none)
 rj:<wait>          the event that rejects a wait ("wait:<event>", a step with no task)
 ev:/evt:<event>    an outside event's data (JSON), first delivery only; when it came (ms)
+evx:<event>        the error a wait's reject event records: its data masked and capped
 fa:<step>          times a step past the pivot (or the pivot, its outcome lost)
                    was sent again; fb0:<step> the count before the last operator
                    retry; fg:<step> "1": it gave up (the saga is FAILED, "forward")

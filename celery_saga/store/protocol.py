@@ -184,11 +184,13 @@ class Transition:
             data = fold(raw["data"][0], raw["data"][1:])
         deadline = raw.get("next_deadline")
         step_status = raw.get("step_status")
+        outcome = Outcome(raw["outcome"])
         return cls(
             op=op,
-            outcome=Outcome(raw["outcome"]),
+            outcome=outcome,
             saga_id=saga_id,
-            status=_status(raw.get("status")),
+            # A corrupt record's status is whatever its hash holds, maybe no status at all.
+            status=None if outcome is Outcome.CORRUPT else _status(raw.get("status")),
             changed_from=_status(raw.get("from")),
             name=raw.get("name") or name,
             gen=raw.get("gen") or gen,

@@ -257,7 +257,9 @@ class RedisSagaStore(SagaStore):
         except redis.ResponseError as exc:
             codes = _codes(exc)
             if codes & set(_MISCONFIGURED) or _ACL_IN_SCRIPT in str(exc):
-                raise SagaStoreMisconfigured(self.location, self._explained(exc)) from exc
+                wrong_type = "WRONGTYPE" in codes and "NOPERM" not in codes and _ACL_IN_SCRIPT not in str(exc)
+                cause = exc if wrong_type else self._explained(exc)  # which command a refused ACL lacks
+                raise SagaStoreMisconfigured(self.location, cause, wrong_type=wrong_type) from exc
             if codes & set(_TRANSIENT) or "MOVED" in codes or "ASK" in codes:
                 raise SagaStoreUnavailable(self.location, exc, reachable=True) from exc
             raise
@@ -602,6 +604,16 @@ class RedisSagaStore(SagaStore):
             for saga_id, raw in zip(saga_ids, self._call(run), strict=True)
         ]
 
+    def not_a_record(self, saga_id: str) -> bool:
+        # HGET, which the saga user has, where TYPE needs one more grant.
+        try:
+            self._call(lambda: self.client.hget(self.keys.record(saga_id), "status"))
+        except SagaStoreMisconfigured as exc:
+            if exc.wrong_type:
+                return True
+            raise
+        return False
+
     def _read_definition(self, digest: str) -> str | None:
         text = self._call(lambda: self.client.get(self.keys.definition(digest)))
         return None if text is None else str(text)
@@ -741,6 +753,10 @@ class RedisSagaStore(SagaStore):
     def rescore(self, saga_id: str, claim: str, next_deadline: str) -> None:
         due = self.keys.due(self.keys.shard_of(saga_id))
         self._call(lambda: self._rescore_script(keys=[due], args=[saga_id, claim, next_deadline]))
+
+    def unwatch(self, saga_id: str) -> None:
+        due = self.keys.due(self.keys.shard_of(saga_id))
+        self._call(lambda: self.client.zrem(due, saga_id))
 
     def watched(self, saga_id: str) -> float | None:
         """When sweepers next look at ``saga_id`` (epoch seconds), or None if it is not in the deadline index."""

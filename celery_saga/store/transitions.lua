@@ -866,9 +866,11 @@ local function early_event(m)
 end
 
 -- Wait m was rejected by event `ev`: roll back with reason "rejected" (past
--- the pivot, nothing can be: the saga ends FAILED).
-local function reject_wait(m, ev, data, changed)
-  local err = 'rejected: event ' .. ev .. ' came with data ' .. data
+-- the pivot, nothing can be: the saga ends FAILED). The error is the text
+-- the signal's caller built ("evx:<event>": the data masked and capped),
+-- never the data itself, which may hold redacted values.
+local function reject_wait(m, ev, changed)
+  local err = hget('evx:' .. ev) or ('rejected: event ' .. ev)
   redis.call('HSET', K, 's:' .. m, 'FAILED', 'e:' .. m, err, 't1:' .. m, NOW)
   redis.call('HSETNX', K, 't0:' .. m, NOW)
   if hget('past') == '1' then
@@ -894,7 +896,7 @@ local function enter_next(changed)
     for _, n in ipairs(st[k + 1]) do
       if is_wait(n) then
         local how, data = early_event(n)
-        if how == 'reject' then return reject_wait(n, hget('rj:' .. n), data, changed) end
+        if how == 'reject' then return reject_wait(n, hget('rj:' .. n), changed) end
         if how == 'accept' then
           redis.call('HSET', K, 's:' .. n, 'COMPLETED', 'r:' .. n, data, 't0:' .. n, NOW, 't1:' .. n, NOW)
           left = redis.call('HINCRBY', K, 'left', -1)
@@ -913,6 +915,15 @@ end
 
 -- Step m (or wait m) completed with `result` (JSON). Returns the reply.
 function step_completed(m, result, changed)
+  if finished(live) and not (live == 'FAILED' and hget('reason') == 'forward' and retriable(m)) then
+    -- The saga ended while this step ran (past the pivot, a wait was
+    -- rejected or timed out): no step completes after the end. Its success
+    -- is kept apart as a late outcome, and nothing follows it.
+    if not hget('ls:' .. m) then
+      redis.call('HSET', K, 'ls:' .. m, 'COMPLETED', 'lr:' .. m, result, 'lt:' .. m, NOW)
+    end
+    return remember(respond('late', changed))
+  end
   redis.call('HSET', K, 's:' .. m, 'COMPLETED', 'r:' .. m, result, 't1:' .. m, NOW)
   if live == 'FAILED' and retriable(m) then
     -- A sibling of a step that gave up forward: one step fewer for the operator's retry to wait for.
@@ -1225,7 +1236,8 @@ OPS.comp_fail = function()
   return remember(respond('backoff', changed, fields))
 end
 
--- ARGV: 4 event, 5 its data (JSON). The outside world delivers an event.
+-- ARGV: 4 event, 5 its data (JSON), 6 the error it records if it rejects a
+-- wait (built by the caller, see reject_wait). The outside world delivers an event.
 -- The first delivery is kept ("ev:<event>") and consumed by the wait for
 -- it ("wait:<event>", or the wait it rejects, "rj:<wait>"), now or when the
 -- saga gets there; a later one changes nothing and says so (duplicate).
@@ -1245,10 +1257,11 @@ OPS.signal = function()
   -- Over (settled, timed out, fenced), or never to be reached (rolling back).
   if (s and s ~= 'DISPATCHED') or not forward then return respond('not_allowed') end
   redis.call('HSET', K, 'ev:' .. ev, data, 'evt:' .. ev, NOW)
+  if rejects and AV[6] and AV[6] ~= '' then redis.call('HSET', K, 'evx:' .. ev, AV[6]) end
   if not s then return remember(respond('recorded')) end  -- kept until the saga gets there
   local changed = false
   if status == 'PENDING' then changed = set_status('RUNNING') end
-  if rejects then return reject_wait(target, ev, data, changed) end
+  if rejects then return reject_wait(target, ev, changed) end
   redis.call('HSETNX', K, 't0:' .. target, NOW)
   return step_completed(target, data, changed)
 end

@@ -28,8 +28,9 @@ from ..errors import SagaError, SagaStoreMisconfigured, SagaStoreUnavailable, St
 from ..follow import Delivery, follow
 from ..introspect import Params, params_of
 from ..messages import Headers, MessageRejected, SagaHeaders, read_headers, resend, task_id
+from ..redaction import ERROR_TEXT_MAX, NOTHING, Redaction, redacted_keys
 from ..store import Op, Outcome, SagaStore, Transition
-from ..stores import store_for
+from ..stores import settings_of, store_for
 from ..tracing import annotate_run
 from ..views import command
 from .claims import checked_plan, refuse
@@ -137,9 +138,10 @@ def wrap(task: Task) -> None:
     _WRAPPED.add(task)
 
 
-def error_text(exc: BaseException) -> str:
-    """How an exception is recorded: its type and message, bounded."""
-    return f"{type(exc).__name__}: {exc}"[:2000]
+def error_text(exc: BaseException, redaction: Redaction = NOTHING) -> str:
+    """How an exception is recorded: its type and message, redacted values masked, bounded."""
+    # Masked before it is cut: a cut could leave part of a secret unmatched.
+    return redaction.text(f"{type(exc).__name__}: {exc}")[:ERROR_TEXT_MAX]
 
 
 class _Message:
@@ -160,6 +162,8 @@ class _Message:
         self.redelivered = "1" if delivery.get("redelivered") else ""
         self.first = headers.first
         self.delivery = Delivery(request.id, self.step, compensation=headers.compensation)
+        #: The keys the saga redacts (its plan's and the app's), once `_begin` has read the plan.
+        self.redact: frozenset[str] = frozenset()
 
     def apply(self, store: SagaStore, op: Op, *args: str, first: bool = False) -> Transition:
         """Apply ``op`` before the function runs, and follow it; if the store cannot take it, re-send the message.
@@ -190,7 +194,8 @@ class _Message:
                 t = store.apply(op, self.saga_id, self.gen, self.name, *args, tx=tx)
                 break
             except SagaStoreUnavailable as exc:
-                if time.monotonic() + pause > give_up:
+                # No record to write to will appear by waiting: the message goes (again) at once.
+                if time.monotonic() + pause > give_up or self.poisoned(exc):
                     raise self.retry_later(exc) from exc
                 _log_store_problem(self.saga_id, exc, f"recording the outcome of {self.what()} again")
                 time.sleep(pause)
@@ -213,14 +218,49 @@ class _Message:
             raise self.retry_later(exc) from exc
         return t
 
-    def retry_later(self, exc: SagaStoreUnavailable) -> Retry:
-        """The store cannot take the call: send this message again with backoff, never ack it away."""
-        delay = min(_OUTAGE_RETRY_MAX, 2.0 ** min(int(self.request.retries or 0), 6))
+    def retry_later(self, exc: SagaStoreUnavailable) -> Retry | Ignore:
+        """The store cannot take the call: send this message again with backoff, never ack it away.
+
+        Except poison: a message whose saga id names a key that is no saga
+        record (WRONGTYPE) is dropped (Ignore: acked) after
+        ``saga_store_error_max_retries``. A refused ACL (NOPERM) is retried
+        until the operator fixes it.
+        """
+        retries = int(self.request.retries or 0)
+        limit = _store_error_max_retries(self.task.app)
+        if limit is not None and retries >= limit and self.poisoned(exc):
+            logger.error(
+                "saga %s: %s; %s dropped after %d retries: its saga id names a key that is no saga record. "
+                "Remove that key if it is not another app's (saga_store_error_max_retries)",
+                self.saga_id,
+                exc,
+                self.what(),
+                retries,
+            )
+            return Ignore()
+        delay = min(_OUTAGE_RETRY_MAX, 2.0 ** min(retries, 6))
         _log_store_problem(self.saga_id, exc, f"retrying {self.task.name} in {delay:.0f}s")
         return resend(self.task, self.request, self.kwargs, delay, exc)
 
+    def poisoned(self, exc: SagaStoreUnavailable) -> bool:
+        """True if ``exc`` is this message's own saga key being of the wrong type: no saga record."""
+        if not (isinstance(exc, SagaStoreMisconfigured) and exc.wrong_type):
+            return False
+        try:
+            # Another key of the wrong type (an index shard) is the store's problem, not this message's.
+            return store_for(self.task.app).not_a_record(self.saga_id)
+        except SagaError:
+            return False  # cannot tell: keep the message
+
     def what(self) -> str:
         return f"compensation of {self.step!r}" if self.delivery.compensation else f"step {self.step!r}"
+
+
+def _store_error_max_retries(app: Any) -> int | None:
+    try:
+        return settings_of(app).store_error_max_retries
+    except SagaError:
+        return None  # settings that cannot be read: keep the message
 
 
 _logged_problems: set[str] = set()
@@ -251,6 +291,7 @@ def _begin(message: _Message, op: Op, *args: str) -> tuple[SagaStore, Transition
             digest = checked_plan(store, message.headers, message.task.name)
         except SagaStoreUnavailable as exc:
             raise message.retry_later(exc) from exc
+        message.redact = redacted_keys(app, store.plan(digest) if digest else None)
         t = message.apply(store, op, *args, digest, first=message.first and op is Op.BEGIN)
     except Retry:
         raise
@@ -310,9 +351,11 @@ def _forward(message: _Message, original: Any, params: Params) -> Any:
     token = set_current(
         StepContext(message.saga_id, message.name, message.step, False, key, t.attempt, forward_key=key)
     )
+    redaction = Redaction.of(message.redact, message.kwargs, message.headers.bound)
     try:
         result = original(**call)
-    except Retry:
+    except Retry as exc:
+        redaction.exception(exc)
         raise
     except (TimeLimitExceeded, SoftTimeLimitExceeded) as exc:
         # Cut off mid-way: the effect is unknown, not absent.
@@ -320,21 +363,29 @@ def _forward(message: _Message, original: Any, params: Params) -> Any:
         raise
     except Reject as exc:
         if not exc.requeue:
-            message.record(store, Op.FAIL, message.step, error_text(exc))
+            message.record(store, Op.FAIL, message.step, error_text(exc, redaction))
+        redaction.exception(exc)
         raise
     except Ignore:
         raise
     except Exception as exc:
-        message.record(store, Op.FAIL, message.step, error_text(exc))
+        message.record(store, Op.FAIL, message.step, error_text(exc, redaction))
+        # Celery logs it, and sends it in task-failed: masked from here on.
+        shown = redaction.exception(exc)
+        if shown is not exc:
+            raise shown from None
         raise
     finally:
         reset_current(token)
     try:
-        result_json = codec.dumps(result)
+        # Bounded in depth too: the next stage's messages carry it, and too deep for a prefork
+        # worker to pickle, they would kill it (and, redelivered, the next one).
+        result_json = codec.dumps(result, max_depth=settings_of(message.task.app).max_data_depth)
     except (TypeError, ValueError) as exc:
         # The function ran: its effect may be there, so the outcome is
         # unknown and the step is compensated blind, not left as a failure.
-        path, type_name = codec.unstorable(result, "result") or ("result", type(result).__name__)
+        found = codec.unstorable(result, "result", settings_of(message.task.app).max_data_depth)
+        path, type_name = found or ("result", type(result).__name__)
         error = StepResultNotSerializable(message.step, path, type_name, codec.STORABLE)
         message.record(store, Op.LOST, message.step, error_text(error), "unstorable")
         raise error from exc
@@ -349,7 +400,8 @@ def _forward(message: _Message, original: Any, params: Params) -> Any:
             message.step,
             "was lost in a reset of the saga store" if lost else "expired (saga_retention) or was purged",
         )
-    return result
+    # The record has the real result; Celery only shows this one (logs, task-succeeded).
+    return redaction.value(result)
 
 
 def _compensate(message: _Message, original: Any, params: Params) -> Any:
@@ -370,13 +422,16 @@ def _compensate(message: _Message, original: Any, params: Params) -> Any:
     )
     token = set_current(ctx)
     call = request.kwargs = params.pick(message.kwargs)
+    redaction = Redaction.of(message.redact, message.kwargs)
     try:
         result = original(**call)
-    except (Retry, Ignore):
+    except (Retry, Ignore) as exc:
         # Ignore: the outcome comes later, by another message (a child saga's end).
+        redaction.exception(exc)
         raise
     except Exception as exc:
-        t = message.record(store, Op.COMP_FAIL, message.step, error_text(exc), round_)
+        t = message.record(store, Op.COMP_FAIL, message.step, error_text(exc, redaction), round_)
+        shown = redaction.exception(exc)
         if t.outcome is Outcome.BACKOFF:
             # follow() has sent the next attempt; Retry only tells Celery so.
             delay = next(d.delay for d in t.due if d.step == message.step and d.attempt)
@@ -385,12 +440,14 @@ def _compensate(message: _Message, original: Any, params: Params) -> Any:
                 message.saga_id,
                 message.step,
                 t.attempt,
-                error_text(exc),
+                error_text(exc, redaction),
                 delay,
             )
-            raise Retry(f"saga retry in {delay:.2f}s", exc=exc, when=delay) from exc
+            raise Retry(f"saga retry in {delay:.2f}s", exc=shown, when=delay) from shown
+        if shown is not exc:
+            raise shown from None
         raise
     finally:
         reset_current(token)
     message.record(store, Op.COMP_DONE, message.step, round_)
-    return result
+    return redaction.value(result)
