@@ -28,6 +28,7 @@ from celery import Celery
 
 from .errors import SagaError, SagaStoreUnavailable
 from .follow import follow
+from .liveness import declare_lost_workers
 from .store import Outcome, SagaStore
 from .stores import settings_of, store_for
 from .views import command
@@ -51,11 +52,14 @@ class SweepReport:
         claimed: Index entries this pass claimed.
         acted: Sagas whose record changed: a deadline was acted on.
         errors: Sagas that could not be swept; their claims come due again.
+        lost_workers: Worker instances this pass declared lost (silent for
+            ``saga_worker_lost_after``); what they ran counts in ``acted``.
     """
 
     claimed: int
     acted: int
     errors: int
+    lost_workers: int = 0
 
 
 def sweep(app: Celery, limit: int = 1000) -> SweepReport:
@@ -65,8 +69,16 @@ def sweep(app: Celery, limit: int = 1000) -> SweepReport:
         SagaStoreUnavailable: the saga store cannot be reached.
     """
     store = store_for(app)
+    lost_workers, acted, errors = 0, 0, 0
+    try:
+        lost_workers, acted = declare_lost_workers(app)
+    except SagaStoreUnavailable:
+        raise
+    except Exception:
+        # Its lease runs out and another pass takes the instances over.
+        errors += 1
+        logger.exception("celery_saga: declaring lost workers failed; retried in %.0fs", LEASE)
     claimed = store.claim_due(limit, LEASE)
-    acted = errors = 0
     for saga_id, claim in claimed:
         try:
             acted += _sweep_one(app, store, saga_id, claim)
@@ -76,7 +88,7 @@ def sweep(app: Celery, limit: int = 1000) -> SweepReport:
             # The claim runs out and another pass tries again.
             errors += 1
             logger.exception("saga %s: sweeping its deadlines failed; it is retried in %.0fs", saga_id, LEASE)
-    return SweepReport(len(claimed), acted, errors)
+    return SweepReport(len(claimed), acted, errors, lost_workers)
 
 
 def _sweep_one(app: Celery, store: SagaStore, saga_id: str, claim: str) -> int:

@@ -79,7 +79,12 @@ def test_a_saga_of_shared_tasks_in_a_module_autodiscovery_imports(
             """
         ).format(scale=patience(1))
         out = subprocess.run(
-            [sys.executable, "-c", client], cwd=ROOT, env=django_env, capture_output=True, text=True, timeout=patience(120)
+            [sys.executable, "-c", client],
+            cwd=ROOT,
+            env=django_env,
+            capture_output=True,
+            text=True,
+            timeout=patience(120),
         )
         assert out.returncode == 0, out.stderr + procs.logs()
     done, failed_step, reason = json.loads(out.stdout.strip().splitlines()[-1])
