@@ -194,7 +194,13 @@ def _declare_one(
         return 0
     if t.outcome is Outcome.DUPLICATE:
         return 0  # it finished, or began again on another worker, since the record was read
-    logger.warning("saga %s: %s of %r was running on a lost worker: %s", saga_id, kind, step, t.outcome.value)
+    logger.warning(
+        "saga %s: %s %r was running on a lost worker: %s",
+        saga_id,
+        "step" if kind == "wk" else "the compensation of",
+        step,
+        t.outcome.value,
+    )
     follow(app, store, t)
     return 1
 

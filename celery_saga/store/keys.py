@@ -24,7 +24,8 @@ another. A shard holds:
   one server or a Sentinel primary; a cluster keeps none), by saga name
   (which cannot hold ":"): ``started:<name>``;
   ``finished:<name>:<status>:<reason>``; ``compfail:<name>``, compensation
-  attempts that failed; ``dur:<name>:<status>:<i>``, sagas that ended in
+  attempts that failed; ``lost:worker`` and ``lost:heartbeat``, running
+  steps lost with their worker or for want of a heartbeat; ``dur:<name>:<status>:<i>``, sagas that ended in
   that status after a duration (start to end) in bucket ``i`` of
   ``DURATION_BUCKETS`` (not cumulative), and ``dursum:<name>:<status>``, ms.
 - ``due``: the deadline index, saga ids scored by when a sweeper should look

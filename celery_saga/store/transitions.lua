@@ -1150,13 +1150,14 @@ local function fail_or_lose()
   if token ~= '' and (s ~= 'RUNNING' or hget('wk:' .. m) ~= token) then
     return respond('duplicate', nil, {step_status = s or ''})
   end
-  if token ~= '' then count('lost:worker') end
   if s == 'UNKNOWN' and not hget('ls:' .. m) then
     -- A late failure changes nothing but the record.
     redis.call('HSET', K, 'ls:' .. m, 'FAILED', 'le:' .. m, AV[5], 'lt:' .. m, NOW)
     return remember(respond('late'))
   end
   if s ~= 'RUNNING' and s ~= 'DISPATCHED' then return respond('duplicate', nil, {step_status = s or ''}) end
+  -- /metrics: steps lost with their worker (a pool child, or a whole worker declared lost).
+  if op == 'lost' and AV[6] == 'lost' then count('lost:worker') end
   if retriable(m) or (op == 'lost' and sent_again(m)) then
     if s == 'DISPATCHED' and hget('fa:' .. m) then
       -- An earlier attempt's outcome, after the step was sent again: the new copy decides.
