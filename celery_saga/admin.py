@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -29,10 +30,10 @@ from .errors import SagaNotFound, SagaRecordCorrupt, SagaStateError
 from .follow import follow
 from .registry import sagas_of
 from .result import SagaResult
-from .state import SagaState, SagaStatus
+from .state import SagaState, SagaStatus, StepStatus
 from .store import Outcome, SagaStore, Transition
-from .stores import store_for
-from .views import SagaStats, SagaSummary, iso, state_json, summary_of
+from .stores import settings_of, store_for
+from .views import SagaStats, SagaSummary, WorkerSeen, iso, state_json, summary_of
 
 __all__ = [
     "RegistrationReport",
@@ -92,6 +93,25 @@ def list_sagas(
 def saga_state(app: Celery, saga_id: str) -> SagaState:
     """The full record of one saga. Raises SagaNotFound, or SagaRecordCorrupt if it cannot be parsed."""
     return store_for(app).state(saga_id)
+
+
+def step_workers(app: Celery, state: SagaState) -> dict[str, WorkerSeen] | None:
+    """The worker instances ``state``'s RUNNING steps run on, by token; None if none names one.
+
+    Alive: not declared lost, and its last liveness write is within ``saga_worker_lost_after``.
+    """
+    if not any(s.worker and s.status is StepStatus.RUNNING for s in state.steps):
+        return None
+    lost_after = settings_of(app).worker_lost_after
+    now = time.time()
+    return {
+        token: WorkerSeen(
+            w.hostname,
+            not w.lost and bool(w.last_seen) and now - (w.last_seen or 0) < lost_after,
+            datetime.fromtimestamp(w.last_seen, UTC) if w.last_seen else None,
+        )
+        for token, w in store_for(app).workers().items()
+    }
 
 
 def child_states(app: Celery, state: SagaState) -> dict[str, SagaState]:

@@ -193,12 +193,13 @@ def show(ctx: click.Context, saga_id: str, as_json: bool) -> None:
     """Show one saga: its status and the timeline of its steps and compensations."""
     with _errors():
         state = admin.saga_state(_app(ctx), saga_id)
+        workers = admin.step_workers(_app(ctx), state)
     if as_json:
-        _echo_json(views.state_json(state, redact_keys(_app(ctx))))
+        _echo_json(views.state_json(state, redact_keys(_app(ctx)), workers))
         return
     with _errors():
         children = admin.child_states(_app(ctx), state)
-    click.echo(views.saga_text(state, children))
+    click.echo(views.saga_text(state, children, workers))
 
 
 @saga.command(cls=CeleryCommand)

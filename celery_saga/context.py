@@ -45,6 +45,20 @@ class StepContext:
     result_known: bool = True
     forward_key: str = ""
 
+    def heartbeat(self) -> bool:
+        """Tell the saga this step still makes progress (for a step with ``heartbeat_timeout``).
+
+        A step RUNNING with no heartbeat for its ``heartbeat_timeout`` is
+        declared lost, even though its worker is alive. At most one Redis call
+        per ``heartbeat_timeout / 3`` seconds: call it as often as you like,
+        from the step's own thread. Returns False once this attempt no longer
+        runs in the record's eyes (it was declared lost, say): its outcome
+        will count as late. A compensation's heartbeat does nothing.
+        """
+        from .liveness import heartbeat  # (liveness imports the store, which needs this module)
+
+        return heartbeat(self)
+
 
 _CURRENT: contextvars.ContextVar[StepContext | None] = contextvars.ContextVar("celery_saga_step", default=None)
 

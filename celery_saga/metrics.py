@@ -38,7 +38,7 @@ def metrics_text(app: Celery) -> str:
     """Every saga metric of ``app``'s store, as Prometheus text."""
     store = store_for(app)
     counters, counts = store.counters(), store.counts()
-    started, finished, compfail, rejected = [], [], [], []
+    started, finished, compfail, rejected, lost = [], [], [], [], []
     buckets: dict[tuple[str, str], dict[int, int]] = defaultdict(dict)
     sums: dict[tuple[str, str], int] = {}
     for field, value in sorted(counters.items()):
@@ -51,6 +51,8 @@ def metrics_text(app: Celery) -> str:
             finished.append(f"celery_saga_finished_total{labels} {value}")
         elif kind == "rejected" and len(parts) == 1:
             rejected.append(f"celery_saga_rejected_messages_total{_labels(reason=parts[0])} {value}")
+        elif kind == "lost" and len(parts) == 1:
+            lost.append(f"celery_saga_steps_lost_total{_labels(cause=parts[0])} {value}")
         elif kind == "compfail" and len(parts) == 1:
             compfail.append(f"celery_saga_compensation_failures_total{_labels(name=parts[0])} {value}")
         elif kind == "dur" and len(parts) == 3 and parts[2].isdigit():
@@ -85,6 +87,13 @@ def metrics_text(app: Celery) -> str:
             "counter",
             "Compensation attempts that failed or missed their deadline, by saga name.",
             compfail,
+        ),
+        *_family(
+            "celery_saga_steps_lost_total",
+            "counter",
+            "Running steps whose outcome was lost, by cause: worker (a lost pool child, or a worker declared "
+            "lost for writing no liveness) or heartbeat (no heartbeat within its heartbeat_timeout).",
+            lost,
         ),
         *_family(
             "celery_saga_rejected_messages_total",

@@ -46,6 +46,8 @@ class StepSpec:
         child: For a child saga (a ``Saga`` used as a step, named after
             it): its name. Its task starts the child, and its compensation
             rolls the child back as a unit.
+        heartbeat_timeout: Seconds a running step may go without a
+            ``current_step().heartbeat()`` before it is lost; None for none.
     """
 
     name: str
@@ -61,6 +63,7 @@ class StepSpec:
     event: str | None = None
     reject: str | None = None
     child: str | None = None
+    heartbeat_timeout: float | None = None
 
     @property
     def is_wait(self) -> bool:
@@ -72,7 +75,7 @@ class StepSpec:
             return {"name": self.name, "event": self.event, "reject": self.reject, "timeout": self.timeout}
         if self.child is not None:
             return {"name": self.name, "child": self.child, "task": self.task, "compensation": self.compensation}
-        return {
+        spec = {
             "name": self.name,
             "task": self.task,
             "compensation": self.compensation,
@@ -83,6 +86,10 @@ class StepSpec:
             "timeout": self.timeout,
             "redact": list(self.redact),
         }
+        # Only when set: the plans without one keep their digests (and stored plans parse as before).
+        if self.heartbeat_timeout is not None:
+            spec["heartbeat_timeout"] = self.heartbeat_timeout
+        return spec
 
 
 @dataclass(frozen=True)
@@ -127,6 +134,9 @@ class Plan:
                         event=str(s["event"]) if s.get("event") else None,
                         reject=str(s["reject"]) if s.get("reject") else None,
                         child=str(s["child"]) if s.get("child") else None,
+                        heartbeat_timeout=(
+                            float(s["heartbeat_timeout"]) if s.get("heartbeat_timeout") is not None else None
+                        ),
                     )
                     for s in stage
                 )

@@ -37,6 +37,8 @@ class StepMeta:
     timeout: Any = MISSING
     #: Keys masked where the step's arguments are shown.
     redact: tuple[str, ...] = ()
+    #: Seconds a running step may go without a heartbeat; None for no heartbeat timeout.
+    heartbeat_timeout: float | None = None
 
 
 @runtime_checkable

@@ -180,6 +180,7 @@ class Saga:
                         k,
                         comp_options,
                         timeout=default_timeout if ref.timeout is MISSING else ref.timeout,
+                        heartbeat_timeout=ref.heartbeat_timeout,
                         redact=tuple(sorted(app_secrets | set(ref.redact))),
                     )
                 )
@@ -371,6 +372,8 @@ class Saga:
                 step_fields.append((f"to:{spec.name}", f"{spec.timeout * 1000:.0f}"))
             if spec.reject is not None:
                 step_fields.append((f"rj:{spec.name}", spec.reject))
+            if spec.heartbeat_timeout is not None:
+                step_fields.append((f"hbt:{spec.name}", f"{spec.heartbeat_timeout * 1000:.0f}"))
         plan_json, settings_json = plan.to_json(), settings.saga_copy()
         # One stored definition per plan and settings: records name it by digest.
         digest = definition_digest(plan_json, settings_json)

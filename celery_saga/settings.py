@@ -34,6 +34,10 @@ saga_default_step_timeout           300          deadline of steps that set none
 saga_sweep_interval                 0.5          seconds between a worker's deadline sweeps
 saga_sweeper                        True         False: no sweeper thread in workers (run
                                                  ``celery saga sweep`` processes instead)
+saga_worker_heartbeat               5            seconds between a worker's liveness writes
+saga_worker_lost_after              None         seconds without a liveness write after which a
+                                                 worker is lost and its running steps with it
+                                                 (None: 3 x saga_worker_heartbeat)
 saga_send_events                    None         ``task-saga-*`` events (None: as ``-E``)
 saga_redact_keys                    ()           keys masked wherever saga values are shown:
                                                  kwargs, results, exceptions, error texts,
@@ -83,6 +87,7 @@ _DEFAULTS: dict[str, Any] = {
     "saga_forward_max_retries": None,
     "saga_default_step_timeout": 300.0,
     "saga_sweep_interval": 0.5,
+    "saga_worker_heartbeat": 5.0,
     "saga_index_shards": 16,
     "saga_redis_wait_replicas": 0,
     "saga_redis_wait_timeout": 1.0,
@@ -91,7 +96,13 @@ _DEFAULTS: dict[str, Any] = {
 }
 
 #: Every setting `SagaSettings.from_app` reads.
-SETTING_NAMES = (*_DEFAULTS, "saga_redis_transport_options", "saga_compensated_retention", "saga_failed_retention")
+SETTING_NAMES = (
+    *_DEFAULTS,
+    "saga_redis_transport_options",
+    "saga_compensated_retention",
+    "saga_failed_retention",
+    "saga_worker_lost_after",
+)
 
 #: The largest ``saga_max_data_depth``: a prefork worker's main process pickles each
 #: message's data for its pool, and about 480 levels of nesting raised RecursionError
@@ -145,6 +156,9 @@ class SagaSettings:
     #: Times a message whose saga id names a key that is no saga record is sent again
     #: before it is dropped; None: for ever.
     store_error_max_retries: int | None = 20
+    #: Seconds between a worker's liveness writes, and without one before it counts as lost.
+    worker_heartbeat: float = 5.0
+    worker_lost_after: float = 15.0
 
     @classmethod
     def from_app(cls, app: Celery) -> SagaSettings:
@@ -175,6 +189,14 @@ class SagaSettings:
                 f"app.conf.saga_key_prefix must be a non-empty string without braces, not {prefix!r}"
             )
         max_retries = _max_retries("saga_compensation_max_retries", get("saga_compensation_max_retries"))
+        heartbeat = _number("saga_worker_heartbeat", get("saga_worker_heartbeat"), positive=True)
+        lost_after = _optional(conf, "saga_worker_lost_after")
+        if lost_after is not None and lost_after <= heartbeat:
+            raise SagaDefinitionError(
+                f"app.conf.saga_worker_lost_after ({lost_after:g}s) must exceed saga_worker_heartbeat "
+                f"({heartbeat:g}s), or every worker is lost between two of its liveness writes; "
+                f"3 x saga_worker_heartbeat or more is safe"
+            )
         return cls(
             redis_url=str(url),
             key_prefix=prefix,
@@ -201,6 +223,8 @@ class SagaSettings:
             forward_max_retries=_max_retries("saga_forward_max_retries", get("saga_forward_max_retries")),
             max_data_depth=max_data_depth(app),
             store_error_max_retries=_limit(conf, "saga_store_error_max_retries"),
+            worker_heartbeat=heartbeat,
+            worker_lost_after=3 * heartbeat if lost_after is None else lost_after,
         )
 
     def saga_copy(self) -> str:
@@ -214,7 +238,7 @@ class SagaSettings:
             del copy[local]
         for local in ("index_shards", "wait_replicas", "wait_timeout", "dedup_window"):
             del copy[local]
-        for local in ("max_data_depth", "store_error_max_retries"):
+        for local in ("max_data_depth", "store_error_max_retries", "worker_heartbeat", "worker_lost_after"):
             del copy[local]
         return json.dumps(copy, sort_keys=True)
 

@@ -104,6 +104,7 @@ def leaf(item: Any) -> StepRef:
             app=task_app(item),
             timeout=meta.timeout,
             redact=meta.redact,
+            heartbeat_timeout=meta.heartbeat_timeout,
         )
     raise SagaDefinitionError(
         f"{item!r} cannot be a saga step: use a task decorated with @saga_step, its signature, "

@@ -162,6 +162,11 @@ class StepRecord:
     forward_retries: int = 0
     #: A step that is a child saga: that saga's id (``<saga_id>:<step>``).
     child_id: str | None = None
+    #: The instance token of the worker its begin named (``celery_saga.liveness``), None if none.
+    worker: str | None = None
+    #: ``heartbeat_timeout`` in seconds, and when a RUNNING step's next heartbeat is due by.
+    heartbeat_timeout: float | None = None
+    heartbeat_deadline: datetime | None = None
 
     @property
     def timed_out(self) -> bool:
@@ -259,6 +264,9 @@ class SagaState:
                         timeout=_seconds(raw.get(f"to:{n}")),
                         deadline=ms_time(raw.get(f"dl:{n}")),
                         stopped_by=raw.get(f"w:{n}") or None,
+                        worker=raw.get(f"wk:{n}") or None,
+                        heartbeat_timeout=_seconds(raw.get(f"hbt:{n}")),
+                        heartbeat_deadline=ms_time(raw.get(f"hbd:{n}")),
                         late_status=StepStatus(raw[f"ls:{n}"]) if raw.get(f"ls:{n}") else None,
                         late_result=codec.loads(late_raw) if late_raw is not None else None,
                         late_error=raw.get(f"le:{n}"),

@@ -55,6 +55,7 @@ def saga_step(
     compensate_on_failure: bool = False,
     timeout: Any = MISSING,
     redact: Iterable[str] = (),
+    heartbeat_timeout: float | None = None,
 ) -> Callable[[T], T]:
     """Mark an existing Celery task as a saga step.
 
@@ -71,11 +72,17 @@ def saga_step(
         redact: Keys whose values are shown as ``***`` wherever the saga's
             messages and records are shown (Flower, events, logs, ``celery
             saga show``); the task itself gets the real values.
+        heartbeat_timeout: Seconds a running step may go without calling
+            ``current_step().heartbeat()`` before it is declared lost (its
+            outcome unknown), even though its worker is alive. None (the
+            default): no heartbeat timeout; its worker's liveness and its
+            ``timeout`` still apply.
     """
     where = "@saga_step"
     comp = _compensation_name(compensate, where)
     step_timeout = _timeout(timeout, where)
     secret = keys_to_redact(redact, f"{where}: redact")
+    beat = _heartbeat_timeout(heartbeat_timeout, where)
 
     def decorate(task: T) -> T:
         if not is_task(task):
@@ -84,7 +91,7 @@ def saga_step(
             )
         name = task_name(task)
         check_step_name(name)
-        register_step(name, StepMeta(comp, bool(compensate_on_failure), step_timeout, secret))
+        register_step(name, StepMeta(comp, bool(compensate_on_failure), step_timeout, secret, beat))
         # The link to enabling the app is Celery's finalize callback: the app
         # enables itself once finalized, with every task registered.
         enable_apps_with_steps(task_app(task))
@@ -114,12 +121,18 @@ class StepRef:
     reject: str | None = None
     #: A child saga (a ``Saga`` used as a step): its name, which is the step's name.
     child: str | None = None
+    #: Seconds a running step may go without a heartbeat; None for none.
+    heartbeat_timeout: float | None = None
 
 
 def _timeout(value: Any, where: str) -> Any:
     if value is MISSING:
         return MISSING
     return timeout_seconds(f"{where}: timeout", value)
+
+
+def _heartbeat_timeout(value: Any, where: str) -> float | None:
+    return timeout_seconds(f"{where}: heartbeat_timeout", value)
 
 
 def step(
@@ -129,6 +142,7 @@ def step(
     compensate_on_failure: bool | None = None,
     timeout: Any = MISSING,
     redact: Iterable[str] | None = None,
+    heartbeat_timeout: Any = MISSING,
 ) -> StepRef:
     """Name a step explicitly.
 
@@ -146,6 +160,8 @@ def step(
             the one given to ``saga_step``, else ``saga_default_step_timeout``.
         redact: Keys shown as ``***`` (see `saga_step`); defaults to the ones
             given to ``saga_step``.
+        heartbeat_timeout: Seconds a running step may go without a heartbeat
+            (see `saga_step`); defaults to the one given to ``saga_step``.
     """
     step_timeout = _timeout(timeout, f"step({task_or_name!r})")
     secret = None if redact is None else keys_to_redact(redact, f"step({task_or_name!r}): redact")
@@ -174,6 +190,10 @@ def step(
         step_timeout = meta.timeout
     if secret is None:
         secret = meta.redact if meta is not None else ()
+    if heartbeat_timeout is MISSING:
+        beat = meta.heartbeat_timeout if meta is not None else None
+    else:
+        beat = _heartbeat_timeout(heartbeat_timeout, f"step({tname!r})")
     return StepRef(
         name=check_step_name(name or tname),
         task=tname,
@@ -185,4 +205,5 @@ def step(
         app=task_app(task_or_name),
         timeout=step_timeout,
         redact=secret,
+        heartbeat_timeout=beat,
     )

@@ -33,6 +33,7 @@ from celery import Celery
 
 from .errors import SagaError, SagaRecordCorrupt, SagaStoreMisconfigured, SagaStoreUnavailable
 from .follow import follow
+from .liveness import declare_lost_workers
 from .store import Outcome, SagaStore
 from .stores import settings_of, store_for
 from .views import command
@@ -56,12 +57,15 @@ class SweepReport:
         errors: Sagas that could not be swept; their claims come due again.
         dropped: Entries removed, logged once: their key is no saga record
             the transitions can read (another type, unknown fields, no plan).
+        lost_workers: Worker instances this pass declared lost (silent for
+            ``saga_worker_lost_after``); what they ran counts in ``acted``.
     """
 
     claimed: int
     acted: int
     errors: int
     dropped: int = 0
+    lost_workers: int = 0
 
 
 def sweep(app: Celery, limit: int = 1000) -> SweepReport:
@@ -71,8 +75,17 @@ def sweep(app: Celery, limit: int = 1000) -> SweepReport:
         SagaStoreUnavailable: the saga store cannot be reached.
     """
     store = store_for(app)
+    lost_workers, acted, errors = 0, 0, 0
+    try:
+        lost_workers, acted = declare_lost_workers(app)
+    except SagaStoreUnavailable:
+        raise
+    except Exception:
+        # Its lease runs out and another pass takes the instances over.
+        errors += 1
+        logger.exception("celery_saga: declaring lost workers failed; retried in %.0fs", LEASE)
     claimed = store.claim_due(limit, LEASE)
-    acted = errors = dropped = 0
+    dropped = 0
     for saga_id, claim in claimed:
         try:
             acted += _sweep_one(app, store, saga_id, claim)
@@ -97,7 +110,7 @@ def sweep(app: Celery, limit: int = 1000) -> SweepReport:
             continue
         _drop(app, store, saga_id, why)
         dropped += 1
-    return SweepReport(len(claimed), acted, errors, dropped)
+    return SweepReport(len(claimed), acted, errors, dropped, lost_workers)
 
 
 class _Unreadable(Exception):

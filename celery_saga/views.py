@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from . import codec
@@ -175,7 +175,34 @@ def stats_tables(stats: SagaStats) -> str:
 # -- one saga ------------------------------------------------------------------
 
 
-def state_json(state: SagaState, redact: Collection[str] = ()) -> dict[str, Any]:
+@dataclass(frozen=True)
+class WorkerSeen:
+    """The worker instance a step runs on, as the liveness entries say (`celery_saga.admin.step_workers`)."""
+
+    hostname: str
+    alive: bool
+    last_seen: datetime | None
+
+
+def _running_on(s: StepRecord, workers: Mapping[str, WorkerSeen] | None) -> dict[str, Any] | None:
+    """A RUNNING step's worker (node name, alive, last liveness write) and last heartbeat; None if not known."""
+    if s.status is not StepStatus.RUNNING or not s.worker or workers is None:
+        return None
+    seen = workers.get(s.worker)
+    doc: dict[str, Any] = {
+        "instance": s.worker,
+        "hostname": seen.hostname if seen else None,
+        "alive": bool(seen and seen.alive),
+        "last_seen": iso(seen.last_seen) if seen else None,
+    }
+    if s.heartbeat_timeout is not None and s.heartbeat_deadline is not None:
+        doc["last_heartbeat"] = iso(s.heartbeat_deadline - timedelta(seconds=s.heartbeat_timeout))
+    return doc
+
+
+def state_json(
+    state: SagaState, redact: Collection[str] = (), workers: Mapping[str, WorkerSeen] | None = None
+) -> dict[str, Any]:
     """The JSON shape of a saga record, as ``celery saga show --json`` prints it.
 
     Values of the keys the saga redacts, and of ``redact``, are ``"***"``;
@@ -183,7 +210,9 @@ def state_json(state: SagaState, redact: Collection[str] = ()) -> dict[str, Any]
     they apply, so other sagas keep the shape they had: a saga with a pivot
     has ``pivot`` and ``passed_pivot``, and its steps ``retriable`` and
     ``forward_retries``; a child saga has ``parent``; a step that is a child
-    saga has ``child``.
+    saga has ``child``; a RUNNING step, given the ``workers``, has
+    ``worker``: ``{instance, hostname, alive, last_seen}``, with
+    ``last_heartbeat`` for a step with a heartbeat timeout.
     """
     secrets = state.redact | frozenset(redact)
 
@@ -213,6 +242,10 @@ def state_json(state: SagaState, redact: Collection[str] = ()) -> dict[str, Any]
         for step, s in zip(doc["steps"], state.steps, strict=True):
             if s.child_id:
                 step["child"] = s.child_id
+    for step, s in zip(doc["steps"], state.steps, strict=True):
+        running_on = _running_on(s, workers)
+        if running_on is not None:
+            step["worker"] = running_on
     if state.pivot:
         doc["pivot"], doc["passed_pivot"] = state.pivot, state.passed_pivot
         for step, s in zip(doc["steps"], state.steps, strict=True):
@@ -364,8 +397,16 @@ def render_timeline(state: SagaState, width: int = 48) -> str:
     return table(header, rows)
 
 
-def saga_text(state: SagaState, children: dict[str, SagaState] | None = None) -> str:
-    """``celery saga show``: the saga's status, then its timeline; ``children``, its child sagas' states by id."""
+def saga_text(
+    state: SagaState,
+    children: dict[str, SagaState] | None = None,
+    workers: Mapping[str, WorkerSeen] | None = None,
+) -> str:
+    """``celery saga show``: the saga's status, then its timeline.
+
+    ``children`` are its child sagas' states by id; ``workers``, the worker
+    instances its RUNNING steps run on, by token.
+    """
     lines = [
         f"saga {state.saga_id} ({state.name}): {state.status.value} since {iso(state.status_at)}",
         f"created {iso(state.created_at)}",
@@ -380,6 +421,15 @@ def saga_text(state: SagaState, children: dict[str, SagaState] | None = None) ->
             else:
                 why = f" ({child.reason})" if child.reason and child.status is not SagaStatus.COMPLETED else ""
                 lines.append(f"child saga {s.child_id}: {child.status.value}{why}")
+    for s in state.steps:
+        on = _running_on(s, workers)
+        if on is not None:
+            alive = "alive" if on["alive"] else "NOT alive"
+            line = f"step {s.name} runs on {on['hostname'] or '?'} (instance {on['instance']}, {alive}"
+            line += f", last seen {on['last_seen'] or 'never'}"
+            if "last_heartbeat" in on:
+                line += f"; last heartbeat {on['last_heartbeat']}"
+            lines.append(line + ")")
     if state.failed_step:
         lines.append(f"failed step {state.failed_step}: {state.error}")
     if state.pivot:

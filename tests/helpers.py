@@ -59,8 +59,12 @@ def store_now(client: redis.Redis) -> float:
 
 
 def saga_keys(client: redis.Redis, prefix: str) -> list[str]:
-    """The keys of saga records and indexes under ``prefix``: not the store's own ``{meta}``, made at first use."""
-    return [k for k in client.scan_iter(match=f"{prefix}:{{*") if k != f"{prefix}:{{meta}}"]
+    """The keys of saga records and indexes under ``prefix``.
+
+    Not the store's own ``{meta}``, made at first use, nor the workers' liveness (``{workers}``).
+    """
+    own = (f"{prefix}:{{meta}}", f"{prefix}:{{workers}}")
+    return [k for k in client.scan_iter(match=f"{prefix}:{{*") if not k.startswith(own)]
 
 
 def kombu_prefix(prefix: str) -> str:

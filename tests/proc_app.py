@@ -52,6 +52,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 from types import SimpleNamespace
 from typing import Any
 
@@ -291,6 +292,31 @@ def create(
     @app.task(name="proc.t.last", shared=False)
     def t_last(qty: int = 1, **data: Any) -> dict[str, Any]:
         return t_forward("proc.t.last", qty, data)
+
+    # -- liveness tasks (tests/processes/test_liveness.py) ---------------------------------
+    # ``sleep_for=S`` makes proc.t.sleep busy for S seconds. proc.t.beat runs
+    # ``beat_for`` seconds, calling current_step().heartbeat() every
+    # ``beat_every`` seconds until ``beat_until`` seconds in (default: all along).
+
+    @saga_step(compensate=t_undo)
+    @app.task(name="proc.t.sleep", shared=False)
+    def t_sleep(qty: int = 1, **data: Any) -> dict[str, Any]:
+        time.sleep(float(data.get("sleep_for") or 0))
+        return t_forward("proc.t.sleep", qty, data)
+
+    @saga_step(compensate=t_undo, heartbeat_timeout=1.5)
+    @app.task(name="proc.t.beat", shared=False)
+    def t_beat(qty: int = 1, **data: Any) -> dict[str, Any]:
+        ctx = current_step()
+        assert ctx is not None
+        log("beating", ctx.step)
+        started = time.monotonic()
+        until = float(data.get("beat_until") or 1e9)
+        while (elapsed := time.monotonic() - started) < float(data.get("beat_for") or 0):
+            if elapsed < until:
+                ctx.heartbeat()
+            time.sleep(float(data.get("beat_every") or 0.5))
+        return t_forward("proc.t.beat", qty, data)
 
     def entered(name: str) -> list[list[Any]]:
         """Who entered gate ``name``: [pid, worker pid, redelivered] per entry."""

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from celery_saga import SagaResult, SagaStatus
+from celery_saga import SagaResult, SagaState, SagaStatus
 from celery_saga.testing import CrashExplorer, CrashReport
 from celery_saga.testing.crash import DEPTHS
 from celery_saga.testing.setup import delete_keys
@@ -155,6 +155,14 @@ def test_points_name_steps_and_numbers_and_a_wrong_name_says_which_exist(
         saga_crash_points.explore(
             crash_shop.sound, {"order_id": 6}, crash_shop.balanced, app_path=APP, points=["crash.chrage"]
         )
+    with pytest.raises(ValueError, match="restart must be None or one of"):
+        saga_crash_points.explore(
+            crash_shop.sound,
+            {"order_id": 6},
+            crash_shop.balanced,
+            app_path=APP,
+            restart="same",  # type: ignore[arg-type]
+        )
     with pytest.raises(ValueError, match="names no step"):
         saga_crash_points.explore(
             crash_shop.sound,
@@ -163,3 +171,53 @@ def test_points_name_steps_and_numbers_and_a_wrong_name_says_which_exist(
             app_path=APP,
             points=[("crash.reserve", 2), ("x", 3)],
         )
+
+
+def test_a_sound_saga_passes_every_crash_point_with_its_only_worker_restarted(
+    saga_crash_points: CrashExplorer, books: str
+) -> None:
+    # Given a sound saga whose steps and compensations are acks_late, explored
+    # with its only worker killed whole and started again under its node name:
+    # the new instance declares what the dead one ran lost while its message comes back
+    report = saga_crash_points.explore(
+        crash_shop.sound, {"order_id": 7}, crash_shop.balanced, app_path=APP, restart="same-name"
+    )
+
+    # Then every run still ends undone, each effect undone once
+    assert report.ok, report.summary()
+    assert report.skipped == ()
+    assert len(report.points) == 5 * len(DEPTHS[saga_crash_points.depth])
+    assert {p.status for p in report.points} == {SagaStatus.COMPENSATED}
+    assert report.restart == "same-name" and "its only worker restarted (same-name)" in report.summary()
+    assert any("under the same node name" in note for note in report.notes)
+    assert processes_of(report) == []
+
+
+def test_a_worker_restarted_under_a_new_name_finds_the_lost_step_after_lost_after(
+    saga_crash_points: CrashExplorer, books: str
+) -> None:
+    # Given a charge (not acks_late: its killed message is gone) whose refund cannot run blind
+    seen: list[SagaState] = []
+
+    def invariant(result: SagaResult) -> None:
+        seen.append(result.state())
+        crash_shop.balanced(result)
+
+    # When its only worker is killed while the charge runs, and comes back under another node name
+    report = saga_crash_points.explore(
+        crash_shop.blind_refund,
+        {"order_id": 8},
+        invariant,
+        app_path=APP,
+        points={"crash.charge_once": [2]},
+        restart="new-name",
+    )
+
+    # Then the new worker's sweeper declared the dead instance lost (not the
+    # charge's deadline): the blind refund breaks as it does at the deadline
+    [point] = report.points
+    assert (point.status, point.stopped_by) == (SagaStatus.FAILED, "lost"), report.summary()
+    charge = seen[0].step("crash.charge_once")
+    assert "WorkerLostError: worker saga-crash-" in (charge.error or ""), charge.error
+    assert "TypeError" in (point.error or "")
+    assert any("under a new node name" in note for note in report.notes)

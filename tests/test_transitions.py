@@ -10,6 +10,7 @@ The plan: stage 0 is ``a`` (compensated by ``t.undo_a``); stage 1 runs ``b``
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import uuid
@@ -160,6 +161,24 @@ def lost(store: RedisSagaStore) -> Saga:
     """a's worker was lost mid-step: its outcome is unknown, and it is compensated blind."""
     saga = running(store)
     assert saga.apply(Op.LOST, "a", "WorkerLostError", "lost").outcome is Outcome.ROLLBACK
+    return saga
+
+
+def running_on_w1(store: RedisSagaStore) -> Saga:
+    """a runs on worker instance w1 (its begin named the worker's token)."""
+    saga = pending(store)
+    assert saga.apply(Op.BEGIN, "a", "0", "", "", "w1").outcome is Outcome.RUN
+    assert saga.raw()["wk:a"] == "w1"
+    return saga
+
+
+def heartbeating(store: RedisSagaStore) -> Saga:
+    """a, with a heartbeat timeout of 1 s, runs (attempt 1)."""
+    saga = Saga(store, str(uuid.uuid4()))
+    req = request(saga.saga_id)
+    req = dataclasses.replace(req, step_fields=(*req.step_fields, ("hbt:a", "1000")))
+    assert store.start(req).outcome is Outcome.CREATED
+    assert saga.apply(Op.BEGIN, "a", "0", "").outcome is Outcome.RUN
     return saga
 
 
@@ -414,6 +433,37 @@ CASES = [
         lambda saga, t: _step_is("a", StepStatus.UNKNOWN)(saga, t) or _due("a")(saga, t),
     ),
     Case(Op.LOST, completed, ("a", "WorkerLostError", "lost"), Outcome.DUPLICATE, SagaStatus.COMPLETED),
+    # lost, by a sweeper, for a worker instance declared lost: only a step RUNNING on that instance
+    Case(
+        Op.LOST,
+        running_on_w1,
+        ("a", "WorkerLostError: worker w stopped", "lost", "w1"),
+        Outcome.ROLLBACK,
+        SagaStatus.COMPENSATING,
+        lambda saga, t: _step_is("a", StepStatus.UNKNOWN)(saga, t) or _due("a")(saga, t),
+    ),
+    Case(Op.LOST, running_on_w1, ("a", "WorkerLostError", "lost", "w2"), Outcome.DUPLICATE, SagaStatus.RUNNING),
+    Case(Op.LOST, running, ("a", "WorkerLostError", "lost", "w1"), Outcome.DUPLICATE, SagaStatus.RUNNING),
+    Case(
+        Op.LOST,
+        running_on_w1,
+        ("a", "WorkerLostError", "lost", "w1"),
+        Outcome.DUPLICATE,
+        SagaStatus.RUNNING,
+        prepare=lambda saga: saga.apply(Op.BEGIN, "a", "0", "1", "", "w2") and None,  # redelivered to w2
+    ),
+    # heartbeat: moves the heartbeat deadline of the attempt that still runs
+    Case(
+        Op.HEARTBEAT,
+        heartbeating,
+        ("a", "1"),
+        Outcome.RECORDED,
+        SagaStatus.RUNNING,
+        lambda saga, t: _heartbeat_moved(saga, t),
+    ),
+    Case(Op.HEARTBEAT, running, ("a", "1"), Outcome.RECORDED, SagaStatus.RUNNING),  # no heartbeat timeout
+    Case(Op.HEARTBEAT, heartbeating, ("a", "2"), Outcome.DUPLICATE, SagaStatus.RUNNING),  # another attempt
+    Case(Op.HEARTBEAT, second_stage, ("a", "1"), Outcome.DUPLICATE, SagaStatus.RUNNING),
     # expire: only at the store clock's deadline
     Case(Op.EXPIRE, pending, ("a",), Outcome.EARLY, SagaStatus.PENDING),
     Case(
@@ -481,6 +531,24 @@ CASES = [
         _comp_is("a", CompensationStatus.GAVE_UP),
     ),
     Case(Op.COMP_FAIL, compensated, ("a", "RuntimeError: down", "1"), Outcome.DUPLICATE, SagaStatus.COMPENSATED),
+    # comp_fail, by a sweeper, for a worker instance declared lost: only an attempt RUNNING on it
+    Case(
+        Op.COMP_FAIL,
+        compensating,
+        ("a", "lost: WorkerLostError", "1", "", "w1"),
+        Outcome.BACKOFF,
+        SagaStatus.COMPENSATING,
+        _backoff,
+        prepare=lambda saga: saga.apply(Op.COMP_BEGIN, "a", "0", "", "1", "", "w1") and None,
+    ),
+    Case(
+        Op.COMP_FAIL,
+        compensating,
+        ("a", "lost: WorkerLostError", "1", "", "w2"),
+        Outcome.DUPLICATE,
+        SagaStatus.COMPENSATING,
+        prepare=lambda saga: saga.apply(Op.COMP_BEGIN, "a", "0", "", "1", "", "w1") and None,
+    ),
     # callbacks, and the operator's actions
     Case(Op.CALLBACK_SENT, completed, (), Outcome.RECORDED, SagaStatus.COMPLETED, lambda s, t: _flag(s, "cbs")),
     Case(Op.RETRY, failed, (), Outcome.ROLLBACK, SagaStatus.COMPENSATING, _due("a")),
@@ -563,6 +631,12 @@ CASES = [
         prepare=lambda saga: saga.apply(Op.BEGIN, "c", "0", "") and None,
     ),
 ]
+
+
+def _heartbeat_moved(saga: Saga, t: Transition) -> None:
+    assert t.heartbeat_timeout == 1.0
+    raw = saga.raw()
+    assert int(raw["hbd:a"]) >= int(raw["t0:a"]) + 1000
 
 
 def _no_change(t: Transition) -> None:
@@ -906,3 +980,61 @@ def test_a_step_that_completes_after_the_saga_ended_is_a_late_outcome(store: Red
     assert (t.outcome, t.status) == (Outcome.LATE, SagaStatus.FAILED)
     step_c = saga.step("c")
     assert step_c.status is not StepStatus.COMPLETED and step_c.late_status is StepStatus.COMPLETED
+
+
+# -- worker liveness and heartbeats ------------------------------------------------------
+
+
+def test_a_step_that_misses_its_heartbeat_is_lost_at_the_next_sweep(store: RedisSagaStore) -> None:
+    # Given a running with a heartbeat timeout of 1 s: begin set its heartbeat
+    # deadline and (one server) moved the saga's index entry that early
+    saga = heartbeating(store)
+    hbd = int(saga.raw()["hbd:a"])
+    due = store.keys.due(store.keys.shard_of(saga.saga_id))
+    assert store.client.zscore(due, saga.saga_id) <= hbd
+    # A sweep before it changes nothing, and says when to look again
+    t = store.sweep(saga.saga_id)
+    assert t.changed_from is None and t.next_deadline == hbd
+    # When the heartbeat deadline passes
+    saga.past("hbd:a")
+    t = store.sweep(saga.saga_id)
+    # Then the step is lost (unknown outcome, compensated blind), and counted
+    assert (t.outcome, t.status) == (Outcome.SWEPT, SagaStatus.COMPENSATING)
+    assert [d.step for d in t.due] == ["a"]
+    step = saga.step("a")
+    assert step.status is StepStatus.UNKNOWN and step.stopped_by == "lost"
+    assert "sent no heartbeat for 1s" in (step.error or "")
+    assert store.counters().get("lost:heartbeat") == 1
+    # Its late outcome is a late outcome: kept, never a second completion
+    late = saga.apply(Op.DONE, "a", '{"x": 1}')
+    assert late.outcome is Outcome.LATE
+    assert saga.step("a").late_status is StepStatus.COMPLETED
+
+
+def test_a_lost_instance_is_claimed_once_and_a_restarted_node_name_claims_its_old_instances(
+    store: RedisSagaStore,
+) -> None:
+    # Given two live instances, one of node name n1
+    assert store.worker_alive("t-old", "n1@h", starting=True) is False
+    store.worker_alive("t-other", "n2@h", starting=True)
+    # Nobody is silent for an hour
+    assert store.claim_lost_workers(3600, 30) == []
+    # When n1 starts again: its older instance is dead (a node name is unique)
+    store.worker_alive("t-new", "n1@h", starting=True)
+    claimed = store.claim_lost_workers(3600, 30)
+    # Then the next claim takes it, once, and nothing else
+    assert [(w.token, w.hostname, w.last_seen) for w in claimed] == [("t-old", "n1@h", 0.0)]
+    assert store.claim_lost_workers(3600, 30) == []
+    # A claimer that dies leaves a lease that runs out: the next one takes it over
+    store.client.zadd(store.keys.lost_workers(), {"t-old": 1})
+    assert [w.token for w in store.claim_lost_workers(3600, 30)] == ["t-old"]
+    store.lost_worker_handled("t-old")
+    assert store.claim_lost_workers(3600, 30) == []
+    workers = store.workers()
+    assert workers["t-old"].lost and not workers["t-new"].lost and workers["t-new"].hostname == "n1@h"
+    # A graceful stop makes it due at once (score 0), still with its name
+    store.worker_stopped("t-other")
+    assert [(w.token, w.hostname) for w in store.claim_lost_workers(3600, 30)] == [("t-other", "n2@h")]
+    # An instance declared lost that writes again is back, and says it was lost
+    assert store.worker_alive("t-other", "n2@h") is True
+    assert not store.workers()["t-other"].lost

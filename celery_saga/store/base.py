@@ -25,7 +25,29 @@ from ..plan import Plan, cached_plan
 from ..state import SagaState, SagaStatus
 from .protocol import EndNotice, Op, Outcome, Transition
 
-__all__ = ["SagaStore", "StartRequest", "definition_digest"]
+__all__ = ["LostWorker", "SagaStore", "StartRequest", "WorkerInstance", "definition_digest"]
+
+
+@dataclass(frozen=True)
+class LostWorker:
+    """A worker instance a sweeper claimed as lost.
+
+    ``last_seen`` is its last liveness write (epoch seconds; 0: it stopped).
+    """
+
+    token: str
+    hostname: str
+    last_seen: float
+
+
+@dataclass(frozen=True)
+class WorkerInstance:
+    """What the store knows of one worker instance (`SagaStore.workers`)."""
+
+    token: str
+    hostname: str
+    last_seen: float | None
+    lost: bool
 
 
 def definition_digest(plan_json: str, settings_json: str) -> str:
@@ -487,6 +509,37 @@ class SagaStore(abc.ABC):
     def compensation_failed(self, saga_id: str, gen: str, name: str, step: str, error: str, round: int) -> Transition:
         """Record that an attempt of a compensation failed: ``backoff`` (it is sent again) or ``gave_up``."""
         return self.apply(Op.COMP_FAIL, saga_id, gen, name, step, error, str(round))
+
+    def heartbeat(self, saga_id: str, step: str, attempt: int) -> Transition:
+        """Move a running step's heartbeat deadline on (``recorded``) if ``attempt`` still runs, else ``duplicate``."""
+        return self.apply(Op.HEARTBEAT, saga_id, "*", "", step, str(attempt), tx="", reindex=False)
+
+    # -- worker liveness (celery_saga.liveness); a store without it keeps none ---------
+
+    def worker_alive(self, token: str, hostname: str, starting: bool = False) -> bool:
+        """Write worker instance ``token``'s liveness; True if it had been declared lost meanwhile.
+
+        ``starting``: the instance just started, so older live instances
+        with the same node name are dead (a node name is unique): they are
+        made due for the sweepers' next look.
+        """
+        return False
+
+    def worker_stopped(self, token: str) -> None:
+        """Worker instance ``token`` stopped: sweepers look at what it still ran, at once."""
+        return None
+
+    def claim_lost_workers(self, lost_after: float, lease: float) -> list[LostWorker]:
+        """Claim the worker instances silent for ``lost_after`` seconds, each by one sweeper, for ``lease`` seconds."""
+        return []
+
+    def lost_worker_handled(self, token: str) -> None:
+        """A claimed instance's steps were all declared lost: no sweeper looks at it again."""
+        return None
+
+    def workers(self) -> dict[str, WorkerInstance]:
+        """Every worker instance the store knows, by token: its node name, last liveness write, whether lost."""
+        return {}
 
     def load(self, saga_id: str) -> dict[str, str]:
         raw = self._complete(self._load(saga_id))

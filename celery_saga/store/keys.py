@@ -24,7 +24,8 @@ another. A shard holds:
   one server or a Sentinel primary; a cluster keeps none), by saga name
   (which cannot hold ":"): ``started:<name>``;
   ``finished:<name>:<status>:<reason>``; ``compfail:<name>``, compensation
-  attempts that failed; ``dur:<name>:<status>:<i>``, sagas that ended in
+  attempts that failed; ``lost:worker`` and ``lost:heartbeat``, running
+  steps lost with their worker or for want of a heartbeat; ``dur:<name>:<status>:<i>``, sagas that ended in
   that status after a duration (start to end) in bucket ``i`` of
   ``DURATION_BUCKETS`` (not cumulative), and ``dursum:<name>:<status>``, ms.
 - ``due``: the deadline index, saga ids scored by when a sweeper should look
@@ -45,6 +46,15 @@ first used: a record missing under a new (or vanished) epoch was lost when
 the store was reset, not expired. And the number of index ``shards``, and
 ``lost``: how many sagas workers, sweepers and readers have met lost in the
 reset (their ids, counted once each, are the set ``<prefix>:{meta}:lost``).
+
+Worker liveness (`celery_saga.liveness`), under the hash tag ``{workers}``:
+``<prefix>:{workers}`` is a sorted set of the instance tokens of running
+workers by their last liveness write (ms, store clock; 0 once the worker
+stopped), ``<prefix>:{workers}:names`` a hash of each token's worker node name,
+and ``<prefix>:{workers}:lost`` a sorted set of the tokens sweepers declared
+lost: a positive score is the lease of the sweeper handling it (ms), a
+negative one minus the time it was handled, and handled ones are trimmed
+after a day (their names with them).
 
 The transition that ends a saga publishes its status on the channel
 ``<prefix>:{<saga_id>}:end``, which ``SagaResult.get()`` listens to.
@@ -79,12 +89,15 @@ s:<step>           forward status (StepStatus; absent = WAITING)
 a:/e:/r:<step>     attempts; error; result (JSON)
 td:/t0:/t1:<step>  dispatched, first started, ended (ms)
 to:/dl:<step>      step timeout (ms); deadline of the step (ms)
+wk:<step>          instance token of the worker running it (begin); hbt:/hbd:<step>
+                   its heartbeat timeout (ms) and heartbeat deadline (ms)
 w:<step>           why it ended without an outcome: timeout, cancelled, lost,
                    failure (of a sibling), unstorable (its result)
 ls:/lr:/le:/lt:    a late outcome after a timeout: status, result, error, time
 cs:<step>          compensation status (CompensationStatus); ca:/ce: attempts, error
 ct0:/ct1:<step>    compensation first started, ended (ms)
 cdl:<step>         deadline of the current compensation attempt (ms)
+cwk:<step>         instance token of the worker running the compensation attempt
 cs2:, ca2:, ...    the same for the second round (a late success)
 rt:/crt:<step>     highest Celery retry count seen by a step / compensation
 cb0:<step>         attempts before the last operator retry (retry budget base)
@@ -147,6 +160,18 @@ class Keys:
     def lost(self) -> str:
         """Set of the saga ids met lost in a reset of the store (its count is ``lost`` in `meta`)."""
         return f"{self.prefix}:{{meta}}:lost"
+
+    def workers(self) -> str:
+        """Sorted set of live worker instance tokens by their last liveness write (ms)."""
+        return f"{self.prefix}:{{workers}}"
+
+    def worker_names(self) -> str:
+        """Hash of each worker instance token's node name."""
+        return f"{self.prefix}:{{workers}}:names"
+
+    def lost_workers(self) -> str:
+        """Sorted set of the instance tokens declared lost: a sweeper's lease, or minus when it was handled."""
+        return f"{self.prefix}:{{workers}}:lost"
 
     def shard_of(self, saga_id: str) -> int:
         """The index shard of ``saga_id`` (stable across processes)."""

@@ -31,6 +31,7 @@ class Op(str, Enum):
     FAIL = "fail"
     LOST = "lost"
     EXPIRE = "expire"
+    HEARTBEAT = "heartbeat"
     SWEEP = "sweep"
     CANCEL = "cancel"
     COMP_BEGIN = "comp_begin"
@@ -149,6 +150,8 @@ class Transition:
         next_deadline: ``SWEPT``: when the record's next deadline is due
             (ms, store clock), or None if it has none.
         step_status: ``DUPLICATE``: the status the record already has.
+        heartbeat_timeout: ``HEARTBEAT``: the step's heartbeat timeout
+            (seconds), None if it has none.
     """
 
     op: Op
@@ -166,6 +169,7 @@ class Transition:
     callback: str = ""
     next_deadline: int | None = None
     step_status: StepStatus | None = None
+    heartbeat_timeout: float | None = None
 
     @property
     def ended(self) -> bool:
@@ -202,6 +206,7 @@ class Transition:
             callback=raw.get("callback", ""),
             next_deadline=int(deadline) if deadline else None,
             step_status=StepStatus(step_status) if step_status else None,
+            heartbeat_timeout=float(raw["heartbeat_timeout"]) / 1000 if raw.get("heartbeat_timeout") else None,
         )
 
 

@@ -41,7 +41,7 @@ from ..errors import (
 )
 from ..redis_server import PRIVATE_SERVER_KEY
 from ..state import SagaStatus
-from .base import SagaStore
+from .base import LostWorker, SagaStore, WorkerInstance
 from .compact import unpack
 from .connect import Target, connect, mask_url, parse
 from .keys import DEFAULT_SHARDS, Keys
@@ -120,8 +120,79 @@ return tonumber(redis.call('HGET', KEYS[1], 'lost') or '0')
 # How long the ids of lost sagas are kept, to count each once.
 _LOST_IDS_KEPT_MS = 7 * 24 * 3600 * 1000
 
+# How long an instance declared lost is remembered once handled (with its name, for `show`).
+_LOST_WORKERS_KEPT_MS = 24 * 3600 * 1000
+
 # Stores a definition (plan and settings) once: it never changes under its digest.
 _DEFINE_LUA = "redis.call('SET', KEYS[1], ARGV[1], 'NX') return 1"
+
+# Worker liveness (celery_saga.liveness), all under the hash tag {workers},
+# so one call on a cluster too. KEYS: 1 live instances (token -> last write,
+# ms), 2 their node names, 3 instances declared lost (see keys.py).
+#
+# A liveness write. ARGV: 1 token, 2 node name, 3 "beat"; "start" (older
+# live instances of the same node name are dead: a node name is unique, so
+# they get score 0 and the next sweep claims them); or "stop" (score 0: the
+# next sweep looks at whatever it still ran). A write from an instance that
+# was declared lost (cut off from Redis for too long) puts it back among the
+# live ones: what it ran meanwhile was declared lost, and is a late outcome.
+# Reply: 1 if it had been declared lost, else 0.
+_ALIVE_LUA = """
+if ARGV[3] == 'stop' then
+  if redis.call('ZSCORE', KEYS[1], ARGV[1]) then redis.call('ZADD', KEYS[1], 0, ARGV[1]) end
+  return 0
+end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local was_lost = redis.call('ZREM', KEYS[3], ARGV[1])
+if ARGV[3] == 'start' then
+  local names = redis.call('HGETALL', KEYS[2])
+  for i = 1, #names, 2 do
+    if names[i + 1] == ARGV[2] and names[i] ~= ARGV[1] and redis.call('ZSCORE', KEYS[1], names[i]) then
+      redis.call('ZADD', KEYS[1], 0, names[i])
+    end
+  end
+end
+redis.call('ZADD', KEYS[1], string.format('%.0f', now), ARGV[1])
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+return was_lost
+"""
+
+# Sweepers claim the instances whose last liveness write is older than
+# ARGV[1] ms: each moves from the live set to the lost one under a lease of
+# ARGV[2] ms, so exactly one sweeper handles it, and another takes it over
+# if that one dies before it is done (its lease runs out). Handled entries
+# (negative scores: minus when) older than ARGV[4] ms are forgotten, names
+# too. ARGV[3]: at most this many. Reply: {token, name, last write ms (0: it
+# stopped, or a lease taken over)} flattened.
+_CLAIM_WORKERS_LUA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local lease = string.format('%.0f', now + tonumber(ARGV[2]))
+local limit = tonumber(ARGV[3])
+local reply = {}
+local function take(token, last)
+  redis.call('ZADD', KEYS[3], lease, token)
+  reply[#reply + 1] = token
+  reply[#reply + 1] = redis.call('HGET', KEYS[2], token) or ''
+  reply[#reply + 1] = last
+end
+for _, token in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], 1, string.format('%.0f', now), 'LIMIT', 0, limit)) do
+  take(token, '0')
+end
+local cut = string.format('%.0f', now - tonumber(ARGV[1]))
+local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', cut, 'WITHSCORES', 'LIMIT', 0, limit)
+for i = 1, #dead, 2 do
+  redis.call('ZREM', KEYS[1], dead[i])
+  take(dead[i], dead[i + 1])
+end
+local old = redis.call('ZRANGEBYSCORE', KEYS[3], '(' .. string.format('%.0f', tonumber(ARGV[4]) - now), '(0')
+for _, token in ipairs(old) do
+  redis.call('ZREM', KEYS[3], token)
+  if not redis.call('ZSCORE', KEYS[1], token) then redis.call('HDEL', KEYS[2], token) end
+end
+return reply
+"""
 
 # Redis errors that mean "try again later", by the message's code (a script
 # error carries the code of the command that failed inside it).
@@ -237,6 +308,8 @@ class RedisSagaStore(SagaStore):
         self._rescore_script: Script = self.client.register_script(_RESCORE_LUA)
         self._lost_script: Script = self.client.register_script(_LOST_LUA)
         self._define_script: Script = self.client.register_script(_DEFINE_LUA)
+        self._alive_script: Script = self.client.register_script(_ALIVE_LUA)
+        self._claim_workers_script: Script = self.client.register_script(_CLAIM_WORKERS_LUA)
         self._subscribers = threading.local()
         self._defined: set[str] = set()
         self._epoch: str | None = None
@@ -268,7 +341,7 @@ class RedisSagaStore(SagaStore):
         """The error, naming the command a script could not run: Redis names only the script's line."""
         found = _SCRIPT_LINE.search(str(exc))
         scripts = [self._script, self._shard_script, self._claim_script, self._rescore_script, self._lost_script]
-        scripts.append(self._define_script)
+        scripts += [self._define_script, self._alive_script, self._claim_workers_script]
         sources = {s.sha: str(s.script) for s in scripts}
         sources[self._function] = self._library
         name = None if found is None else found["sha"] or found["function"]
@@ -763,6 +836,47 @@ class RedisSagaStore(SagaStore):
         due = self.keys.due(self.keys.shard_of(saga_id))
         score = self._call(lambda: self.client.zscore(due, saga_id))
         return None if score is None else float(score) / 1000
+
+    # -- worker liveness -------------------------------------------------------
+
+    def _worker_keys(self) -> list[str]:
+        return [self.keys.workers(), self.keys.worker_names(), self.keys.lost_workers()]
+
+    def worker_alive(self, token: str, hostname: str, starting: bool = False) -> bool:
+        args = [token, hostname, "start" if starting else "beat"]
+        return bool(self._call(lambda: self._alive_script(keys=self._worker_keys(), args=args)))
+
+    def worker_stopped(self, token: str) -> None:
+        self._call(lambda: self._alive_script(keys=self._worker_keys(), args=[token, "", "stop"]))
+
+    def claim_lost_workers(self, lost_after: float, lease: float) -> list[LostWorker]:
+        args = [f"{lost_after * 1000:.0f}", f"{lease * 1000:.0f}", "100", f"{_LOST_WORKERS_KEPT_MS}"]
+        reply = self._call(lambda: self._claim_workers_script(keys=self._worker_keys(), args=args))
+        return [
+            LostWorker(str(reply[i]), str(reply[i + 1]), float(reply[i + 2]) / 1000) for i in range(0, len(reply), 3)
+        ]
+
+    def lost_worker_handled(self, token: str) -> None:
+        # XX: an instance that wrote its liveness again meanwhile is live, not lost.
+        at = -time.time() * 1000
+        self._call(lambda: self.client.zadd(self.keys.lost_workers(), {token: f"{at:.0f}"}, xx=True))
+
+    def workers(self) -> dict[str, WorkerInstance]:
+        def run() -> list[Any]:
+            pipe = self.client.pipeline(transaction=False)
+            pipe.zrange(self.keys.workers(), 0, -1, withscores=True)
+            pipe.hgetall(self.keys.worker_names())
+            pipe.zrange(self.keys.lost_workers(), 0, -1)
+            return list(pipe.execute())
+
+        live, names, lost = self._call(run)
+        found = {
+            str(token): WorkerInstance(str(token), str(names.get(token, "")), float(score) / 1000, False)
+            for token, score in live
+        }
+        for token in lost:
+            found.setdefault(str(token), WorkerInstance(str(token), str(names.get(token, "")), None, True))
+        return found
 
     # -- waiting for an end -------------------------------------------------------
 

@@ -36,6 +36,7 @@ REPLY: one JSON object (store/protocol.py: Transition.from_reply)
   callback       completed: the on_complete signature (JSON) or ""; swept: the end
                  callback of a finished saga nobody marked sent (send it)
   next_deadline  swept: the record's next deadline (ms) or ""
+  heartbeat_timeout  heartbeat, recorded: the step's heartbeat timeout (ms), absent if none
   step_status    duplicate (of a forward step): what the record has
   name, gen      ops called with generation "*": the record's
 
@@ -48,7 +49,10 @@ OPS, in lifecycle order
                                                   begin); UNKNOWN, CANCELLED: late
   fail           wrapper; main process (revoked)  step RUNNING, DISPATCHED          rollback | resend | late | duplicate
   lost           wrapper (time limit); main proc. step RUNNING, DISPATCHED          rollback | resend | late | duplicate
-                 (lost worker, hard time limit)
+                 (lost worker, hard time limit);  (with a worker token: RUNNING
+                 sweeper (a worker that stopped   on that worker only)
+                 writing its liveness)
+  heartbeat      current_step().heartbeat()       step RUNNING, that attempt         recorded | duplicate
   expire         main process (expired message)   step DISPATCHED, deadline due     rollback | resend | early | duplicate
   sweep          sweeper                          any unfinished deadline           swept
   cancel         SagaResult.cancel                PENDING, RUNNING, COMPENSATING    rollback | finished | not_allowed
@@ -57,7 +61,8 @@ OPS, in lifecycle order
                                                                                     run | busy | duplicate | not_dispatched
   comp_done      wrapper, after it returned       compensation RUNNING, RETRYING,   rollback | recorded | duplicate
                                                   DISPATCHED (a lost comp_begin)
-  comp_fail      wrapper; main process (lost)     compensation RUNNING, DISPATCHED  backoff | gave_up | duplicate
+  comp_fail      wrapper; main process (lost);    compensation RUNNING, DISPATCHED  backoff | gave_up | duplicate
+                 sweeper (lost worker)            (with a worker token: RUNNING on that worker only)
   signal         SagaResult.signal (outside)      a wait for the event, not over    recorded | wait | next_stage | completed |
                                                   (kept if not reached yet)         rollback | duplicate | finished | not_allowed
   unwind         a parent's undo of this child    any                               rollback | finished
@@ -196,7 +201,7 @@ end
 -- steps were dispatched and their deadlines and retry counts (nothing is in
 -- flight), the forward progress; and for a COMPLETED saga, which can never
 -- roll back, everything rolling back would read.
-local ENDED_DROP = {td = true, rt = true, crt = true}
+local ENDED_DROP = {td = true, rt = true, crt = true, wk = true, cwk = true, cwk2 = true, hbt = true, hbd = true}
 local ENDED_DROP_FIELDS = {sdl = true, left = true}
 local COMPLETED_DROP = {to = true, comp = true, cof = true, fb0 = true}
 local COMPLETED_DROP_FIELDS = {copen = true, gaveup = true, cstage = true, stage = true, bo = true, maxr = true,
@@ -392,8 +397,8 @@ end
 local function window_ms() return num(HEAD[7]) or 600000 end
 
 -- Where the op's step and compensation round are among its arguments.
-local STEP_ROUND = {begin = 0, done = 0, fail = 0, lost = 0, expire = 0, comp_begin = 7, comp_done = 5,
-  comp_fail = 6}
+local STEP_ROUND = {begin = 0, done = 0, fail = 0, lost = 0, expire = 0, heartbeat = 0, comp_begin = 7,
+  comp_done = 5, comp_fail = 6}
 
 function slot()
   local at = STEP_ROUND[op]
@@ -539,6 +544,14 @@ local function next_deadline()
   each_step(function(m)
     local s = hget('s:' .. m)
     if s == 'DISPATCHED' or s == 'RUNNING' then consider(hget('dl:' .. m)) end
+    if s == 'RUNNING' then consider(hget('hbd:' .. m)) end
+    -- A step with a heartbeat timeout that may still begin gets a heartbeat
+    -- deadline then: one server's begin moves the index entry itself, a
+    -- cluster's cannot (another slot), so its sweeper looks that often.
+    local hb = num(hget('hbt:' .. m))
+    if hb and not SHARD and (not s or s == 'DISPATCHED') and (st == 'PENDING' or st == 'RUNNING') then
+      if not shortest or hb < shortest then shortest = hb end
+    end
     for _, r in ipairs({'1', '2'}) do
       local cs = hget(cf('cs', m, r))
       if cs == 'DISPATCHED' or cs == 'RUNNING' or cs == 'RETRYING' then consider(hget(cf('cdl', m, r))) end
@@ -788,6 +801,22 @@ local function compensation_failed(m, r, err, u, forced)
   return entry
 end
 
+-- Running step m sent no heartbeat within its heartbeat timeout ("hbd:<step>"
+-- passed) while its worker may well be alive: its outcome is lost, as if its
+-- worker was (see fail_or_lose). Returns the status before, when it changed.
+local function heartbeat_missed(m, out, u)
+  local err = 'lost: step ' .. m .. ' sent no heartbeat for ' .. secs(hget('hbt:' .. m))
+  count('lost:heartbeat')
+  if sent_again(m) then
+    local entry, changed = forward_retry(m, err, u)
+    out[#out + 1] = entry
+    return changed
+  end
+  stop_waiting(m, 'lost', err)
+  if live == 'PENDING' or live == 'RUNNING' then return begin_rollback(m, err, 'failure') end
+  return false
+end
+
 -- Act on every deadline that has passed; `u` draws the backoff of the
 -- compensations it retries. Appends their due entries to `out`. Returns the
 -- saga status before, when it changed, else false.
@@ -806,6 +835,11 @@ local function apply_deadlines(out, u)
     if (s == 'DISPATCHED' or s == 'RUNNING') and dl and num(NOW) >= dl then
       -- Several retries drawn in one sweep get different jitter.
       local c = time_out_step(m, out, (u + #out * 0.6180339887) % 1)
+      changed = changed or c
+    end
+    local hbd = num(hget('hbd:' .. m))
+    if hget('s:' .. m) == 'RUNNING' and hbd and num(NOW) >= hbd then
+      local c = heartbeat_missed(m, out, (u + #out * 0.6180339887) % 1)
       changed = changed or c
     end
   end)
@@ -1022,8 +1056,16 @@ OPS.abort = function()
   return remember(respond('rollback', settle(out, changed), {due = out}))
 end
 
+-- A worker's instance token ("wk:<step>", "cwk:<step>") names who runs an
+-- attempt, for sweepers to find what a lost worker ran; "" (a caller outside
+-- a worker) clears it, so that an earlier attempt's worker is not blamed.
+local function mark_worker(field, token)
+  if token and token ~= '' then redis.call('HSET', K, field, token) else redis.call('HDEL', K, field) end
+end
+
 -- ARGV: 4 step, 5 Celery retries of this message, 6 "1" if redelivered,
--- 7 the digest of the plan the message's task was checked against ("": unchecked; see run).
+-- 7 the digest of the plan the message's task was checked against ("": unchecked; see run),
+-- 8 the instance token of the worker that runs it ("": none).
 OPS.begin = function()
   local m = AV[4]
   local s = hget('s:' .. m)
@@ -1058,6 +1100,14 @@ OPS.begin = function()
     local n = redis.call('HINCRBY', K, 'a:' .. m, 1)
     redis.call('HSET', K, 's:' .. m, 'RUNNING', 'rt:' .. m, AV[5])
     redis.call('HSETNX', K, 't0:' .. m, NOW)
+    mark_worker('wk:' .. m, AV[8])
+    local hbt = num(hget('hbt:' .. m))
+    if hbt then
+      -- Its first heartbeat is due a heartbeat timeout from now: on one
+      -- server, the sweepers' index entry moves that early itself.
+      redis.call('HSET', K, 'hbd:' .. m, NOW + hbt)
+      if SHARD then redis.call('ZADD', SHARD .. ':due', 'lt', NOW + hbt, SAGA_ID) end
+    end
     return remember(respond('run', changed, {attempt = n}))
   end
   if not s then return respond('not_dispatched') end
@@ -1099,18 +1149,26 @@ end
 -- fail ARGV: 4 step, 5 error, 6 u, 7 "1" for a child saga that ended FAILED
 -- (its compensations gave up: the step counts as one whose compensation
 -- gave up, and the rollback ends FAILED). lost ARGV: 4 step, 5 error, 6 why
--- ("timeout" for a hard time limit, "lost" for a lost worker), 7 u. A lost
--- outcome is unknown: the step may have had its effect, so it is
+-- ("timeout" for a hard time limit, "lost" for a lost worker), 7 u, 8 the
+-- instance token of the worker declared lost (a sweeper; "" for none): then
+-- it acts only on the step RUNNING on that worker, never on a later attempt
+-- or an outcome that came meanwhile. A lost outcome is unknown: the step may have had its effect, so it is
 -- compensated blind. `u` draws the backoff of a step sent again.
 local function fail_or_lose()
   local m = AV[4]
   local s = hget('s:' .. m)
+  local token = op == 'lost' and AV[8] or ''
+  if token ~= '' and (s ~= 'RUNNING' or hget('wk:' .. m) ~= token) then
+    return respond('duplicate', nil, {step_status = s or ''})
+  end
   if s == 'UNKNOWN' and not hget('ls:' .. m) then
     -- A late failure changes nothing but the record.
     redis.call('HSET', K, 'ls:' .. m, 'FAILED', 'le:' .. m, AV[5], 'lt:' .. m, NOW)
     return remember(respond('late'))
   end
   if s ~= 'RUNNING' and s ~= 'DISPATCHED' then return respond('duplicate', nil, {step_status = s or ''}) end
+  -- /metrics: steps lost with their worker (a pool child, or a whole worker declared lost).
+  if op == 'lost' and AV[6] == 'lost' then count('lost:worker') end
   if retriable(m) or (op == 'lost' and sent_again(m)) then
     if s == 'DISPATCHED' and hget('fa:' .. m) then
       -- An earlier attempt's outcome, after the step was sent again: the new copy decides.
@@ -1158,6 +1216,19 @@ OPS.expire = function()
   return remember(respond('rollback', settle(out, time_out_step(m, out, 0)), {due = out}))
 end
 
+-- ARGV: 4 step, 5 the attempt that sends it. A long step says it is alive:
+-- its heartbeat deadline moves a heartbeat timeout ahead, if that attempt
+-- still runs. Not de-duplicated (nothing to redo); the caller throttles it.
+OPS.heartbeat = function()
+  local m = AV[4]
+  local s = hget('s:' .. m)
+  if s ~= 'RUNNING' or hget('a:' .. m) ~= AV[5] then return respond('duplicate', nil, {step_status = s or ''}) end
+  local hbt = num(hget('hbt:' .. m))
+  if not hbt then return respond('recorded') end
+  redis.call('HSET', K, 'hbd:' .. m, NOW + hbt)
+  return respond('recorded', nil, {heartbeat_timeout = hbt})
+end
+
 -- ARGV: 4 the grace (ms) before a finished saga's unsent callback is sent,
 -- 5 u, the jitter of any compensation retry this sweep decides.
 OPS.sweep = function()
@@ -1190,7 +1261,8 @@ OPS.cancel = function()
 end
 
 -- ARGV: 4 step, 5 Celery retries of this message, 6 "1" if redelivered, 7 round,
--- 8 the digest of the plan the message's task was checked against ("": unchecked; see run).
+-- 8 the digest of the plan the message's task was checked against ("": unchecked; see run),
+-- 9 the instance token of the worker that runs it ("": none).
 OPS.comp_begin = function()
   local m, r = AV[4], AV[7]
   local cs = hget(cf('cs', m, r))
@@ -1199,6 +1271,7 @@ OPS.comp_begin = function()
     local n = redis.call('HINCRBY', K, cf('ca', m, r), 1)
     redis.call('HSET', K, cf('cs', m, r), 'RUNNING', cf('crt', m, r), AV[5])
     redis.call('HSETNX', K, cf('ct0', m, r), NOW)
+    mark_worker(cf('cwk', m, r), AV[9])
     return remember(respond('run', false, {attempt = n}))
   end
   if not cs then return respond('not_dispatched') end
@@ -1220,10 +1293,13 @@ OPS.comp_done = function()
 end
 
 -- ARGV: 4 step, 5 error, 6 round, 7 u, the jitter of its retry backoff,
--- 8 "1" to give up now (a child saga whose own compensations gave up).
+-- 8 "1" to give up now (a child saga whose own compensations gave up), 9 the
+-- instance token of a worker declared lost (a sweeper): then only an
+-- attempt RUNNING on that worker fails.
 OPS.comp_fail = function()
   local m, r = AV[4], AV[6]
   local cs = hget(cf('cs', m, r))
+  if (AV[9] or '') ~= '' and (cs ~= 'RUNNING' or hget(cf('cwk', m, r)) ~= AV[9]) then return respond('duplicate') end
   if cs ~= 'RUNNING' and cs ~= 'DISPATCHED' then return respond('duplicate') end
   -- DISPATCHED: its comp_begin was lost (a failover); the attempt still counts.
   if cs == 'DISPATCHED' then redis.call('HINCRBY', K, cf('ca', m, r), 1) end

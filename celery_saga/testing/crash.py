@@ -9,6 +9,13 @@ group when that saga reaches that point. A new worker takes over, the saga
 finishes or not within ``timeout``, and the user's invariant judges the
 result. Every run's outcome goes into a `CrashReport`.
 
+With ``restart=`` the killed worker is the only one, and comes back as a
+supervisor would restart it: under the same node name (its new instance
+declares the dead one lost at once) or a new one (the dead instance is lost
+once it has been silent for ``saga_worker_lost_after``). The workers then
+write their liveness every `RESTART_HEARTBEAT` seconds, so that what ran on
+the dead worker is found by worker liveness, not at its deadline.
+
 Workers are chained to save a start per run: the worker that recovers run N
 is already armed for run N + 1, which starts once run N has finished. A
 worker dies only for the saga id it was armed for, so a late copy of an
@@ -24,6 +31,7 @@ import json
 import math
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -46,9 +54,12 @@ from . import crash_worker
 from .crash_worker import CrashAt
 from .setup import app_queues, configured, delete_keys, isolated_settings
 
-__all__ = ["DEPTHS", "CrashExplorer", "CrashReport", "ExploredPoint", "SkippedPoint"]
+__all__ = ["DEPTHS", "RESTARTS", "CrashExplorer", "CrashReport", "ExploredPoint", "Restart", "SkippedPoint"]
 
 Kind = Literal["step", "compensation"]
+#: How the killed worker comes back in `CrashExplorer.explore`'s ``restart=`` case.
+Restart = Literal["same-name", "new-name"]
+RESTARTS: tuple[Restart, ...] = ("same-name", "new-name")
 
 #: The points each ``--saga-crash-points`` depth explores.
 DEPTHS: dict[str, tuple[CrashPoint, ...]] = {
@@ -59,6 +70,12 @@ DEPTHS: dict[str, tuple[CrashPoint, ...]] = {
 # A worker asked to stop (SIGTERM: finish what runs, ack, exit) gets this long
 # before its process group is SIGKILLed.
 _STOP_WITHIN = 10.0
+
+#: In the ``restart=`` case, seconds between the workers' liveness writes (``saga_worker_heartbeat``)
+RESTART_HEARTBEAT = 0.5
+#: and the silence after which a worker instance is lost (``saga_worker_lost_after``). Four missed
+#: writes, not the default three: one worker on busy cores must not be declared lost while alive.
+RESTART_LOST_AFTER = 2.0
 
 
 @dataclass(frozen=True)
@@ -75,6 +92,10 @@ class ExploredPoint:
     seconds: float
     #: Why the run failed: the invariant's error, or why the saga did not finish. None: it passed.
     error: str | None = None
+    #: For a step's point: why the saga stopped waiting for the killed step (`StepRecord.stopped_by`:
+    #: ``"lost"`` when worker liveness found it, ``"timeout"`` at its deadline); None if it did not
+    #: (it ran again, or had ended).
+    stopped_by: str | None = None
 
     @property
     def label(self) -> str:
@@ -109,6 +130,8 @@ class CrashReport:
     seconds: float
     #: Where the workers' logs are.
     log_dir: str = ""
+    #: How the killed worker came back: None (a new worker took over at once), or the ``restart=`` case.
+    restart: Restart | None = None
 
     @property
     def failures(self) -> tuple[ExploredPoint, ...]:
@@ -126,6 +149,7 @@ class CrashReport:
             [
                 p.label,
                 p.status.value if p.status else "-",
+                p.stopped_by or "-",
                 f"{p.seconds:.1f}s",
                 "ok" if p.error is None else "FAILED",
                 p.saga_id,
@@ -133,10 +157,10 @@ class CrashReport:
             for p in (self.baseline, *self.points)
         ]
         verdict = "ok" if self.ok else f"{len(self.failures)} failed"
+        how = self.depth if self.restart is None else f"{self.depth}, its only worker restarted ({self.restart})"
         lines = [
-            f"saga {self.saga}: {len(self.points)} crash points explored ({self.depth}) "
-            f"in {self.seconds:.0f}s: {verdict}",
-            table(["point", "end", "took", "invariant", "saga id"], rows),
+            f"saga {self.saga}: {len(self.points)} crash points explored ({how}) in {self.seconds:.0f}s: {verdict}",
+            table(["point", "end", "stopped by", "took", "invariant", "saga id"], rows),
         ]
         for p in self.failures:
             lines += ["", f"FAILED at {p.label}:", *("  " + line for line in (p.error or "").splitlines())]
@@ -191,6 +215,7 @@ class CrashExplorer:
         points: Iterable[PointSpec] | Mapping[str, Iterable[int]] | None = None,
         depth: str | None = None,
         concurrency: int = 2,
+        restart: Restart | None = None,
     ) -> CrashReport:
         """Run ``saga`` with a worker killed at each of its crash points; check ``invariant`` after each run.
 
@@ -209,10 +234,22 @@ class CrashExplorer:
                 Points named with their number are explored at any depth.
             depth: ``"quick"`` or ``"full"``; the fixture's (``--saga-crash-points``) by default.
             concurrency: Pool processes of each worker (prefork).
+            restart: None: a new worker takes over at once, and the runs
+                keep the app's worker liveness settings, so what the killed
+                worker ran is settled by the (capped) deadlines or a
+                redelivery. ``"same-name"``: the killed worker was the only
+                one, and nothing runs until it is started again under the
+                same node name, whose new instance declares the dead one lost
+                at once. ``"new-name"``: the same, but it comes back under a
+                new node name, so the dead instance is lost only after
+                ``saga_worker_lost_after``. Both write liveness every
+                `RESTART_HEARTBEAT` seconds.
         """
         depth = depth or self.depth
         if depth not in DEPTHS:
             raise ValueError(f"depth must be one of {sorted(DEPTHS)}, not {depth!r}")
+        if restart is not None and restart not in RESTARTS:
+            raise ValueError(f"restart must be None or one of {list(RESTARTS)}, not {restart!r}")
         app = app or saga.app
         app_path = app_path or saga.module
         if not app_path or app_path == "__main__":
@@ -222,7 +259,7 @@ class CrashExplorer:
         for spec in specs or ():
             if _step_of(spec) not in (None, *names):
                 raise ValueError(f"points=: {spec!r} names no step of saga {saga.name!r}; steps: {names}")
-        with _Run(self, saga, app, app_path, depth, concurrency) as run:
+        with _Run(self, saga, app, app_path, depth, concurrency, restart) as run:
             return run.explore(kwargs, invariant, timeout, specs)
 
 
@@ -232,12 +269,15 @@ class _Workers:
     def __init__(self, app_path: str, settings: dict[str, Any], args: list[str], log_dir: Path) -> None:
         self.app_path, self.settings, self.args, self.log_dir = app_path, settings, args, log_dir
         self.procs: list[subprocess.Popen[bytes]] = []
+        #: The node name of every worker started from now on; None: a new one each.
+        self.node: str | None = None
         self.env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p and os.path.isdir(p))}
 
     def start(self, crash: CrashAt | None) -> subprocess.Popen[bytes]:
         spec = {"app": self.app_path, "settings": self.settings, "crash": crash.to_json() if crash else None}
         n = len(self.procs) + 1
-        args = [json.dumps(spec), *self.args, "-n", f"saga-crash-{n}-{uuid.uuid4().hex[:6]}@%h"]
+        node = self.node or f"saga-crash-{n}-{uuid.uuid4().hex[:6]}@%h"
+        args = [json.dumps(spec), *self.args, "-n", node]
         with open(self.log_path(n), "wb") as log:
             proc = subprocess.Popen(
                 [sys.executable, "-m", crash_worker.__name__, *args],
@@ -282,9 +322,16 @@ class _Run:
     """One `CrashExplorer.explore` call: its prefix, its workers, and its runs."""
 
     def __init__(
-        self, explorer: CrashExplorer, saga: Saga, app: Celery, app_path: str, depth: str, concurrency: int
+        self,
+        explorer: CrashExplorer,
+        saga: Saga,
+        app: Celery,
+        app_path: str,
+        depth: str,
+        concurrency: int,
+        restart: Restart | None,
     ) -> None:
-        self.explorer, self.saga, self.app, self.depth = explorer, saga, app, depth
+        self.explorer, self.saga, self.app, self.depth, self.restart = explorer, saga, app, depth, restart
         self.prefix = f"sagacrash-{uuid.uuid4().hex[:10]}"
         self.log_dir = explorer.log_dir / self.prefix
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -333,6 +380,8 @@ class _Run:
             saga, settings = self._shortened(state)
             workers.stop(worker)
             workers.settings = settings
+            if self.restart is not None:
+                workers.settings = {**settings, **self._restarting(workers)}
             explored, skipped = self._crash_runs(saga, kwargs, invariant, timeout, todo, workers)
             return self._report(baseline, explored, skipped, began)
         finally:
@@ -386,6 +435,8 @@ class _Run:
             workers.kill_group(worker)
             worker.wait(_STOP_WITHIN)
             # The worker that recovers this run is already armed for the next one.
+            # With restart=, it is the killed one started again: no worker was
+            # alive in between, to sweep, take its messages or notice its death.
             worker = workers.start(armed(i + 1))
             explored.append(self._judge(point.step, point.kind, int(point.number), ids[i], started, timeout, invariant))
         workers.stop(worker)
@@ -426,14 +477,15 @@ class _Run:
             time.sleep(pause)
             pause = min(0.1, pause * 2)
         took = time.monotonic() - started
+        stopped_by = state.step(step).stopped_by if kind == "step" else None
         if invariant is None:
             return ExploredPoint(step, kind, number, saga_id, state.status, took)
         try:
             invariant(result)
         except Exception as exc:
             error = f"{type(exc).__name__}: {exc}\n{_timeline(result.state())}"
-            return ExploredPoint(step, kind, number, saga_id, state.status, took, error)
-        return ExploredPoint(step, kind, number, saga_id, state.status, took)
+            return ExploredPoint(step, kind, number, saga_id, state.status, took, error, stopped_by)
+        return ExploredPoint(step, kind, number, saga_id, state.status, took, stopped_by=stopped_by)
 
     def _failed_run(self, point: _Point, saga_id: str, result: SagaResult, started: float, error: str) -> ExploredPoint:
         state = result.state()
@@ -467,6 +519,31 @@ class _Run:
             + ("" if late else " (if it was only prefetched: none of the saga's tasks has acks_late)")
         )
         return self.saga.with_deadlines_at_most(cap), self._worker_settings(visibility)
+
+    def _restarting(self, workers: _Workers) -> dict[str, Any]:
+        """The ``restart=`` case: name the workers to match, and the liveness settings of its runs.
+
+        The liveness is short so that the restarted worker, not a deadline,
+        is what finds the steps the dead one ran: with the same node name at
+        its start, with a new one after ``RESTART_LOST_AFTER`` seconds.
+        """
+        if self.restart == "same-name":
+            workers.node = f"saga-crash-{self.prefix.removeprefix('sagacrash-')}@%h"
+            how = (
+                f"under the same node name ({workers.node.replace('%h', socket.gethostname())}), whose new "
+                "instance declares the dead one lost at once"
+            )
+        else:
+            how = (
+                "under a new node name, whose sweeper declares the dead instance lost once it is silent "
+                f"for {RESTART_LOST_AFTER:g}s"
+            )
+        self.notes.append(
+            f"each killed worker was the only one, and was started again at once {how}; the workers write their "
+            f"liveness every {RESTART_HEARTBEAT:g}s (saga_worker_heartbeat) and count as lost after "
+            f"{RESTART_LOST_AFTER:g}s (saga_worker_lost_after)"
+        )
+        return {"saga_worker_heartbeat": RESTART_HEARTBEAT, "saga_worker_lost_after": RESTART_LOST_AFTER}
 
     def _acks_late(self) -> bool:
         names = [n for spec in self.saga.plan().steps for n in (spec.task, spec.compensation) if n]
@@ -529,6 +606,7 @@ class _Run:
             tuple(self.notes),
             time.monotonic() - began,
             str(self.log_dir),
+            self.restart,
         )
 
 

@@ -299,7 +299,7 @@ class SagaPage(_Base):
         redact = redact_keys(self.celery_app)
         done = self.get_query_argument("done", "")
         rows, span = bars(state)
-        shown = state_json(state, redact)
+        shown = state_json(state, redact, admin.step_workers(self.celery_app, state))
         self.render_page(
             "saga.html",
             state=state,
@@ -308,6 +308,7 @@ class SagaPage(_Base):
             steps=details(state, redact),
             kwargs_json=json.dumps(shown["kwargs"], indent=2, sort_keys=True),
             data_json=json.dumps(shown["data"], indent=2, sort_keys=True),
+            running_on=[(s["name"], s["worker"]) for s in shown["steps"] if "worker" in s],
             flower=self.web.flower_url,
             dumps=lambda v: json.dumps(v, sort_keys=True),
             message=done if done in _DONE else "",
@@ -370,7 +371,7 @@ class ApiSaga(_Base):
             self.set_status(500)
             self.write_json({"id": saga_id, "corrupt": True, "error": str(exc)})
             return
-        self.write_json(state_json(state, redact_keys(self.celery_app)))
+        self.write_json(state_json(state, redact_keys(self.celery_app), admin.step_workers(self.celery_app, state)))
 
 
 class Metrics(_Base):

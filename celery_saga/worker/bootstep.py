@@ -9,6 +9,7 @@ from celery import Celery, bootsteps
 
 from ..announce import configure_worker
 from ..errors import SagaError
+from ..liveness import LivenessThread, start_instance
 from ..plan import StepSpec
 from ..registry import sagas_of, step_meta
 from ..stores import settings_of, store_for
@@ -113,14 +114,31 @@ class SagaWorker(bootsteps.StartStopStep):  # type: ignore[misc]
     def __init__(self, w: Any, **kwargs: Any) -> None:
         super().__init__(w, **kwargs)
         self.sweeper: SweeperThread | None = None
+        self.liveness: LivenessThread | None = None
+        self.token = ""
         if is_enabled(w.app):
+            # Here, before the pool forks: its children inherit the token, and
+            # the steps they begin name this instance (celery_saga.liveness).
+            self.token = start_instance()
             install(w.app)  # tasks registered after finalize
             configure_worker(w.app, w.hostname, bool(w.task_events))
             if w.app.conf.get("saga_config_warnings") is not False:
                 _warn(w.app)
 
     def start(self, w: Any) -> None:
-        if not is_enabled(w.app) or w.app.conf.get("saga_sweeper") is False:
+        if not is_enabled(w.app):
+            return
+        # Liveness is written even without a sweeper here: others sweep.
+        try:
+            self.liveness = LivenessThread(w.app, w.hostname, self.token)
+        except SagaError as exc:
+            logger.error(
+                "celery_saga: this worker writes no liveness, so its crash is noticed only at deadlines: %s", exc
+            )
+        else:
+            self.liveness.announce()  # before the first sweep, which then finds older instances of this name
+            self.liveness.start()
+        if w.app.conf.get("saga_sweeper") is False:
             return
         try:
             self.sweeper = SweeperThread(w.app, name=f"celery_saga-sweeper@{w.hostname}")
@@ -133,6 +151,9 @@ class SagaWorker(bootsteps.StartStopStep):  # type: ignore[misc]
         if self.sweeper is not None:
             self.sweeper.stop()
             self.sweeper = None
+        if self.liveness is not None:
+            self.liveness.stop()
+            self.liveness = None
 
     # A cold shutdown (and the test worker's exit) sends "terminate", not "stop".
     terminate = stop

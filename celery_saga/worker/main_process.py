@@ -119,7 +119,16 @@ def _on_task_revoked(sender: Task | None = None, request: Any = None, expired: b
     task_id = getattr(request, "id", None)
     if expired:
         # A step message expires at its deadline: a timeout of a step that
-        # never started, not a failure.
+        # never started, not a failure. Said at WARNING: the queue was slower
+        # than the step's deadline, which an operator should hear about.
+        logger.warning(
+            "saga %s: the message of %s %r expired in the queue: its deadline (%s) passed before any "
+            "worker took it, so it never runs",
+            headers.saga_id,
+            "the compensation of" if headers.compensation else "step",
+            headers.step,
+            getattr(request, "expires", None) or "?",
+        )
         _record(sender, task_id, headers, Op.EXPIRE, "expired: the message expired before it ran")
     else:
         _record(sender, task_id, headers, Op.FAIL, "revoked: the message was revoked before it ran")

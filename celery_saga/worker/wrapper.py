@@ -27,6 +27,7 @@ from ..context import StepContext, current_step, reset_current, set_current
 from ..errors import SagaError, SagaStoreMisconfigured, SagaStoreUnavailable, StepResultNotSerializable
 from ..follow import Delivery, follow
 from ..introspect import Params, params_of
+from ..liveness import worker_token
 from ..messages import Headers, MessageRejected, SagaHeaders, read_headers, resend, task_id
 from ..redaction import ERROR_TEXT_MAX, NOTHING, Redaction, redacted_keys
 from ..store import Op, Outcome, SagaStore, Transition
@@ -292,7 +293,8 @@ def _begin(message: _Message, op: Op, *args: str) -> tuple[SagaStore, Transition
         except SagaStoreUnavailable as exc:
             raise message.retry_later(exc) from exc
         message.redact = redacted_keys(app, store.plan(digest) if digest else None)
-        t = message.apply(store, op, *args, digest, first=message.first and op is Op.BEGIN)
+        # The worker's instance token names who runs it (celery_saga.liveness).
+        t = message.apply(store, op, *args, digest, worker_token(), first=message.first and op is Op.BEGIN)
     except Retry:
         raise
     except MessageRejected as exc:

@@ -15,7 +15,7 @@ import redis
 from celery import Celery
 
 from celery_saga import CompensationStatus, SagaResult, SagaState, StepStatus
-from celery_saga.testing import CrashExplorer, SagaFaults, assert_compensated, assert_completed
+from celery_saga.testing import CrashExplorer, CrashPoint, SagaFaults, assert_compensated, assert_completed
 from celery_saga.testing.crash import DEPTHS
 from example_project import ledger
 from example_project.app import app
@@ -197,38 +197,61 @@ def test_a_payment_nobody_confirms_is_declined(saga_worker: Any, monkeypatch: py
     assert state.reason == "failure" and state.error is not None and "did not confirm" in state.error
 
 
-@pytest.mark.timeout(300)
-def test_an_order_survives_a_worker_killed_at_every_crash_point(
-    saga_test_app: Celery,
-    saga_crash_points: CrashExplorer,
-    saga_redis_url: str,
-    saga_prefix: str,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def check_ledger(result: SagaResult) -> None:
+    """The crash runs' invariant: a completed order holds each effect once, an undone one none but the receipt."""
+    state, left = result.state(), effects(result.id)
+    if state.status.value == "COMPLETED":
+        assert left["inventory"] == [{"order_id": 8, "reserved": ["book"]}], left
+        assert left["payments"] == [{"order_id": 8, "amount": 30}], left
+        assert sorted(left["shipping"], key=str) == [
+            {"order_id": 8, "receipt": 30},
+            {"order_id": 8, "to": "1 Main"},
+        ]
+    else:
+        assert state.status.value == "COMPENSATED", f"the order ended {state.status.value}: {state.error}"
+        # Everything is undone but the receipt, an e-mail that cannot be unsent.
+        assert left["inventory"] == [] and left["payments"] == [], left
+        assert left["shipping"] in ([], [{"order_id": 8, "receipt": 30}]), left
+
+
+@pytest.fixture
+def crash_workers_env(saga_redis_url: str, saga_prefix: str, monkeypatch: pytest.MonkeyPatch) -> None:
     # The explorer's workers are processes of their own: their ledger reads
     # REDIS_URL and SAGA_DEMO_PREFIX at import, like the demo's services.
     monkeypatch.setenv("REDIS_URL", saga_redis_url)
     monkeypatch.setenv("SAGA_DEMO_PREFIX", saga_prefix)
 
-    def check_ledger(result: SagaResult) -> None:
-        state, left = result.state(), effects(result.id)
-        if state.status.value == "COMPLETED":
-            assert left["inventory"] == [{"order_id": 8, "reserved": ["book"]}], left
-            assert left["payments"] == [{"order_id": 8, "amount": 30}], left
-            assert sorted(left["shipping"], key=str) == [
-                {"order_id": 8, "receipt": 30},
-                {"order_id": 8, "to": "1 Main"},
-            ]
-        else:
-            assert state.status.value == "COMPENSATED", f"the order ended {state.status.value}: {state.error}"
-            # Everything is undone but the receipt, an e-mail that cannot be unsent.
-            assert left["inventory"] == [] and left["payments"] == [], left
-            assert left["shipping"] in ([], [{"order_id": 8, "receipt": 30}]), left
 
+STEPS = {"inventory.reserve_stock", "payments.charge_card", "shipping.ship_order", "shipping.send_receipt"}
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.usefixtures("crash_workers_env")
+def test_an_order_survives_a_worker_killed_at_every_crash_point(
+    saga_test_app: Celery, saga_crash_points: CrashExplorer
+) -> None:
     report = saga_crash_points.explore(place_order, order(8), check_ledger, timeout=60)
 
     assert report.ok, report.summary()
     assert report.skipped == ()
-    steps = {p.step for p in report.points}
-    assert steps == {"inventory.reserve_stock", "payments.charge_card", "shipping.ship_order", "shipping.send_receipt"}
+    assert {p.step for p in report.points} == STEPS
     assert len(report.points) == 4 * len(DEPTHS[saga_crash_points.depth])
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.usefixtures("crash_workers_env")
+def test_an_order_survives_its_only_worker_killed_and_restarted_at_every_crash_point(
+    saga_test_app: Celery, saga_crash_points: CrashExplorer
+) -> None:
+    # Given one worker, killed whole at each point with no other alive, then
+    # started again under its node name (as systemd or Kubernetes would)
+    report = saga_crash_points.explore(place_order, order(8), check_ledger, timeout=60, restart="same-name")
+
+    # Then every run ends correctly
+    assert report.ok, report.summary()
+    assert report.skipped == ()
+    assert {p.step for p in report.points} == STEPS
+    assert len(report.points) == 4 * len(DEPTHS[saga_crash_points.depth])
+    # and a step killed while it ran was found by the restarted worker, not at its (capped) deadline
+    running = [p for p in report.points if p.number in (CrashPoint.RUNNING, CrashPoint.RETURNED)]
+    assert {p.stopped_by for p in running} == {"lost"}, report.summary()
