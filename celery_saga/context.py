@@ -7,7 +7,8 @@ code reads it, e.g. for the idempotency key to pass to a payment API.
 from __future__ import annotations
 
 import contextvars
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 __all__ = ["StepContext", "current_step", "reset_current", "set_current"]
 
@@ -33,6 +34,8 @@ class StepContext:
             compensated under ``compensate_on_failure``. Look the effect up,
             e.g. by ``forward_key``.
         forward_key: The idempotency key the forward step ran with.
+        beat: What `heartbeat` calls: set by the step wrapper (which knows
+            the app and its store), None outside a worker.
     """
 
     saga_id: str
@@ -44,6 +47,7 @@ class StepContext:
     round: int = 1
     result_known: bool = True
     forward_key: str = ""
+    beat: Callable[[StepContext], bool] | None = field(default=None, compare=False, repr=False)
 
     def heartbeat(self) -> bool:
         """Tell the saga this step still makes progress (for a step with ``heartbeat_timeout``).
@@ -51,13 +55,11 @@ class StepContext:
         A step RUNNING with no heartbeat for its ``heartbeat_timeout`` is
         declared lost, even though its worker is alive. At most one Redis call
         per ``heartbeat_timeout / 3`` seconds: call it as often as you like,
-        from the step's own thread. Returns False once this attempt no longer
+        from any thread of the step. Returns False once this attempt no longer
         runs in the record's eyes (it was declared lost, say): its outcome
         will count as late. A compensation's heartbeat does nothing.
         """
-        from .liveness import heartbeat  # (liveness imports the store, which needs this module)
-
-        return heartbeat(self)
+        return True if self.beat is None else self.beat(self)
 
 
 _CURRENT: contextvars.ContextVar[StepContext | None] = contextvars.ContextVar("celery_saga_step", default=None)

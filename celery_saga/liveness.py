@@ -32,7 +32,7 @@ import uuid
 from collections import OrderedDict
 from typing import TYPE_CHECKING
 
-from celery import Celery, current_task
+from celery import Celery
 
 from .errors import SagaError, SagaStoreUnavailable
 from .follow import follow
@@ -145,10 +145,19 @@ def declare_lost_workers(app: Celery) -> tuple[int, int]:
         return 0, 0
     now = time.time()
     for w in claimed:
-        silent = f"stopped heartbeating {now - w.last_seen:.0f}s ago" if w.last_seen > 0 else "stopped"
-        logger.warning(
-            "celery_saga: worker %s (instance %s) %s: its running steps are lost", w.hostname, w.token, silent
-        )
+        if w.last_seen > 0:
+            logger.warning(
+                "celery_saga: worker %s (instance %s) stopped heartbeating %.0fs ago: its running steps are lost",
+                w.hostname,
+                w.token,
+                now - w.last_seen,
+            )
+        else:
+            # It stopped, or was started again under its node name: a warm
+            # shutdown left nothing running, and whatever was is warned of per step.
+            logger.info(
+                "celery_saga: worker %s (instance %s) stopped; checking what it left running", w.hostname, w.token
+            )
     acted = _declare_steps_lost(app, store, {w.token: w for w in claimed}, now)
     for w in claimed:
         store.lost_worker_handled(w.token)
@@ -214,11 +223,12 @@ _beats_lock = threading.Lock()
 _BEATS_KEPT = 1024
 
 
-def heartbeat(ctx: StepContext) -> bool:
+def heartbeat(app: Celery, ctx: StepContext) -> bool:
     """Tell the saga this step still makes progress; False if its attempt no longer runs.
 
     At most one Redis call per ``heartbeat_timeout / 3`` seconds per attempt:
-    calling it often costs nothing. Call it in the step's own thread.
+    calling it often costs nothing. `StepContext.heartbeat` calls it, bound
+    to the step's app by the step wrapper.
     """
     if ctx.compensating:
         return True
@@ -228,9 +238,7 @@ def heartbeat(ctx: StepContext) -> bool:
         last = _beats.get(key)
     if last is not None and now - last[0] < last[1]:
         return True
-    if not current_task:
-        raise RuntimeError("current_step().heartbeat() must be called in the step's own thread")
-    t = store_for(current_task.app).heartbeat(ctx.saga_id, ctx.step, ctx.attempt)
+    t = store_for(app).heartbeat(ctx.saga_id, ctx.step, ctx.attempt)
     # No heartbeat timeout: nothing to tell, ever again.
     gap = float("inf") if t.heartbeat_timeout is None else t.heartbeat_timeout / 3
     with _beats_lock:

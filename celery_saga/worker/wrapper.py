@@ -27,7 +27,7 @@ from ..context import StepContext, current_step, reset_current, set_current
 from ..errors import SagaError, SagaStoreMisconfigured, SagaStoreUnavailable, StepResultNotSerializable
 from ..follow import Delivery, follow
 from ..introspect import Params, params_of
-from ..liveness import worker_token
+from ..liveness import heartbeat, worker_token
 from ..messages import Headers, MessageRejected, SagaHeaders, read_headers, resend, task_id
 from ..redaction import ERROR_TEXT_MAX, NOTHING, Redaction, redacted_keys
 from ..store import Op, Outcome, SagaStore, Transition
@@ -351,7 +351,16 @@ def _forward(message: _Message, original: Any, params: Params) -> Any:
     request.kwargs = call
     key = task_id(message.saga_id, message.step)
     token = set_current(
-        StepContext(message.saga_id, message.name, message.step, False, key, t.attempt, forward_key=key)
+        StepContext(
+            message.saga_id,
+            message.name,
+            message.step,
+            False,
+            key,
+            t.attempt,
+            forward_key=key,
+            beat=functools.partial(heartbeat, message.task.app),
+        )
     )
     redaction = Redaction.of(message.redact, message.kwargs, message.headers.bound)
     try:
