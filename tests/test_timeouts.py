@@ -229,7 +229,9 @@ def test_retry_countdown_past_the_deadline_times_out(app: Celery, shop: Any, wor
     assert res.state().step("timed.retrying").status is StepStatus.UNKNOWN
 
 
-def test_a_step_whose_message_expired_never_ran_and_timed_out(app: Celery, shop: Any, r, worker) -> None:
+def test_a_step_whose_message_expired_never_ran_and_timed_out(
+    app: Celery, shop: Any, r, worker, caplog: pytest.LogCaptureFixture
+) -> None:
     # Given the worker's own sweeper is off, and the deadline passes while no worker runs
     app.conf.saga_sweeper = False
     dropped: list[str] = []
@@ -246,11 +248,14 @@ def test_a_step_whose_message_expired_never_ran_and_timed_out(app: Celery, shop:
 
     # When a worker receives the expired message,
     # then the step never runs: it is a timeout, not a failure
-    with worker(), pytest.raises(SagaCompensated) as info:
+    with worker(), pytest.raises(SagaCompensated) as info, caplog.at_level(logging.WARNING, logger="celery_saga"):
         res.get(timeout=patience(15))
     signals.task_revoked.disconnect(on_revoked)
     assert info.value.reason == "timeout"
     assert dropped == [f"{res.id}:timed.reserve"]  # Celery dropped it as expired
+    # celery_saga says what happened (Celery says only "Discarding revoked task"): the saga, the step, the deadline
+    (said,) = [m for m in caplog.messages if "expired in the queue" in m]
+    assert res.id in said and "'timed.reserve'" in said and "its deadline (" in said and "(?)" not in said
     first = res.state().step("timed.reserve")
     assert first.status is StepStatus.CANCELLED and first.timed_out and first.attempts == 0
     assert first.compensation_status is None
