@@ -173,10 +173,11 @@ def test_saga_state_and_its_json(world) -> None:
     running = state_json(saga_state(world.shop.app, world.ids["RUNNING"]))
     assert [s["status"] for s in running["steps"]] == ["COMPLETED", "RUNNING", "WAITING"]
     compensating = state_json(saga_state(world.shop.app, world.ids["COMPENSATING"]))
-    assert [s["compensation"] and s["compensation"]["status"] for s in compensating["steps"][:2]] == [
-        "RETRYING",
-        "RETRYING",
-    ]
+    # Both compensations fail forever: each is between attempts (RETRYING), or in one (RUNNING) as it is read
+    # (a busy machine widens that window), as test_cli's show of the same saga allows too.
+    undoing = [s["compensation"] for s in compensating["steps"][:2]]
+    assert [c["status"] if c["status"] != "RUNNING" else "RETRYING" for c in undoing] == ["RETRYING", "RETRYING"]
+    assert all(c["attempts"] >= 2 for c in undoing)
 
 
 def test_saga_state_not_found_or_corrupt(world) -> None:
