@@ -68,16 +68,20 @@ class SweepReport:
     lost_workers: int = 0
 
 
-def sweep(app: Celery, limit: int = 1000) -> SweepReport:
+def sweep(app: Celery, limit: int = 1000, lost_workers: bool = True) -> SweepReport:
     """Act once on every due deadline of ``app``'s sagas (up to ``limit`` sagas).
+
+    ``lost_workers``: also claim worker instances that stopped writing their
+    liveness, and declare what they ran lost (one Redis call when none did).
 
     Raises:
         SagaStoreUnavailable: the saga store cannot be reached.
     """
     store = store_for(app)
-    lost_workers, acted, errors = 0, 0, 0
+    lost, acted, errors = 0, 0, 0
     try:
-        lost_workers, acted = declare_lost_workers(app)
+        if lost_workers:
+            lost, acted = declare_lost_workers(app)
     except SagaStoreUnavailable:
         raise
     except Exception:
@@ -110,7 +114,7 @@ def sweep(app: Celery, limit: int = 1000) -> SweepReport:
             continue
         _drop(app, store, saga_id, why)
         dropped += 1
-    return SweepReport(len(claimed), acted, errors, dropped, lost_workers)
+    return SweepReport(len(claimed), acted, errors, dropped, lost)
 
 
 class _Unreadable(Exception):
@@ -160,16 +164,25 @@ class SweeperThread(threading.Thread):
     def __init__(self, app: Celery, name: str = "celery_saga-sweeper") -> None:
         super().__init__(name=name, daemon=True)
         self.app = app
-        self.interval = settings_of(app).sweep_interval
+        settings = settings_of(app)
+        self.interval = settings.sweep_interval
+        # Liveness changes once per heartbeat: looking for lost workers twice
+        # a heartbeat keeps detection within saga_worker_lost_after plus half
+        # a heartbeat, without a Redis call on every (0.5 s) pass of every worker.
+        self.lost_worker_interval = settings.worker_heartbeat / 2
         self._stop_event = threading.Event()
 
     def run(self) -> None:
         # Each distinct problem is logged once, not every interval.
         failing = ""
+        looked_for_lost = -float("inf")
         while not self._stop_event.is_set():
             started = time.monotonic()
             try:
-                report = sweep(self.app)
+                look = started - looked_for_lost >= self.lost_worker_interval
+                report = sweep(self.app, lost_workers=look)
+                if look:
+                    looked_for_lost = started
                 if failing:
                     logger.warning("celery_saga sweeper: sweeping again")
                 failing = ""
