@@ -38,7 +38,7 @@ unit: $(VENV)/.installed browser
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: $(VENV)/.installed
-	$(PY) benchmarks/overhead.py
+	$(PY) benchmarks/overhead.py $(if $(RTT_MS),--rtt-ms $(RTT_MS)) $(if $(BROKER),--broker $(BROKER))
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

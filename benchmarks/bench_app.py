@@ -5,6 +5,8 @@ it starts, so everything that must match between the two comes from the
 environment:
 
 - ``BENCH_BROKER_URL``: broker, result backend and saga store (one Redis);
+- ``BENCH_BACKEND_URL``: the result backend and saga store, if not the
+  broker (a RabbitMQ broker; a Redis through a delay proxy);
 - ``BENCH_QUEUE``: the queue every task of this run goes to;
 - ``BENCH_PREFIX``: the saga key prefix of this run;
 - ``BENCH_STORE_URL``: the saga store, if not the broker's Redis (a cluster);
@@ -35,9 +37,10 @@ from celery_saga import Saga, saga_step, step
 BROKER_URL = os.environ.get("BENCH_BROKER_URL", "redis://127.0.0.1:6379/9")
 QUEUE = os.environ.get("BENCH_QUEUE", "bench")
 PREFIX = os.environ.get("BENCH_PREFIX", "bench")
-STORE_URL = os.environ.get("BENCH_STORE_URL") or BROKER_URL
+BACKEND_URL = os.environ.get("BENCH_BACKEND_URL") or BROKER_URL
+STORE_URL = os.environ.get("BENCH_STORE_URL") or BACKEND_URL
 
-app = Celery("bench", broker=BROKER_URL, backend=BROKER_URL, set_as_current=False)
+app = Celery("bench", broker=BROKER_URL, backend=BACKEND_URL, set_as_current=False)
 app.conf.update(
     task_default_queue=QUEUE,
     saga_redis_url=STORE_URL,

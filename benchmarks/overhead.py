@@ -25,12 +25,20 @@ Redis: ``REDIS_URL`` if set; else 127.0.0.1:6379 database 9 if it answers;
 else a private server. Every run uses its own queue and key prefix and only
 deletes its own keys.
 
+``--rtt-ms X`` puts a delay proxy (``benchmarks/delay_proxy.py``) in front
+of every Redis connection of the run (broker, result backend, saga store;
+the worker's and this script's), adding X/2 ms each way, as a Redis on
+another host would; it prints what the proxy really adds, measured by PING
+through it and around it. ``--broker amqp://...`` runs the same comparison
+over RabbitMQ, the result backend and the store staying on Redis.
+
 ``--store cluster`` puts the saga store on a 3-master Redis Cluster the
 script starts (the broker stays the plain Redis: kombu has no cluster
 transport); ``--wait-replicas 1`` puts it on a primary with a replica, and
 every transition WAITs for the replica.
 
-Usage: ``python benchmarks/overhead.py [--n 300] [--rounds 5] [--store cluster] [--wait-replicas 1]``
+Usage: ``python benchmarks/overhead.py [--n 300] [--rounds 5] [--rtt-ms 1] [--broker amqp://...]
+[--store cluster] [--wait-replicas 1]``
 """
 
 from __future__ import annotations
@@ -532,7 +540,20 @@ def main(argv: list[str] | None = None) -> int:
         default=0,
         help="saga_redis_wait_replicas: with 1, the store is a primary with a replica the script starts",
     )
+    parser.add_argument(
+        "--rtt-ms",
+        type=float,
+        default=0.0,
+        help="round-trip time a delay proxy adds to every Redis connection (default 0: none)",
+    )
+    parser.add_argument(
+        "--broker",
+        default=None,
+        help="the broker, if not the Redis (amqp://guest:guest@127.0.0.1:5672// for RabbitMQ)",
+    )
     args = parser.parse_args(argv)
+    if (args.rtt_ms or args.broker) and (args.store != "redis" or args.wait_replicas):
+        parser.error("--rtt-ms and --broker take the default store only")
     with saga_store(args.store, args.wait_replicas) as store_url:
         if store_url:
             # The store is not the broker's Redis: MONITOR and INFO of the broker would not see it.
@@ -578,13 +599,71 @@ class BenchRun:
 
 
 @contextlib.contextmanager
-def bench_run(log_name: str) -> Iterator[BenchRun]:
-    """Point ``benchmarks.bench_app`` at a Redis under a fresh queue and prefix; delete this run's keys after."""
+def delayed(url: str, rtt_ms: float) -> Iterator[str]:
+    """``url`` through a delay proxy adding ``rtt_ms`` per round trip (``url`` itself for 0), stopped on exit."""
+    if not rtt_ms:
+        yield url
+        return
+    parts = redis.connection.parse_url(url)
+    target = f"{parts.get('host', '127.0.0.1')}:{parts.get('port', 6379)}"
+    proxy = subprocess.Popen(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "delay_proxy.py"),
+            "--target",
+            target,
+            "--delay-ms",
+            f"{rtt_ms / 2}",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        line = proxy.stdout.readline() if proxy.stdout else ""
+        if not line.startswith("listening on "):
+            raise RuntimeError(f"the delay proxy did not start: {line!r}")
+        port = int(line.split()[-1])
+        proxied = url.replace(target, f"127.0.0.1:{port}", 1)
+        print(f"delay proxy: {rtt_ms:g} ms asked; PING adds {added_ms(url, proxied):.2f} ms (median of 300)")
+        yield proxied
+    finally:
+        proxy.terminate()
+        proxy.wait(10)
+
+
+def added_ms(direct: str, proxied: str, n: int = 300) -> float:
+    """What the proxy really adds to a round trip: median PING through it, minus median PING around it."""
+
+    def median_ping(url: str) -> float:
+        with redis.Redis.from_url(url) as client:
+            client.ping()
+            times = []
+            for _ in range(n):
+                start = time.perf_counter()
+                client.ping()
+                times.append(time.perf_counter() - start)
+        return statistics.median(times) * 1000
+
+    return median_ping(proxied) - median_ping(direct)
+
+
+@contextlib.contextmanager
+def bench_run(log_name: str, rtt_ms: float = 0.0, broker: str | None = None) -> Iterator[BenchRun]:
+    """Point ``benchmarks.bench_app`` at a Redis under a fresh queue and prefix; delete this run's keys after.
+
+    ``rtt_ms``: every Redis connection of the run goes through a delay proxy;
+    ``broker``: the broker, if not that Redis (the backend and store stay on it).
+    """
     ns = uuid.uuid4().hex[:10]
     queue, prefix = f"bench-q-{ns}", f"bench-{ns}"
-    with chosen_redis() as url:
+    with chosen_redis() as url, delayed(url, rtt_ms) as reached:
         print(f"Redis {mask_url(url)}, queue {queue}, key prefix {prefix}")
-        os.environ.update(BENCH_BROKER_URL=url, BENCH_QUEUE=queue, BENCH_PREFIX=prefix)
+        if broker:
+            print(f"broker {mask_url(broker)}")
+        os.environ.update(
+            BENCH_BROKER_URL=broker or reached, BENCH_BACKEND_URL=reached, BENCH_QUEUE=queue, BENCH_PREFIX=prefix
+        )
         bench = importlib.import_module("benchmarks.bench_app")
         client = redis.Redis.from_url(url, decode_responses=True)
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
@@ -603,12 +682,15 @@ def bench_run(log_name: str) -> Iterator[BenchRun]:
                 ],
             )
             client.close()
+            if broker:
+                with bench.app.connection_for_write() as conn:
+                    conn.default_channel.queue_delete(queue)
             bench.app.close()
             print(f"\ncleaned up: {deleted} keys of this run deleted")
 
 
 def run(args: argparse.Namespace) -> int:
-    with bench_run("bench-worker") as b:
+    with bench_run("bench-worker", args.rtt_ms, args.broker) as b:
         url, ns, bench, client, log_path = b.url, b.ns, b.bench, b.client, b.log_path
         worker = Worker(b.env, b.queue, log_path)
         ok = False

@@ -9,7 +9,8 @@ transition's outcome it decides, in this order:
    messages published next lead to later events, which must not overtake it);
 2. the event of the message the transition was made for (done, skipped);
 3. ``compensation_failed`` for each compensation attempt that failed;
-4. what to publish: the first or next stage; compensations, a retry after
+4. what to publish: the first or next stage (unless the transition pushed
+   it itself, `celery_saga.enqueue`); compensations, a retry after
    the backoff the transition drew; a step past the pivot sent again after
    its own backoff; or, for a copy of a message whose
    outcome is already recorded, whatever the record says was dispatched,
@@ -103,6 +104,8 @@ def _announce_delivery(app: Celery, t: Transition, delivery: Delivery) -> None:
 
 
 def _publish_stage(app: Celery, store: SagaStore, t: Transition) -> None:
+    if t.enqueued:
+        return  # the transition pushed them itself (celery_saga.enqueue)
     assert t.stage is not None and t.data is not None
     plan = store.plan(t.plan_digest)
     stage, secrets = plan.stages[t.stage], plan.redacted_keys

@@ -279,6 +279,7 @@ def publish_stage(
     epoch: str = "",
     countdown: float | None = None,
     plan: str = "",
+    producer: Any = None,
 ) -> None:
     """Send the steps of one stage, in order; ``redact`` keys are masked where their arguments are shown.
 
@@ -287,6 +288,8 @@ def publish_stage(
     the digest of the plan the steps come from: a receiver checks its task
     against that plan, and the plan against the record's.
     ``countdown`` delays them (a step sent again after its backoff).
+    ``producer``: `celery_saga.enqueue`'s, which keeps the messages for the
+    transition to push (no retry: what it cannot build is published after).
 
     Raises:
         StageNotPublished: a send failed; its cause is the broker's error.
@@ -300,7 +303,7 @@ def publish_stage(
     shown = _shown(data, redact)
     for k, spec in enumerate(specs):
         try:
-            _publish_step(app, saga_id, saga_name, gen, spec, data, first, shown, epoch, countdown, plan)
+            _publish_step(app, saga_id, saga_name, gen, spec, data, first, shown, epoch, countdown, plan, producer)
         except Exception as exc:
             raise StageNotPublished(saga_id, [s.name for s in specs[k:]]) from exc
 
@@ -339,9 +342,12 @@ def _publish_step(
     epoch: str,
     countdown: float | None = None,
     plan: str = "",
+    producer: Any = None,
 ) -> None:
     """Send one forward step as the user's own task, with the saga context in its headers."""
     options = {**spec.options, **shown}
+    if producer is not None:
+        options.update(producer=producer, retry=False)
     if countdown:
         options["countdown"] = countdown
     if spec.timeout is not None:

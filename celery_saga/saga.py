@@ -18,10 +18,11 @@ from celery.canvas import Signature
 
 from . import codec
 from .enable import enable_apps_with_steps
+from .enqueue import enqueuer
 from .errors import IdempotencyConflict, SagaDataError, SagaDefinitionError, SagaStoreUnavailable
 from .follow import follow
 from .introspect import is_proxy
-from .messages import StageNotPublished, message_serializer
+from .messages import StageNotPublished, message_serializer, publish_stage
 from .nested import CHILD_ENDED_TASK
 from .plan import Plan, StepSpec, remember_plan
 from .registry import MISSING, DefinedSaga, register_saga
@@ -340,7 +341,7 @@ class Saga:
             pivot=self.pivot or "",
             parent=parent,
         )
-        t = store.start(req)
+        t = store.start(req, self._first_stage(app, store, req, data, d))
         if t.outcome is Outcome.CONFLICT:
             raise IdempotencyConflict(self.name, key, saga_id)
         remember_plan(d.digest, d.plan)
@@ -388,6 +389,34 @@ class Saga:
             plan.shortest_timeout(),
         )
         return self._defined
+
+    def _first_stage(
+        self, app: Celery, store: SagaStore, req: StartRequest, data: dict[str, Any], d: _Definition
+    ) -> tuple[str, ...]:
+        """The first stage's messages, for the start to push itself, if the broker allows (`celery_saga.enqueue`)."""
+        builder = enqueuer(app, store)
+        specs = [spec for spec in d.plan.stages[0] if not spec.is_wait]
+        if builder is None or not specs:
+            return ()
+        epoch, secrets = store.epoch(), d.plan.redacted_keys
+        built = builder.build(
+            0,
+            f"[{req.kwargs_json}]",
+            lambda producer: publish_stage(
+                app,
+                req.saga_id,
+                self.name,
+                req.gen,
+                specs,
+                data,
+                True,
+                secrets,
+                epoch,
+                plan=d.digest,
+                producer=producer,
+            ),
+        )
+        return () if built is None else built.args
 
     def _publish_first(self, app: Celery, store: SagaStore, created: Transition) -> None:
         try:

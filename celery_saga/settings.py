@@ -48,6 +48,9 @@ saga_max_data_depth                 64           how deeply saga data, event dat
 saga_store_error_max_retries        20           times a step message whose saga id names a key
                                                  that is no saga record is sent again, then
                                                  dropped (None: for ever)
+saga_enqueue_in_transition          True         push a stage's messages in the transition that
+                                                 dispatches it, when the broker is the store's
+                                                 Redis server and database (celery_saga.enqueue)
 =================================== ============ =====================================
 """
 
@@ -93,6 +96,7 @@ _DEFAULTS: dict[str, Any] = {
     "saga_redis_wait_timeout": 1.0,
     "saga_max_data_depth": 64,
     "saga_store_error_max_retries": 20,
+    "saga_enqueue_in_transition": True,
 }
 
 #: Every setting `SagaSettings.from_app` reads.
@@ -117,6 +121,12 @@ def _number(name: str, value: Any, *, positive: bool = False) -> float:
         what = "a number > 0" if positive else "a number >= 0"
         raise SagaDefinitionError(f"app.conf.{name} must be {what} (seconds), not {value!r}")
     return float(value)
+
+
+def _flag(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise SagaDefinitionError(f"app.conf.{name} must be True or False, not {value!r}")
+    return value
 
 
 def _count(name: str, value: Any, minimum: int) -> int:
@@ -159,6 +169,8 @@ class SagaSettings:
     #: Seconds between a worker's liveness writes, and without one before it counts as lost.
     worker_heartbeat: float = 5.0
     worker_lost_after: float = 15.0
+    #: Push a stage's messages in the transition that dispatches it (`celery_saga.enqueue`).
+    enqueue_in_transition: bool = True
 
     @classmethod
     def from_app(cls, app: Celery) -> SagaSettings:
@@ -225,6 +237,7 @@ class SagaSettings:
             store_error_max_retries=_limit(conf, "saga_store_error_max_retries"),
             worker_heartbeat=heartbeat,
             worker_lost_after=3 * heartbeat if lost_after is None else lost_after,
+            enqueue_in_transition=_flag("saga_enqueue_in_transition", get("saga_enqueue_in_transition")),
         )
 
     def saga_copy(self) -> str:
@@ -238,7 +251,13 @@ class SagaSettings:
             del copy[local]
         for local in ("index_shards", "wait_replicas", "wait_timeout", "dedup_window"):
             del copy[local]
-        for local in ("max_data_depth", "store_error_max_retries", "worker_heartbeat", "worker_lost_after"):
+        for local in (
+            "max_data_depth",
+            "store_error_max_retries",
+            "worker_heartbeat",
+            "worker_lost_after",
+            "enqueue_in_transition",
+        ):
             del copy[local]
         return json.dumps(copy, sort_keys=True)
 

@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 
 from celery_saga import SagaResult, SagaState, SagaStatus
+from celery_saga.enqueue import enqueuer
+from celery_saga.stores import store_for
 from celery_saga.testing import CrashExplorer, CrashReport
 from celery_saga.testing.crash import DEPTHS
 from celery_saga.testing.setup import delete_keys
@@ -110,6 +112,28 @@ def test_a_step_without_its_idempotency_key_is_found_at_its_point_3(
     assert failed_points(report) == {("crash.charge_unkeyed", "step", 3)}, report.summary()
     assert report.failures[0].status is SagaStatus.COMPLETED
     assert "'charged': 2" in (report.failures[0].error or "")
+
+
+def test_a_worker_killed_right_after_the_done_that_pushed_the_next_stage_leaves_it_to_run_once(
+    saga_crash_points: CrashExplorer, books: str
+) -> None:
+    # Given a charge that charges on every run it gets (no idempotency key), after a reservation whose
+    # done pushes the charge's message itself: the broker is the saga store's Redis (celery_saga.enqueue)
+    pushing: list[bool] = []
+
+    def invariant(result: SagaResult) -> None:
+        pushing.append(enqueuer(result.app, store_for(result.app)) is not None)
+        crash_shop.balanced(result)
+
+    report = saga_crash_points.explore(
+        crash_shop.double_charge, {"order_id": 5}, invariant, app_path=APP, points={"crash.reserve": [4]}
+    )
+    assert pushing == [True]
+
+    # When the worker is killed right after that done (the charge queued, the reservation's message unacked)
+    # Then the reservation comes back, finds its outcome recorded, and the charge still ran exactly once
+    assert report.ok, report.summary()
+    assert [(p.step, p.number, p.status) for p in report.points] == [("crash.reserve", 4, SagaStatus.COMPLETED)]
 
 
 def test_a_compensation_that_needs_the_step_result_is_found_where_the_outcome_is_unknown(

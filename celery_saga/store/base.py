@@ -160,6 +160,7 @@ class SagaStore(abc.ABC):
         index_first: tuple[str, str, str] | None = None,
         watch_at: float | None = None,
         define: tuple[str, str] | None = None,
+        messages: Sequence[str] = (),
     ) -> str:
         """Apply one transition atomically and return the script's JSON reply.
 
@@ -169,6 +170,7 @@ class SagaStore(abc.ABC):
         earlier), both sent in the same round trip, before the transition: a
         deadline is in the index before the transition that starts it.
         ``define`` is a definition ``(digest, JSON)`` to store first if absent.
+        ``messages`` go last, after everything else the call carries.
         """
 
     @abc.abstractmethod
@@ -368,8 +370,12 @@ class SagaStore(abc.ABC):
 
     # -- operations -----------------------------------------------------------
 
-    def start(self, req: StartRequest) -> Transition:
-        """Write a saga's record (``created``), or find the one its idempotency key names."""
+    def start(self, req: StartRequest, messages: Sequence[str] = ()) -> Transition:
+        """Write a saga's record (``created``), or find the one its idempotency key names.
+
+        ``messages``: its first stage, built to be pushed by the start itself
+        (`celery_saga.enqueue.Prebuilt.args`).
+        """
         # Index first, in the same round trip as the start: the index is only
         # a lookup aid, and the rare start that created nothing is fixed below.
         reply = self._run(
@@ -381,6 +387,7 @@ class SagaStore(abc.ABC):
             index_first=(req.name, "", SagaStatus.PENDING.value),
             watch_at=req.watch_at,
             define=(req.plan_digest, req.definition()),
+            messages=messages,
         )
         t = Transition.from_reply(Op.START, req.saga_id, reply, req.name, req.gen)
         if self.indexes_in_transition:
@@ -416,6 +423,7 @@ class SagaStore(abc.ABC):
         watch_at: float | None = None,
         tx: str | None = None,
         reindex: bool = True,
+        messages: Sequence[str] = (),
     ) -> Transition:
         """Apply transition ``op`` to a saga record, de-duplicated, and move its status index.
 
@@ -423,6 +431,8 @@ class SagaStore(abc.ABC):
         ``first`` marks the begin of a first-stage step, which is what takes a
         saga from PENDING to RUNNING. ``tx`` is the transition id: a call
         repeated with the same id gets the first reply back (default: a fresh id).
+        ``messages``: a done's next stage, built to be pushed by the call
+        itself (`celery_saga.enqueue.Prebuilt.args`).
         """
         at = _DRAW_AT.get(op)
         if at is not None:
@@ -431,7 +441,7 @@ class SagaStore(abc.ABC):
         # the begin, and put the entry right in the rare other cases.
         move = (name, SagaStatus.PENDING.value, SagaStatus.RUNNING.value) if first else None
         tx = self.new_tx() if tx is None else tx
-        reply = self._run(saga_id, op, tx, gen, args, index_first=move, watch_at=watch_at)
+        reply = self._run(saga_id, op, tx, gen, args, index_first=move, watch_at=watch_at, messages=messages)
         t = Transition.from_reply(op, saga_id, reply, name, gen)
         if t.outcome is Outcome.LATE and t.due:
             # A second round for a saga that may have left the deadline index

@@ -152,6 +152,10 @@ class Transition:
         step_status: ``DUPLICATE``: the status the record already has.
         heartbeat_timeout: ``HEARTBEAT``: the step's heartbeat timeout
             (seconds), None if it has none.
+        enqueued: ``CREATED``/``NEXT_STAGE``: the transition pushed the
+            stage's messages itself (`celery_saga.enqueue`); nothing is left to publish.
+        stage_data: ``RUN``, when asked for: the data of the step's stage, as
+            the JSON array of parts the record holds (`celery_saga.enqueue`).
     """
 
     op: Op
@@ -170,6 +174,8 @@ class Transition:
     next_deadline: int | None = None
     step_status: StepStatus | None = None
     heartbeat_timeout: float | None = None
+    enqueued: bool = False
+    stage_data: str = ""
 
     @property
     def ended(self) -> bool:
@@ -207,6 +213,8 @@ class Transition:
             next_deadline=int(deadline) if deadline else None,
             step_status=StepStatus(step_status) if step_status else None,
             heartbeat_timeout=float(raw["heartbeat_timeout"]) / 1000 if raw.get("heartbeat_timeout") else None,
+            enqueued=raw.get("enq") is True,
+            stage_data=raw.get("pt") or "",
         )
 
 

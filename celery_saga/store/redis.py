@@ -386,6 +386,7 @@ class RedisSagaStore(SagaStore):
         index_first: tuple[str, str, str] | None = None,
         watch_at: float | None = None,
         define: tuple[str, str] | None = None,
+        messages: Sequence[str] = (),
     ) -> str:
         keys = [self.keys.record(saga_id)]
         if self.indexes_in_transition:
@@ -400,7 +401,7 @@ class RedisSagaStore(SagaStore):
                 if watch_at is not None:
                     args = [*args, "!watch", f"{watch_at * 1000:.0f}"]
                 define = watch_at = None
-        transition: Call = (self._script, keys, [op.value, tx, gen, *args])
+        transition: Call = (self._script, keys, [op.value, tx, gen, *args, *messages])
         calls: list[Call] = []
         if define is not None and define[0] not in self._defined:
             # A cluster (one server stores it in the start itself): the

@@ -16,7 +16,9 @@ CALLING CONVENTION
   ARGV[3]   the start generation the caller acts for ("*": whatever is
             current, for operators and sweepers). A message from a start
             whose publish failed must not act on a later start.
-  ARGV[4..] the op's own arguments, listed at each op below.
+  ARGV[4..] the op's own arguments, listed at each op below. start and done
+            may carry the messages of the stage they dispatch after them
+            (see "messages in the transition").
 
   Times are milliseconds of the store clock (Redis TIME), so every deadline
   is measured on one clock whichever process sets or checks it. Scripts have
@@ -33,6 +35,9 @@ REPLY: one JSON object (store/protocol.py: Transition.from_reply)
   attempt        run: the attempt that begins; backoff/gave_up: the one that failed
   stage, plan_digest, data   next_stage: the stage to publish and its data
                  ([start kwargs, results of earlier stages ...], folded by the caller)
+  enq            created, next_stage: true if the call pushed the stage's messages
+                 itself; the caller publishes nothing then
+  pt             run, when asked for: the data of the step's stage as JSON text
   callback       completed: the on_complete signature (JSON) or ""; swept: the end
                  callback of a finished saga nobody marked sent (send it)
   next_deadline  swept: the record's next deadline (ms) or ""
@@ -126,6 +131,7 @@ local CALLBACK_GRACE_MS -- sweep: see pending_callback
 local SHARD             -- one server: the saga's index shard (see move_index)
 local expanded, ending, purged_name, unindexed  -- see expand, finish, OPS.purge, OPS.abort
 local slot              -- this call's reply slot, a function (see de-duplication)
+local ENQ               -- start, done: the messages they carry (see take_enqueue)
 
 local function hget(f) return redis.call('HGET', K, f) end
 
@@ -378,6 +384,74 @@ end
 -- A next_stage reply with the data of stage k + 1 (see data_parts).
 local function with_stage_data(text, k)
   return string.sub(text, 1, -2) .. ',"data":[' .. table.concat(data_parts(k), ',') .. ']}'
+end
+
+-- -- messages in the transition ---------------------------------------------
+--
+-- On one server that is also the Celery broker (kombu's Redis transport),
+-- start and done carry the messages of the stage they expect to dispatch,
+-- built by the caller as kombu would send them (celery_saga/enqueue.py):
+-- after the op's own ARGV come the stage, the digest of its data, then per
+-- message its kind ("q": a queue key; "x": the binding set of a direct
+-- exchange), key, routing key, queue key prefix, priority suffix and
+-- payload; then their count and "!enq". The call pushes them only if it
+-- dispatches that very stage and the data they carry is the record's (the
+-- digest is sha1 of the stage's data parts as one JSON array): so a stage
+-- cannot be decided and left unpublished, and no message carries data the
+-- record does not hold. Otherwise (another stage, a sibling's result, a push
+-- refused) the reply says nothing was pushed, and the caller publishes.
+local ENQ_FIELDS = 6
+
+local function take_enqueue()
+  ENQ = nil
+  if (op ~= 'start' and op ~= 'done') or AV[#AV] ~= '!enq' then return end
+  local n = num(AV[#AV - 1]) or 0
+  local base = #AV - 2 - ENQ_FIELDS * n - 2
+  -- Taken off ARGV, so that each op sees only its own arguments.
+  ENQ = {stage = num(AV[base + 1]), digest = AV[base + 2], n = n, fields = {}}
+  for i = base + 3, #AV - 2 do ENQ.fields[#ENQ.fields + 1] = AV[i] end
+  for i = #AV, base + 1, -1 do AV[i] = nil end
+end
+
+-- The keys message i goes to: its queue's, or those of the queues whose
+-- bindings ("<routing key>\6\22<pattern>\6\22<queue>") match its routing
+-- key, as kombu routes a direct exchange; nil if none (the caller decides).
+local function message_keys(i)
+  local f = ENQ.fields
+  local kind, key, rk, prefix, suffix = f[i], f[i + 1], f[i + 2], f[i + 3], f[i + 4]
+  if kind == 'q' then return {key} end
+  local bindings = redis.pcall('SMEMBERS', key)
+  if type(bindings) ~= 'table' or bindings.err then return nil end
+  local seen, keys = {}, {}
+  for _, b in ipairs(bindings) do
+    local brk, _, queue = string.match(b, '^(.-)\6\22(.-)\6\22(.*)$')
+    if brk == rk and not seen[queue] then
+      seen[queue] = true
+      keys[#keys + 1] = prefix .. queue .. suffix
+    end
+  end
+  if #keys == 0 then return nil end
+  return keys
+end
+
+-- Push the carried messages if they are stage k's, with the record's data.
+-- A push the server refuses (an ACL, a key of another type) ends it: the
+-- caller then publishes them all, and a receiver skips a copy.
+local function enqueue(k)
+  if not ENQ or ENQ.stage ~= k then return false end
+  if redis.sha1hex('[' .. table.concat(data_parts(k), ',') .. ']') ~= ENQ.digest then return false end
+  local pushes = {}
+  for j = 0, ENQ.n - 1 do
+    local i = 1 + ENQ_FIELDS * j
+    local keys = message_keys(i)
+    if not keys then return false end
+    for _, q in ipairs(keys) do pushes[#pushes + 1] = {q, ENQ.fields[i + 5]} end
+  end
+  for _, p in ipairs(pushes) do
+    local r = redis.pcall('LPUSH', p[1], p[2])
+    if type(r) == 'table' and r.err then return false end
+  end
+  return true
 end
 
 -- -- de-duplication -----------------------------------------------------------
@@ -938,6 +1012,10 @@ local function enter_next(changed)
       end
     end
     if left > 0 then
+      if enqueue(k) then
+        -- Published already: the reply (and a replay of it) needs no data.
+        return remember(respond('next_stage', changed, {stage = k, plan_digest = hget('ph'), enq = true}))
+      end
       local text = remember(respond('next_stage', changed, {stage = k, plan_digest = hget('ph')}), k)
       return with_stage_data(text, k)
     end
@@ -1026,7 +1104,8 @@ OPS.start = function()
   local first = stages()[1]
   for _, m in ipairs(first) do dispatch_step(m) end
   redis.call('HSET', K, 'left', #first)
-  return respond('created', nil, {gen = gen})
+  -- (A start sent again above publishes again: a receiver skips the copy.)
+  return respond('created', nil, {gen = gen, enq = enqueue(0) or nil})
 end
 
 -- ARGV: 4 error, 5.. first-stage steps whose message was never published.
@@ -1065,7 +1144,9 @@ end
 
 -- ARGV: 4 step, 5 Celery retries of this message, 6 "1" if redelivered,
 -- 7 the digest of the plan the message's task was checked against ("": unchecked; see run),
--- 8 the instance token of the worker that runs it ("": none).
+-- 8 the instance token of the worker that runs it ("": none), 9 "1" to get
+-- the data of its stage back ("pt"), which the caller builds the next
+-- stage's messages from (see "messages in the transition").
 OPS.begin = function()
   local m = AV[4]
   local s = hget('s:' .. m)
@@ -1108,7 +1189,11 @@ OPS.begin = function()
       redis.call('HSET', K, 'hbd:' .. m, NOW + hbt)
       if SHARD then redis.call('ZADD', SHARD .. ':due', 'lt', NOW + hbt, SAGA_ID) end
     end
-    return remember(respond('run', changed, {attempt = n}))
+    local text = remember(respond('run', changed, {attempt = n}))
+    if AV[9] ~= '1' then return text end
+    -- Not kept in the reply slot: the record holds no copy of saga data.
+    local pt = '[' .. table.concat(data_parts(stage_of(m)), ',') .. ']'
+    return string.sub(text, 1, -2) .. ',"pt":' .. cjson.encode(pt) .. '}'
   end
   if not s then return respond('not_dispatched') end
   -- The outcome is recorded already: a duplicate or a redelivered copy.
@@ -1522,6 +1607,7 @@ local function transition(keys, args)
   NOW = string.format('%.0f', tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000))
   STAGES, expanded, ending, purged_name, unindexed = nil, false, false, nil, false
   CALLBACK_GRACE_MS = num(AV[4]) or 0
+  take_enqueue()
   local handler = OPS[op]
   if not handler then return redis.error_reply('celery_saga: unknown op ' .. tostring(op)) end
   HEAD = redis.call('HMGET', K, unpack(HEAD_FIELDS))

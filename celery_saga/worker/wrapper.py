@@ -24,11 +24,13 @@ from celery.exceptions import Ignore, Reject, Retry, SoftTimeLimitExceeded, Time
 
 from .. import codec
 from ..context import StepContext, current_step, reset_current, set_current
+from ..enqueue import data_of, enqueuer, next_parts
 from ..errors import SagaError, SagaStoreMisconfigured, SagaStoreUnavailable, StepResultNotSerializable
 from ..follow import Delivery, follow
 from ..introspect import Params, params_of
 from ..liveness import heartbeat, worker_token
-from ..messages import Headers, MessageRejected, SagaHeaders, read_headers, resend, task_id
+from ..messages import Headers, MessageRejected, SagaHeaders, publish_stage, read_headers, resend, task_id
+from ..plan import Plan
 from ..redaction import ERROR_TEXT_MAX, NOTHING, Redaction, redacted_keys
 from ..store import Op, Outcome, SagaStore, Transition
 from ..stores import settings_of, store_for
@@ -178,7 +180,7 @@ class _Message:
             raise self.retry_later(exc) from exc
         return t
 
-    def record(self, store: SagaStore, op: Op, *args: str) -> Transition:
+    def record(self, store: SagaStore, op: Op, *args: str, messages: tuple[str, ...] = ()) -> Transition:
         """Record the outcome of a function that ran, until the store takes it, then follow it.
 
         The effect is there: writing the outcome again (the same transition
@@ -192,7 +194,7 @@ class _Message:
         give_up = time.monotonic() + _OUTCOME_RETRY_FOR
         while True:
             try:
-                t = store.apply(op, self.saga_id, self.gen, self.name, *args, tx=tx)
+                t = store.apply(op, self.saga_id, self.gen, self.name, *args, tx=tx, messages=messages)
                 break
             except SagaStoreUnavailable as exc:
                 # No record to write to will appear by waiting: the message goes (again) at once.
@@ -292,9 +294,13 @@ def _begin(message: _Message, op: Op, *args: str) -> tuple[SagaStore, Transition
             digest = checked_plan(store, message.headers, message.task.name)
         except SagaStoreUnavailable as exc:
             raise message.retry_later(exc) from exc
-        message.redact = redacted_keys(app, store.plan(digest) if digest else None)
+        plan = store.plan(digest) if digest else None
+        message.redact = redacted_keys(app, plan)
         # The worker's instance token names who runs it (celery_saga.liveness).
-        t = message.apply(store, op, *args, digest, worker_token(), first=message.first and op is Op.BEGIN)
+        extra = [digest, worker_token()]
+        if op is Op.BEGIN and plan is not None and _builds_next(app, store, plan, message.step):
+            extra.append("1")  # the stage's data back, to build the next stage from
+        t = message.apply(store, op, *args, *extra, first=message.first and op is Op.BEGIN)
     except Retry:
         raise
     except MessageRejected as exc:
@@ -402,7 +408,7 @@ def _forward(message: _Message, original: Any, params: Params) -> Any:
         raise error from exc
     # The effect happened: if the store is down now, the message is sent
     # again, and running again is what the step's idempotency key is for.
-    t = message.record(store, Op.DONE, message.step, result_json)
+    t = message.record(store, Op.DONE, message.step, result_json, messages=_next_stage(message, store, t, result_json))
     if t.outcome is Outcome.MISSING:
         lost = store.lost_in_reset(message.saga_id, message.headers.epoch or None)
         logger.warning(
@@ -413,6 +419,53 @@ def _forward(message: _Message, original: Any, params: Params) -> Any:
         )
     # The record has the real result; Celery only shows this one (logs, task-succeeded).
     return redaction.value(result)
+
+
+def _builds_next(app: Any, store: SagaStore, plan: Plan, step: str) -> bool:
+    """True if the done of ``step`` may push the next stage itself: it is alone in its stage, and one follows."""
+    try:
+        k = plan.step(step).stage
+    except KeyError:
+        return False  # the begin rejects it
+    if len(plan.stages[k]) != 1 or k + 1 >= len(plan.stages):
+        return False
+    return any(not spec.is_wait for spec in plan.stages[k + 1]) and enqueuer(app, store) is not None
+
+
+def _next_stage(message: _Message, store: SagaStore, begun: Transition, result_json: str) -> tuple[str, ...]:
+    """The next stage's messages, for the done to push itself (`celery_saga.enqueue`); () to publish after it."""
+    app = message.task.app
+    builder = enqueuer(app, store) if begun.stage_data else None
+    if builder is None:
+        return ()
+    digest = message.headers.plan
+    plan = store.plan(digest)
+    k = plan.step(message.step).stage + 1
+    specs = [spec for spec in plan.stages[k] if not spec.is_wait]
+    parts = next_parts(begun.stage_data, result_json)
+    try:
+        data = data_of(parts)
+    except (ValueError, TypeError, IndexError):
+        return ()  # the transition's own reply carries the data then
+    epoch, secrets = store.epoch(), plan.redacted_keys
+    built = builder.build(
+        k,
+        parts,
+        lambda producer: publish_stage(
+            app,
+            message.saga_id,
+            message.name,
+            message.gen,
+            specs,
+            data,
+            False,
+            secrets,
+            epoch,
+            plan=digest,
+            producer=producer,
+        ),
+    )
+    return () if built is None else built.args
 
 
 def _compensate(message: _Message, original: Any, params: Params) -> Any:
