@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import selectors
 import signal
 import sys
@@ -78,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=0, help="port to listen on (default: a free one)")
     args = parser.parse_args(argv)
     host, _, port = args.target.rpartition(":")
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    # Nothing to flush or close: a proxy stopped mid-copy is a network cut, which is all it models.
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
     loop = asyncio.SelectorEventLoop(selectors.SelectSelector())
     try:
         loop.run_until_complete(_serve((host, int(port)), args.delay_ms / 1000, args.port))

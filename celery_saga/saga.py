@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import decimal
 import hashlib
 import inspect
 import logging
@@ -476,12 +477,34 @@ def _routing(task: Any) -> dict[str, Any]:
 
 
 def _canonical(data: Any, stored: str) -> str:
-    """``data`` as JSON with sorted keys, the same for the same data: what a repeated start compares."""
+    """``data`` as JSON with sorted keys, the same for the same data: what a repeated start compares.
+
+    Numbers compare by value: ``Decimal("50")``, ``Decimal("50.00")``, ``50.0``
+    and ``50`` are one number, as are ``Decimal("0.1")`` and ``0.1``.
+    """
     try:
-        return codec.dumps(data, sort_keys=True, separators=(",", ":"))
+        return codec.dumps(_by_value(data), sort_keys=True, separators=(",", ":"))
     except TypeError:
         # Keys of several types (1 and "a") do not sort; as stored, every key is a string.
-        return codec.dumps(codec.loads(stored), sort_keys=True, separators=(",", ":"))
+        return codec.dumps(_by_value(codec.loads(stored)), sort_keys=True, separators=(",", ":"))
+
+
+def _by_value(value: Any) -> Any:
+    """``value`` with every number in one form per value: an int if integral, else a float if exact."""
+    if isinstance(value, dict):
+        return {k: _by_value(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_by_value(v) for v in value]
+    if isinstance(value, bool) or not isinstance(value, (int, float, decimal.Decimal)):
+        return value
+    number = value if isinstance(value, decimal.Decimal) else decimal.Decimal(repr(value))
+    if not number.is_finite():
+        return value
+    if number == number.to_integral_value():
+        return int(number)
+    if decimal.Decimal(repr(float(number))) == number:
+        return float(number)
+    return decimal.Decimal(format(number.normalize(), "f"))
 
 
 def _dumps(data: Any, what: str, max_depth: int) -> str:

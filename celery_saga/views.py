@@ -386,7 +386,7 @@ def render_timeline(state: SagaState, width: int = 48) -> str:
         (
             r.step,
             r.action,
-            r.status if r.status != StepStatus.WAITING.value else "-",
+            r.status,
             str(r.attempts) if r.action != "late outcome" else "-",
             _clock(r.started_at, state.created_at),
             _clock(r.ended_at, state.created_at),

@@ -393,3 +393,24 @@ def test_saga_messages_show_their_kwargs_cut_at_celerys_limit(app: Celery, r, pr
     # ... and a long one is cut at Celery's limit
     kwargs = shown[f"{long.id}:shop.reserve"][1]
     assert len(kwargs) == 1024 and kwargs.startswith("{'order_id': 2, 'note': 'xxx") and kwargs.endswith("x...")
+
+
+def test_django_settings_reach_the_saga_settings_under_the_celery_namespace(redis_url: str) -> None:
+    from types import SimpleNamespace
+
+    from celery_saga.settings import SagaSettings
+
+    # Given settings as a Django settings module holds them, read with namespace="CELERY" (README: Settings)
+    django_settings = SimpleNamespace(
+        CELERY_BROKER_URL=redis_url,
+        CELERY_SAGA_RETENTION=123,
+        CELERY_SAGA_KEY_PREFIX="djangoshop",
+        CELERY_SAGA_COMPENSATION_MAX_RETRIES=4,
+        CELERY_SAGA_ENQUEUE_IN_TRANSITION=False,
+    )
+    app = Celery("django_names", set_as_current=False)
+    app.config_from_object(django_settings, namespace="CELERY")
+    # Then each CELERY_SAGA_<NAME> is saga_<name>
+    settings = SagaSettings.from_app(app)
+    assert (settings.redis_url, settings.retention, settings.key_prefix) == (redis_url, 123.0, "djangoshop")
+    assert settings.compensation_max_retries == 4 and settings.enqueue_in_transition is False

@@ -280,13 +280,45 @@ def test_a_redelivered_copy_that_comes_after_the_deadline_is_fenced(processes: P
 # -- dispatching and joining stages (the explorer's crash points 4 and 1) ----------------------
 
 
+def test_a_worker_killed_right_after_recording_a_step_leaves_the_next_stage_pushed_with_it(
+    processes: Processes, r: redis.Redis
+) -> None:
+    # Given a saga whose first step (not acks_late) runs on a worker that dies
+    # right after the step's outcome is recorded (crash point 4); its broker is
+    # the store's Redis, so that transition pushed the next stage itself
+    # (the next step on a queue of its own: the dying worker cannot take its message with it)
+    env, procs, s = processes()
+    later = f"{env.queue}-later"
+    saga = Saga("g_pushed", [s.t_reserve, step(s.t_last.s().set(queue=later), timeout=30)])
+    res = saga.delay(qty=3)
+    dying = crash_worker(procs, env, at(env, res.id, "proc.t.reserve", CrashPoint.RECORDED))
+
+    # When it dies there
+    assert procs.wait_dead(dying, timeout=patience(30)) == -signal.SIGKILL
+    assert r.llen(f"{env.prefix}:crashed-at") == 1
+
+    # Then the next stage's message is queued already, built once (by the worker that died)
+    state = res.state()
+    assert state.step("proc.t.reserve").status is StepStatus.COMPLETED
+    assert state.step("proc.t.last").status is StepStatus.DISPATCHED
+    last_id = task_id(res.id, "proc.t.last")
+    assert r.llen(queue_key(env.prefix, later)) == 1 and len(publishers(s, last_id)) == 1
+
+    # And a worker of that queue runs it, once: the saga completes, nothing undone, nothing sent again
+    procs.worker(queues=later)
+    assert finished(res) is SagaStatus.COMPLETED
+    assert s.entries("ledger") == [do_entry(res, "proc.t.reserve"), do_entry(res, "proc.t.last")]
+    assert len(publishers(s, last_id)) == 1
+
+
 def test_a_worker_killed_between_recording_a_step_without_acks_late_and_publishing_the_next_stage(
     processes: Processes, r: redis.Redis
 ) -> None:
     # Given a saga whose first step (not acks_late) runs on a worker that dies
     # right after the step's outcome is recorded, before the next stage is
-    # published (crash point 4), and whose second step has a 2 s deadline
-    env, procs, s = processes()
+    # published (crash point 4), and whose second step has a 2 s deadline; the
+    # stage is published after the transition (as with RabbitMQ, or another Redis)
+    env, procs, s = processes({"saga_enqueue_in_transition": False})
     saga = Saga("g_recorded", [s.t_reserve, step(s.t_last, timeout=2)])
     res = saga.delay(qty=3)
     dying = crash_worker(procs, env, at(env, res.id, "proc.t.reserve", CrashPoint.RECORDED))

@@ -82,6 +82,39 @@ def test_same_key_with_different_kwargs_conflicts(app: Celery, r, prefix) -> Non
     assert other.id != first.id
 
 
+def test_an_idempotency_key_compares_numbers_by_value(app: Celery, r, prefix) -> None:
+    from decimal import Decimal
+
+    # Given a saga started with an amount of Decimal("50")
+    s = shop.build(app, r, prefix)
+    first = s.sequential.apply_async(kwargs={"order_id": 1, "amount": Decimal("50"), "rate": 0.1}, idempotency_key="n")
+    # Then the same amount written otherwise is the same start, the same saga
+    for amount, rate in ((Decimal("50.00"), Decimal("0.1")), (50, 0.1), (50.0, Decimal("0.10"))):
+        again = s.sequential.apply_async(kwargs={"order_id": 1, "amount": amount, "rate": rate}, idempotency_key="n")
+        assert again.id == first.id
+    # And another amount is another start, which the key refuses
+    with pytest.raises(IdempotencyConflict):
+        s.sequential.apply_async(kwargs={"order_id": 1, "amount": Decimal("50.01"), "rate": 0.1}, idempotency_key="n")
+    with pytest.raises(IdempotencyConflict):
+        s.sequential.apply_async(kwargs={"order_id": 1, "amount": 50, "rate": 0.1000001}, idempotency_key="n")
+
+
+def test_a_finished_saga_keeps_each_steps_configured_timeout(app: Celery, r, prefix, worker) -> None:
+    from celery_saga import Saga, step
+    from celery_saga.views import state_json
+
+    # Given a completed saga of a step with its own timeout and steps with the default (300 s)
+    s = shop.build(app, r, prefix)
+    saga = Saga("timeouts_kept", [step(s.reserve, timeout=12.5), s.charge])
+    with worker():
+        res = saga.delay(order_id=1)
+        res.get(timeout=patience(20))
+    # Then show and its JSON still have each step's timeout, after the record was packed
+    state = res.state()
+    assert [x.timeout for x in state.steps] == [12.5, 300.0]
+    assert [x["timeout"] for x in state_json(state)["steps"]] == [12.5, 300.0]
+
+
 def test_kwargs_the_record_cannot_hold_fail_before_anything_is_written(app: Celery, r, prefix) -> None:
     s = shop.build(app, r, prefix)
     with pytest.raises(SagaDataError, match="order_id is of type object") as info:
@@ -196,3 +229,18 @@ def test_scripts_forgotten_by_redis_are_loaded_again(app: Celery, r, prefix, wor
             assert res.get(timeout=patience(20))["tracking"] == "t-2"
         assert res.state().step("shop.validate").attempts == 1
         private.close()
+
+
+def test_a_step_that_never_ran_has_one_name_everywhere(app: Celery, r, prefix) -> None:
+    from celery_saga.views import render_timeline, state_json
+    from celery_saga.web.timeline import bars, details
+
+    # Given a saga no worker picked up: its later steps never ran
+    s = shop.build(app, r, prefix)
+    state = s.sequential.delay(order_id=1).state()
+    # Then JSON, the CLI's timeline, the web's timeline bars and its step table all call them WAITING
+    assert [x["status"] for x in state_json(state)["steps"]][1:] == ["WAITING"] * 3
+    text_rows = [line.split() for line in render_timeline(state).splitlines()[2:]]
+    assert [row[2] for row in text_rows][1:] == ["WAITING"] * 3
+    assert [b.status for b in bars(state)[0]][1:] == ["WAITING"] * 3
+    assert [d.status for d in details(state)][1:] == ["WAITING"] * 3

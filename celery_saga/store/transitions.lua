@@ -206,10 +206,11 @@ end
 -- Fields no op and no reader needs once the saga has ended in `st`: when
 -- steps were dispatched and their deadlines and retry counts (nothing is in
 -- flight), the forward progress; and for a COMPLETED saga, which can never
--- roll back, everything rolling back would read.
+-- roll back, everything rolling back would read. Each step's configured
+-- timeout ("to:") stays: show displays it.
 local ENDED_DROP = {td = true, rt = true, crt = true, wk = true, cwk = true, cwk2 = true, hbt = true, hbd = true}
 local ENDED_DROP_FIELDS = {sdl = true, left = true}
-local COMPLETED_DROP = {to = true, comp = true, cof = true, fb0 = true}
+local COMPLETED_DROP = {comp = true, cof = true, fb0 = true}
 local COMPLETED_DROP_FIELDS = {copen = true, gaveup = true, cstage = true, stage = true, bo = true, maxr = true,
   cret = true, fret = true, lw = true, dw = true, retention = true, startfail = true, fbo = true, fmaxr = true}
 

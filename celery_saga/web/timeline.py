@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from ..messages import task_id
-from ..state import SagaState, StepStatus
+from ..state import SagaState
 from ..views import state_json, timeline
 
 __all__ = ["Bar", "StepDetail", "bars", "details"]
@@ -82,7 +82,7 @@ def bars(state: SagaState, now: datetime | None = None) -> tuple[list[Bar], floa
             width = min(width, 100 - left) if left < 100 else 0.6
         compensation = r.action.startswith("compensation")
         round_ = 2 if r.action == "compensation 2" else 1
-        status = "PLANNED" if r.status == StepStatus.WAITING.value and r.action == "step" else r.status
+        status = r.status
         mark = _MARKED.get(r.status)
         if r.action == "late outcome":
             mark = "late outcome"

@@ -20,9 +20,10 @@ from tests.subprocs import Procs, proc_env, running
 
 
 @pytest.fixture
-def env(redis_url: str, ns: str) -> SimpleNamespace:
-    """The test's Redis, key prefix, queue, and its subprocesses' environment."""
-    return proc_env(redis_url, f"sagaproc-{ns}", f"q-{ns}")
+def env(redis_url: str, ns: str, request: pytest.FixtureRequest) -> SimpleNamespace:
+    """The test's Redis, key prefix, queue, and its subprocesses' environment (``@pytest.mark.saga_conf``)."""
+    mark = request.node.get_closest_marker("saga_conf")
+    return proc_env(redis_url, f"sagaproc-{ns}", f"q-{ns}", mark.args[0] if mark else None)
 
 
 @pytest.fixture

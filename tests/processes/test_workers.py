@@ -50,6 +50,9 @@ def test_prefork_worker_happy_and_compensated(env, procs, shop, r) -> None:
 
 
 @pytest.mark.timeout(90)
+# The publish after the transition (RabbitMQ, another Redis): with the broker on the store's Redis,
+# the transition pushes the stage itself (tests/test_guarantees.py, tests/test_enqueue.py).
+@pytest.mark.saga_conf({"saga_enqueue_in_transition": False})
 def test_worker_killed_between_record_and_publish(env, procs, shop, r) -> None:
     # Given workers with a visibility timeout of 2 s, so a dead worker's
     # acks_late message comes back quickly, and a hook that SIGKILLs the whole
@@ -171,6 +174,8 @@ def test_hard_time_limit_compensates(env, procs, shop, r) -> None:
 
 
 @pytest.mark.timeout(90)
+# The hook kills as a message is published: here, after the transition (see above).
+@pytest.mark.saga_conf({"saga_enqueue_in_transition": False})
 def test_a_worker_killed_while_a_child_saga_runs_leaves_the_trip_to_complete(env, procs, shop, r) -> None:
     # Given a saga whose second step is a child saga, and a worker that dies as the child publishes its last step
     ledger = Ledger(r, f"{env.prefix}:ledger")
