@@ -106,6 +106,10 @@ def _seconds(raw: str | None) -> float | None:
     return int(raw) / 1000 if raw else None
 
 
+def _nth(values: list[str] | None, i: int) -> str | None:
+    return values[i] if values is not None and i < len(values) else None
+
+
 @dataclass(frozen=True)
 class CompensationRound:
     """The second compensation round of a step that succeeded after it was compensated blind."""
@@ -238,7 +242,9 @@ class SagaState:
             pivot = raw.get("pv") or None
             pivot_stage = plan.step(pivot).stage if pivot else None
             steps = []
-            for spec in plan.steps:
+            # A COMPLETED record keeps its steps' timeouts as one field, in step order.
+            packed_timeouts = raw["tos"].split(",") if "tos" in raw else None
+            for i, spec in enumerate(plan.steps):
                 n = spec.name
                 result_raw = raw.get(f"r:{n}")
                 late_raw = raw.get(f"lr:{n}")
@@ -261,7 +267,7 @@ class SagaState:
                         compensation_error=raw.get(f"ce:{n}"),
                         compensation_started_at=ms_time(raw.get(f"ct0:{n}")),
                         compensation_ended_at=ms_time(raw.get(f"ct1:{n}")),
-                        timeout=_seconds(raw.get(f"to:{n}")),
+                        timeout=_seconds(raw.get(f"to:{n}") or _nth(packed_timeouts, i)),
                         deadline=ms_time(raw.get(f"dl:{n}")),
                         stopped_by=raw.get(f"w:{n}") or None,
                         worker=raw.get(f"wk:{n}") or None,

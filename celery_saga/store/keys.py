@@ -89,6 +89,7 @@ s:<step>           forward status (StepStatus; absent = WAITING)
 a:/e:/r:<step>     attempts; error; result (JSON)
 td:/t0:/t1:<step>  dispatched, first started, ended (ms)
 to:/dl:<step>      step timeout (ms); deadline of the step (ms)
+tos                a COMPLETED (packed) record's step timeouts, in step order, one field
 wk:<step>          instance token of the worker running it (begin); hbt:/hbd:<step>
                    its heartbeat timeout (ms) and heartbeat deadline (ms)
 w:<step>           why it ended without an outcome: timeout, cancelled, lost,

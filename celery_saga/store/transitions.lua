@@ -206,11 +206,11 @@ end
 -- Fields no op and no reader needs once the saga has ended in `st`: when
 -- steps were dispatched and their deadlines and retry counts (nothing is in
 -- flight), the forward progress; and for a COMPLETED saga, which can never
--- roll back, everything rolling back would read. Each step's configured
--- timeout ("to:") stays: show displays it.
+-- roll back, everything rolling back would read. Its steps' configured
+-- timeouts ("to:<step>") are kept as one field, "tos": show displays them.
 local ENDED_DROP = {td = true, rt = true, crt = true, wk = true, cwk = true, cwk2 = true, hbt = true, hbd = true}
 local ENDED_DROP_FIELDS = {sdl = true, left = true}
-local COMPLETED_DROP = {comp = true, cof = true, fb0 = true}
+local COMPLETED_DROP = {to = true, comp = true, cof = true, fb0 = true}
 local COMPLETED_DROP_FIELDS = {copen = true, gaveup = true, cstage = true, stage = true, bo = true, maxr = true,
   cret = true, fret = true, lw = true, dw = true, retention = true, startfail = true, fbo = true, fmaxr = true}
 
@@ -266,6 +266,15 @@ local function compact(st)
       -- to a start with the same idempotency key.)
       packed[#packed + 1] = digits(#f) .. ':' .. f .. digits(#v) .. ':' .. v
     end
+  end
+  if st == 'COMPLETED' then
+    -- In step order, as the "stages" field lists them; "" for a step without one.
+    local tos = {}
+    for _, part in ipairs(split(fields['stages'] or '', ';')) do
+      for _, m in ipairs(split(part, ',')) do tos[#tos + 1] = fields['to:' .. m] or '' end
+    end
+    local v = table.concat(tos, ',')
+    packed[#packed + 1] = '3:tos' .. digits(#v) .. ':' .. v
   end
   local text = table.concat(packed)
   local n, i = 0, 1
