@@ -8,6 +8,7 @@ are compensated in reverse order. A record in Redis is the source of truth.
 from __future__ import annotations
 
 from .admin import cancel_saga, list_sagas, purge_saga, retry_saga, saga_state, saga_stats, signal_saga
+from .bulk_actions import BulkReport, bulk
 from .context import StepContext, current_step
 from .enable import enable
 from .errors import (
@@ -70,6 +71,8 @@ __all__ = [
     "purge_saga",
     "cancel_saga",
     "signal_saga",
+    "bulk",
+    "BulkReport",
     "sweep",
     "SweepReport",
     "SagaSummary",

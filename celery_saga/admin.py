@@ -39,6 +39,7 @@ __all__ = [
     "RegistrationReport",
     "Unregistered",
     "check_registration",
+    "epoch_seconds",
     "SagaStats",
     "SagaSummary",
     "cancel_saga",
@@ -79,7 +80,7 @@ def list_sagas(
         raise ValueError(f"limit must be at least 1, not {limit}")
     store = store_for(app)
     statuses = [SagaStatus(status)] if status is not None else list(SagaStatus)
-    cutoff = _epoch(since)
+    cutoff = epoch_seconds(since)
     found: dict[str, SagaSummary] = {}
     for st in statuses:
         # With one status, a record that already moved on (its index entry
@@ -265,7 +266,8 @@ def parse_since(text: str) -> datetime | timedelta:
     return when if when.tzinfo else when.replace(tzinfo=UTC)
 
 
-def _epoch(since: datetime | timedelta | None) -> float | None:
+def epoch_seconds(since: datetime | timedelta | None) -> float | None:
+    """A `parse_since` value (or a datetime, naive is UTC) as epoch seconds; None for None."""
     if since is None:
         return None
     if isinstance(since, timedelta):

@@ -7,6 +7,11 @@ Commands::
     celery -A proj saga stats [--json]
     celery -A proj saga retry ID     re-drive what gave up in a FAILED saga: compensations, or
                                      the steps past its pivot
+    celery -A proj saga retry|purge|cancel [--name N] [--status S ...] [--reason R]
+                            [--failed-step STEP] [--since T] [--until T] [--where KEY=VALUE ...]
+                            [--dry-run] [--yes]
+                                     the same for every saga the filters match (celery_saga.bulk_actions):
+                                     a count and the first ids first, then a confirmation
     celery -A proj saga signal ID EVENT [--data JSON]
                                      deliver an outside event to the saga's wait_for(EVENT)
     celery -A proj saga purge ID     remove a finished saga (COMPLETED, COMPENSATED or FAILED)
@@ -63,7 +68,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterator
+import sys
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta
 from typing import Any
@@ -74,7 +80,7 @@ from celery.bin.base import CeleryCommand, CeleryOption
 from celery.exceptions import CeleryCommandException
 from kombu.exceptions import OperationalError
 
-from . import admin, views
+from . import admin, bulk_actions, views
 from .admin import parse_since
 from .errors import SagaError, SagaStoreMisconfigured, SagaStoreUnavailable
 from .settings import redact_keys
@@ -215,11 +221,116 @@ def stats(ctx: click.Context, as_json: bool) -> None:
     click.echo(views.stats_tables(counts))
 
 
+def _bulk_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """The filters of a bulk action (`celery_saga.bulk_actions`), given instead of an id."""
+    options = [
+        click.option("--name", cls=CeleryOption, help="Only sagas of this name."),
+        click.option(
+            "--status",
+            "statuses",
+            cls=CeleryOption,
+            multiple=True,
+            type=click.Choice([s.value for s in SagaStatus], case_sensitive=False),
+            metavar="STATUS",
+            help="Only sagas in this status (repeatable; default: the statuses the action applies to).",
+        ),
+        click.option(
+            "--reason", cls=CeleryOption, help="Only sagas whose rollback had this reason (failure, timeout ...)."
+        ),
+        click.option("--failed-step", cls=CeleryOption, help="Only sagas whose rollback this step started."),
+        click.option("--since", cls=CeleryOption, callback=_since, metavar="TIME", help="Entered the status since."),
+        click.option("--until", cls=CeleryOption, callback=_since, metavar="TIME", help="Entered the status until."),
+        click.option(
+            "--where", cls=CeleryOption, multiple=True, metavar="KEY=VALUE", help="Only sagas started with this kwarg."
+        ),
+        click.option(
+            "--dry-run", cls=CeleryOption, is_flag=True, help="Print the count and the first ids; change nothing."
+        ),
+        click.option("--yes", cls=CeleryOption, is_flag=True, help="Do not ask for confirmation."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _run_bulk(ctx: click.Context, action: str, saga_id: str | None, **filters: Any) -> bool:
+    """Run a bulk action if filters were given instead of an id; False if it is a single-saga call."""
+    dry_run, yes = filters.pop("dry_run"), filters.pop("yes")
+    given = {k: v for k, v in filters.items() if v not in (None, ())}
+    if saga_id is not None:
+        if given or dry_run:
+            raise click.UsageError("give a saga id, or filters (--name, --status ...), not both")
+        return False
+    if not given:
+        raise click.UsageError(f"give a saga id, or filters for a bulk {action} (--name, --status, --since ...)")
+    try:
+        where = bulk_actions.parse_where(given.pop("where", ()))
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--where") from exc
+    statuses = given.pop("statuses", None)
+    kwargs = {**given, "status": [s.upper() for s in statuses] if statuses else None, "where": where}
+    app = _app(ctx)
+    with _errors():
+        if dry_run or not yes or _on_tty():
+            counted = bulk_actions.bulk(app, action, dry_run=True, **kwargs)
+            _print_dry_run(counted, action)
+            if dry_run or counted.interrupted:
+                return True
+            if counted.matched == 0:
+                return True
+            if not yes:
+                click.confirm(f"{action} {counted.matched:,} sagas?", abort=True)
+        report = _with_progress(app, action, kwargs, counted.matched if _on_tty() else None)
+    _print_report(report)
+    if report.interrupted:
+        raise CeleryCommandException(message="interrupted: run the same command again to finish", exit_code=130)
+    return True
+
+
+def _on_tty() -> bool:
+    return sys.stdout.isatty()
+
+
+def _with_progress(app: Any, action: str, kwargs: dict[str, Any], total: int | None) -> bulk_actions.BulkReport:
+    if total is None:
+        return bulk_actions.bulk(app, action, **kwargs)
+    with click.progressbar(length=total, label=f"{action}") as bar:
+        done = [0]
+
+        def advance(matched: int) -> None:
+            bar.update(min(matched, total) - done[0])
+            done[0] = min(matched, total)
+
+        return bulk_actions.bulk(app, action, progress=advance, **kwargs)
+
+
+def _print_dry_run(report: bulk_actions.BulkReport, action: str) -> None:
+    click.echo(f"{report.matched:,} sagas match: {action} would act on each")
+    for saga_id in report.sample:
+        click.echo(f"  {saga_id}")
+    if report.matched > len(report.sample):
+        click.echo(f"  ... and {report.matched - len(report.sample):,} more")
+
+
+def _print_report(report: bulk_actions.BulkReport) -> None:
+    click.echo(f"{report.action}: {report.matched:,} matched, {report.acted:,} done")
+    for why, n in sorted(report.skipped.items()):
+        click.echo(f"  skipped {n:,}: {why}")
+    if report.error_count:
+        click.echo(f"  errors {report.error_count:,}:")
+        for saga_id, error in report.errors:
+            click.echo(f"    {saga_id}: {error}")
+
+
 @saga.command(cls=CeleryCommand)
-@click.argument("saga_id")
+@click.argument("saga_id", required=False)
+@_bulk_options
 @click.pass_context
-def retry(ctx: click.Context, saga_id: str) -> None:
-    """Re-drive what gave up in a FAILED saga: its compensations, or its steps past the pivot."""
+def retry(ctx: click.Context, /, saga_id: str | None, **filters: Any) -> None:
+    """Re-drive what gave up in a FAILED saga (or in every saga the filters match)."""
+    if _run_bulk(ctx, "retry", saga_id, **filters):
+        return
+    assert saga_id is not None
     with _errors():
         admin.retry_saga(_app(ctx), saga_id)
     follow_it = _hint(ctx, "show", saga_id)
@@ -249,20 +360,28 @@ def signal_command(ctx: click.Context, saga_id: str, event: str, data: str | Non
 
 
 @saga.command(cls=CeleryCommand)
-@click.argument("saga_id")
+@click.argument("saga_id", required=False)
+@_bulk_options
 @click.pass_context
-def purge(ctx: click.Context, saga_id: str) -> None:
-    """Remove a finished saga (COMPLETED, COMPENSATED or FAILED) and its index entries."""
+def purge(ctx: click.Context, /, saga_id: str | None, **filters: Any) -> None:
+    """Remove a finished saga (or every one the filters match) and its index entries."""
+    if _run_bulk(ctx, "purge", saga_id, **filters):
+        return
+    assert saga_id is not None
     with _errors():
         admin.purge_saga(_app(ctx), saga_id)
     click.echo(f"saga {saga_id} purged")
 
 
 @saga.command(cls=CeleryCommand)
-@click.argument("saga_id")
+@click.argument("saga_id", required=False)
+@_bulk_options
 @click.pass_context
-def cancel(ctx: click.Context, saga_id: str) -> None:
-    """Stop a running saga and compensate it; exit 1 if it had already finished."""
+def cancel(ctx: click.Context, /, saga_id: str | None, **filters: Any) -> None:
+    """Stop a running saga (or every one the filters match) and compensate it; exit 1 if it had finished."""
+    if _run_bulk(ctx, "cancel", saga_id, **filters):
+        return
+    assert saga_id is not None
     with _errors():
         cancelled = admin.cancel_saga(_app(ctx), saga_id)
     if not cancelled:

@@ -15,11 +15,12 @@ inherits SIGINT *ignored*, and Python then never raises KeyboardInterrupt.
 from __future__ import annotations
 
 import signal
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import FrameType
 
-__all__ = ["STOP_SIGNALS", "interrupted_by_signals"]
+__all__ = ["STOP_SIGNALS", "interrupted_by_signals", "stop_requested"]
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -39,6 +40,33 @@ def interrupted_by_signals() -> Iterator[None]:
     previous = {sig: signal.signal(sig, _interrupt) for sig in STOP_SIGNALS}
     try:
         yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+@contextmanager
+def stop_requested() -> Iterator[Callable[[], bool]]:
+    """A check of whether SIGINT or SIGTERM came while the block runs, for work that must stop between items.
+
+    A bulk action stops between two sagas, never inside one (a retry's
+    transition written, its messages not yet sent). A second signal raises
+    KeyboardInterrupt at once. Outside the main thread, where no handler can
+    be installed, the check is always False.
+    """
+    asked: list[int] = []
+
+    def note(signum: int, frame: FrameType | None) -> None:
+        if asked:
+            raise KeyboardInterrupt(signal.Signals(signum).name)
+        asked.append(signum)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    previous = {sig: signal.signal(sig, note) for sig in STOP_SIGNALS}
+    try:
+        yield lambda: bool(asked)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

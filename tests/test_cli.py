@@ -249,7 +249,7 @@ def test_usage_errors_exit_2(redis_url: str) -> None:
         assert proc.returncode == 2, proc.stderr
         assert proc.stderr.strip()
     assert "neither ISO-8601 nor a time ago" in runs[1].stderr
-    assert "Missing argument 'SAGA_ID'" in runs[5].stderr
+    assert "give a saga id, or filters for a bulk cancel" in runs[5].stderr
     assert all("--interval" in proc.stderr for proc in runs[6:8])
 
 

@@ -136,6 +136,39 @@ def test_a_worker_killed_right_after_the_done_that_pushed_the_next_stage_leaves_
     assert [(p.step, p.number, p.status) for p in report.points] == [("crash.reserve", 4, SagaStatus.COMPLETED)]
 
 
+def test_each_run_takes_its_own_kwargs_after_a_reset_and_the_baseline_is_not_judged(
+    saga_crash_points: CrashExplorer, books: str
+) -> None:
+    resets: list[str] = []
+    judged: list[int] = []
+    asked: list[int] = []
+
+    def kwargs(run: int) -> dict[str, int]:
+        asked.append(run)
+        return {"order_id": 100 + run}
+
+    def invariant(result: SagaResult) -> None:
+        judged.append(result.state().kwargs["order_id"])
+        crash_shop.balanced(result)
+
+    # Given kwargs as a function of the run's number, a reset hook and a pool of 2
+    report = saga_crash_points.explore(
+        crash_shop.sound,
+        kwargs,
+        invariant,
+        app_path=APP,
+        points=[("crash.reserve", 2, "step")],
+        reset=lambda: resets.append("reset"),
+        concurrency=2,
+    )
+    # Then the baseline ran with run 0's kwargs and the crash run with run 1's, each after a reset
+    assert report.ok, report.summary()
+    assert asked == [0, 1] and judged == [101] and resets == ["reset", "reset"]
+    # And the summary says the baseline, whose invariant is never called, was not judged
+    no_crash = next(line for line in report.summary().splitlines() if line.startswith("no crash"))
+    assert "not judged" in no_crash and "ok" not in no_crash.split()
+
+
 def test_a_compensation_that_needs_the_step_result_is_found_where_the_outcome_is_unknown(
     saga_crash_points: CrashExplorer, books: str
 ) -> None:

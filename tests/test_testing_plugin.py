@@ -70,6 +70,14 @@ def flaky() -> dict[str, int]:
     return {"ok": 1}
 
 
+@app.task(shared=False, name="plug.after")
+def after(saga_id: str) -> None:
+    # An end callback held at a gate the test opens; it then writes the ledger.
+    with redis.Redis.from_url(app.conf.saga_redis_url) as client:
+        client.blpop([f"{app.conf.saga_key_prefix}:after-gate"], timeout=60)
+        client.rpush(f"{app.conf.saga_key_prefix}:ledger", f"callback:{saga_id}")
+
+
 order = Saga("plug_order", [reserve, charge, ship])
 flaky_saga = Saga("plug_flaky", [flaky])
 deposit = Saga("plug_deposit", [reserve, charge])
@@ -93,6 +101,24 @@ def test_assert_completed_returns_the_final_state(saga_worker: Any, ledger: Call
 
     assert state.data == {"order_id": 1, "reservation": "r-1", "payment": "p-1", "tracking": "t-1"}
     assert ledger() == ["do:plug.reserve", "do:plug.charge", "do:plug.ship"]
+
+
+def test_assert_completed_waits_for_the_on_complete_callback_to_have_run(
+    saga_worker: Any, saga_test_app: Celery, ledger: Callable[[], list[str]]
+) -> None:
+    # Given a completed saga whose on_complete callback is held at a gate
+    res = order.apply_async(kwargs={"order_id": 9}, on_complete=after.s())
+    # Then assert_completed does not return while the callback has not run
+    with pytest.raises(AssertionError, match="on_complete callback has not run"):
+        assert_completed(res, timeout=patience(5))
+    assert res.status is SagaStatus.COMPLETED and f"callback:{res.id}" not in ledger()
+    # And once the callback runs, it returns, with what the callback wrote already there
+    with redis.Redis.from_url(saga_test_app.conf.saga_redis_url) as client:
+        client.rpush(f"{saga_test_app.conf.saga_key_prefix}:after-gate", 1)
+    assert_completed(res, timeout=patience(30))
+    assert ledger()[-1] == f"callback:{res.id}"
+    # callbacks=False does not wait for it
+    assert assert_completed(res, callbacks=False).status is SagaStatus.COMPLETED
 
 
 def test_fail_makes_a_step_fail(saga_worker: Any, saga_faults: SagaFaults, ledger: Callable[[], list[str]]) -> None:

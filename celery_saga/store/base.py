@@ -344,6 +344,17 @@ class SagaStore(abc.ABC):
         """
 
     @abc.abstractmethod
+    def index_pages(
+        self, status: SagaStatus, name: str | None, since: float | None, until: float | None, page: int = 500
+    ) -> Iterator[list[str]]:
+        """Every id in ``status``'s indexes (entered in [``since``, ``until``], epoch seconds), a page at a time.
+
+        Oldest first within each index, one round trip per page, so memory
+        does not grow with the count. Entries moved or removed while it runs
+        are not met twice; an expired record's entry may be met.
+        """
+
+    @abc.abstractmethod
     def counts(self) -> dict[str, dict[str, int]]:
         """Index sizes: ``{saga_name: {status: count}}``, finished sagas within retention only."""
 

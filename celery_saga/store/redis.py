@@ -753,6 +753,43 @@ class RedisSagaStore(SagaStore):
         entries = sorted((e for shard in self._call(run) for e in shard), key=lambda e: (e[1], e[0]), reverse=True)
         return [str(saga_id) for saga_id, _ in entries[:want]]
 
+    def index_pages(
+        self, status: SagaStatus, name: str | None, since: float | None, until: float | None, page: int = 500
+    ) -> Iterator[list[str]]:
+        k = self.keys
+        high = f"{until * 1000:.0f}" if until is not None else "+inf"
+        by_shard = [[name] for _ in range(k.shards)] if name else [sorted(m) for m in self._shard_names()]
+        for shard, shard_names in enumerate(by_shard):
+            for each in shard_names:
+                yield from self._index_pages(k.name_index(shard, each, status.value), since, high, page)
+
+    def _index_pages(self, key: str, since: float | None, high: str, page: int) -> Iterator[list[str]]:
+        # A cursor on the score, inclusive and exact: the entries at the last
+        # score were met already (the ids of one millisecond), and are skipped.
+        low: float | None = since * 1000 if since is not None else None
+        at_low: set[str] = set()
+        want = page
+        while True:
+
+            def read(lo: str = "-inf" if low is None else repr(low), n: int = want) -> list[Any]:
+                return list(self.client.zrangebyscore(key, lo, high, start=0, num=n, withscores=True))
+
+            entries = [(str(m), float(sc)) for m, sc in self._call(read)]
+            fresh = [(m, sc) for m, sc in entries if not (sc == low and m in at_low)]
+            if not fresh:
+                if len(entries) < want:
+                    return
+                want *= 2  # a page of nothing but the last millisecond's ids: read past them
+                continue
+            yield [m for m, _ in fresh]
+            if len(entries) < want:
+                return
+            last = fresh[-1][1]
+            if last != low:
+                low, at_low = last, set()
+            at_low.update(m for m, sc in fresh if sc == last)
+            want = page
+
     def counts(self) -> dict[str, dict[str, int]]:
         k = self.keys
         by_shard = [sorted(members) for members in self._shard_names()]

@@ -151,7 +151,7 @@ class CrashReport:
                 p.status.value if p.status else "-",
                 p.stopped_by or "-",
                 f"{p.seconds:.1f}s",
-                "ok" if p.error is None else "FAILED",
+                ("not judged" if p.kind == "none" else "ok") if p.error is None else "FAILED",
                 p.saga_id,
             ]
             for p in (self.baseline, *self.points)
@@ -206,7 +206,7 @@ class CrashExplorer:
     def explore(
         self,
         saga: Saga,
-        kwargs: dict[str, Any],
+        kwargs: dict[str, Any] | Callable[[int], dict[str, Any]],
         invariant: Callable[[SagaResult], Any],
         *,
         app: Celery | None = None,
@@ -214,14 +214,17 @@ class CrashExplorer:
         timeout: float = 60.0,
         points: Iterable[PointSpec] | Mapping[str, Iterable[int]] | None = None,
         depth: str | None = None,
-        concurrency: int = 2,
+        concurrency: int = 1,
         restart: Restart | None = None,
+        reset: Callable[[], Any] | None = None,
     ) -> CrashReport:
         """Run ``saga`` with a worker killed at each of its crash points; check ``invariant`` after each run.
 
         Args:
             saga: The saga to explore.
-            kwargs: Its data, the same for every run.
+            kwargs: Its data: a dict, the same for every run, or a function
+                of the run's number (0 for the baseline, then 1, 2 ...), so
+                that runs need not share rows (an order id per run, say).
             invariant: Called with the `SagaResult` of each finished run; an
                 exception it raises (AssertionError) fails that point.
             app: The app to start the saga on; the saga's own by default.
@@ -233,7 +236,9 @@ class CrashExplorer:
                 of step names to point numbers, ``{"charge": [2, 3]}``.
                 Points named with their number are explored at any depth.
             depth: ``"quick"`` or ``"full"``; the fixture's (``--saga-crash-points``) by default.
-            concurrency: Pool processes of each worker (prefork).
+            concurrency: Pool processes of each worker (prefork; default 1).
+            reset: Called before each run, the baseline's included, to put
+                what the invariant reads back as it was.
             restart: None: a new worker takes over at once, and the runs
                 keep the app's worker liveness settings, so what the killed
                 worker ran is settled by the (capped) deadlines or a
@@ -259,8 +264,9 @@ class CrashExplorer:
         for spec in specs or ():
             if _step_of(spec) not in (None, *names):
                 raise ValueError(f"points=: {spec!r} names no step of saga {saga.name!r}; steps: {names}")
+        data = kwargs if callable(kwargs) else (lambda _run, fixed=kwargs: fixed)
         with _Run(self, saga, app, app_path, depth, concurrency, restart) as run:
-            return run.explore(kwargs, invariant, timeout, specs)
+            return run.explore(data, invariant, timeout, specs, reset)
 
 
 class _Workers:
@@ -339,6 +345,7 @@ class _Run:
         self.notes: list[str] = []
         self.client = redis.Redis.from_url(explorer.redis_url)
         self.runs = 0
+        self.reset: Callable[[], Any] | None = None
         self._stack = contextlib.ExitStack()
 
     def __enter__(self) -> _Run:
@@ -356,11 +363,13 @@ class _Run:
 
     def explore(
         self,
-        kwargs: dict[str, Any],
+        kwargs: Callable[[int], dict[str, Any]],
         invariant: Callable[[SagaResult], Any],
         timeout: float,
         specs: list[PointSpec] | None,
+        reset: Callable[[], Any] | None = None,
     ) -> CrashReport:
+        self.reset = reset
         began = time.monotonic()
         workers = _Workers(self.app_path, {}, [], self.log_dir)
         try:
@@ -368,7 +377,8 @@ class _Run:
             workers.settings, workers.args = self._worker_settings(visibility=None), self._worker_args()
             worker = workers.start(None)
             baseline_id = self.saga.id_for(self._key(0))
-            self.saga.apply_async(kwargs=kwargs, idempotency_key=self._key(0))
+            self._reset()
+            self.saga.apply_async(kwargs=kwargs(0), idempotency_key=self._key(0))
             # Only listed from, not judged: the invariant is called once per crash run.
             baseline = self._judge("", "none", 0, baseline_id, time.monotonic(), timeout, None)
             state = SagaResult(baseline_id, app=self.app).state()
@@ -390,7 +400,7 @@ class _Run:
     def _crash_runs(
         self,
         saga: Saga,
-        kwargs: dict[str, Any],
+        kwargs: Callable[[int], dict[str, Any]],
         invariant: Callable[[SagaResult], Any],
         timeout: float,
         todo: list[_Point],
@@ -412,7 +422,8 @@ class _Run:
             if worker.poll() is not None:  # died outside a crash point; start over with a fresh one
                 worker = workers.start(armed(i))
             started = time.monotonic()
-            saga.apply_async(kwargs=kwargs, idempotency_key=self._key(i + 1))
+            self._reset()
+            saga.apply_async(kwargs=kwargs(i + 1), idempotency_key=self._key(i + 1))
             result = SagaResult(ids[i], app=self.app)
             reached = self._until_crash(worker, result, gates[i], started + timeout)
             if reached is None:
@@ -441,6 +452,10 @@ class _Run:
             explored.append(self._judge(point.step, point.kind, int(point.number), ids[i], started, timeout, invariant))
         workers.stop(worker)
         return explored, skipped
+
+    def _reset(self) -> None:
+        if self.reset is not None:
+            self.reset()
 
     def _until_crash(
         self, worker: subprocess.Popen[bytes], result: SagaResult, gate: str, deadline: float
