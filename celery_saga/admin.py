@@ -26,9 +26,10 @@ from typing import Any
 
 from celery import Celery
 
-from .errors import SagaNotFound, SagaRecordCorrupt, SagaStateError
+from .errors import SagaError, SagaNotFound, SagaRecordCorrupt, SagaStateError
 from .follow import follow
-from .registry import sagas_of
+from .plan import Plan
+from .registry import DefinedSaga, sagas_of
 from .result import SagaResult
 from .state import SagaState, SagaStatus, StepStatus
 from .store import Outcome, SagaStore, Transition
@@ -37,6 +38,8 @@ from .views import SagaStats, SagaSummary, WorkerSeen, iso, state_json, summary_
 
 __all__ = [
     "RegistrationReport",
+    "RunningPlan",
+    "running_plans",
     "Unregistered",
     "check_registration",
     "epoch_seconds",
@@ -176,15 +179,49 @@ class Unregistered:
 
 
 @dataclass(frozen=True)
+class RunningPlan:
+    """Sagas still running on one plan (a definition, by digest), and the tasks of it no running worker has.
+
+    A running saga keeps the plan it started with, so after a deploy that
+    renamed or removed a task, the old plan's sagas still need it: this is
+    what ``celery saga check`` shows until they drain.
+    """
+
+    saga: str
+    digest: str
+    count: int
+    #: When the oldest of them started.
+    since: datetime | None
+    #: Whether this is the plan the saga's current definition starts.
+    current: bool
+    missing: tuple[Unregistered, ...]
+
+    def __str__(self) -> str:
+        since = f", since {iso(self.since)}" if self.since else ""
+        which = "current plan" if self.current else "plan"
+        text = f"{self.count} running saga(s) of {self.saga} ({which} {self.digest}{since})"
+        if self.missing:
+            needs = ", ".join(sorted({m.task for m in self.missing}))
+            text += f" need {needs}, which no worker has"
+        return text
+
+
+@dataclass(frozen=True)
 class RegistrationReport:
-    """What ``celery saga check`` found: the workers that answered, and the tasks none of them has."""
+    """What ``celery saga check`` found: the workers that answered, the tasks none of them has, the running plans."""
 
     workers: tuple[str, ...]
     missing: tuple[Unregistered, ...]
+    running: tuple[RunningPlan, ...] = ()
+
+    @property
+    def stranded(self) -> tuple[RunningPlan, ...]:
+        """Running plans that need a task no worker has."""
+        return tuple(p for p in self.running if p.missing)
 
     @property
     def ok(self) -> bool:
-        return bool(self.workers) and not self.missing
+        return bool(self.workers) and not self.missing and not self.stranded
 
 
 def check_registration(app: Celery, timeout: float = 1.0) -> RegistrationReport:
@@ -201,14 +238,68 @@ def check_registration(app: Celery, timeout: float = 1.0) -> RegistrationReport:
     registered = {name.split(" ", 1)[0] for names in replies.values() for name in names or ()}
     missing: list[Unregistered] = []
     for saga in sorted(sagas_of(app), key=lambda s: s.name):
-        for spec in saga.plan().steps:
-            if spec.is_wait:
-                continue  # no task: the outside world delivers its event
-            if spec.task not in registered:
-                missing.append(Unregistered(saga.name, spec.name, spec.task, False))
-            if spec.compensation is not None and spec.compensation not in registered:
-                missing.append(Unregistered(saga.name, spec.name, spec.compensation, True))
-    return RegistrationReport(tuple(sorted(replies)), tuple(missing))
+        missing += _unregistered(saga.name, saga.plan(), registered)
+    return RegistrationReport(tuple(sorted(replies)), tuple(missing), running_plans(app, registered))
+
+
+def _unregistered(name: str, plan: Plan, registered: set[str]) -> list[Unregistered]:
+    found = []
+    for spec in plan.steps:
+        if spec.is_wait:
+            continue  # no task: the outside world delivers its event
+        if spec.task not in registered:
+            found.append(Unregistered(name, spec.name, spec.task, False))
+        if spec.compensation is not None and spec.compensation not in registered:
+            found.append(Unregistered(name, spec.name, spec.compensation, True))
+    return found
+
+
+_RUNNING = (SagaStatus.PENDING, SagaStatus.RUNNING, SagaStatus.COMPENSATING)
+
+
+def running_plans(app: Celery, registered: set[str]) -> tuple[RunningPlan, ...]:
+    """The plans of the sagas running now, by saga name and digest, with what of each no worker in ``registered`` has.
+
+    Streams through the running statuses' indexes a page at a time: memory
+    grows with the number of plans, not of sagas.
+    """
+    store = store_for(app)
+    seen: dict[tuple[str, str], list[Any]] = {}  # (name, digest) -> [count, oldest start]
+    for status in _RUNNING:
+        for ids in store.index_pages(status, None, None, None):
+            for raw in store.load_many(ids):
+                if not raw or raw.get("status") not in {s.value for s in _RUNNING} or not raw.get("ph"):
+                    continue
+                entry = seen.setdefault((raw.get("name", ""), raw["ph"]), [0, None])
+                entry[0] += 1
+                created = _lenient_int(raw.get("created"))
+                if created is not None and (entry[1] is None or created < entry[1]):
+                    entry[1] = created
+    current = {saga.name: _digest_or_none(saga) for saga in sagas_of(app)}
+    plans = []
+    for (name, digest), (count, oldest) in sorted(seen.items()):
+        try:
+            plan = store.plan(digest)
+        except SagaError:
+            continue  # a definition that cannot be read: `show` of one of its sagas says why
+        since = datetime.fromtimestamp(oldest / 1000, UTC) if oldest is not None else None
+        missing = tuple(_unregistered(name, plan, registered))
+        plans.append(RunningPlan(name, digest, count, since, current.get(name) == digest, missing))
+    return tuple(plans)
+
+
+def _lenient_int(text: str | None) -> int | None:
+    try:
+        return int(text) if text else None
+    except ValueError:
+        return None
+
+
+def _digest_or_none(saga: DefinedSaga) -> str | None:
+    try:
+        return saga.plan_digest()
+    except SagaError:
+        return None
 
 
 def ping(app: Celery) -> None:

@@ -19,7 +19,8 @@ Commands::
     celery -A proj saga sweep [--once] [--interval S]
                                      act on due deadlines: a standalone sweeper (workers run one too)
     celery -A proj saga check [--timeout S]
-                                     is every step and compensation registered on a running worker?
+                                     is every step and compensation registered on a running worker,
+                                     those of the plans running sagas still follow too?
                                      (exit 1 if not, 69 if no worker answers)
     celery -A proj saga web [--address A] [--port P] [--url-prefix U] [--flower-url F]
                             [--basic-auth USER:PASSWORD ...] [--enable-actions]
@@ -412,15 +413,25 @@ def check(ctx: click.Context, timeout: float) -> None:
             exit_code=EX_UNAVAILABLE,
         )
     click.echo(f"{len(report.workers)} worker(s) answered: {', '.join(report.workers)}")
+    if report.running:
+        click.echo("running sagas, by plan (a running saga keeps the plan it started with):")
+        for plan in report.running:
+            click.echo(f"  {plan}")
     if report.missing:
         click.echo("not registered on any worker:")
         for missing in report.missing:
             click.echo(f"  {missing}")
-        raise CeleryCommandException(
-            message=f"{len(report.missing)} task(s) the sagas need are not registered on any worker",
-            exit_code=EX_REFUSED,
-        )
-    click.echo("every step and compensation is registered")
+    if report.missing or report.stranded:
+        problems = []
+        if report.missing:
+            problems.append(f"{len(report.missing)} task(s) the sagas need are not registered on any worker")
+        if report.stranded:
+            stranded = sum(p.count for p in report.stranded)
+            problems.append(
+                f"{stranded} running saga(s) need a task no worker has: keep it registered until they drain"
+            )
+        raise CeleryCommandException(message="; ".join(problems), exit_code=EX_REFUSED)
+    click.echo("every step and compensation is registered, those of running sagas too")
 
 
 @saga.command(cls=CeleryCommand)

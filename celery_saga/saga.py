@@ -5,7 +5,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 import decimal
+import functools
 import hashlib
+import importlib
 import inspect
 import logging
 import time
@@ -142,6 +144,10 @@ class Saga:
             self._plan = (app, self._build_plan(app))
         return self._plan[1]
 
+    def plan_digest(self) -> str:
+        """The digest new starts of this definition record (its plan and settings); running sagas keep theirs."""
+        return self._definition(self.app, settings_of(self.app)).digest
+
     def _build_plan(self, app: Celery) -> Plan:
         tasks = app.tasks  # finalizes the app, which is what checking needs
         default_timeout = default_step_timeout(app)
@@ -237,6 +243,61 @@ class Saga:
         if args:
             raise SagaDataError(f"saga {self.name!r} takes keyword arguments only, got positional {args!r}")
         return self.apply_async(kwargs=kwargs)
+
+    def delay_on_commit(self, *args: Any, **kwargs: Any) -> None:
+        """Start the saga with ``kwargs`` once the surrounding Django transaction commits (never if it rolls back).
+
+        As Celery's ``Task.delay_on_commit``: outside a transaction (autocommit) it starts at once.
+        See `apply_async_on_commit`.
+        """
+        if args:
+            raise SagaDataError(f"saga {self.name!r} takes keyword arguments only, got positional {args!r}")
+        self.apply_async_on_commit(kwargs=kwargs)
+
+    def apply_async_on_commit(
+        self,
+        args: Sequence[Any] | None = None,
+        kwargs: dict[str, Any] | None = None,
+        *,
+        using: str | None = None,
+        **options: Any,
+    ) -> None:
+        """`apply_async` once the Django transaction of database ``using`` commits (never if it rolls back).
+
+        The kwargs and options are checked now: what `apply_async` would
+        refuse (data it cannot store, positional args, an idempotency key that
+        is no string) raises here, inside the transaction. It returns nothing,
+        as the saga does not exist yet; with ``idempotency_key=`` its id is
+        known already: ``Saga.id_for(key)``.
+
+        A process that dies between the commit and the start starts nothing:
+        the commit does not wait for Redis. Give an ``idempotency_key`` derived
+        from the row the transaction wrote (``f"order-{order.pk}"``), and a
+        job that starts the saga again for rows that have none is safe to run
+        any time: a start with the same key is the same saga.
+
+        Raises:
+            SagaDefinitionError: Django is not installed.
+        """
+        try:
+            transaction = importlib.import_module("django.db.transaction")
+        except ImportError as exc:
+            raise SagaDefinitionError(
+                f"saga {self.name!r}: apply_async_on_commit needs Django (pip install django); "
+                "outside Django, call apply_async after your own commit"
+            ) from exc
+        if args:
+            raise SagaDataError(f"saga {self.name!r} takes keyword arguments only, got positional {list(args)!r}")
+        data = dict(kwargs or {})
+        _dumps(data, f"saga {self.name!r}: kwargs", settings_of(self.app).max_data_depth)
+        key = options.get("idempotency_key")
+        if key is not None and (not isinstance(key, str) or not key):
+            raise SagaDataError("idempotency_key must be a non-empty string")
+        unknown = set(options) - {"idempotency_key", "on_complete", "on_failure", "timeout"}
+        if unknown:
+            raise TypeError(f"apply_async_on_commit() got unexpected options {sorted(unknown)}")
+        self.plan()  # a broken definition fails here, not after the commit
+        transaction.on_commit(functools.partial(self.apply_async, None, data, **options), using=using)
 
     def apply_async(
         self,

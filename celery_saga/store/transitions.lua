@@ -261,7 +261,7 @@ local function compact(st)
     if TOP[f] then
       top[#top + 1] = f
       top[#top + 1] = v
-    elseif v ~= '' and not dropped(f, st, v, fields) and not (no_key and f == 'fp') then
+    elseif v ~= '' and f ~= 'tos' and not dropped(f, st, v, fields) and not (no_key and f == 'fp') then
       -- (An empty field reads as a missing one; the fingerprint only matters
       -- to a start with the same idempotency key.)
       packed[#packed + 1] = digits(#f) .. ':' .. f .. digits(#v) .. ':' .. v
@@ -269,11 +269,16 @@ local function compact(st)
   end
   if st == 'COMPLETED' then
     -- In step order, as the "stages" field lists them; "" for a step without one.
-    local tos = {}
-    for _, part in ipairs(split(fields['stages'] or '', ';')) do
-      for _, m in ipairs(split(part, ',')) do tos[#tos + 1] = fields['to:' .. m] or '' end
+    -- Packed once: a record expanded and packed again (a late or repeated
+    -- call) has "tos" and no "to:" fields left.
+    local v = fields['tos']
+    if not v then
+      local tos = {}
+      for _, part in ipairs(split(fields['stages'] or '', ';')) do
+        for _, m in ipairs(split(part, ',')) do tos[#tos + 1] = fields['to:' .. m] or '' end
+      end
+      v = table.concat(tos, ',')
     end
-    local v = table.concat(tos, ',')
     packed[#packed + 1] = '3:tos' .. digits(#v) .. ':' .. v
   end
   local text = table.concat(packed)
