@@ -30,6 +30,7 @@ import hashlib
 import logging
 import os
 import threading
+import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -162,8 +163,13 @@ _MADE_FROM = (
     "saga_enqueue_in_transition",
     "saga_redis_url",
 )
-_ENQUEUERS: weakref.WeakKeyDictionary[Celery, tuple[tuple[Any, ...], Enqueuer | None]] = weakref.WeakKeyDictionary()
+# app -> (what it was made from, the Enqueuer or None, and for a None that was a failure to connect, when to try again).
+_ENQUEUERS: weakref.WeakKeyDictionary[Celery, tuple[tuple[Any, ...], Enqueuer | None, float | None]] = (
+    weakref.WeakKeyDictionary()
+)
 _CREATING = threading.Lock()
+#: Seconds before a broker that could not be reached is tried again (published after the transition meanwhile).
+RETRY_CONNECT_AFTER = 30.0
 
 
 def enqueuer(app: Celery, store: SagaStore) -> Enqueuer | None:
@@ -172,17 +178,24 @@ def enqueuer(app: Celery, store: SagaStore) -> Enqueuer | None:
     # does a change of the broker's settings (a test's own key prefix, say).
     made_from = (os.getpid(), id(store), raw_conf(app, _MADE_FROM))
     cached = _ENQUEUERS.get(app)
-    if cached is not None and cached[0] == made_from:
+    if cached is not None and cached[0] == made_from and (cached[2] is None or time.monotonic() < cached[2]):
         return cached[1]
     with _CREATING:
         cached = _ENQUEUERS.get(app)
-        if cached is not None and cached[0] == made_from:
+        if cached is not None and cached[0] == made_from and (cached[2] is None or time.monotonic() < cached[2]):
             return cached[1]
         if cached is not None and cached[1] is not None and cached[0][0] == os.getpid():
             cached[1].close()
-        made = _make(app, store)
-        _ENQUEUERS[app] = (made_from, made)
+        try:
+            made, retry_at = _make(app, store), None
+        except _Unreachable:
+            made, retry_at = None, time.monotonic() + RETRY_CONNECT_AFTER
+        _ENQUEUERS[app] = (made_from, made, retry_at)
         return made
+
+
+class _Unreachable(Exception):
+    """The broker did not answer: no Enqueuer for now."""
 
 
 def _make(app: Celery, store: SagaStore) -> Enqueuer | None:
@@ -192,11 +205,16 @@ def _make(app: Celery, store: SagaStore) -> Enqueuer | None:
     target = getattr(store, "target", None)
     if client is None or getattr(target, "kind", None) != "single":
         return None  # a cluster, whose keys are in many slots; Sentinel, whose master may move
+    connection = app.connection_for_write()
     try:
-        channel = app.connection_for_write().default_channel
-    except Exception:
+        # One attempt, not the broker's retry policy: a broker that is down costs the
+        # start that meets it once per RETRY_CONNECT_AFTER, and its publish says why.
+        connection.connect()
+        channel = connection.default_channel
+    except Exception as exc:
+        connection.release()
         logger.debug("celery_saga: no broker channel; stages are published after the transition", exc_info=True)
-        return None
+        raise _Unreachable() from exc
     from kombu.transport import redis as kombu_redis
 
     if type(channel) is not kombu_redis.Channel:

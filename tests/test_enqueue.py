@@ -245,3 +245,21 @@ def test_a_refused_push_leaves_the_publish_to_the_caller(app: Celery, r, prefix,
         wait_for(lambda: res.state().step("enq.first").status.value == "COMPLETED", what="the first step's done")
     assert r.get(f"q-{ns}-bad") == "x"
     assert res.state().step("shop.charge").status.value == "DISPATCHED"
+
+
+def test_a_broker_that_did_not_answer_is_tried_again_later(ns: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from celery_saga import enqueue
+    from celery_saga.redis_server import RedisServer, free_port
+
+    # Given an app whose broker (and store) is down when its first stage is to be built
+    monkeypatch.setattr(enqueue, "RETRY_CONNECT_AFTER", 0.0)  # (30 s in production)
+    port = free_port()
+    app = Celery(f"late_{ns}", broker=f"redis://127.0.0.1:{port}/0", set_as_current=False)
+    store = store_for(app)
+    # Then there is no Enqueuer for now: its stages would be published after the transition
+    assert enqueue.enqueuer(app, store) is None
+    # When the broker comes up, once the retry delay has passed
+    with RedisServer(port=port):
+        # Then the next stage to build finds it, and stages are pushed by their transitions again
+        assert wait_for(lambda: enqueue.enqueuer(app, store), timeout=15, what="an Enqueuer") is not None
+    app.close()

@@ -73,7 +73,8 @@ def flaky() -> dict[str, int]:
 @app.task(shared=False, name="plug.after")
 def after(saga_id: str) -> None:
     # An end callback held at a gate the test opens; it then writes the ledger.
-    with redis.Redis.from_url(app.conf.saga_redis_url) as client:
+    # (A socket timeout above the gate's: redis-py 8's default, 5 s, would end the wait.)
+    with redis.Redis.from_url(app.conf.saga_redis_url, socket_timeout=90) as client:
         client.blpop([f"{app.conf.saga_key_prefix}:after-gate"], timeout=60)
         client.rpush(f"{app.conf.saga_key_prefix}:ledger", f"callback:{saga_id}")
 
@@ -110,7 +111,7 @@ def test_assert_completed_waits_for_the_on_complete_callback_to_have_run(
     res = order.apply_async(kwargs={"order_id": 9}, on_complete=after.s())
     # Then assert_completed does not return while the callback has not run
     with pytest.raises(AssertionError, match="on_complete callback has not run"):
-        assert_completed(res, timeout=patience(5))
+        assert_completed(res, timeout=patience(3))
     assert res.status is SagaStatus.COMPLETED and f"callback:{res.id}" not in ledger()
     # And once the callback runs, it returns, with what the callback wrote already there
     with redis.Redis.from_url(saga_test_app.conf.saga_redis_url) as client:

@@ -64,7 +64,7 @@ def start(up: SimpleNamespace, version: int, tokens: list[str]) -> list[str]:
 
 def check(up: SimpleNamespace, version: int) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "celery", "-A", "tests.upgrade_app", "saga", "check", "--timeout", "3"],
+        [sys.executable, "-m", "celery", "-A", "tests.upgrade_app", "saga", "check", "--timeout", f"{patience(1.5):g}"],
         env=version_env(up, version),
         cwd=ROOT,
         capture_output=True,
