@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import threading
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -39,14 +40,19 @@ class Pushes:
 
 @contextmanager
 def pushes(redis_url: str, tag: str) -> Iterator[Pushes]:
-    seen, stop, ready = Pushes(), threading.Event(), threading.Event()
+    seen, ready = Pushes(), threading.Event()
     conn = redis.Redis.from_url(redis_url, decode_responses=True)
+
+    # The listener reads up to an ECHO of this marker: every command before it is seen, however busy the machine.
+    marker = f"end-of-pushes-{uuid.uuid4().hex}"
 
     def listen() -> None:
         with conn.monitor() as m:
             ready.set()
-            while not stop.is_set():
+            while True:
                 line = m.next_command()
+                if marker in line["command"]:
+                    return
                 words = line["command"].split(" ")
                 if words[0].upper() == "LPUSH" and tag in words[1]:
                     (seen.in_script if line["client_type"] == "lua" else seen.by_client).append(words[1])
@@ -57,9 +63,8 @@ def pushes(redis_url: str, tag: str) -> Iterator[Pushes]:
     try:
         yield seen
     finally:
-        stop.set()
         with redis.Redis.from_url(redis_url) as client:
-            client.ping()  # wakes the listener
+            client.echo(marker)
         thread.join(patience(10))
         conn.close()
 
