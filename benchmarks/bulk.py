@@ -34,6 +34,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.overhead import chosen_redis, delete_run_keys  # noqa: E402 - needs ROOT on sys.path
+from tests import cli_app  # noqa: E402
 
 NAME = "bench_bulk"
 
@@ -41,7 +42,6 @@ NAME = "bench_bulk"
 def fill(url: str, prefix: str, n: int) -> None:
     """``n`` COMPENSATED sagas named `NAME`: one real, the rest copies of its record with their index entries."""
     from celery_saga.stores import store_for
-    from tests import cli_app
 
     s = cli_app.create(url, prefix, f"{prefix}-q")
     from celery_saga import Saga
@@ -71,17 +71,10 @@ def fill(url: str, prefix: str, n: int) -> None:
 
 def run(url: str, prefix: str, *args: str) -> tuple[float, float, str]:
     """``celery saga ...`` on the bench's sagas: seconds, peak RSS (MB), its output."""
-    code = (
-        "import resource, sys\n"
-        "from celery.__main__ import main\n"
-        f"sys.argv = ['celery', '-A', 'tests.cli_app', 'saga', *{list(args)!r}]\n"
-        "try:\n    main()\n"
-        "finally:\n    print('peak-rss-kb', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n"
-    )
     env = {**os.environ, "CELERY_SAGA_CLI_REDIS": url, "CELERY_SAGA_CLI_PREFIX": prefix}
     env["CELERY_SAGA_CLI_QUEUE"] = f"{prefix}-q"
     started = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run(cli_app.measured_cli(*args), env=env, cwd=ROOT, capture_output=True, text=True)
     seconds = time.perf_counter() - started
     if proc.returncode != 0:
         raise RuntimeError(f"celery saga {' '.join(args)} failed:\n{proc.stderr}")

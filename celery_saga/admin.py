@@ -255,6 +255,7 @@ def _unregistered(name: str, plan: Plan, registered: set[str]) -> list[Unregiste
 
 
 _RUNNING = (SagaStatus.PENDING, SagaStatus.RUNNING, SagaStatus.COMPENSATING)
+_RUNNING_VALUES = frozenset(s.value for s in _RUNNING)
 
 
 def running_plans(app: Celery, registered: set[str]) -> tuple[RunningPlan, ...]:
@@ -268,7 +269,7 @@ def running_plans(app: Celery, registered: set[str]) -> tuple[RunningPlan, ...]:
     for status in _RUNNING:
         for ids in store.index_pages(status, None, None, None):
             for raw in store.load_many(ids):
-                if not raw or raw.get("status") not in {s.value for s in _RUNNING} or not raw.get("ph"):
+                if not raw or raw.get("status") not in _RUNNING_VALUES or not raw.get("ph"):
                     continue
                 entry = seen.setdefault((raw.get("name", ""), raw["ph"]), [0, None])
                 entry[0] += 1

@@ -16,6 +16,7 @@ is not met twice.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -95,9 +96,13 @@ class _Filter:
     until: float
     where: tuple[tuple[str, str], ...]
 
+    @functools.cached_property
+    def status_values(self) -> frozenset[str]:
+        return frozenset(s.value for s in self.statuses)
+
     def matches(self, raw: Mapping[str, str]) -> bool:
         # The index may lag its record by a moment: the record decides.
-        if raw.get("status") not in {s.value for s in self.statuses}:
+        if raw.get("status") not in self.status_values:
             return False
         if self.name is not None and raw.get("name") != self.name:
             return False

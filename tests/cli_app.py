@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -48,6 +49,18 @@ ENV_PREFIX = "CELERY_SAGA_CLI_PREFIX"
 ENV_QUEUE = "CELERY_SAGA_CLI_QUEUE"
 ENV_STORE = "CELERY_SAGA_CLI_STORE"
 HASTY_TIMEOUT = 0.5
+
+
+def measured_cli(*args: str) -> list[str]:
+    """``celery -A tests.cli_app saga <args>``, printing its peak RSS (``peak-rss-kb N``) last, on stderr."""
+    code = (
+        "import resource, sys\n"
+        "from celery.__main__ import main\n"
+        f"sys.argv = ['celery', '-A', 'tests.cli_app', 'saga', *{list(args)!r}]\n"
+        "try:\n    main()\n"
+        "finally:\n    print('peak-rss-kb', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n"
+    )
+    return [sys.executable, "-c", code]
 
 
 def cli_env(redis_url: str, prefix: str, queue: str) -> dict[str, str]:

@@ -74,15 +74,8 @@ def failed(s: SimpleNamespace, n: int, token: str = "t", saga: Any = None, **kwa
 
 def cli(s: SimpleNamespace, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     """``celery saga ...`` as a subprocess; it prints its peak RSS (KB) last, on stderr."""
-    code = (
-        "import resource, sys\n"
-        "from celery.__main__ import main\n"
-        f"sys.argv = ['celery', '-A', 'tests.cli_app', 'saga', *{list(args)!r}]\n"
-        "try:\n    main()\n"
-        "finally:\n    print('peak-rss-kb', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n"
-    )
     proc = subprocess.run(
-        [sys.executable, "-c", code],
+        cli_app.measured_cli(*args),
         env=s.env,
         cwd=ROOT,
         input=stdin,
