@@ -25,6 +25,7 @@ from .errors import (
     SagaStoreUnavailable,
     StepResultNotSerializable,
 )
+from .rerun import rerun_saga
 from .result import SagaResult
 from .saga import Saga, parallel
 from .signals import (
@@ -68,6 +69,7 @@ __all__ = [
     "saga_state",
     "saga_stats",
     "retry_saga",
+    "rerun_saga",
     "purge_saga",
     "cancel_saga",
     "signal_saga",

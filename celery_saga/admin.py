@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import re
 import time
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -31,6 +32,7 @@ from .follow import follow
 from .plan import Plan
 from .registry import DefinedSaga, sagas_of
 from .result import SagaResult
+from .search import find, matches, where_pairs
 from .state import SagaState, SagaStatus, StepStatus
 from .store import Outcome, SagaStore, Transition
 from .stores import settings_of, store_for
@@ -68,6 +70,7 @@ def list_sagas(
     name: str | None = None,
     since: datetime | timedelta | None = None,
     limit: int = 50,
+    where: Mapping[str, Any] | Iterable[str] | None = None,
 ) -> list[SagaSummary]:
     """Sagas newest first, by the time they entered their status.
 
@@ -78,12 +81,20 @@ def list_sagas(
         since: Only sagas that entered their status at or after this time
             (a naive datetime is UTC), or within this long ago.
         limit: At most this many.
+        where: Only sagas with these business keys (``Saga(search_keys=...)``):
+            ``{"order_id": 7}`` or ``["order_id=7"]``; 7 and "7" are one value.
+            Read from the business key index, not the status indexes.
+
+    Raises:
+        ValueError: ``limit`` is below 1, or ``where`` is no set of business key values.
     """
     if limit < 1:
         raise ValueError(f"limit must be at least 1, not {limit}")
     store = store_for(app)
     statuses = [SagaStatus(status)] if status is not None else list(SagaStatus)
     cutoff = epoch_seconds(since)
+    if where is not None:
+        return _found(store, where_pairs(where), set(statuses), name, cutoff, limit)
     found: dict[str, SagaSummary] = {}
     for st in statuses:
         # With one status, a record that already moved on (its index entry
@@ -394,6 +405,32 @@ def _read_index(
         if len(live) >= limit or len(ids) < want:
             return live[:limit]
         want *= 2
+
+
+def _found(
+    store: SagaStore,
+    where: tuple[tuple[str, str], ...],
+    statuses: set[SagaStatus],
+    name: str | None,
+    since: float | None,
+    limit: int,
+) -> list[SagaSummary]:
+    """The sagas the business key index has for ``where``, filtered like a listing, newest first."""
+    ids = find(store, where)
+    found = []
+    for saga_id, raw in zip(ids, _load_each(store, ids), strict=True):
+        # A record gone (its entries go with the next collection) or started
+        # anew under its id with other values (a failed start) is no match.
+        if not isinstance(raw, dict) or not matches(raw, where):
+            continue
+        summary = summary_of(saga_id, raw)
+        if summary is None or summary.status not in statuses or (name and summary.name != name):
+            continue
+        if since is not None and (summary.status_at is None or summary.status_at.timestamp() < since):
+            continue
+        found.append(summary)
+    found.sort(key=lambda s: (s.status_at is not None, s.status_at, s.saga_id), reverse=True)
+    return found[:limit]
 
 
 def _load_each(store: SagaStore, ids: list[str]) -> list[dict[str, str] | SagaRecordCorrupt | None]:

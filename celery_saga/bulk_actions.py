@@ -1,4 +1,4 @@
-"""Acting on sets of sagas: ``bulk(app, action, **filters)``, behind ``celery saga cancel|retry|purge`` with filters.
+"""Acting on sets of sagas: ``bulk(app, action, **filters)``, behind ``celery saga cancel|retry|purge|rerun``.
 
 A bulk action streams through the status indexes (never a SCAN), a page at a
 time, oldest first: each page's records are read in one round trip, checked
@@ -28,7 +28,8 @@ from celery import Celery
 
 from . import codec
 from .admin import epoch_seconds, purge_saga, retry_saga
-from .errors import SagaNotFound, SagaRecordCorrupt, SagaStateError
+from .errors import SagaDefinitionError, SagaNotFound, SagaRecordCorrupt, SagaStateError
+from .rerun import rerun_saga
 from .result import SagaResult
 from .shutdown import stop_requested
 from .state import SagaStatus
@@ -41,6 +42,7 @@ ACTIONS: dict[str, tuple[SagaStatus, ...]] = {
     "cancel": (SagaStatus.PENDING, SagaStatus.RUNNING),
     "retry": (SagaStatus.FAILED,),
     "purge": (SagaStatus.COMPLETED, SagaStatus.COMPENSATED, SagaStatus.FAILED),
+    "rerun": (SagaStatus.COMPENSATED, SagaStatus.FAILED),
 }
 #: Ids a report keeps to show (a dry run prints them), and errors it keeps in full.
 SAMPLE = 20
@@ -52,7 +54,7 @@ class BulkReport:
     """What a bulk run matched and did; counts only, bounded whatever the number of sagas.
 
     Attributes:
-        action: ``cancel``, ``retry`` or ``purge``.
+        action: ``cancel``, ``retry``, ``purge`` or ``rerun``.
         dry_run: Nothing was changed: ``matched`` is what a run would act on.
         matched: Sagas the filters matched.
         acted: Sagas the action changed.
@@ -162,7 +164,7 @@ def bulk(
     progress: Callable[[int], None] | None = None,
     page: int = 500,
 ) -> BulkReport:
-    """Apply ``action`` (``cancel``, ``retry``, ``purge``) to every saga the filters match.
+    """Apply ``action`` (``cancel``, ``retry``, ``purge``, ``rerun``) to every saga the filters match.
 
     Args:
         app: The app whose saga store to act on.
@@ -248,7 +250,8 @@ def _act_on(app: Celery, act: Callable[[Celery, str], str | None], saga_id: str,
         skipped = "gone (expired or purged meanwhile)"
     except SagaStateError as exc:
         skipped = f"not allowed in its status ({exc.status})" if exc.status else "not allowed"
-    except SagaRecordCorrupt as exc:
+    except (SagaRecordCorrupt, SagaDefinitionError) as exc:
+        # (A re-run of a saga whose name this process does not define.)
         report.error_count += 1
         if len(report.errors) < ERRORS_KEPT:
             report.errors.append((saga_id, str(exc)))
@@ -273,4 +276,20 @@ def _purge(app: Celery, saga_id: str) -> str | None:
     return None
 
 
-_ACT: dict[str, Callable[[Celery, str], str | None]] = {"cancel": _cancel, "retry": _retry, "purge": _purge}
+def _rerun(app: Celery, saga_id: str) -> str | None:
+    try:
+        rerun_saga(app, saga_id)
+    except SagaStateError as exc:
+        # Its status allows it: the refusal is a re-run made already (by an earlier run of this command).
+        if exc.status in (SagaStatus.COMPENSATED.value, SagaStatus.FAILED.value):
+            return "re-run already"
+        raise
+    return None
+
+
+_ACT: dict[str, Callable[[Celery, str], str | None]] = {
+    "cancel": _cancel,
+    "retry": _retry,
+    "purge": _purge,
+    "rerun": _rerun,
+}

@@ -2,12 +2,15 @@
 
 Commands::
 
-    celery -A proj saga list [--status S] [--name N] [--since T] [--limit N] [--json]
+    celery -A proj saga list [--status S] [--name N] [--since T] [--limit N] [--where KEY=VALUE ...] [--json]
+                                     --where: by business key (Saga(search_keys=...)), as in order_id=7
     celery -A proj saga show ID [--json]
     celery -A proj saga stats [--json]
     celery -A proj saga retry ID     re-drive what gave up in a FAILED saga: compensations, or
                                      the steps past its pivot
-    celery -A proj saga retry|purge|cancel [--name N] [--status S ...] [--reason R]
+    celery -A proj saga rerun ID [--again]
+                                     start a COMPENSATED or FAILED saga anew: a new saga, its kwargs
+    celery -A proj saga retry|purge|cancel|rerun [--name N] [--status S ...] [--reason R]
                             [--failed-step STEP] [--since T] [--until T] [--where KEY=VALUE ...]
                             [--dry-run] [--yes]
                                      the same for every saga the filters match (celery_saga.bulk_actions):
@@ -51,7 +54,10 @@ and a ``Z`` (``"2026-11-27T03:25:09.640Z"``), or null when unknown:
   until it is dispatched; ``round2`` null, or the second round's ``{"status",
   "attempts", "started_at", "ended_at", "error"}``). ``reason`` may also be
   "rejected" (a wait's reject event), "parent" (a child saga its parent
-  undid) or "forward" (a step past the pivot gave up). Only where they
+  undid) or "forward" (a step past the pivot gave up). After the steps:
+  ``"search_keys"`` ({key: value as text}, empty without business keys),
+  ``"rerun_of"`` (the saga this one re-runs, or null) and ``"reruns"`` (its
+  re-runs' ids). Only where they
   apply: ``"pivot"`` and ``"passed_pivot"``, with ``"retriable"`` and
   ``"forward_retries"`` on every step (a saga with a pivot); ``"parent":
   {"id", "step"}`` (a child saga); ``"child"``, the child's id, on a step
@@ -81,9 +87,11 @@ from celery.bin.base import CeleryCommand, CeleryOption
 from celery.exceptions import CeleryCommandException
 from kombu.exceptions import OperationalError
 
-from . import admin, bulk_actions, views
+from . import admin, bulk_actions, search, views
+from . import rerun as reruns
 from .admin import parse_since
 from .errors import SagaError, SagaStoreMisconfigured, SagaStoreUnavailable
+from .registry import sagas_of
 from .settings import redact_keys
 from .shutdown import interrupted_by_signals
 from .state import SagaStatus
@@ -148,7 +156,7 @@ _JSON = click.option("--json", "as_json", cls=CeleryOption, is_flag=True, help="
 
 @click.group(name="saga")
 def saga() -> None:
-    """Operate on sagas: list, show, stats, retry, signal, purge, cancel, sweep, check, web."""
+    """Operate on sagas: list, show, stats, retry, rerun, signal, purge, cancel, sweep, check, web."""
 
 
 @saga.command(name="list", cls=CeleryCommand)
@@ -168,6 +176,13 @@ def saga() -> None:
     help="Entered the status since: ISO-8601, or 10m, 2h, 1d.",
 )
 @click.option("--limit", cls=CeleryOption, type=click.IntRange(min=1), default=50, show_default=True)
+@click.option(
+    "--where",
+    cls=CeleryOption,
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Only sagas with this business key (Saga(search_keys=...)), as in order_id=7; repeatable.",
+)
 @_JSON
 @click.pass_context
 def list_(
@@ -176,13 +191,27 @@ def list_(
     name: str | None,
     since: datetime | timedelta | None,
     limit: int,
+    where: tuple[str, ...],
     as_json: bool,
 ) -> None:
-    """List sagas, newest first, from the status indexes."""
+    """List sagas, newest first, from the status indexes (from the business key index with --where)."""
+    try:
+        pairs = dict(search.where_pairs(where)) if where else None
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--where") from exc
     with _errors():
         found = admin.list_sagas(
-            _app(ctx), status=status.upper() if status else None, name=name, since=since, limit=limit
+            _app(ctx), status=status.upper() if status else None, name=name, since=since, limit=limit, where=pairs
         )
+    if pairs and not found:
+        declared = {k for s in sagas_of(_app(ctx)) for k in s.search_keys}
+        unknown = sorted(set(pairs) - declared)
+        if unknown and not as_json:
+            click.echo(
+                f"no saga of this app declares {', '.join(unknown)} in search_keys=(...): "
+                "only business keys are indexed",
+                err=True,
+            )
     if as_json:
         # A corrupt record's entry also says so, as the web view's API does.
         _echo_json({"sagas": [{**s.to_json(), "corrupt": True} if s.corrupt else s.to_json() for s in found]})
@@ -372,6 +401,30 @@ def purge(ctx: click.Context, /, saga_id: str | None, **filters: Any) -> None:
     with _errors():
         admin.purge_saga(_app(ctx), saga_id)
     click.echo(f"saga {saga_id} purged")
+
+
+@saga.command(cls=CeleryCommand)
+@click.argument("saga_id", required=False)
+@click.option(
+    "--again", cls=CeleryOption, is_flag=True, help="Re-run a saga that was re-run already (an id, not filters)."
+)
+@_bulk_options
+@click.pass_context
+def rerun(ctx: click.Context, /, saga_id: str | None, again: bool, **filters: Any) -> None:
+    """Start a COMPENSATED or FAILED saga anew, as a new saga with its kwargs (or every one the filters match)."""
+    if again and saga_id is None:
+        raise click.UsageError("--again takes a saga id: a bulk re-run skips the sagas re-run already")
+    if _run_bulk(ctx, "rerun", saga_id, **filters):
+        return
+    assert saga_id is not None
+    with _errors():
+        done = reruns.rerun(_app(ctx), saga_id, again=again)
+    if done.plan_changed:
+        click.echo(
+            f"the saga's definition changed since {saga_id} started (plan {done.old_plan[:12]}, now "
+            f"{done.new_plan[:12]}): the re-run runs the current one"
+        )
+    click.echo(f"saga {saga_id} re-run as {done.result.id}; follow it with `{_hint(ctx, 'show', done.result.id)}`")
 
 
 @saga.command(cls=CeleryCommand)

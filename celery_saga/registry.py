@@ -47,6 +47,7 @@ class DefinedSaga(Protocol):
 
     name: str
     children: dict[str, DefinedSaga]
+    search_keys: tuple[str, ...]
 
     def plan(self) -> Plan: ...
 
@@ -55,6 +56,8 @@ class DefinedSaga(Protocol):
     def belongs_to(self, app: Celery) -> bool: ...
 
     def start_as_child(self, parent_id: str, parent_gen: str, data: dict[str, Any]) -> Any: ...
+
+    def start_rerun(self, of: str, saga_id: str, data: dict[str, Any], callbacks: tuple[str, str]) -> Any: ...
 
 
 _STEPS: dict[str, StepMeta] = {}

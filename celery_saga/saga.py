@@ -30,6 +30,7 @@ from .nested import CHILD_ENDED_TASK
 from .plan import Plan, StepSpec, remember_plan
 from .registry import MISSING, DefinedSaga, register_saga
 from .result import SagaResult
+from .search import search_keys_of, search_values
 from .settings import SagaSettings, default_step_timeout, max_data_depth, redact_keys, timeout_seconds
 from .stages import check_events, children_of, flatten, leaf, parallel, pivot_stage, step_name
 from .state import SagaStatus
@@ -64,6 +65,10 @@ class Saga:
             steps of later stages are retriable: a failure or a lost outcome
             sends them again (``saga_forward_retry_backoff``), and the saga
             never rolls back. It must be alone in its stage.
+        search_keys: Start kwargs that identify the business entity (at most
+            8, such as ``("order_id", "customer_id")``): their values (strings
+            or integers) are indexed with the start, for ``list_sagas(where=...)``,
+            ``celery saga list --where`` and the web view's search.
     """
 
     def __init__(
@@ -73,6 +78,7 @@ class Saga:
         app: Celery | None = None,
         timeout: float | None = None,
         pivot: Any = None,
+        search_keys: Sequence[str] = (),
     ) -> None:
         if not isinstance(name, str) or not name or any(c in name for c in " \t\r\n:"):
             raise SagaDefinitionError(f"saga name must be a non-empty string without whitespace or ':', not {name!r}")
@@ -80,6 +86,8 @@ class Saga:
             raise SagaDefinitionError(f"saga name {name!r} has a lone surrogate: it is no text in UTF-8")
         self.name = name
         self.timeout = timeout_seconds(f"saga {name!r}: timeout", timeout)
+        #: The start kwargs indexed as business keys.
+        self.search_keys: tuple[str, ...] = search_keys_of(name, search_keys)
         #: The module that defined the saga: what a worker imports to have it (the crash-point explorer's -A).
         self.module: str | None = _caller_module()
         if not is_proxy(steps) and isinstance(steps, (list, tuple)) and not steps:
@@ -296,6 +304,7 @@ class Saga:
         unknown = set(options) - {"idempotency_key", "on_complete", "on_failure", "timeout"}
         if unknown:
             raise TypeError(f"apply_async_on_commit() got unexpected options {sorted(unknown)}")
+        search_values(self.name, self.search_keys, data)
         self.plan()  # a broken definition fails here, not after the commit
         transaction.on_commit(functools.partial(self.apply_async, None, data, **options), using=using)
 
@@ -344,6 +353,15 @@ class Saga:
         saga_id = self.id_for(key) if key else str(uuid.uuid4())
         return self._start(saga_id, data, kwargs_json, key, callbacks, saga_timeout)
 
+    def start_rerun(self, of: str, saga_id: str, data: dict[str, Any], callbacks: tuple[str, str]) -> SagaResult:
+        """Start this saga as ``saga_id``, a re-run of saga ``of`` (`celery_saga.rerun_saga`), with no idempotency key.
+
+        ``callbacks`` are the first saga's on_complete / on_failure (JSON, or "").
+        """
+        depth = settings_of(self.app).max_data_depth
+        kwargs_json = _dumps(data, f"saga {self.name!r}: kwargs", depth)
+        return self._start(saga_id, data, kwargs_json, "", list(callbacks), self.timeout, rerun_of=of)
+
     def start_as_child(self, parent_id: str, parent_gen: str, data: dict[str, Any]) -> SagaResult:
         """Start this saga as the child step of saga ``parent_id``: id ``<parent_id>:<name>``; idempotent.
 
@@ -368,8 +386,10 @@ class Saga:
         callbacks: list[str],
         saga_timeout: float | None,
         parent: tuple[str, str, str] | None = None,
+        rerun_of: str = "",
     ) -> SagaResult:
         app = self.app
+        search = search_values(self.name, self.search_keys, data)
         message_serializer(app)  # raises before anything is written if workers would drop the messages
         settings = settings_of(app)
         store = store_for(app)
@@ -402,6 +422,8 @@ class Saga:
             watch_at=None if first is None else time.time() + first,
             pivot=self.pivot or "",
             parent=parent,
+            search=search,
+            rerun_of=rerun_of,
         )
         t = store.start(req, self._first_stage(app, store, req, data, d))
         if t.outcome is Outcome.CONFLICT:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import Enum
 from typing import Any
@@ -24,6 +24,7 @@ __all__ = [
     "final_data",
     "fold",
     "ms_time",
+    "search_pairs",
 ]
 
 
@@ -212,6 +213,11 @@ class SagaState:
     #: A child saga's parent saga, and the parent's step that it is.
     parent_id: str | None = None
     parent_step: str | None = None
+    #: Its business keys (``Saga(search_keys=...)``) and their values, as text.
+    search_keys: Mapping[str, str] = field(default_factory=dict)
+    #: The saga this one re-runs, and the re-runs of this one (`celery_saga.rerun_saga`).
+    rerun_of: str | None = None
+    reruns: tuple[str, ...] = ()
 
     def step(self, name: str) -> StepRecord:
         for s in self.steps:
@@ -318,7 +324,19 @@ class SagaState:
             passed_pivot=raw.get("past") == "1",
             parent_id=raw.get("parent") or None,
             parent_step=raw.get("pstep") or None,
+            search_keys=dict(search_pairs(raw.get("sk", ""))),
+            rerun_of=raw.get("rof") or None,
+            reruns=_ids(raw.get("rrs")),
         )
+
+
+def _ids(text: str | None) -> tuple[str, ...]:
+    """A JSON list of saga ids (``rrs``); a damaged one reads as none rather than hiding the saga."""
+    try:
+        ids = json.loads(text or "[]")
+    except ValueError:
+        return ()
+    return tuple(str(i) for i in ids) if isinstance(ids, list) else ()
 
 
 def _plan_of(raw: dict[str, str]) -> Plan:
@@ -365,3 +383,14 @@ def data_before(plan: Plan, raw: dict[str, str], stage: int, kwargs: dict[str, A
         if raw.get(f"s:{spec.name}") == StepStatus.COMPLETED.value and f"r:{spec.name}" in raw
     )
     return fold(kwargs, results)
+
+
+def search_pairs(text: str) -> list[tuple[str, str]]:
+    """A record's ``sk`` field as (key, value) pairs; none from a field that is no JSON object of text."""
+    try:
+        found = json.loads(text)
+    except ValueError:
+        return []
+    if not isinstance(found, dict):
+        return []
+    return [(str(k), v) for k, v in found.items() if isinstance(v, str)]

@@ -34,6 +34,7 @@ from celery import Celery
 from .errors import SagaError, SagaRecordCorrupt, SagaStoreMisconfigured, SagaStoreUnavailable
 from .follow import follow
 from .liveness import declare_lost_workers
+from .search import Collector
 from .store import Outcome, SagaStore
 from .stores import settings_of, store_for
 from .views import command
@@ -171,6 +172,8 @@ class SweeperThread(threading.Thread):
         # a heartbeat, without a Redis call on every (0.5 s) pass of every worker.
         self.lost_worker_interval = settings.worker_heartbeat / 2
         self._stop_event = threading.Event()
+        # Business key entries of expired records, once a minute (celery_saga.search).
+        self._collect = Collector()
 
     def run(self) -> None:
         # Each distinct problem is logged once, not every interval.
@@ -183,6 +186,7 @@ class SweeperThread(threading.Thread):
                 report = sweep(self.app, lost_workers=look)
                 if look:
                     looked_for_lost = started
+                self._collect(store_for(self.app))
                 if failing:
                     logger.warning("celery_saga sweeper: sweeping again")
                 failing = ""

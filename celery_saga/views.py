@@ -235,6 +235,9 @@ def state_json(
         "timeout": state.timeout,
         "deadline": iso(state.deadline),
         "steps": [_step_json(s, shown) for s in state.steps],
+        "search_keys": shown(dict(state.search_keys)),
+        "rerun_of": state.rerun_of,
+        "reruns": list(state.reruns),
     }
     if state.parent_id:
         doc["parent"] = {"id": state.parent_id, "step": state.parent_step}
@@ -411,6 +414,13 @@ def saga_text(
         f"saga {state.saga_id} ({state.name}): {state.status.value} since {iso(state.status_at)}",
         f"created {iso(state.created_at)}",
     ]
+    if state.search_keys:
+        keys = codec.masked(dict(state.search_keys), state.redact)
+        lines.append("business keys: " + ", ".join(f"{k}={v}" for k, v in keys.items()))
+    if state.rerun_of:
+        lines.append(f"a re-run of {state.rerun_of}")
+    if state.reruns:
+        lines.append(f"re-run as {', '.join(state.reruns)}")
     if state.parent_id:
         lines.append(f"child saga of {state.parent_id} (its step {state.parent_step})")
     for s in state.steps:

@@ -127,7 +127,7 @@ def create(redis_url: str, prefix: str, queue: str) -> SimpleNamespace:
     def notify(saga_id: str, tag: str = "") -> None:
         client.rpush(f"{prefix}:callbacks", json.dumps([tag, saga_id]))
 
-    order = Saga("cli_order", [reserve, charge, ship])
+    order = Saga("cli_order", [reserve, charge, ship], search_keys=("token", "order_id"))
     refund = Saga("cli_refund", [reserve, ship])
     hasty = Saga("cli_hasty", [step(reserve, timeout=HASTY_TIMEOUT), charge, ship])
     # Waits for an outside event first: with no worker, it still takes one.

@@ -23,7 +23,7 @@ import pytest
 import redis
 from celery import Celery
 
-from celery_saga import SagaCompensated, SagaStatus, SagaStoreMisconfigured
+from celery_saga import Saga, SagaCompensated, SagaStatus, SagaStoreMisconfigured, list_sagas
 from celery_saga.redis_server import PRIVATE_SERVER_KEY, RedisServer
 from celery_saga.store.keys import Keys
 from celery_saga.store.redis import RedisSagaStore
@@ -166,6 +166,11 @@ def test_the_documented_acl_runs_sagas_get_and_the_cli_and_redis_refuses_nothing
             compensated.get(timeout=patience(20))
         fanned = s.mixed.delay(order_id=3)
         assert fanned.get(timeout=patience(20))["tracking"] == "t-3"
+        # ... and one found by its business key, whose expired entries a collection looks for
+        keyed = Saga("order_keyed", [s.reserve], search_keys=("order_id",)).delay(order_id=9)
+        assert keyed.get(timeout=patience(20))["reservation"]
+        assert [x.saga_id for x in list_sagas(app, where={"order_id": 9})] == [keyed.id]
+        assert store_for(app).collect_search() == 0
 
         # ... and get() calls that must wait, started while their saga is held in a step. Twice in one
         # thread: the second reuses the thread's subscriber connection, whose channel the first left.

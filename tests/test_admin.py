@@ -136,6 +136,9 @@ def test_saga_state_and_its_json(world) -> None:
         "timeout",
         "deadline",
         "steps",
+        "search_keys",
+        "rerun_of",
+        "reruns",
     ]
     assert (doc["id"], doc["status"], doc["failed_step"]) == (world.ids["FAILED"], "FAILED", "cli.charge")
     reserve, charge, ship = doc["steps"]

@@ -22,11 +22,13 @@ from celery_saga import (
     cancel_saga,
     list_sagas,
     purge_saga,
+    rerun_saga,
     retry_saga,
     saga_state,
     saga_stats,
     step,
 )
+from celery_saga.stores import store_for
 from tests import shop as shop_module
 from tests import timed_shop
 from tests.cli_app import cli_env
@@ -129,3 +131,31 @@ def test_the_cli_reads_a_cluster_store(redis_url: str, cluster: Cluster, ns: str
         for key in shop.client.scan_iter(match=f"{prefix}:*"):
             shop.client.unlink(key)
         shop.client.close()
+
+
+def test_business_keys_and_reruns_on_a_cluster(
+    on_cluster: Celery, cluster: Cluster, r: redis.Redis, prefix: str, worker: Any
+) -> None:
+    s = shop_module.build(on_cluster, r, prefix)
+    keyed = Saga("keyed_order", [s.reserve, s.charge], search_keys=("order_id",))
+    with worker():
+        # Business keys are indexed in the start's index call, in the shard's slot
+        ok = keyed.delay(order_id=7)
+        undone = keyed.delay(order_id=7, fail={"charge": "declined"})
+        assert (finished(ok), finished(undone)) == (SagaStatus.COMPLETED, SagaStatus.COMPENSATED)
+        assert {x.saga_id for x in list_sagas(on_cluster, where={"order_id": 7})} == {ok.id, undone.id}
+        # A re-run links both records, though they are in different slots
+        again = rerun_saga(on_cluster, undone.id)
+        assert finished(again) is SagaStatus.COMPENSATED
+        assert saga_state(on_cluster, undone.id).reruns == (again.id,)
+        assert saga_state(on_cluster, again.id).rerun_of == undone.id
+    # Purge takes the entries with it (a separate call on a cluster)
+    purge_saga(on_cluster, ok.id)
+    members = [m for c in cluster.clients() for k in c.scan_iter(match=f"{prefix}:*:k:*") for m in c.zrange(k, 0, -1)]
+    assert len(members) == 2 and not any(m.endswith(ok.id) for m in members)
+    # And an entry whose record is gone is collected
+    for c in cluster.clients():
+        for key in c.scan_iter(match=f"{prefix}:{{{undone.id}}}"):
+            c.delete(key)
+    assert store_for(on_cluster).collect_search() == 1
+    assert {x.saga_id for x in list_sagas(on_cluster, where={"order_id": 7})} == {again.id}

@@ -553,6 +553,35 @@ CASES = [
     Case(Op.CALLBACK_SENT, completed, (), Outcome.RECORDED, SagaStatus.COMPLETED, lambda s, t: _flag(s, "cbs")),
     Case(Op.RETRY, failed, (), Outcome.ROLLBACK, SagaStatus.COMPENSATING, _due("a")),
     Case(Op.RETRY, completed, (), Outcome.NOT_ALLOWED, SagaStatus.COMPLETED),
+    Case(
+        Op.RERUN,
+        compensated,
+        ("new-id", ""),
+        Outcome.RECORDED,
+        SagaStatus.COMPENSATED,
+        lambda s, t: _reruns(s, ["new-id"]),
+    ),
+    Case(Op.RERUN, failed, ("new-id", ""), Outcome.RECORDED, SagaStatus.FAILED, lambda s, t: _reruns(s, ["new-id"])),
+    Case(
+        Op.RERUN,
+        compensated,
+        ("second", ""),
+        Outcome.EXISTS,
+        SagaStatus.COMPENSATED,
+        lambda s, t: _reruns(s, ["first"]),
+        prepare=lambda saga: saga.apply(Op.RERUN, "first", "", gen="*") and None,
+    ),
+    Case(
+        Op.RERUN,
+        compensated,
+        ("second", "1"),
+        Outcome.RECORDED,
+        SagaStatus.COMPENSATED,
+        lambda s, t: _reruns(s, ["first", "second"]),
+        prepare=lambda saga: saga.apply(Op.RERUN, "first", "", gen="*") and None,
+    ),
+    Case(Op.RERUN, completed, ("new-id", ""), Outcome.NOT_ALLOWED, SagaStatus.COMPLETED),
+    Case(Op.RERUN, running, ("new-id", ""), Outcome.NOT_ALLOWED, SagaStatus.RUNNING),
     Case(Op.PURGE, compensated, (), Outcome.PURGED, SagaStatus.COMPENSATED, lambda s, t: _gone(s)),
     Case(Op.PURGE, running, (), Outcome.NOT_ALLOWED, SagaStatus.RUNNING),
     # signal: an outside event for a wait
@@ -647,6 +676,10 @@ def _flag(saga: Saga, field: str) -> None:
     assert saga.raw().get(field) == "1"
 
 
+def _reruns(saga: Saga, ids: list[str]) -> None:
+    assert json.loads(saga.raw()["rrs"]) == ids
+
+
 def _gone(saga: Saga) -> None:
     assert not saga.store.client.exists(saga.store.keys.record(saga.saga_id))
 
@@ -656,7 +689,7 @@ def test_op(store: RedisSagaStore, case: Case) -> None:
     saga = case.given(store)
     if case.prepare is not None:
         case.prepare(saga)
-    gen = "*" if case.op in (Op.SWEEP, Op.CANCEL, Op.RETRY, Op.PURGE, Op.SIGNAL, Op.UNWIND) else GEN
+    gen = "*" if case.op in (Op.SWEEP, Op.CANCEL, Op.RETRY, Op.RERUN, Op.PURGE, Op.SIGNAL, Op.UNWIND) else GEN
     t = saga.apply(case.op, *case.args, gen=gen)
     assert (t.op, t.outcome, t.status) == (case.op, case.outcome, case.status)
     if case.check is not None:

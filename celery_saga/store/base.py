@@ -22,7 +22,7 @@ from typing import Any
 from .. import codec
 from ..errors import SagaNotFound, SagaRecordCorrupt
 from ..plan import Plan, cached_plan
-from ..state import SagaState, SagaStatus
+from ..state import SagaState, SagaStatus, search_pairs
 from .protocol import EndNotice, Op, Outcome, Transition
 
 __all__ = ["LostWorker", "SagaStore", "StartRequest", "WorkerInstance", "definition_digest"]
@@ -88,6 +88,10 @@ class StartRequest:
     pivot: str = ""
     #: A child saga's parent: (parent saga id, its generation, the step that is this saga).
     parent: tuple[str, str, str] | None = None
+    #: Business keys and their values as text (``Saga(search_keys=...)``), indexed with the start.
+    search: tuple[tuple[str, str], ...] = ()
+    #: The saga this one re-runs (`celery_saga.rerun`), or "".
+    rerun_of: str = ""
 
     def definition(self) -> str:
         """The plan and settings, stored once under ``plan_digest`` rather than in every record."""
@@ -116,6 +120,10 @@ class StartRequest:
         ]
         if self.saga_timeout is not None:
             pairs.append(("sto", f"{self.saga_timeout * 1000:.0f}"))
+        if self.search:
+            pairs.append(("sk", json.dumps(dict(self.search), separators=(",", ":"))))
+        if self.rerun_of:
+            pairs.append(("rof", self.rerun_of))
         if self.parent is not None:
             pairs += [("parent", self.parent[0]), ("pgen", self.parent[1]), ("pstep", self.parent[2])]
         if self.pivot:
@@ -161,6 +169,7 @@ class SagaStore(abc.ABC):
         watch_at: float | None = None,
         define: tuple[str, str] | None = None,
         messages: Sequence[str] = (),
+        search: Sequence[tuple[str, str]] = (),
     ) -> str:
         """Apply one transition atomically and return the script's JSON reply.
 
@@ -171,6 +180,8 @@ class SagaStore(abc.ABC):
         deadline is in the index before the transition that starts it.
         ``define`` is a definition ``(digest, JSON)`` to store first if absent.
         ``messages`` go last, after everything else the call carries.
+        ``search``: a start's business keys, for a store whose transitions do
+        not index them themselves (a cluster) to index in its index call.
         """
 
     @abc.abstractmethod
@@ -355,6 +366,18 @@ class SagaStore(abc.ABC):
         """
 
     @abc.abstractmethod
+    def search(self, key: str, value: str) -> set[str]:
+        """Ids of the sagas indexed with business key ``key`` = ``value``; some records may have expired."""
+
+    @abc.abstractmethod
+    def _unindex_search(self, saga_id: str, pairs: Sequence[tuple[str, str]]) -> None:
+        """Remove ``saga_id``'s business key entries (key, value)."""
+
+    @abc.abstractmethod
+    def collect_search(self, page: int = 500) -> int:
+        """Remove the business key entries whose record is gone (expired); returns how many."""
+
+    @abc.abstractmethod
     def counts(self) -> dict[str, dict[str, int]]:
         """Index sizes: ``{saga_name: {status: count}}``, finished sagas within retention only."""
 
@@ -399,6 +422,7 @@ class SagaStore(abc.ABC):
             watch_at=req.watch_at,
             define=(req.plan_digest, req.definition()),
             messages=messages,
+            search=req.search,
         )
         t = Transition.from_reply(Op.START, req.saga_id, reply, req.name, req.gen)
         if self.indexes_in_transition:
@@ -494,9 +518,13 @@ class SagaStore(abc.ABC):
 
     def purge(self, saga_id: str) -> Transition:
         """Remove a finished saga and its index entries (``purged``, or ``not_allowed``)."""
+        # A cluster removes the business key entries after the record: read them first.
+        keys = "" if self.indexes_in_transition else (self._load(saga_id) or {}).get("sk", "")
         t = self.apply(Op.PURGE, saga_id, "*", "", tx="", reindex=False)
         if t.outcome is Outcome.PURGED and t.status is not None and not self.indexes_in_transition:
             self._unindex(saga_id, t.name, t.status.value)
+            if keys:
+                self._unindex_search(saga_id, search_pairs(keys))
         return t
 
     def retry(self, saga_id: str) -> Transition:
@@ -504,6 +532,14 @@ class SagaStore(abc.ABC):
         # Their new attempt deadlines need the saga back in the deadline
         # index; a sweeper looking now rescores it to the right time.
         return self.apply(Op.RETRY, saga_id, "*", "", watch_at=time.time())
+
+    def link_rerun(self, saga_id: str, rerun_id: str, again: bool = False) -> Transition:
+        """Record ``rerun_id`` as a re-run of saga ``saga_id`` (``recorded``).
+
+        ``exists`` if it was re-run already (unless ``again``); ``not_allowed``
+        unless it is COMPENSATED or FAILED.
+        """
+        return self.apply(Op.RERUN, saga_id, "*", "", rerun_id, "1" if again else "", tx="", reindex=False)
 
     def sweep(self, saga_id: str) -> Transition:
         """Act on the saga's due deadlines: ``swept``, or ``missing`` / ``corrupt``."""

@@ -20,6 +20,16 @@ another. A shard holds:
   it for PENDING and RUNNING), and readers skip and remove entries whose
   record is gone or has another status.
 - ``names``: the saga names indexed in the shard.
+- ``k:<key>:<b>``: the business keys (``Saga(search_keys=...)``) of the
+  shard's sagas: sorted sets whose members are ``<value>``, a NUL, ``<saga_id>``,
+  all scored 0, so that the sagas of one value are one ``ZRANGEBYLEX``.
+  A key's entries spread over `SEARCH_BUCKETS` sets by `search_bucket` of
+  the value, so that each set stays small enough for Redis's compact
+  listpack encoding (about 60 B an entry, against 150 in a skiplist). The
+  start writes them (on one server in its own call; on a cluster in the
+  index call it makes anyway), purge removes them, and sweepers remove the
+  entries whose record expired (`celery_saga.search`).
+- ``keys``: the business key names indexed in the shard.
 - ``metrics``: a hash of counters the transitions keep, for ``/metrics`` (on
   one server or a Sentinel primary; a cluster keeps none), by saga name
   (which cannot hold ":"): ``started:<name>``;
@@ -105,6 +115,8 @@ cb0:<step>         attempts before the last operator retry (retry budget base)
 rr                 operator retries so far
 comp:<step>        compensation task name; cof:<step> "1" = compensate on failure
                    (none for a step after the pivot: it is never compensated)
+sk                 business keys and their values as text (JSON object), kept unpacked
+rof, rrs           the saga this one re-runs (its id); the ids of its re-runs (JSON list)
 pv, past           the pivot step (a saga with one); "1" once it has completed
 fbo, fmaxr         forward backoff "<base>,<max>" (s); forward max retries ("": none)
 rj:<wait>          the event that rejects a wait ("wait:<event>", a step with no task)
@@ -121,16 +133,25 @@ zn, z1 .. z<zn>    a finished record, packed (store/compact.py)
 
 from __future__ import annotations
 
+import hashlib
 import zlib
 from dataclasses import dataclass
 
-__all__ = ["DEFAULT_SHARDS", "DURATION_BUCKETS", "Keys"]
+__all__ = ["DEFAULT_SHARDS", "DURATION_BUCKETS", "SEARCH_BUCKETS", "Keys", "search_bucket"]
 
 #: Upper bounds, seconds, of the buckets of the saga duration counters
 #: (``dur:...`` in ``metrics``), then +Inf; transitions.lua has the same list.
 DURATION_BUCKETS = (0.1, 0.5, 1, 5, 10, 30, 60, 300, 1800, 3600, 21600, 86400)
 
 DEFAULT_SHARDS = 16
+
+#: Sets per index shard that one business key's entries spread over; transitions.lua has the same number.
+SEARCH_BUCKETS = 4
+
+
+def search_bucket(value: str) -> int:
+    """Which of a shard's `SEARCH_BUCKETS` sets holds a business key's ``value`` (transitions.lua: bucket)."""
+    return int(hashlib.sha1(value.encode()).hexdigest()[:2], 16) % SEARCH_BUCKETS
 
 
 @dataclass(frozen=True)
@@ -200,3 +221,11 @@ class Keys:
     def due(self, shard: int) -> str:
         """The shard of the deadline index: saga ids by when a sweeper should look (ms)."""
         return f"{self._shard(shard)}:due"
+
+    def search_index(self, shard: int, key: str, bucket: int) -> str:
+        """Sorted set of ``<value>``, NUL, ``<saga_id>`` of business key ``key``, for the values of ``bucket``."""
+        return f"{self._shard(shard)}:k:{key}:{bucket}"
+
+    def search_keys(self, shard: int) -> str:
+        """Set of the business key names indexed in the shard."""
+        return f"{self._shard(shard)}:keys"

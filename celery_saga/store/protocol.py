@@ -41,6 +41,7 @@ class Op(str, Enum):
     UNWIND = "unwind"
     CALLBACK_SENT = "callback_sent"
     RETRY = "retry"
+    RERUN = "rerun"
     PURGE = "purge"
 
     def __str__(self) -> str:

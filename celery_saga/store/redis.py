@@ -44,7 +44,7 @@ from ..state import SagaStatus
 from .base import LostWorker, SagaStore, WorkerInstance
 from .compact import unpack
 from .connect import Target, connect, mask_url, parse
-from .keys import DEFAULT_SHARDS, Keys
+from .keys import DEFAULT_SHARDS, SEARCH_BUCKETS, Keys, search_bucket
 from .protocol import EndNotice, Op
 
 __all__ = ["RedisSagaStore", "mask_url"]
@@ -72,7 +72,31 @@ if ARGV[4] == '1' then
 end
 if ARGV[6] ~= '' then redis.call('ZADD', KEYS[4], 'LT', ARGV[6], ARGV[1]) end
 if ARGV[7] == '1' then redis.call('ZREM', KEYS[4], ARGV[1]) end
+for i = 6, #KEYS do
+  local member, key = ARGV[8 + 2 * (i - 6) + 1], ARGV[8 + 2 * (i - 6) + 2]
+  if ARGV[8] == '+' then
+    redis.call('ZADD', KEYS[i], 0, member)
+    redis.call('SADD', KEYS[5], key)
+  else
+    redis.call('ZREM', KEYS[i], member)
+  end
+end
 return 1
+"""
+
+# Removes business key entries (KEYS[1]: one index set; ARGV[2..]: its
+# members "<value>\0<saga id>") whose record a reader found gone, looking
+# again first, atomically (one server only): a saga started anew under its id
+# since keeps its entry. ARGV[1]: the key prefix. Reply: how many went.
+_COLLECT_LUA = """
+local n = 0
+for i = 2, #ARGV do
+  local at = string.find(ARGV[i], '\0', 1, true)
+  if at and redis.call('EXISTS', ARGV[1] .. ':{' .. string.sub(ARGV[i], at + 1) .. '}') == 0 then
+    n = n + redis.call('ZREM', KEYS[1], ARGV[i])
+  end
+end
+return n
 """
 
 # Sweepers lease due entries of deadline shards (KEYS: every shard on one
@@ -309,6 +333,7 @@ class RedisSagaStore(SagaStore):
         self._functions: bool | None = False if self.cluster else None
         self._shard_script: Script = self.client.register_script(_SHARD_LUA)
         self._claim_script: Script = self.client.register_script(_CLAIM_LUA)
+        self._collect_script: Script = self.client.register_script(_COLLECT_LUA)
         self._rescore_script: Script = self.client.register_script(_RESCORE_LUA)
         self._lost_script: Script = self.client.register_script(_LOST_LUA)
         self._define_script: Script = self.client.register_script(_DEFINE_LUA)
@@ -345,7 +370,7 @@ class RedisSagaStore(SagaStore):
         """The error, naming the command a script could not run: Redis names only the script's line."""
         found = _SCRIPT_LINE.search(str(exc))
         scripts = [self._script, self._shard_script, self._claim_script, self._rescore_script, self._lost_script]
-        scripts += [self._define_script, self._alive_script, self._claim_workers_script]
+        scripts += [self._define_script, self._alive_script, self._claim_workers_script, self._collect_script]
         sources = {s.sha: str(s.script) for s in scripts}
         sources[self._function] = self._library
         name = None if found is None else found["sha"] or found["function"]
@@ -368,8 +393,12 @@ class RedisSagaStore(SagaStore):
         retention: float = 0.0,
         watch_at: float | None = None,
         unwatch: bool = False,
+        search: tuple[bool, Sequence[tuple[str, str]]] = (True, ()),
     ) -> ShardCall:
-        """KEYS and ARGV of `_SHARD_LUA` for one saga: a status move ``(old, new)``, a deadline entry, or both."""
+        """KEYS and ARGV of `_SHARD_LUA` for one saga: a status move ``(old, new)``, a deadline entry, or both.
+
+        ``search``: business key entries to add (True) or remove, as (key, value) pairs.
+        """
         k, shard = self.keys, self.keys.shard_of(saga_id)
         now_ms = time.time() * 1000
         old, new = move if move is not None else ("", "")
@@ -378,6 +407,12 @@ class RedisSagaStore(SagaStore):
         keys = [k.name_index(shard, name, old), k.name_index(shard, name, new), k.names(shard), k.due(shard)]
         watch = "" if watch_at is None else f"{watch_at * 1000:.0f}"
         args = [saga_id, f"{now_ms:.0f}", name, "1" if move else "", trim, watch, "1" if unwatch else ""]
+        add, pairs = search
+        args.append("+" if add else "-")
+        keys.append(k.search_keys(shard))
+        for key, value in pairs:
+            keys.append(k.search_index(shard, key, search_bucket(value)))
+            args += [f"{value}\x00{saga_id}", key]
         return keys, args
 
     def _run(
@@ -391,6 +426,7 @@ class RedisSagaStore(SagaStore):
         watch_at: float | None = None,
         define: tuple[str, str] | None = None,
         messages: Sequence[str] = (),
+        search: Sequence[tuple[str, str]] = (),
     ) -> str:
         keys = [self.keys.record(saga_id)]
         if self.indexes_in_transition:
@@ -414,7 +450,9 @@ class RedisSagaStore(SagaStore):
         if index_first is not None or watch_at is not None:
             name, old, new = index_first if index_first is not None else ("", "", "")
             move = (old, new) if index_first is not None else None
-            calls.append((self._shard_script, *self._shard_call(saga_id, name, move, watch_at=watch_at)))
+            # A cluster's start indexes its business keys in this call too: no round trip more.
+            shard_call = self._shard_call(saga_id, name, move, watch_at=watch_at, search=(True, search))
+            calls.append((self._shard_script, *shard_call))
         calls.append(transition)
         reply = str(self._call(lambda: self._execute(calls, wait=True)))
         if define is not None:
@@ -731,6 +769,65 @@ class RedisSagaStore(SagaStore):
 
         if names:
             self._call(run)
+
+    def search(self, key: str, value: str) -> set[str]:
+        k, bucket = self.keys, search_bucket(value)
+        # Members are "<value>\x00<saga id>": every id of the value sorts between these two.
+        low, high = f"[{value}\x00", f"({value}\x01"
+
+        def run() -> list[Any]:
+            pipe = self.client.pipeline(transaction=False)
+            for shard in range(k.shards):
+                pipe.zrangebylex(k.search_index(shard, key, bucket), low, high)
+            return list(pipe.execute())
+
+        return {str(m)[len(value) + 1 :] for found in self._call(run) for m in found}
+
+    def _unindex_search(self, saga_id: str, pairs: Sequence[tuple[str, str]]) -> None:
+        keys, args = self._shard_call(saga_id, search=(False, pairs))
+        self._call(lambda: self._execute([(self._shard_script, keys, args)]))
+
+    def collect_search(self, page: int = 500) -> int:
+        k, removed = self.keys, 0
+        names = self._call(lambda: self._each_shard(lambda pipe, shard: pipe.smembers(k.search_keys(shard))))
+        for shard, shard_keys in enumerate(names):
+            for key in sorted(shard_keys):
+                for bucket in range(SEARCH_BUCKETS):
+                    removed += self._collect(k.search_index(shard, str(key), bucket), page)
+        return removed
+
+    def _collect(self, index: str, page: int) -> int:
+        """Remove one index set's entries whose record is gone, a page at a time (a lexical cursor)."""
+        removed, low = 0, "-"
+        while True:
+            members = [str(m) for m in self._call(functools.partial(self.client.zrangebylex, index, low, "+", 0, page))]
+            if not members:
+                return removed
+            records = [self.keys.record(m.split("\x00", 1)[-1]) for m in members]
+            alive = self._call(functools.partial(self._pipe_each, "exists", records))
+            dead = [m for m, n in zip(members, alive, strict=True) if not n]
+            if dead and self.cluster:
+                # The records are in other slots: no script can look again (a
+                # saga started anew under its id in between loses its entry).
+                removed += int(self._call(functools.partial(self.client.zrem, index, *dead)))
+            elif dead:
+                look_again = functools.partial(self._collect_script, keys=[index], args=[self.keys.prefix, *dead])
+                removed += int(self._call(look_again))
+            if len(members) < page:
+                return removed
+            low = f"({members[-1]}"
+
+    def _each_shard(self, command: Callable[[Any, int], Any]) -> list[Any]:
+        pipe = self.client.pipeline(transaction=False)
+        for shard in range(self.keys.shards):
+            command(pipe, shard)
+        return list(pipe.execute())
+
+    def _pipe_each(self, command: str, keys: Sequence[str]) -> list[Any]:
+        pipe = self.client.pipeline(transaction=False)
+        for key in keys:
+            getattr(pipe, command)(key)
+        return list(pipe.execute())
 
     def list_ids(
         self, status: SagaStatus, name: str | None = None, limit: int = 100, since: float | None = None

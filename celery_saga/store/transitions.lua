@@ -74,6 +74,8 @@ OPS, in lifecycle order
   callback_sent  whoever sent on_complete/on_failure   a finished saga              recorded
   retry          retry_saga (operator)            FAILED, a compensation or a step  rollback | resend | not_allowed
                                                   past the pivot gave up
+  rerun          rerun_saga (operator), on the    COMPENSATED, FAILED               recorded | exists | not_allowed
+                 saga it re-runs: links the new id
   purge          purge_saga (operator)            COMPLETED, COMPENSATED, FAILED    purged | not_allowed
   resend: a step past the pivot (or the pivot, its outcome lost) is sent
   again (its due entry has forward = true), or gave up (the saga is FAILED,
@@ -179,7 +181,7 @@ end
 -- few bytes where a hash field costs tens. Ops that act on a finished saga
 -- (late outcomes, sweeps, duplicates, operators) expand it first and pack it
 -- again after; celery_saga.store.compact unpacks it for readers.
-local TOP = {status = true, status_at = true, name = true, gen = true, v = true, cbs = true}
+local TOP = {status = true, status_at = true, name = true, gen = true, v = true, cbs = true, sk = true, rrs = true}
 local CHUNK = 60
 
 local function expand()
@@ -1077,6 +1079,29 @@ function step_completed(m, result, changed)
   return remember(respond('late', changed))
 end
 
+-- Business keys (store/keys.py, "k:<key>:<b>"): the start indexes the
+-- record's "sk" values, purge removes them, sweepers remove those of
+-- expired records. The bucket is store/keys.py search_bucket, on one sha1.
+local SEARCH_BUCKETS = 4
+local function index_search(add)
+  local sk = hget('sk')
+  if not SHARD or not sk or sk == '' then return end
+  local ok, keys = pcall(cjson.decode, sk)
+  if not ok or type(keys) ~= 'table' then return end
+  for key, value in pairs(keys) do
+    if type(key) == 'string' and type(value) == 'string' then
+      local b = tonumber(string.sub(redis.sha1hex(value), 1, 2), 16) % SEARCH_BUCKETS
+      local index, member = SHARD .. ':k:' .. key .. ':' .. b, value .. '\0' .. SAGA_ID
+      if add then
+        redis.call('ZADD', index, 0, member)
+        redis.call('SADD', SHARD .. ':keys', key)
+      else
+        redis.call('ZREM', index, member)
+      end
+    end
+  end
+end
+
 -- -- the ops, in lifecycle order ----------------------------------------------
 
 local OPS = {}
@@ -1097,6 +1122,7 @@ OPS.start = function()
   if status then
     if hget('startfail') == '1' then
       -- A start whose publish failed released its key: start afresh.
+      index_search(false)
       redis.call('DEL', K)
     elseif HEAD[2] == gen then
       -- This very start, sent again after its reply was lost: the caller
@@ -1110,6 +1136,7 @@ OPS.start = function()
   end
   for i = 1, #pairs_, 200 do redis.call('HSET', K, unpack(pairs_, i, math.min(i + 199, #pairs_))) end
   redis.call('HSET', K, 'v', '1', 'gen', gen, 'created', NOW, 'stage', '0', 'copen', '0', 'gaveup', '0')
+  index_search(true)
   if f['!watch'] then
     redis.call('ZADD', SHARD .. ':due', 'lt', f['!watch'], SAGA_ID)
   end
@@ -1512,10 +1539,25 @@ OPS.retry = function()
 end
 
 -- Operators may remove any finished saga, even one whose record is damaged.
+-- An operator re-runs a saga that ended without completing (celery_saga.rerun).
+-- ARGV: 4 the new saga's id, 5 "1" to re-run a saga re-run already. The link
+-- is written before the new saga starts, so that two re-runs at once (a bulk
+-- run and its repeat) start one saga, not two.
+OPS.rerun = function()
+  if status ~= 'COMPENSATED' and status ~= 'FAILED' then return respond('not_allowed') end
+  local ok, ids = pcall(cjson.decode, hget('rrs') or '[]')
+  if not ok or type(ids) ~= 'table' then ids = {} end
+  if #ids > 0 and AV[5] ~= '1' then return respond('exists') end
+  ids[#ids + 1] = AV[4]
+  redis.call('HSET', K, 'rrs', cjson.encode(ids))
+  return respond('recorded')
+end
+
 OPS.purge = function()
   if not finished(status) then return respond('not_allowed') end
   local name = hget('name') or ''
   purged_name = name
+  index_search(false)
   redis.call('DEL', K)
   return respond('purged', nil, {status = status, name = name})
 end
@@ -1597,7 +1639,7 @@ local function run(handler)
   if op == 'start' then return handler() end
   if not status then return respond('missing') end
   if op ~= 'purge' then
-    -- (A compact record, HEAD[6], has its stages packed: only callback_sent sees one.)
+    -- (A compact record, HEAD[6], has its stages packed: only callback_sent and rerun see one.)
     if not KNOWN[status] or HEAD[3] ~= '1' or not (HEAD[4] or HEAD[6]) or (not HEAD[5] and status == 'COMPENSATING') then
       return respond('corrupt')
     end
@@ -1626,7 +1668,7 @@ local function transition(keys, args)
   local handler = OPS[op]
   if not handler then return redis.error_reply('celery_saga: unknown op ' .. tostring(op)) end
   HEAD = redis.call('HMGET', K, unpack(HEAD_FIELDS))
-  if HEAD[6] and op ~= 'callback_sent' and op ~= 'purge' then
+  if HEAD[6] and op ~= 'callback_sent' and op ~= 'purge' and op ~= 'rerun' then
     expand()
     HEAD = redis.call('HMGET', K, unpack(HEAD_FIELDS))
   end
