@@ -25,15 +25,15 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from importlib import resources
 from typing import Any
 
 from celery_saga import SagaStatus
 from celery_saga.plan import Plan, StepSpec
 from celery_saga.store import Op, Outcome, RedisSagaStore, StartRequest, Transition
 from celery_saga.store.compact import unpack
+from celery_saga.store.redis import transitions_source
 
-LUA = resources.files("celery_saga.store").joinpath("transitions.lua").read_text()
+LUA = transitions_source()
 NAME = "fz"
 FINISHED = {"COMPLETED", "COMPENSATED", "FAILED"}
 STATUSES = [s.value for s in SagaStatus]

@@ -18,6 +18,7 @@ from celery_saga import (
     StepStatus,
 )
 from celery_saga.redis_server import free_port
+from celery_saga.store.redis import transitions_source
 from celery_saga.stores import store_for
 from tests import shop
 from tests.conftest import configure
@@ -210,7 +211,6 @@ def test_status_indexes_follow_the_saga_without_a_scan(app: Celery, r, prefix, w
 
 
 def test_scripts_forgotten_by_redis_are_loaded_again(app: Celery, r, prefix, worker) -> None:
-    from importlib import resources
 
     from celery_saga.redis_server import RedisServer
 
@@ -223,7 +223,7 @@ def test_scripts_forgotten_by_redis_are_loaded_again(app: Celery, r, prefix, wor
             # Given Redis forgot its scripts (a restart), then learnt only the
             # transitions again, so a pipelined start finds one of two missing
             private.script_flush()
-            private.script_load(resources.files("celery_saga.store").joinpath("transitions.lua").read_text())
+            private.script_load(transitions_source())
             # Then starts and steps still work, and nothing runs twice
             res = s.sequential.delay(order_id=2)
             assert res.get(timeout=patience(20))["tracking"] == "t-2"

@@ -16,7 +16,6 @@ import re
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from importlib import resources
 from typing import Any
 
 import pytest
@@ -25,6 +24,7 @@ from celery_saga import CompensationStatus, SagaStatus, StepStatus
 from celery_saga.plan import Plan, StepSpec
 from celery_saga.store import Op, Outcome, RedisSagaStore, StartRequest, Transition
 from celery_saga.store.base import definition_digest
+from celery_saga.store.redis import transitions_source
 
 PLAN = Plan(
     (
@@ -797,7 +797,7 @@ def test_a_replayed_transition_id_gets_the_first_reply_and_changes_nothing(
 # -- the script speaks the enums' language --------------------------------------------
 
 
-LUA = resources.files("celery_saga.store").joinpath("transitions.lua").read_text()
+LUA = transitions_source()
 
 
 def test_every_state_in_the_script_is_a_status_of_state_py() -> None:

@@ -99,6 +99,17 @@ end
 return n
 """
 
+#: The transitions, by lifecycle, concatenated in this order into one script
+#: (a function library on Redis 7): the op table and the saga lifecycle, then
+#: the locks, then the dispatch of a call to its op.
+TRANSITION_FILES = ("transitions.lua", "locks.lua", "dispatch.lua")
+
+
+def transitions_source() -> str:
+    """The source of the transitions script: `TRANSITION_FILES`, concatenated."""
+    return "".join(resources.files(__package__).joinpath(name).read_text() for name in TRANSITION_FILES)
+
+
 # Sweepers lease due entries of deadline shards (KEYS: every shard on one
 # server, in one call; one shard per call on a cluster, where they are in
 # other slots): the claim moves each entry `lease` ms ahead (store clock)
@@ -321,7 +332,7 @@ class RedisSagaStore(SagaStore):
         self.wait_replicas = wait_replicas
         self.wait_timeout_ms = max(1, round(wait_timeout * 1000))
         self.client: Any = client or connect(self.target)
-        source = resources.files(__package__).joinpath("transitions.lua").read_text()
+        source = transitions_source()
         self._script: Script = self.client.register_script(source)
         # On Redis 7+ the transitions run as a function library, loaded once:
         # run by EVALSHA, the 1,000-line script defines all its functions again
