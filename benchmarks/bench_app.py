@@ -158,6 +158,8 @@ bench_saga_nodl = Saga(
 )
 
 bench_real = Saga("bench_real", [reserve, charge, ship])
+# The same with a lock on every saga, each its own ("n" is unique per start): the cost of a lock, no contention.
+bench_locked = Saga("bench_locked", [reserve, charge, ship], lock="order:{n}")
 bench_data = Saga("bench_data", [d1, d2, d3])
 # 20 steps, each adding a 70-odd-byte key: memory must grow with the steps, not their square.
 bench_wide = Saga("bench_wide", [step(add_key.s(k=k), name=f"add{k:02d}", compensate=undo_any) for k in range(20)])

@@ -37,8 +37,12 @@ script starts (the broker stays the plain Redis: kombu has no cluster
 transport); ``--wait-replicas 1`` puts it on a primary with a replica, and
 every transition WAITs for the replica.
 
+``--lock`` adds a fourth workload, ``locked``: the real one with
+``lock="order:{n}"`` on every saga, a lock of its own each (no contention),
+and prints its ratio against the real one's, measured side by side.
+
 Usage: ``python benchmarks/overhead.py [--n 300] [--rounds 5] [--rtt-ms 1] [--broker amqp://...]
-[--store cluster] [--wait-replicas 1]``
+[--store cluster] [--wait-replicas 1] [--lock]``
 """
 
 from __future__ import annotations
@@ -77,8 +81,8 @@ from tests.deployments import Cluster, replica_online  # noqa: E402 - the test s
 
 STEPS = 3
 WORKLOADS = ("noop", "real", "data")
-#: Throughput targets, saga/chain.
-TARGETS = {"noop": 1.0, "real": 1.1, "data": 1.0}
+#: Throughput targets, saga/chain ("locked": --lock, the real workload with a lock per saga).
+TARGETS = {"noop": 1.0, "real": 1.1, "data": 1.0, "locked": 1.1}
 #: Bytes of Redis memory per finished saga, at most.
 MEMORY_TARGETS = {"noop": 1024, "real": 2048, "wide": 6144}
 #: Each workload as a plain chain and as a saga: "chain:real", "saga:real" ...
@@ -303,13 +307,14 @@ class Runner:
         b = self.bench
         if workload == "noop":
             return [b.step1, b.step2, b.step3], {}
-        if workload == "real":
+        if workload in ("real", "locked"):
             return [b.reserve, b.charge, b.ship], b.ORDER
         return [b.d1, b.d2, b.d3], b.ORDER
 
     def saga(self, workload: str) -> Any:
         b = self.bench
-        return {"noop": b.bench_saga, "real": b.bench_real, "data": b.bench_data, "wide": b.bench_wide}[workload]
+        sagas = {"noop": b.bench_saga, "real": b.bench_real, "data": b.bench_data, "wide": b.bench_wide}
+        return {**sagas, "locked": b.bench_locked}[workload]
 
     def publish_chain(self, workload: str) -> Any:
         tasks, kwargs = self.tasks(workload)
@@ -327,6 +332,11 @@ class Runner:
             return [self.publish_chain(workload) for _ in range(n)]
         saga = self.saga(workload)
         _, kwargs = self.tasks(workload) if workload != "wide" else (None, {})
+        if workload == "locked":
+            # A lock of its own per saga: uncontended (the steps take no "n"; a saga passes a step only its own kwargs).
+            first = self.seq
+            self.seq += n
+            return [saga.delay(**kwargs, n=f"{self.ns}-{first + i}") for i in range(n)]
         return [saga.delay(**kwargs) for _ in range(n)]
 
     def wait(self, kind: str, results: list[Any], timeout: float) -> None:
@@ -547,11 +557,20 @@ def main(argv: list[str] | None = None) -> int:
         help="round-trip time a delay proxy adds to every Redis connection (default 0: none)",
     )
     parser.add_argument(
+        "--lock",
+        action="store_true",
+        help="also run the real workload with lock= on every saga (one lock each, no contention), side by side",
+    )
+    parser.add_argument(
         "--broker",
         default=None,
         help="the broker, if not the Redis (amqp://guest:guest@127.0.0.1:5672// for RabbitMQ)",
     )
     args = parser.parse_args(argv)
+    if args.lock:
+        global WORKLOADS, KINDS
+        WORKLOADS = (*WORKLOADS, "locked")
+        KINDS = tuple(f"{how}:{w}" for w in WORKLOADS for how in ("chain", "saga"))
     if (args.rtt_ms or args.broker) and (args.store != "redis" or args.wait_replicas):
         parser.error("--rtt-ms and --broker take the default store only")
     with saga_store(args.store, args.wait_replicas) as store_url:
@@ -787,6 +806,13 @@ def report_ratio(batches: list[Batch], latencies: dict[str, tuple[float, float]]
         print(
             f"  {w:5}: saga {total('saga:' + w):6.1f}/s   chain {total('chain:' + w):6.1f}/s   "
             f"ratio {median:.2f}  (>= {TARGETS[w]}: {verdict})"
+        )
+    if "locked" in WORKLOADS:
+        real, locked = statistics.median(round_ratios("real")), statistics.median(round_ratios("locked"))
+        change = locked / real - 1
+        print(
+            f"  a lock on every saga: ratio {locked:.3f} against {real:.3f} without, {change:+.1%} "
+            f"(within 5%: {'met' if change >= -0.05 else 'NOT met'})"
         )
     (c50, c95), (s50, s95) = latencies["chain:real"], latencies["saga:real"]
     print(

@@ -18,6 +18,7 @@ from .errors import (
     SagaDefinitionError,
     SagaError,
     SagaFailed,
+    SagaLocked,
     SagaNotFound,
     SagaRecordCorrupt,
     SagaStateError,
@@ -25,6 +26,7 @@ from .errors import (
     SagaStoreUnavailable,
     StepResultNotSerializable,
 )
+from .locks import list_locks, unlock_saga
 from .rerun import rerun_saga
 from .result import SagaResult
 from .saga import Saga, parallel
@@ -73,6 +75,8 @@ __all__ = [
     "purge_saga",
     "cancel_saga",
     "signal_saga",
+    "list_locks",
+    "unlock_saga",
     "bulk",
     "BulkReport",
     "sweep",
@@ -94,6 +98,7 @@ __all__ = [
     "SagaCompensated",
     "SagaFailed",
     "IdempotencyConflict",
+    "SagaLocked",
     "SagaStoreUnavailable",
     "SagaStoreMisconfigured",
     "SagaNotFound",

@@ -15,6 +15,9 @@ Commands::
                             [--dry-run] [--yes]
                                      the same for every saga the filters match (celery_saga.bulk_actions):
                                      a count and the first ids first, then a confirmation
+    celery -A proj saga locks [LOCK] [--json]
+                                     the locks and running limits held or waited for: holders, waiters
+    celery -A proj saga unlock ID    give back the locks of a FAILED saga (its entity repaired by hand)
     celery -A proj saga signal ID EVENT [--data JSON]
                                      deliver an outside event to the saga's wait_for(EVENT)
     celery -A proj saga purge ID     remove a finished saga (COMPLETED, COMPENSATED or FAILED)
@@ -87,7 +90,7 @@ from celery.bin.base import CeleryCommand, CeleryOption
 from celery.exceptions import CeleryCommandException
 from kombu.exceptions import OperationalError
 
-from . import admin, bulk_actions, search, views
+from . import admin, bulk_actions, locks, search, views
 from . import rerun as reruns
 from .admin import parse_since
 from .errors import SagaError, SagaStoreMisconfigured, SagaStoreUnavailable
@@ -156,7 +159,7 @@ _JSON = click.option("--json", "as_json", cls=CeleryOption, is_flag=True, help="
 
 @click.group(name="saga")
 def saga() -> None:
-    """Operate on sagas: list, show, stats, retry, rerun, signal, purge, cancel, sweep, check, web."""
+    """Operate on sagas: list, show, stats, retry, rerun, signal, purge, cancel, locks, unlock, sweep, check, web."""
 
 
 @saga.command(name="list", cls=CeleryCommand)
@@ -230,12 +233,13 @@ def show(ctx: click.Context, saga_id: str, as_json: bool) -> None:
     with _errors():
         state = admin.saga_state(_app(ctx), saga_id)
         workers = admin.step_workers(_app(ctx), state)
+        held = locks.lock_status(_app(ctx), state)
     if as_json:
-        _echo_json(views.state_json(state, redact_keys(_app(ctx)), workers))
+        _echo_json(views.state_json(state, redact_keys(_app(ctx)), workers, held))
         return
     with _errors():
         children = admin.child_states(_app(ctx), state)
-    click.echo(views.saga_text(state, children, workers))
+    click.echo(views.saga_text(state, children, workers, held))
 
 
 @saga.command(cls=CeleryCommand)
@@ -401,6 +405,36 @@ def purge(ctx: click.Context, /, saga_id: str | None, **filters: Any) -> None:
     with _errors():
         admin.purge_saga(_app(ctx), saga_id)
     click.echo(f"saga {saga_id} purged")
+
+
+@saga.command(name="locks", cls=CeleryCommand)
+@click.argument("lock", required=False)
+@_JSON
+@click.pass_context
+def locks_(ctx: click.Context, lock: str | None, as_json: bool) -> None:
+    """List the locks and running limits sagas hold or wait for (or one LOCK): holders, then waiters in order."""
+    with _errors():
+        found = locks.list_locks(_app(ctx), lock)
+    if as_json:
+        _echo_json({"locks": [q.to_json() for q in found]})
+        return
+    if not found:
+        click.echo(f"no saga holds or waits for {lock}" if lock else "no saga holds or waits for a lock")
+        return
+    for q in found:
+        click.echo(f"{q.lock}: held by {', '.join(q.holders) or 'nobody'}")
+        for n, waiter in enumerate(q.waiters, 1):
+            click.echo(f"  {n}. {waiter}")
+
+
+@saga.command(cls=CeleryCommand)
+@click.argument("saga_id")
+@click.pass_context
+def unlock(ctx: click.Context, saga_id: str) -> None:
+    """Give back the locks of a FAILED saga whose entity was repaired by hand; the next waiters start."""
+    with _errors():
+        locks.unlock_saga(_app(ctx), saga_id)
+    click.echo(f"saga {saga_id}: its locks were given back; the sagas waiting for them start")
 
 
 @saga.command(cls=CeleryCommand)

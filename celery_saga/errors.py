@@ -8,6 +8,7 @@ Every error derives from one root, so ``except SagaError`` catches them all::
     ├── SagaCompensated          get(): the saga was rolled back
     ├── SagaFailed               get(): compensation gave up
     ├── IdempotencyConflict      same idempotency key, different kwargs
+    ├── SagaLocked               on_locked="reject": another saga holds the lock
     ├── SagaStoreUnavailable     the saga store (Redis) cannot take the call now
     │   └── SagaStoreMisconfigured   it refuses it: a missing ACL permission, a key of the wrong type
     ├── SagaNotFound             no record: never started, expired, or the store was reset
@@ -25,6 +26,7 @@ __all__ = [
     "SagaDefinitionError",
     "SagaError",
     "SagaFailed",
+    "SagaLocked",
     "SagaNotFound",
     "SagaRecordCorrupt",
     "SagaStateError",
@@ -120,6 +122,26 @@ class IdempotencyConflict(SagaError):
         super().__init__(
             f"idempotency key {key!r} of saga {saga_name!r} was already used with different kwargs "
             f"(saga {saga_id}); use a new key, or start with the same kwargs to get the existing saga"
+        )
+
+
+class SagaLocked(SagaError):
+    """A start refused because another saga holds its lock (``on_locked="reject"``). Nothing was written.
+
+    Attributes:
+        saga_name: The saga that was not started.
+        lock: The lock (``order:7``), or ``max_running of <name>`` for a running limit.
+        holder: The id of the saga holding it (or the first waiting for it), "" if unknown.
+    """
+
+    def __init__(self, saga_name: str, lock: str, holder: str) -> None:
+        self.saga_name = saga_name
+        self.lock = lock
+        self.holder = holder
+        by = f"held by saga {holder}" if holder else "held"
+        super().__init__(
+            f"saga {saga_name!r} was not started: {lock} is {by}; on_locked='reject' refuses to wait "
+            f"(on_locked='queue' waits for it)"
         )
 
 

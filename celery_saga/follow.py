@@ -16,7 +16,8 @@ transition's outcome it decides, in this order:
    outcome is already recorded, whatever the record says was dispatched,
    since the first copy may have died before publishing (``redrive``);
 5. ``on_complete`` / ``on_failure`` when the saga ends, marked sent after
-   (and, from a sweeper, for a finished saga nobody marked sent).
+   (and, from a sweeper, for a finished saga nobody marked sent);
+6. the first stage of each saga that waited for its locks and may start now.
 
 Publishing comes after the transition, so it is at-least-once: receivers
 de-duplicate against the record.
@@ -24,6 +25,7 @@ de-duplicate against the record.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,6 +40,8 @@ from .state import SagaState, SagaStatus, StepStatus, data_before
 from .store import Due, Op, Outcome, SagaStore, Transition
 
 __all__ = ["Delivery", "follow", "redrive"]
+
+logger = logging.getLogger("celery_saga")
 
 # Outcomes whose ``due`` compensations (and steps sent again) are published.
 _ROLLBACK = frozenset(
@@ -91,6 +95,22 @@ def follow(app: Celery, store: SagaStore, t: Transition, delivery: Delivery | No
             _call_back(app, store, t.saga_id, t.gen, t.name, which, t.callback, load)
     elif outcome is Outcome.DUPLICATE and t.op in _BEGIN_OPS and t.status is not None:
         redrive(app, store, t.saga_id)
+    if t.redrive:
+        redrive(app, store, t.saga_id)
+    for admitted in t.admitted:
+        _start_admitted(app, store, admitted)
+
+
+def _start_admitted(app: Celery, store: SagaStore, saga_id: str) -> None:
+    """Publish the first stage of a saga that waited for its locks, which this transition let start.
+
+    Its record has the stage dispatched already; should this fail (or the
+    process die first), a sweeper publishes it (store/locks.lua ``adm``).
+    """
+    try:
+        redrive(app, store, saga_id)
+    except Exception:
+        logger.exception("saga %s: its locks are free, but its first stage could not be published yet", saga_id)
 
 
 def _announce_delivery(app: Celery, t: Transition, delivery: Delivery) -> None:
@@ -104,8 +124,10 @@ def _announce_delivery(app: Celery, t: Transition, delivery: Delivery) -> None:
 
 
 def _publish_stage(app: Celery, store: SagaStore, t: Transition) -> None:
-    if t.enqueued:
-        return  # the transition pushed them itself (celery_saga.enqueue)
+    if t.enqueued or t.waiting:
+        # The transition pushed them itself (celery_saga.enqueue), or the saga
+        # waits for its locks: the transition that lets it start dispatches them.
+        return
     assert t.stage is not None and t.data is not None
     plan = store.plan(t.plan_digest)
     stage, secrets = plan.stages[t.stage], plan.redacted_keys

@@ -114,5 +114,36 @@ def metrics_text(app: Celery) -> str:
             "Seconds from a saga's start to its end, by saga name and final status.",
             histogram,
         ),
+        *_lock_families(store.lock_counters()),
     ]
     return "\n".join(lines) + "\n"
+
+
+def _lock_families(counters: dict[str, int]) -> list[str]:
+    """The locks' metrics (store/keys.py ``{locks}:m``): sagas waiting now, how long waits lasted, unlocks."""
+    waiting = [
+        f"celery_saga_waiting{_labels(name=field.partition(':')[2])} {max(value, 0)}"
+        for field, value in sorted(counters.items())
+        if field.startswith("waiting:")
+    ]
+    histogram, running = [], 0
+    for i, le in enumerate([*map(str, DURATION_BUCKETS), "+Inf"], start=1):
+        running += counters.get(f"wait:{i}", 0)
+        histogram.append(f"celery_saga_lock_wait_seconds_bucket{_labels(le=le)} {running}")
+    histogram.append(f"celery_saga_lock_wait_seconds_sum {counters.get('waitsum', 0) / 1000}")
+    histogram.append(f"celery_saga_lock_wait_seconds_count {running}")
+    return [
+        *_family("celery_saga_waiting", "gauge", "Sagas waiting for their locks or running limit, by name.", waiting),
+        *_family(
+            "celery_saga_lock_wait_seconds",
+            "histogram",
+            "Seconds sagas waited for their locks or running limit, until they started or gave up.",
+            histogram,
+        ),
+        *_family(
+            "celery_saga_unlocked_total",
+            "counter",
+            "Locks of FAILED sagas given back by an operator (celery saga unlock).",
+            [f"celery_saga_unlocked_total {counters.get('unlocked', 0)}"],
+        ),
+    ]

@@ -22,9 +22,10 @@ from celery.canvas import Signature
 from . import codec
 from .enable import enable_apps_with_steps
 from .enqueue import enqueuer
-from .errors import IdempotencyConflict, SagaDataError, SagaDefinitionError, SagaStoreUnavailable
+from .errors import IdempotencyConflict, SagaDataError, SagaDefinitionError, SagaLocked, SagaStoreUnavailable
 from .follow import follow
 from .introspect import is_proxy
+from .locks import ON_LOCKED, lock_resources, lock_templates, render_locks, resource_name
 from .messages import StageNotPublished, message_serializer, publish_stage
 from .nested import CHILD_ENDED_TASK
 from .plan import Plan, StepSpec, remember_plan
@@ -69,6 +70,19 @@ class Saga:
             8, such as ``("order_id", "customer_id")``): their values (strings
             or integers) are indexed with the start, for ``list_sagas(where=...)``,
             ``celery saga list --where`` and the web view's search.
+        lock: A semantic lock, or a list of them: format strings over the
+            start kwargs (``"order:{order_id}"``). Sagas of any name that
+            format the same lock never run at once: each holds it from its
+            start until it ends COMPLETED or COMPENSATED (a FAILED one keeps
+            it until retried, purged or ``celery saga unlock``).
+        on_locked: ``"queue"`` (the default): a start whose lock is held is
+            accepted and waits, first come first served; ``"reject"``: it
+            raises `SagaLocked` and writes nothing.
+        lock_timeout: Seconds a start may wait for its locks; then it ends
+            COMPENSATED with reason ``"lock_timeout"``. Default: the saga's
+            timeout (None: no limit).
+        max_running: At most this many sagas of this name hold their start
+            at once (RUNNING or COMPENSATING); the others wait, as for a lock.
     """
 
     def __init__(
@@ -79,6 +93,10 @@ class Saga:
         timeout: float | None = None,
         pivot: Any = None,
         search_keys: Sequence[str] = (),
+        lock: str | Sequence[str] | None = None,
+        on_locked: str = "queue",
+        lock_timeout: Any = MISSING,
+        max_running: int | None = None,
     ) -> None:
         if not isinstance(name, str) or not name or any(c in name for c in " \t\r\n:"):
             raise SagaDefinitionError(f"saga name must be a non-empty string without whitespace or ':', not {name!r}")
@@ -88,6 +106,19 @@ class Saga:
         self.timeout = timeout_seconds(f"saga {name!r}: timeout", timeout)
         #: The start kwargs indexed as business keys.
         self.search_keys: tuple[str, ...] = search_keys_of(name, search_keys)
+        #: Its locks (format strings), what a start does when one is held, and its running limit.
+        self.locks: tuple[str, ...] = lock_templates(name, lock)
+        if on_locked not in ON_LOCKED:
+            raise SagaDefinitionError(f"saga {name!r}: on_locked must be 'queue' or 'reject', not {on_locked!r}")
+        self.on_locked = on_locked
+        self.lock_timeout = (
+            lock_timeout if lock_timeout is MISSING else timeout_seconds(f"saga {name!r}: lock_timeout", lock_timeout)
+        )
+        if max_running is not None and (
+            isinstance(max_running, bool) or not isinstance(max_running, int) or max_running < 1
+        ):
+            raise SagaDefinitionError(f"saga {name!r}: max_running must be a whole number of sagas, 1 or more")
+        self.max_running = max_running
         #: The module that defined the saga: what a worker imports to have it (the crash-point explorer's -A).
         self.module: str | None = _caller_module()
         if not is_proxy(steps) and isinstance(steps, (list, tuple)) and not steps:
@@ -390,9 +421,15 @@ class Saga:
     ) -> SagaResult:
         app = self.app
         search = search_values(self.name, self.search_keys, data)
+        locks = lock_resources(render_locks(self.name, self.locks, data), self.name, self.max_running)
         message_serializer(app)  # raises before anything is written if workers would drop the messages
         settings = settings_of(app)
         store = store_for(app)
+        if locks and not store.indexes_in_transition:
+            raise SagaDefinitionError(
+                f"saga {self.name!r}: locks and max_running need a saga store on one Redis server (or "
+                f"Sentinel); {store.where()} is a cluster"
+            )
         d = self._definition(app, settings)
         # The first deadline can be no sooner than the shortest timeout.
         first = min((x for x in (d.shortest_timeout, saga_timeout) if x is not None), default=None)
@@ -424,15 +461,20 @@ class Saga:
             parent=parent,
             search=search,
             rerun_of=rerun_of,
+            locks=locks,
+            on_locked=self.on_locked,
+            lock_timeout=saga_timeout if self.lock_timeout is MISSING else self.lock_timeout,
         )
         t = store.start(req, self._first_stage(app, store, req, data, d))
         if t.outcome is Outcome.CONFLICT:
             raise IdempotencyConflict(self.name, key, saga_id)
+        if t.outcome is Outcome.LOCKED:
+            raise SagaLocked(self.name, resource_name(t.lock), t.holder)
         remember_plan(d.digest, d.plan)
         stage0 = dataclasses.replace(t, stage=0, data=data, plan_digest=d.digest)
         if t.outcome is Outcome.CREATED:
             self._publish_first(app, store, stage0)
-        elif t.status is SagaStatus.PENDING:
+        elif t.status is SagaStatus.PENDING and not t.waiting:
             # A start of this saga wrote its record but may have died before
             # publishing: publish its first stage again (with the record's
             # generation); a copy of a message already sent is skipped.

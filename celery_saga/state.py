@@ -218,6 +218,10 @@ class SagaState:
     #: The saga this one re-runs, and the re-runs of this one (`celery_saga.rerun_saga`).
     rerun_of: str | None = None
     reruns: tuple[str, ...] = ()
+    #: The resources it names (``l:<lock>``, ``n:<saga name>`` for max_running), and
+    #: whether it holds them ("held") or waits for them ("wait"); None once given back.
+    locks: tuple[str, ...] = ()
+    lock_status: str | None = None
 
     def step(self, name: str) -> StepRecord:
         for s in self.steps:
@@ -327,6 +331,8 @@ class SagaState:
             search_keys=dict(search_pairs(raw.get("sk", ""))),
             rerun_of=raw.get("rof") or None,
             reruns=_ids(raw.get("rrs")),
+            locks=_resources(raw.get("lk")),
+            lock_status=raw.get("lks") or None,
         )
 
 
@@ -337,6 +343,17 @@ def _ids(text: str | None) -> tuple[str, ...]:
     except ValueError:
         return ()
     return tuple(str(i) for i in ids) if isinstance(ids, list) else ()
+
+
+def _resources(text: str | None) -> tuple[str, ...]:
+    """The resources a record names (``lk``: ``[[resource, capacity], ...]``)."""
+    try:
+        found = json.loads(text or "[]")
+    except ValueError:
+        return ()
+    if not isinstance(found, list):
+        return ()
+    return tuple(str(r[0]) for r in found if isinstance(r, list) and r)
 
 
 def _plan_of(raw: dict[str, str]) -> Plan:

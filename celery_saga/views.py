@@ -12,10 +12,13 @@ from __future__ import annotations
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import codec
 from .state import SagaState, SagaStatus, StepRecord, StepStatus, ms_time
+
+if TYPE_CHECKING:  # locks reads the store; what is shown here needs only its shape
+    from .locks import SagaLocks
 
 __all__ = [
     "SagaStats",
@@ -201,7 +204,10 @@ def _running_on(s: StepRecord, workers: Mapping[str, WorkerSeen] | None) -> dict
 
 
 def state_json(
-    state: SagaState, redact: Collection[str] = (), workers: Mapping[str, WorkerSeen] | None = None
+    state: SagaState,
+    redact: Collection[str] = (),
+    workers: Mapping[str, WorkerSeen] | None = None,
+    locks: SagaLocks | None = None,
 ) -> dict[str, Any]:
     """The JSON shape of a saga record, as ``celery saga show --json`` prints it.
 
@@ -212,7 +218,9 @@ def state_json(
     ``forward_retries``; a child saga has ``parent``; a step that is a child
     saga has ``child``; a RUNNING step, given the ``workers``, has
     ``worker``: ``{instance, hostname, alive, last_seen}``, with
-    ``last_heartbeat`` for a step with a heartbeat timeout.
+    ``last_heartbeat`` for a step with a heartbeat timeout. A saga with
+    locks, given ``locks`` (`celery_saga.locks.lock_status`), has ``locks``:
+    ``{status, locks: [{lock, holders, waiters}], position}``.
     """
     secrets = state.redact | frozenset(redact)
 
@@ -239,6 +247,8 @@ def state_json(
         "rerun_of": state.rerun_of,
         "reruns": list(state.reruns),
     }
+    if locks is not None:
+        doc["locks"] = locks.to_json()
     if state.parent_id:
         doc["parent"] = {"id": state.parent_id, "step": state.parent_step}
     if any(s.child_id for s in state.steps):
@@ -404,6 +414,7 @@ def saga_text(
     state: SagaState,
     children: dict[str, SagaState] | None = None,
     workers: Mapping[str, WorkerSeen] | None = None,
+    locks: SagaLocks | None = None,
 ) -> str:
     """``celery saga show``: the saga's status, then its timeline.
 
@@ -417,6 +428,8 @@ def saga_text(
     if state.search_keys:
         keys = codec.masked(dict(state.search_keys), state.redact)
         lines.append("business keys: " + ", ".join(f"{k}={v}" for k, v in keys.items()))
+    if locks is not None:
+        lines.append(locks.text())
     if state.rerun_of:
         lines.append(f"a re-run of {state.rerun_of}")
     if state.reruns:

@@ -59,7 +59,7 @@ from typing import Any
 import redis
 from celery import Celery, signals
 
-from celery_saga import Saga, current_step, enable, saga_step
+from celery_saga import Saga, current_step, enable, saga_step, step
 from tests.helpers import Gates, kombu_prefix, patience
 
 ENV_BROKER = "CELERY_SAGA_TEST_BROKER"
@@ -317,6 +317,43 @@ def create(
                 ctx.heartbeat()
             time.sleep(float(data.get("beat_every") or 0.5))
         return t_forward("proc.t.beat", qty, data)
+
+    # Isolation (tests/processes/test_isolation.py): each step and compensation
+    # of proc_iso_order writes [order_id, saga id, what] to <prefix>:iso as it
+    # begins and ends; a step with fail=<its name> raises between the two.
+    iso = f"{prefix}:iso"
+
+    def iso_log(order_id: Any, what: str) -> None:
+        ctx = current_step()
+        assert ctx is not None
+        client.rpush(iso, json.dumps([str(order_id), ctx.saga_id, what]))
+
+    @app.task(name="proc.iso.undo", shared=False)
+    def iso_undo(order_id: int, step_result: Any = None) -> None:
+        ctx = current_step()
+        assert ctx is not None
+        iso_log(order_id, f"in:undo:{ctx.step}")
+        iso_log(order_id, f"out:undo:{ctx.step}")
+
+    def iso_step(name: str, order_id: int, fail: str | None) -> None:
+        iso_log(order_id, f"in:{name}")
+        if fail == name:
+            raise RuntimeError(f"{name} declined")
+        iso_log(order_id, f"out:{name}")
+
+    @saga_step(compensate=iso_undo)
+    @app.task(name="proc.iso.reserve", shared=False)
+    def iso_reserve(order_id: int, fail: str | None = None) -> None:
+        iso_step("reserve", order_id, fail)
+
+    @saga_step(compensate=iso_undo)
+    @app.task(name="proc.iso.charge", shared=False)
+    def iso_charge(order_id: int, fail: str | None = None) -> None:
+        iso_step("charge", order_id, fail)
+
+    iso_order = Saga(
+        "proc_iso_order", [step(iso_reserve, timeout=4), step(iso_charge, timeout=4)], lock="order:{order_id}"
+    )
 
     def entered(name: str) -> list[list[Any]]:
         """Who entered gate ``name``: [pid, worker pid, redelivered] per entry."""

@@ -67,7 +67,21 @@ def listed(proc: subprocess.CompletedProcess[str]) -> list[dict[str, str | None]
 
 
 fresh, world = cli_app.world_fixtures("sagacli")
-COMMANDS = ("list", "show", "stats", "retry", "rerun", "signal", "purge", "cancel", "sweep", "check", "web")
+COMMANDS = (
+    "list",
+    "show",
+    "stats",
+    "retry",
+    "rerun",
+    "signal",
+    "purge",
+    "cancel",
+    "locks",
+    "unlock",
+    "sweep",
+    "check",
+    "web",
+)
 
 
 @pytest.fixture

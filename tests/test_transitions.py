@@ -580,6 +580,8 @@ CASES = [
         lambda s, t: _reruns(s, ["first", "second"]),
         prepare=lambda saga: saga.apply(Op.RERUN, "first", "", gen="*") and None,
     ),
+    Case(Op.UNLOCK, failed, (), Outcome.DUPLICATE, SagaStatus.FAILED),  # it names no lock (tests/test_locks.py)
+    Case(Op.UNLOCK, running, (), Outcome.NOT_ALLOWED, SagaStatus.RUNNING),
     Case(Op.RERUN, completed, ("new-id", ""), Outcome.NOT_ALLOWED, SagaStatus.COMPLETED),
     Case(Op.RERUN, running, ("new-id", ""), Outcome.NOT_ALLOWED, SagaStatus.RUNNING),
     Case(Op.PURGE, compensated, (), Outcome.PURGED, SagaStatus.COMPENSATED, lambda s, t: _gone(s)),
@@ -689,7 +691,8 @@ def test_op(store: RedisSagaStore, case: Case) -> None:
     saga = case.given(store)
     if case.prepare is not None:
         case.prepare(saga)
-    gen = "*" if case.op in (Op.SWEEP, Op.CANCEL, Op.RETRY, Op.RERUN, Op.PURGE, Op.SIGNAL, Op.UNWIND) else GEN
+    operators = (Op.SWEEP, Op.CANCEL, Op.RETRY, Op.RERUN, Op.UNLOCK, Op.PURGE, Op.SIGNAL, Op.UNWIND)
+    gen = "*" if case.op in operators else GEN
     t = saga.apply(case.op, *case.args, gen=gen)
     assert (t.op, t.outcome, t.status) == (case.op, case.outcome, case.status)
     if case.check is not None:
@@ -701,6 +704,7 @@ def test_every_op_and_outcome_is_covered() -> None:
     elsewhere = {Outcome.CREATED, Outcome.EXISTS, Outcome.CONFLICT, Outcome.ABORTED}  # start and abort, below
     elsewhere |= {Outcome.MISSING, Outcome.STALE, Outcome.CORRUPT}  # refusals every op shares, below
     elsewhere.add(Outcome.REJECTED)  # a message checked against another plan, below
+    elsewhere.add(Outcome.LOCKED)  # a start refused by its lock: tests/test_locks.py
     assert {c.outcome for c in CASES} | elsewhere == set(Outcome)
 
 

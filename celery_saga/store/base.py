@@ -92,6 +92,11 @@ class StartRequest:
     search: tuple[tuple[str, str], ...] = ()
     #: The saga this one re-runs (`celery_saga.rerun`), or "".
     rerun_of: str = ""
+    #: Its locks and running limit (`celery_saga.locks.lock_resources`): (resource, capacity).
+    locks: tuple[tuple[str, int], ...] = ()
+    #: "queue" (wait for them) or "reject" (refused, nothing written); how long it waits (None: for ever).
+    on_locked: str = "queue"
+    lock_timeout: float | None = None
 
     def definition(self) -> str:
         """The plan and settings, stored once under ``plan_digest`` rather than in every record."""
@@ -124,6 +129,13 @@ class StartRequest:
             pairs.append(("sk", json.dumps(dict(self.search), separators=(",", ":"))))
         if self.rerun_of:
             pairs.append(("rof", self.rerun_of))
+        if self.locks:
+            pairs.append(("lk", json.dumps([list(x) for x in self.locks], separators=(",", ":"))))
+            # "!": read by the start only, not kept in the record.
+            if self.on_locked == "reject":
+                pairs.append(("!onl", "reject"))
+            if self.lock_timeout is not None:
+                pairs.append(("!lkto", f"{self.lock_timeout * 1000:.0f}"))
         if self.parent is not None:
             pairs += [("parent", self.parent[0]), ("pgen", self.parent[1]), ("pstep", self.parent[2])]
         if self.pivot:
@@ -366,6 +378,18 @@ class SagaStore(abc.ABC):
         """
 
     @abc.abstractmethod
+    def lock_queue(self, resource: str) -> tuple[list[str], list[str]]:
+        """Who holds ``resource`` (``l:<lock>``, ``n:<name>``), and who waits for it, first first."""
+
+    @abc.abstractmethod
+    def locks_in_use(self) -> list[str]:
+        """The resources some saga holds or waits for."""
+
+    @abc.abstractmethod
+    def lock_counters(self) -> dict[str, int]:
+        """The locks' metrics (store/keys.py ``{locks}:m``)."""
+
+    @abc.abstractmethod
     def search(self, key: str, value: str) -> set[str]:
         """Ids of the sagas indexed with business key ``key`` = ``value``; some records may have expired."""
 
@@ -540,6 +564,10 @@ class SagaStore(abc.ABC):
         unless it is COMPENSATED or FAILED.
         """
         return self.apply(Op.RERUN, saga_id, "*", "", rerun_id, "1" if again else "", tx="", reindex=False)
+
+    def unlock(self, saga_id: str) -> Transition:
+        """Give back the locks of a FAILED saga: ``recorded``; ``duplicate`` if it holds none; else ``not_allowed``."""
+        return self.apply(Op.UNLOCK, saga_id, "*", "", tx="", reindex=False)
 
     def sweep(self, saga_id: str) -> Transition:
         """Act on the saga's due deadlines: ``swept``, or ``missing`` / ``corrupt``."""

@@ -103,6 +103,7 @@ local function transition(keys, args)
   local clock = redis.call('TIME')
   NOW = string.format('%.0f', tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000))
   STAGES, expanded, ending, purged_name, unindexed = nil, false, false, nil, false
+  ADMITTED = {}
   CALLBACK_GRACE_MS = num(AV[4]) or 0
   take_enqueue()
   local handler = OPS[op]

@@ -57,6 +57,15 @@ the store was reset, not expired. And the number of index ``shards``, and
 ``lost``: how many sagas workers, sweepers and readers have met lost in the
 reset (their ids, counted once each, are the set ``<prefix>:{meta}:lost``).
 
+Semantic locks and running limits (``store/locks.lua`` draws them): each
+resource (``l:<lock>``, ``n:<saga name>``) has ``<prefix>:{res:<r>}:h``, the set
+of the sagas holding it, and ``<prefix>:{res:<r>}:q``, the sorted set of those
+waiting for it by arrival. ``<prefix>:{locks}`` is the set of resources in
+use, ``<prefix>:{locks}:seq`` the arrival sequence, and ``<prefix>:{locks}:m``
+a hash of their metrics: ``waiting:<name>`` (sagas waiting now),
+``wait:<i>`` (waits that lasted up to ``DURATION_BUCKETS[i - 1]``),
+``waitsum`` (ms) and ``unlocked`` (operator unlocks).
+
 Worker liveness (`celery_saga.liveness`), under the hash tag ``{workers}``:
 ``<prefix>:{workers}`` is a sorted set of the instance tokens of running
 workers by their last liveness write (ms, store clock; 0 once the worker
@@ -117,6 +126,10 @@ comp:<step>        compensation task name; cof:<step> "1" = compensate on failur
                    (none for a step after the pivot: it is never compensated)
 sk                 business keys and their values as text (JSON object), kept unpacked
 rof, rrs           the saga this one re-runs (its id); the ids of its re-runs (JSON list)
+lk, lks            its locks and running limit, JSON [[resource, capacity] ...]; "held" or
+                   "wait" (absent: none, or given back). Both kept unpacked
+lkt, lkto, lkdl    waiting: since when (ms); its lock timeout (ms); its lock deadline (ms)
+shb, adm           waiting: its index shard; admitted: when (ms), until a sweeper looked
 pv, past           the pivot step (a saga with one); "1" once it has completed
 fbo, fmaxr         forward backoff "<base>,<max>" (s); forward max retries ("": none)
 rj:<wait>          the event that rejects a wait ("wait:<event>", a step with no task)
@@ -229,3 +242,11 @@ class Keys:
     def search_keys(self, shard: int) -> str:
         """Set of the business key names indexed in the shard."""
         return f"{self._shard(shard)}:keys"
+
+    def resource(self, resource: str, part: str) -> str:
+        """A lock's or running limit's holders (``part`` "h", a set) or waiters ("q", ids by arrival)."""
+        return f"{self.prefix}:{{res:{resource}}}:{part}"
+
+    def locks(self) -> str:
+        """Set of the resources some saga holds or waits for; ``:m`` its metrics hash, ``:seq`` the arrival sequence."""
+        return f"{self.prefix}:{{locks}}"

@@ -42,6 +42,7 @@ class Op(str, Enum):
     CALLBACK_SENT = "callback_sent"
     RETRY = "retry"
     RERUN = "rerun"
+    UNLOCK = "unlock"
     PURGE = "purge"
 
     def __str__(self) -> str:
@@ -82,6 +83,7 @@ class Outcome(str, Enum):
     CORRUPT = "corrupt"  # a record that cannot be read
     STALE = "stale"  # a message of an earlier start of this saga
     REJECTED = "rejected"  # a message whose task was checked against another plan than the record's
+    LOCKED = "locked"  # start, on_locked="reject": a lock is held (or waited for); nothing was written
 
     def __str__(self) -> str:
         return self.value
@@ -157,6 +159,14 @@ class Transition:
             stage's messages itself (`celery_saga.enqueue`); nothing is left to publish.
         stage_data: ``RUN``, when asked for: the data of the step's stage, as
             the JSON array of parts the record holds (`celery_saga.enqueue`).
+        waiting: ``CREATED``/``EXISTS``: the saga waits for its locks; its
+            first stage is not dispatched (nothing to publish).
+        admitted: Waiting sagas this call let start (their first stage is
+            dispatched in their record): publish each (`follow`).
+        redrive: ``SWEPT``: an admitted saga whose first stage may never have
+            been published: publish what its record dispatched.
+        lock, holder: ``LOCKED``: the resource (``l:<lock>``, ``n:<saga name>``)
+            and the saga holding it (or the first waiting for it).
     """
 
     op: Op
@@ -177,6 +187,11 @@ class Transition:
     heartbeat_timeout: float | None = None
     enqueued: bool = False
     stage_data: str = ""
+    waiting: bool = False
+    admitted: tuple[str, ...] = ()
+    redrive: bool = False
+    lock: str = ""
+    holder: str = ""
 
     @property
     def ended(self) -> bool:
@@ -216,6 +231,11 @@ class Transition:
             heartbeat_timeout=float(raw["heartbeat_timeout"]) / 1000 if raw.get("heartbeat_timeout") else None,
             enqueued=raw.get("enq") is True,
             stage_data=raw.get("pt") or "",
+            waiting=raw.get("waiting") is True,
+            admitted=tuple(str(x) for x in raw.get("admitted") or ()),
+            redrive=raw.get("redrive") is True,
+            lock=str(raw.get("lock") or ""),
+            holder=str(raw.get("holder") or ""),
         )
 
 

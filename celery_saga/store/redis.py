@@ -781,6 +781,25 @@ class RedisSagaStore(SagaStore):
         if names:
             self._call(run)
 
+    def lock_queue(self, resource: str) -> tuple[list[str], list[str]]:
+        k = self.keys
+
+        def run() -> list[Any]:
+            pipe = self.client.pipeline(transaction=False)
+            pipe.smembers(k.resource(resource, "h"))
+            pipe.zrange(k.resource(resource, "q"), 0, -1)
+            return list(pipe.execute())
+
+        holders, waiters = self._call(run)
+        return sorted(str(h) for h in holders), [str(w) for w in waiters]
+
+    def locks_in_use(self) -> list[str]:
+        return sorted(str(r) for r in self._call(lambda: self.client.smembers(self.keys.locks())))
+
+    def lock_counters(self) -> dict[str, int]:
+        raw = self._call(lambda: self.client.hgetall(f"{self.keys.locks()}:m"))
+        return {str(k): int(v) for k, v in raw.items()}
+
     def search(self, key: str, value: str) -> set[str]:
         k, bucket = self.keys, search_bucket(value)
         # Members are "<value>\x00<saga id>": every id of the value sorts between these two.

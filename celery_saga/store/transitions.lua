@@ -134,6 +134,9 @@ local SHARD             -- one server: the saga's index shard (see move_index)
 local expanded, ending, purged_name, unindexed  -- see expand, finish, OPS.purge, OPS.abort
 local slot              -- this call's reply slot, a function (see de-duplication)
 local ENQ               -- start, done: the messages they carry (see take_enqueue)
+local ADMITTED          -- the waiters this call let start (locks.lua), for the reply
+-- Defined in locks.lua (semantic locks and running limits), called here:
+local lock_check, lock_enter, release_locks, lock_sweep, lock_deadline, retake_slots
 
 local function hget(f) return redis.call('HGET', K, f) end
 
@@ -181,7 +184,8 @@ end
 -- few bytes where a hash field costs tens. Ops that act on a finished saga
 -- (late outcomes, sweeps, duplicates, operators) expand it first and pack it
 -- again after; celery_saga.store.compact unpacks it for readers.
-local TOP = {status = true, status_at = true, name = true, gen = true, v = true, cbs = true, sk = true, rrs = true}
+local TOP = {status = true, status_at = true, name = true, gen = true, v = true, cbs = true, sk = true, rrs = true,
+  lk = true, lks = true}
 local CHUNK = 60
 
 local function expand()
@@ -367,6 +371,7 @@ local function respond(outcome, changed, fields, raw)
   if r.status == nil then r.status = live or '' end
   if changed and changed ~= '' then r.from = changed end
   if r.due and #r.due == 0 then r.due = nil end
+  if ADMITTED and #ADMITTED > 0 then r.admitted = ADMITTED end
   if gen == '*' then
     if r.name == nil then r.name = hget('name') or '' end
     r.gen = hget('gen') or ''
@@ -629,6 +634,9 @@ local function next_deadline()
     if x and (not best or x < best) then best = x end
   end
   local st = live
+  consider(lock_deadline())
+  -- Waiting for its locks, nothing of it runs: only its locks have deadlines.
+  if hget('lks') == 'wait' then return string.format('%.0f', best) end
   if st == 'PENDING' or st == 'RUNNING' then consider(hget('sdl')) end
   if pending_callback() then consider(num(hget('status_at')) + CALLBACK_GRACE_MS) end
   local shortest = nil
@@ -687,6 +695,7 @@ local function finish(new, out)
   ending = true
   local old = set_status(new)
   expire_after_retention(new)
+  release_locks(new)
   -- Wakes SagaResult.get() waiters, which would otherwise poll. pcall: a
   -- user whose ACL has no channel access still ends its sagas (they poll).
   redis.pcall('PUBLISH', K .. ':end', end_message(new))
@@ -1118,7 +1127,6 @@ OPS.start = function()
       pairs_[#pairs_ + 1] = AV[i + 1]
     end
   end
-  if f['!def'] then redis.call('SET', KS[3], f['!def'], 'nx') end
   if status then
     if hget('startfail') == '1' then
       -- A start whose publish failed released its key: start afresh.
@@ -1127,13 +1135,17 @@ OPS.start = function()
     elseif HEAD[2] == gen then
       -- This very start, sent again after its reply was lost: the caller
       -- has not published yet, so answer as the first time.
-      return respond('created', nil, {gen = gen})
+      return respond('created', nil, {gen = gen, waiting = (hget('lks') == 'wait') or nil})
     elseif hget('fp') == f.fp then
-      return respond('exists', nil, {gen = HEAD[2]})
+      return respond('exists', nil, {gen = HEAD[2], waiting = (hget('lks') == 'wait') or nil})
     else
       return respond('conflict')
     end
   end
+  -- Its locks and running limit: refused (on_locked="reject") before anything is written.
+  local lock, refusal = lock_check(f)
+  if refusal then return refusal end
+  if f['!def'] then redis.call('SET', KS[3], f['!def'], 'nx') end
   for i = 1, #pairs_, 200 do redis.call('HSET', K, unpack(pairs_, i, math.min(i + 199, #pairs_))) end
   redis.call('HSET', K, 'v', '1', 'gen', gen, 'created', NOW, 'stage', '0', 'copen', '0', 'gaveup', '0')
   index_search(true)
@@ -1141,6 +1153,11 @@ OPS.start = function()
     redis.call('ZADD', SHARD .. ':due', 'lt', f['!watch'], SAGA_ID)
   end
   set_status('PENDING')
+  if lock then
+    lock_enter(f, lock)
+    -- Waiting: nothing is dispatched, and the saga timeout runs from when it may start.
+    if lock == 'wait' then return respond('created', nil, {gen = gen, waiting = true}) end
+  end
   if f.sto then redis.call('HSET', K, 'sdl', NOW + num(f.sto)) end
   HEAD[4] = f.stages
   local first = stages()[1]
@@ -1360,8 +1377,15 @@ end
 -- 5 u, the jitter of any compensation retry this sweep decides.
 OPS.sweep = function()
   local out = {}
-  local changed = apply_deadlines(out, num(AV[5]) or 0)
-  local fields = {due = out, next_deadline = next_deadline()}
+  -- A waiting saga: repair its locks, maybe start, or give up waiting.
+  local lock = lock_sweep()
+  local changed
+  if lock == 'timeout' then
+    changed = settle(out, halt('lock_timeout', 'lock_timeout: waited ' .. secs(hget('lkto')) .. ' for its locks'))
+  else
+    changed = apply_deadlines(out, num(AV[5]) or 0)
+  end
+  local fields = {due = out, next_deadline = next_deadline(), redrive = (lock == 'redrive') or nil}
   local sig = pending_callback()
   if sig and not changed and num(NOW) >= num(hget('status_at')) + CALLBACK_GRACE_MS then
     -- Whoever ended the saga died before sending its callback: send it now.
@@ -1369,7 +1393,7 @@ OPS.sweep = function()
   end
   local text = respond('swept', changed, fields)
   -- Most sweeps find nothing due: keep no reply for those (nothing to redo).
-  if not changed and #out == 0 then return text end
+  if not changed and #out == 0 and not fields.redrive and #ADMITTED == 0 then return text end
   return remember(text)
 end
 
@@ -1516,6 +1540,7 @@ OPS.retry = function()
     redis.call('HINCRBY', K, 'rr', 1)
     redis.call('HDEL', K, 'cbs', 'failed_step', 'error', 'reason')
     local changed = set_status('RUNNING')
+    retake_slots()
     redis.call('PERSIST', K)
     return remember(respond('resend', changed, {due = out}))
   end
@@ -1534,6 +1559,7 @@ OPS.retry = function()
   redis.call('HINCRBY', K, 'rr', 1)
   redis.call('HDEL', K, 'cbs')
   local changed = set_status('COMPENSATING')
+  retake_slots()
   redis.call('PERSIST', K)
   return remember(respond('rollback', changed, {due = out}))
 end
@@ -1558,6 +1584,7 @@ OPS.purge = function()
   local name = hget('name') or ''
   purged_name = name
   index_search(false)
+  release_locks('purged')
   redis.call('DEL', K)
   return respond('purged', nil, {status = status, name = name})
 end

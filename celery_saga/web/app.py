@@ -26,6 +26,7 @@ from celery import Celery
 from .. import admin
 from ..bulk_actions import ACTIONS
 from ..errors import SagaDefinitionError, SagaNotFound, SagaRecordCorrupt, SagaStateError
+from ..locks import lock_status
 from ..messages import parse_task_id
 from ..metrics import metrics_text
 from ..rerun import rerun_saga
@@ -150,7 +151,8 @@ class SagaPage(BaseHandler):
         redact = redact_keys(self.celery_app)
         done = self.get_query_argument("done", "")
         rows, span = bars(state)
-        shown = state_json(state, redact, admin.step_workers(self.celery_app, state))
+        held = lock_status(self.celery_app, state)
+        shown = state_json(state, redact, admin.step_workers(self.celery_app, state), held)
         self.render_page(
             "saga.html",
             state=state,
@@ -158,6 +160,7 @@ class SagaPage(BaseHandler):
             span=span,
             steps=details(state, redact),
             search_keys=shown["search_keys"],
+            locks=held,
             kwargs_json=json.dumps(shown["kwargs"], indent=2, sort_keys=True),
             data_json=json.dumps(shown["data"], indent=2, sort_keys=True),
             running_on=[(s["name"], s["worker"]) for s in shown["steps"] if "worker" in s],
@@ -232,7 +235,8 @@ class ApiSaga(BaseHandler):
             self.set_status(500)
             self.write_json({"id": saga_id, "corrupt": True, "error": str(exc)})
             return
-        self.write_json(state_json(state, redact_keys(self.celery_app), admin.step_workers(self.celery_app, state)))
+        workers, held = admin.step_workers(self.celery_app, state), lock_status(self.celery_app, state)
+        self.write_json(state_json(state, redact_keys(self.celery_app), workers, held))
 
 
 class Metrics(BaseHandler):
