@@ -129,6 +129,7 @@ def create(redis_url: str, prefix: str, queue: str) -> SimpleNamespace:
 
     order = Saga("cli_order", [reserve, charge, ship], search_keys=("token", "order_id"))
     refund = Saga("cli_refund", [reserve, ship])
+    locked = Saga("cli_locked", [reserve, charge], lock="order:{order_id}")
     hasty = Saga("cli_hasty", [step(reserve, timeout=HASTY_TIMEOUT), charge, ship])
     # Waits for an outside event first: with no worker, it still takes one.
     approval = Saga("cli_approval", [celery_saga.wait_for("approval", timeout=None, reject="denied"), ship])

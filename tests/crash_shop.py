@@ -152,7 +152,9 @@ def decline(order_id: int) -> None:
 
 
 #: No bug: every step and compensation applies once, even blind.
-sound = Saga("crash_sound", [reserve, charge, decline])
+# Locked: every run of the explorer takes the same order's lock, so a run that left it held
+# (or a waiter stuck) would keep the next run from starting.
+sound = Saga("crash_sound", [reserve, charge, decline], lock="order:{order_id}")
 #: Gives the stock back twice when its compensation runs twice.
 double_release = Saga("crash_double_release", [reserve_then_release_unchecked, decline])
 #: Charges twice when the charge runs twice.

@@ -66,8 +66,12 @@ def test_a_sound_saga_passes_every_crash_point(saga_crash_points: CrashExplorer,
     def invariant(result: SagaResult) -> None:
         judged.append(result.id)
         crash_shop.balanced(result)
+        # Its lock was given back with its end, wherever the worker died, and nobody waits for it
+        assert result.state().lock_status is None
+        assert store_for(result.app).lock_queue("l:order:1") == ([], [])
 
-    # When it is explored (its last step always fails, so it has compensation points too)
+    # When it is explored (its last step always fails, so it has compensation points too;
+    # it takes a lock, order:1, which every run needs in turn)
     report = saga_crash_points.explore(crash_shop.sound, {"order_id": 1}, invariant, app_path=APP)
 
     # Then every run ended undone, and every point of every step and compensation was reached

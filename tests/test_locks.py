@@ -38,7 +38,9 @@ from celery_saga.locks import lock_status
 from celery_saga.metrics import metrics_text
 from celery_saga.store.redis import RedisSagaStore
 from celery_saga.stores import store_for
+from celery_saga.testing import thread_worker
 from tests.helpers import Gates, finished, patience, wait_for
+from tests.test_business_keys import cli, world  # noqa: F401 - world is a fixture
 
 
 def build(app: Celery, r: redis.Redis, prefix: str) -> SimpleNamespace:
@@ -327,3 +329,27 @@ def test_a_waiter_whose_starter_died_before_publishing_is_started_by_a_sweeper(
     with worker():
         assert finished(waiter, timeout=30) is SagaStatus.COMPLETED
     assert finished(holder) is SagaStatus.COMPENSATED
+
+
+def test_the_cli_lists_locks_shows_a_waiting_saga_and_unlocks_only_a_failed_one(world: SimpleNamespace) -> None:  # noqa: F811
+    s = world
+    with thread_worker(s.app):
+        holder = s.locked.apply_async(kwargs={"token": "l-1", "order_id": 31, "hold": "charge"})
+        s.gates.wait_entered("l-1")
+        waiter = s.locked.apply_async(kwargs={"token": "l-2", "order_id": 31})
+        wait_for(lambda: saga_state(s.app, waiter.id).lock_status == "wait", what="the second saga to wait")
+        listed = cli(s, "locks")
+        assert listed.returncode == 0, listed.stderr
+        assert f"order:31: held by {holder.id}" in listed.stdout and f"1. {waiter.id}" in listed.stdout
+        assert json.loads(cli(s, "locks", "order:31", "--json").stdout)["locks"] == [
+            {"lock": "order:31", "holders": [holder.id], "waiters": [waiter.id]}
+        ]
+        shown = cli(s, "show", waiter.id)
+        assert f"waiting for lock order:31 (held by {holder.id}; position 1)" in shown.stdout
+        doc = json.loads(cli(s, "show", waiter.id, "--json").stdout)
+        assert doc["locks"]["status"] == "waiting" and doc["locks"]["position"] == {"order:31": 1}
+        refused = cli(s, "unlock", holder.id)
+        assert refused.returncode == 1 and "only a FAILED saga is unlocked" in refused.stderr
+        s.gates.open("l-1")
+        assert finished(holder) is finished(waiter) is SagaStatus.COMPLETED
+    assert "no saga holds or waits for a lock" in cli(s, "locks").stdout
