@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import redis
@@ -141,3 +144,36 @@ class Ledger:
 
     def times(self, action: str) -> list[float]:
         return [e[-1] for e in self.entries() if f"{e[0]}:{e[1]}" == action]
+
+
+@contextmanager
+def monitored(redis_url: str) -> Iterator[list[tuple[str, str]]]:
+    """Every command the server of ``redis_url`` runs while the block runs, by MONITOR: (client type, command).
+
+    A script's own commands have the client type ``lua``. The listener reads
+    up to an ECHO of a marker sent when the block ends, so every command
+    before it is in the list, however busy the machine.
+    """
+    seen: list[tuple[str, str]] = []
+    ready, marker = threading.Event(), f"end-of-monitor-{uuid.uuid4().hex}"
+    conn = redis.Redis.from_url(redis_url, decode_responses=True, socket_timeout=patience(30))
+
+    def listen() -> None:
+        with conn.monitor() as m:  # type: ignore[no-untyped-call]
+            ready.set()
+            while True:
+                line = m.next_command()
+                if marker in line["command"]:
+                    return
+                seen.append((line["client_type"], line["command"]))
+
+    thread = threading.Thread(target=listen, daemon=True)
+    thread.start()
+    assert ready.wait(patience(5))
+    try:
+        yield seen
+    finally:
+        with redis.Redis.from_url(redis_url) as client:
+            client.echo(marker)
+        thread.join(patience(10))
+        conn.close()

@@ -12,10 +12,8 @@ import json
 import re
 import subprocess
 import sys
-import threading
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime
 from http.cookiejar import CookieJar
 from pathlib import Path
@@ -45,7 +43,7 @@ from celery_saga.search import MAX_SEARCH_KEYS
 from celery_saga.testing import thread_worker
 from celery_saga.web import WebSettings
 from tests import cli_app
-from tests.helpers import finished, patience, wait_for
+from tests.helpers import finished, monitored, patience, wait_for
 from tests.test_web import get, web_server
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -130,35 +128,6 @@ def test_sagas_are_found_by_their_business_keys_from_python_the_cli_and_show(wor
     assert doc["search_keys"] == {"token": "t-a", "order_id": "7"}
 
 
-@contextmanager
-def client_commands(redis_url: str, tag: str) -> Iterator[list[tuple[str, str]]]:
-    """Commands MONITOR sees that mention ``tag``: (client type, command), until an ECHO marks the end."""
-    seen: list[tuple[str, str]] = []
-    ready, marker = threading.Event(), f"end-{uuid.uuid4().hex}"
-    conn = redis.Redis.from_url(redis_url, decode_responses=True, socket_timeout=patience(30))
-
-    def listen() -> None:
-        with conn.monitor() as m:
-            ready.set()
-            while True:
-                line = m.next_command()
-                if marker in line["command"]:
-                    return
-                if tag in line["command"]:
-                    seen.append((line["client_type"], line["command"]))
-
-    thread = threading.Thread(target=listen, daemon=True)
-    thread.start()
-    assert ready.wait(patience(5))
-    try:
-        yield seen
-    finally:
-        with redis.Redis.from_url(redis_url) as client:
-            client.echo(marker)
-        thread.join(patience(10))
-        conn.close()
-
-
 def test_a_start_writes_its_business_keys_in_its_one_call(world: SimpleNamespace, redis_url: str) -> None:
     s = world
     plain = Saga("cli_order_plain", [s.reserve, s.charge, s.ship])
@@ -166,13 +135,14 @@ def test_a_start_writes_its_business_keys_in_its_one_call(world: SimpleNamespace
     s.order.apply_async(kwargs={"token": "warm-1", "order_id": 1})
     plain.apply_async(kwargs={"token": "warm-2", "order_id": 1})
 
-    with client_commands(redis_url, s.prefix) as keyed_calls:
+    # (No worker runs: the only client of the prefix is the start)
+    with monitored(redis_url) as keyed_calls:
         keyed = s.order.apply_async(kwargs={"token": "rt-1", "order_id": 42})
-    with client_commands(redis_url, s.prefix) as plain_calls:
+    with monitored(redis_url) as plain_calls:
         plain.apply_async(kwargs={"token": "rt-2", "order_id": 42})
 
     def by_client(calls: list[tuple[str, str]]) -> list[str]:
-        return [c.split(" ")[0].upper() for kind, c in calls if kind != "lua"]
+        return [c.split(" ")[0].upper() for kind, c in calls if kind != "lua" and s.prefix in c]
 
     # Then the start with business keys sent what the start without sends: one call
     assert by_client(keyed_calls) == by_client(plain_calls) == ["FCALL"]

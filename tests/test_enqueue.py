@@ -11,8 +11,6 @@ kombu would have sent.
 from __future__ import annotations
 
 import json
-import threading
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -27,7 +25,7 @@ from celery_saga import Saga, SagaStatus, parallel, saga_step
 from celery_saga.messages import publish_stage
 from celery_saga.stores import store_for
 from tests import shop
-from tests.helpers import finished, patience, wait_for
+from tests.helpers import finished, monitored, patience, wait_for
 
 
 @dataclass
@@ -40,33 +38,13 @@ class Pushes:
 
 @contextmanager
 def pushes(redis_url: str, tag: str) -> Iterator[Pushes]:
-    seen, ready = Pushes(), threading.Event()
-    conn = redis.Redis.from_url(redis_url, decode_responses=True)
-
-    # The listener reads up to an ECHO of this marker: every command before it is seen, however busy the machine.
-    marker = f"end-of-pushes-{uuid.uuid4().hex}"
-
-    def listen() -> None:
-        with conn.monitor() as m:
-            ready.set()
-            while True:
-                line = m.next_command()
-                if marker in line["command"]:
-                    return
-                words = line["command"].split(" ")
-                if words[0].upper() == "LPUSH" and tag in words[1]:
-                    (seen.in_script if line["client_type"] == "lua" else seen.by_client).append(words[1])
-
-    thread = threading.Thread(target=listen, daemon=True)
-    thread.start()
-    assert ready.wait(patience(5))
-    try:
+    seen = Pushes()
+    with monitored(redis_url) as lines:
         yield seen
-    finally:
-        with redis.Redis.from_url(redis_url) as client:
-            client.echo(marker)
-        thread.join(patience(10))
-        conn.close()
+    for kind, command in lines:
+        words = command.split(" ")
+        if words[0].upper() == "LPUSH" and tag in words[1]:
+            (seen.in_script if kind == "lua" else seen.by_client).append(words[1])
 
 
 def queued(r: redis.Redis, key: str) -> list[dict[str, Any]]:

@@ -9,10 +9,6 @@ one unbroken block per saga.
 from __future__ import annotations
 
 import json
-import threading
-import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from types import SimpleNamespace
 from typing import Any
 
@@ -39,7 +35,7 @@ from celery_saga.metrics import metrics_text
 from celery_saga.store.redis import RedisSagaStore
 from celery_saga.stores import store_for
 from celery_saga.testing import thread_worker
-from tests.helpers import Gates, finished, patience, wait_for
+from tests.helpers import Gates, finished, monitored, patience, wait_for
 from tests.test_business_keys import cli, world  # noqa: F401 - world is a fixture
 
 
@@ -157,52 +153,22 @@ def test_a_compensated_saga_releases_its_lock_after_its_compensations(
     assert iso.blocks(3) == [failing.id, after.id]
 
 
-@contextmanager
-def client_commands(redis_url: str, tag: str) -> Iterator[list[str]]:
-    """Commands clients (not scripts) send that mention ``tag``, seen by MONITOR up to an ECHO marker."""
-    seen: list[str] = []
-    ready, marker = threading.Event(), f"end-{uuid.uuid4().hex}"
-    conn = redis.Redis.from_url(redis_url, decode_responses=True, socket_timeout=patience(30))
-
-    def listen() -> None:
-        with conn.monitor() as m:  # type: ignore[no-untyped-call]
-            ready.set()
-            while True:
-                line = m.next_command()
-                if marker in line["command"]:
-                    return
-                if tag in line["command"] and line["client_type"] != "lua":
-                    seen.append(line["command"].split(" ")[0].upper())
-
-    thread = threading.Thread(target=listen, daemon=True)
-    thread.start()
-    assert ready.wait(patience(5))
-    try:
-        yield seen
-    finally:
-        with redis.Redis.from_url(redis_url) as client:
-            client.echo(marker)
-        thread.join(patience(10))
-        conn.close()
-
-
 def test_reject_raises_in_one_call_naming_the_holder_and_writes_nothing(
     app: Celery, iso: SimpleNamespace, r: redis.Redis, prefix: str, redis_url: str, worker: Any
 ) -> None:
+    # Given a saga holding order 5 (PENDING: no worker runs yet, so the start is the prefix's only client)
+    holder = iso.cancel.delay(order_id=5)
+    before = records(r, prefix)
+    iso.strict.plan()  # (its definition is checked once per process, not in the measured call)
+    with monitored(redis_url) as seen, pytest.raises(SagaLocked) as refused:
+        iso.strict.delay(order_id=5)
+    # Then one round trip, the start's own call, refused it, naming the holder
+    assert [c.split(" ")[0] for kind, c in seen if kind != "lua" and prefix in c] == ["FCALL"], seen
+    assert (refused.value.lock, refused.value.holder) == ("order:5", holder.id)
+    assert holder.id in str(refused.value)
+    assert records(r, prefix) == before  # nothing written
+    # And once the lock is free, the same start goes through
     with worker():
-        holder = iso.place.delay(order_id=5, hold="charge")
-        iso.gates.wait_entered("charge")
-        before = records(r, prefix)
-        iso.strict.plan()  # (its definition is checked once per process, not in the measured call)
-        with client_commands(redis_url, prefix) as calls, pytest.raises(SagaLocked) as refused:
-            iso.strict.delay(order_id=5)
-        # One round trip: the start's own call refused it
-        assert calls == ["FCALL"], calls
-        assert (refused.value.lock, refused.value.holder) == ("order:5", holder.id)
-        assert holder.id in str(refused.value)
-        assert records(r, prefix) == before  # nothing written
-        # Once the lock is free, the same start goes through
-        iso.gates.open("charge")
         assert finished(holder) is SagaStatus.COMPLETED
         assert finished(iso.strict.delay(order_id=5)) is SagaStatus.COMPLETED
 

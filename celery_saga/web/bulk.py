@@ -17,7 +17,7 @@ import asyncio
 from datetime import datetime
 from typing import Any
 
-from ..bulk_actions import ACTIONS, BulkReport, bulk
+from ..bulk_actions import ACTIONS, bulk
 from ..state import SagaStatus
 from ..views import iso
 from .base import BaseHandler, Refused, business_keys, time_filter
@@ -29,28 +29,21 @@ class BulkPage(BaseHandler):
     """``/bulk``: a confirmation page (GET), then the action (POST)."""
 
     async def get(self) -> None:
-        action, filters = self._read(self.get_query_argument)
-        counted = await self._bulk(action, filters, dry_run=True)
-        self.render_page(
-            "bulk.html",
-            action=action,
-            report=counted,
-            fields=_fields(filters),
-            described=_described(filters),
-            done=False,
-        )
+        await self._page(self.get_query_argument, done=False)
 
     async def post(self) -> None:
-        action, filters = self._read(self.get_body_argument)
-        report = await self._bulk(action, filters, dry_run=False)
-        self.render_page(
-            "bulk.html",
-            action=action,
-            report=report,
-            fields=_fields(filters),
-            described=_described(filters),
-            done=True,
+        await self._page(self.get_body_argument, done=True)
+
+    async def _page(self, argument: Any, done: bool) -> None:
+        """Count (``done`` False: a dry run, and the confirmation form) or act, and show what came of it."""
+        action, filters = self._read(argument)
+        app = self.celery_app
+        report = await asyncio.get_running_loop().run_in_executor(
+            None, lambda: bulk(app, action, dry_run=not done, **filters)
         )
+        fields = _fields(filters)
+        described = ", ".join(f"{k} {v}" for k, v in fields) or "none: every saga the action applies to"
+        self.render_page("bulk.html", action=action, report=report, fields=fields, described=described, done=done)
 
     def _read(self, argument: Any) -> tuple[str, dict[str, Any]]:
         """The action and the filters, from the query (GET) or the form (POST), checked."""
@@ -73,12 +66,6 @@ class BulkPage(BaseHandler):
         name = argument("name", "") or None
         return action, {"name": name, "status": status, "since": since, "until": until, "where": where}
 
-    async def _bulk(self, action: str, filters: dict[str, Any], dry_run: bool) -> BulkReport:
-        app = self.celery_app
-        return await asyncio.get_running_loop().run_in_executor(
-            None, lambda: bulk(app, action, dry_run=dry_run, **filters)
-        )
-
 
 def _fields(filters: dict[str, Any]) -> list[tuple[str, str]]:
     """The filters as the confirmation form's hidden fields: times absolute, business keys as ``q``."""
@@ -90,8 +77,3 @@ def _fields(filters: dict[str, Any]) -> list[tuple[str, str]]:
     if filters["where"]:
         out.append(("q", " ".join(f"{k}={v}" for k, v in filters["where"].items())))
     return out
-
-
-def _described(filters: dict[str, Any]) -> str:
-    """The filters in words, for the page's heading."""
-    return ", ".join(f"{k} {v}" for k, v in _fields(filters)) or "none: every saga the action applies to"
