@@ -128,7 +128,6 @@ def test_two_thousand_failed_sagas_are_retried_in_one_command_each_undone_once(w
     done = cli(s, "retry", "--name", "cli_order", "--yes")
     assert done.returncode == 0, done.stderr
     assert "retry: 2,000 matched, 2,000 done" in done.stdout
-    assert peak_mb(done) < 150, done.stderr
     with thread_worker(s.app, concurrency=8):
         # (The index counts: one cheap call a poll, while the worker shares this process.)
         wait_for(lambda: compensated(s) == 2000, timeout=240, what="every saga compensated")
@@ -143,6 +142,9 @@ def test_two_thousand_failed_sagas_are_retried_in_one_command_each_undone_once(w
     # And running it again finds nothing left to retry
     again = cli(s, "retry", "--name", "cli_order", "--yes")
     assert again.returncode == 0 and "retry: 0 matched, 0 done" in again.stdout
+    # And the run over 2,000 sagas peaked within 40 MB of the run that found none: its memory is
+    # a page and the report, not the count (each peak alone depends on what the machine loaded)
+    assert peak_mb(done) - peak_mb(again) < 40, (peak_mb(done), peak_mb(again))
 
 
 def test_filters_select_by_reason_failed_step_time_and_start_kwargs(world: SimpleNamespace) -> None:
@@ -215,7 +217,7 @@ def test_an_id_and_filters_together_or_neither_are_usage_errors(world: SimpleNam
     bad = cli(s, "cancel", "--where", "order_id")
     assert bad.returncode == 2 and "KEY=VALUE" in bad.stderr
     with pytest.raises(ValueError, match="action must be one of"):
-        bulk(s.app, "restart", dry_run=True)
+        bulk(s.app, "rerun", dry_run=True)
 
 
 def test_index_pages_meet_every_entry_once_across_ties_and_removals(world: SimpleNamespace) -> None:

@@ -2,7 +2,7 @@
 dispatch.lua; store/redis.py TRANSITION_FILES): semantic locks and running
 limits (Saga(lock=..., max_running=...), celery_saga/locks.py).
 
-A saga names RESOURCES in its record ("lk": JSON [[resource, capacity], ...]):
+A saga names RESOURCES in its record ("lk": JSON, a list of [resource, capacity] pairs):
 "l:<lock>" for each lock (capacity 1), "n:<saga name>" for a running limit
 (capacity max_running). It takes all of them at its start, or none: if one
 is full, or anyone waits for one already (first come, first served), it
@@ -37,8 +37,11 @@ admitting transition moves); adm (when it was admitted, ms) until a sweeper
 has checked its first stage was published.
 ]]
 
--- How soon a sweeper checks that an admitted saga's first stage was published.
-local ADMIT_LOOK_MS = 5000
+-- How soon a sweeper checks that an admitted saga's first stage was published:
+-- the process that admitted it is most likely still publishing it until then
+-- (as for a callback: store/base.py CALLBACK_GRACE). Shorter, and a queue
+-- that holds messages longer (a backlog) would get a second copy of each.
+local ADMIT_LOOK_MS = 10000
 -- How often a sweeper looks at a waiting saga (dead holders, its lock deadline).
 local LOCK_RECHECK_MS = 30000
 
@@ -49,7 +52,7 @@ local function res(r, part) return prefix() .. ':{res:' .. r .. '}:' .. part end
 local function lock_meta(part) return prefix() .. ':{locks}' .. part end
 local function record_of(id) return prefix() .. ':{' .. id .. '}' end
 
--- The resources of the record at `key` ([[r, capacity], ...]), or nil.
+-- The resources of the record at `key` (a list of [r, capacity] pairs), or nil.
 local function resources(key)
   local text = redis.call('HGET', key, 'lk')
   if not text or text == '' then return nil end
