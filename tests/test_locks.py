@@ -319,3 +319,30 @@ def test_the_cli_lists_locks_shows_a_waiting_saga_and_unlocks_only_a_failed_one(
         s.gates.open("l-1")
         assert finished(holder) is finished(waiter) is SagaStatus.COMPLETED
     assert "no saga holds or waits for a lock" in cli(s, "locks").stdout
+
+
+def test_no_lock_outlives_its_holders_record_and_a_cancelled_waiter_leaves_the_queue(
+    app: Celery, iso: SimpleNamespace, r: redis.Redis, prefix: str, worker: Any
+) -> None:
+    app.conf.update(saga_compensation_max_retries=0, saga_failed_retention=1)
+    r.set(f"{prefix}:undo-broken", 1)
+    with worker():
+        # Given a FAILED saga holding order 12, kept a second (saga_failed_retention)
+        broken = iso.place.delay(order_id=12, fail="charge")
+        assert finished(broken) is SagaStatus.FAILED
+        r.delete(f"{prefix}:undo-broken")
+        assert saga_state(app, broken.id).lock_status == "held"
+        # When its record expires, the next saga on order 12 takes the lock at once
+        wait_for(lambda: not r.exists(f"{prefix}:{{{broken.id}}}"), what="the FAILED record to expire")
+        app.conf.saga_failed_retention = None
+        holder = iso.place.delay(order_id=12, hold="charge")
+        iso.gates.wait_entered("charge")
+        assert list_locks(app, "order:12")[0].holders == (holder.id,)
+        # And a waiter that is cancelled leaves the queue, so the one behind it is first
+        cancelled, behind = iso.place.delay(order_id=12), iso.place.delay(order_id=12)
+        assert cancelled.cancel()
+        assert finished(cancelled) is SagaStatus.COMPENSATED
+        assert list_locks(app, "order:12")[0].waiters == (behind.id,)
+        iso.gates.open("charge")
+        assert finished(holder) is finished(behind) is SagaStatus.COMPLETED
+    assert iso.blocks(12) == [broken.id, holder.id, behind.id]
