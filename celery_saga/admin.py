@@ -347,6 +347,8 @@ def purge_saga(app: Celery, saga_id: str) -> None:
     store = store_for(app)
     t = store.purge(saga_id)
     _check(store, saga_id, t, "purge", "only a finished saga (COMPLETED, COMPENSATED or FAILED) can be purged")
+    if t.admitted:
+        follow(app, store, t)  # a FAILED saga's locks went with it: the sagas waiting for them start
 
 
 def parse_since(text: str) -> datetime | timedelta:

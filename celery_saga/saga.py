@@ -559,7 +559,9 @@ class Saga:
         # RUNNING saga is left and the caller can simply retry.
         error = f"publish failed: {type(cause).__name__}: {cause}"
         try:
-            store.abort_start(created.saga_id, created.gen, self.name, error, unpublished)
+            aborted = store.abort_start(created.saga_id, created.gen, self.name, error, unpublished)
+            if aborted.admitted:
+                follow(app, store, dataclasses.replace(aborted, changed_from=None))  # its locks' next waiters
         except Exception:
             logger.exception("saga %s: could not mark the failed start", created.saga_id)
         raise cause  # the broker's own error, as publishing raised it
