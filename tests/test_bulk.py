@@ -217,7 +217,7 @@ def test_an_id_and_filters_together_or_neither_are_usage_errors(world: SimpleNam
     bad = cli(s, "cancel", "--where", "order_id")
     assert bad.returncode == 2 and "KEY=VALUE" in bad.stderr
     with pytest.raises(ValueError, match="action must be one of"):
-        bulk(s.app, "rerun", dry_run=True)
+        bulk(s.app, "restart", dry_run=True)
 
 
 def test_index_pages_meet_every_entry_once_across_ties_and_removals(world: SimpleNamespace) -> None:

@@ -35,7 +35,7 @@ from celery_saga.metrics import metrics_text
 from celery_saga.store.redis import RedisSagaStore
 from celery_saga.stores import store_for
 from celery_saga.testing import thread_worker
-from tests.helpers import Gates, finished, monitored, patience, wait_for
+from tests.helpers import Gates, finished, monitored, patience, store_now, wait_for
 from tests.test_business_keys import cli, world  # noqa: F401 - world is a fixture
 
 
@@ -279,7 +279,7 @@ def test_a_lock_of_a_missing_kwarg_is_a_definition_error_and_bad_definitions_fai
 
 
 def test_a_waiter_whose_starter_died_before_publishing_is_started_by_a_sweeper(
-    app: Celery, iso: SimpleNamespace, worker: Any
+    app: Celery, iso: SimpleNamespace, r: redis.Redis, worker: Any
 ) -> None:
     store = store_for(app)
     assert isinstance(store, RedisSagaStore)
@@ -291,6 +291,10 @@ def test_a_waiter_whose_starter_died_before_publishing_is_started_by_a_sweeper(
     # (the transition alone, without follow()): the waiter is let in, its first stage unpublished
     t = store.cancel(holder.id, "cancelled by a test")
     assert t.admitted == (waiter.id,)
+    # ... and the grace its starter had to publish is over (the admission set back 11 s, as the clock would move)
+    now_ms = store_now(r) * 1000
+    r.hset(store.keys.record(waiter.id), "adm", f"{now_ms - 11_000:.0f}")
+    r.zadd(store.keys.due(store.keys.shard_of(waiter.id)), {waiter.id: now_ms - 1_000})
     # Then a sweeper publishes it, and it runs
     with worker():
         assert finished(waiter, timeout=30) is SagaStatus.COMPLETED
