@@ -533,10 +533,7 @@ def main(argv: list[str] | None = None) -> int:
         "--memory-n", type=int, default=300, help="sagas per memory measurement, 0 to skip (default 300)"
     )
     parser.add_argument(
-        "--latency-n",
-        type=int,
-        default=100,
-        help="delay().get() calls per latency measurement, 0 to skip (default 100)",
+        "--latency-n", type=int, default=100, help="delay().get() calls to time, 0 to skip (default 100)"
     )
     parser.add_argument(
         "--monitor-n", type=int, default=50, help="sagas and chains in the MONITOR sample, 0 to skip (default 50)"
