@@ -37,6 +37,7 @@ from celery_saga.stores import store_for
 from celery_saga.testing import thread_worker
 from tests.helpers import Gates, finished, monitored, patience, store_now, wait_for
 from tests.test_business_keys import cli, world  # noqa: F401 - world is a fixture
+from tests.test_web import get, web_server
 
 
 def build(app: Celery, r: redis.Redis, prefix: str) -> SimpleNamespace:
@@ -316,6 +317,11 @@ def test_the_cli_lists_locks_shows_a_waiting_saga_and_unlocks_only_a_failed_one(
         ]
         shown = cli(s, "show", waiter.id)
         assert f"waiting for lock order:31 (held by {holder.id}; position 1)" in shown.stdout
+        # (and the web page says the same, the holder linked)
+        with web_server(s.app) as base:
+            status, page = get(f"{base}/saga/{waiter.id}")
+        assert status == 200 and 'id="locks"' in page and "position 1" in page, page
+        assert f'href="/saga/{holder.id}"' in page
         doc = json.loads(cli(s, "show", waiter.id, "--json").stdout)
         assert doc["locks"]["status"] == "waiting" and doc["locks"]["position"] == {"order:31": 1}
         refused = cli(s, "unlock", holder.id)
