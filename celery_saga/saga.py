@@ -336,6 +336,7 @@ class Saga:
         if unknown:
             raise TypeError(f"apply_async_on_commit() got unexpected options {sorted(unknown)}")
         search_values(self.name, self.search_keys, data)
+        render_locks(self.name, self.locks, data)  # a lock's missing kwarg too
         self.plan()  # a broken definition fails here, not after the commit
         transaction.on_commit(functools.partial(self.apply_async, None, data, **options), using=using)
 

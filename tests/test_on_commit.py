@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from celery import Celery
 
-from celery_saga import Saga, SagaDataError, SagaNotFound, SagaResult, SagaStatus, saga_stats
+from celery_saga import Saga, SagaDataError, SagaDefinitionError, SagaNotFound, SagaResult, SagaStatus, saga_stats
 from tests import shop
 from tests.helpers import finished
 
@@ -75,3 +75,9 @@ def test_what_apply_async_would_refuse_raises_inside_the_transaction(app: Celery
             saga.apply_async_on_commit(kwargs={"order_id": 1}, idempotency_key="")
         with pytest.raises(TypeError, match="unexpected options"):
             saga.apply_async_on_commit(kwargs={"order_id": 1}, countdown=3)
+        # A lock's or a business key's kwarg too: a lock it cannot name, a key it cannot index
+        locked = Saga("on_commit_locked", [s.reserve], lock="order:{order_id}", search_keys=("customer",))
+        with pytest.raises(SagaDefinitionError, match="needs the kwarg 'order_id'"):
+            locked.delay_on_commit(customer="c1")
+        with pytest.raises(SagaDataError, match="search key 'customer'"):
+            locked.delay_on_commit(order_id=1, customer=1.5)
