@@ -65,8 +65,9 @@ def rerun_saga(app: Celery, saga_id: str, *, again: bool = False) -> SagaResult:
 
     Raises:
         SagaNotFound: no saga ``saga_id``.
-        SagaStateError: it is not COMPENSATED or FAILED, or it was re-run
-            already (``again=True`` re-runs it once more).
+        SagaStateError: it is not COMPENSATED or FAILED, it was re-run
+            already (``again=True`` re-runs it once more), or it is a child
+            saga (re-run its parent).
         SagaDefinitionError: no saga of its name is defined in this process.
         SagaRecordCorrupt: its record cannot be read.
     """
@@ -80,6 +81,11 @@ def rerun(app: Celery, saga_id: str, *, again: bool = False) -> Rerun:
     name, status = raw.get("name", ""), raw.get("status", "")
     if status not in {s.value for s in _ALLOWED}:
         raise SagaStateError(saga_id, status, "re-run", _ONLY)
+    if raw.get("parent"):
+        # Its end callback tells its parent; a copy that no parent waits for would be refused as forged.
+        raise SagaStateError(
+            saga_id, status, "re-run", f"it is a child saga, a step of saga {raw['parent']}: re-run that one"
+        )
     defined = {s.plan_digest(): s for s in sagas_of(app) if s.name == name}
     if not defined:
         raise SagaDefinitionError(

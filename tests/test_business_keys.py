@@ -268,6 +268,20 @@ def test_a_rerun_is_a_new_saga_linked_both_ways_and_made_once(world: SimpleNames
             finished(SagaResult(rerun_id, app=s.app))
 
 
+def test_a_child_saga_is_not_re_run_on_its_own(world: SimpleNamespace) -> None:
+    s = world
+    kid = Saga("cli_kid", [s.charge])
+    parent = Saga("cli_parent", [s.reserve, kid])
+    with thread_worker(s.app):
+        res = parent.apply_async(kwargs={"token": "kid-1", "fail": "charge"})
+        assert finished(res) is SagaStatus.COMPENSATED
+    child_id = f"{res.id}:cli_kid"
+    assert saga_state(s.app, child_id).status is SagaStatus.COMPENSATED
+    with pytest.raises(SagaStateError, match=f"a step of saga {res.id}: re-run that one"):
+        rerun_saga(s.app, child_id)
+    assert saga_state(s.app, child_id).reruns == ()
+
+
 def test_a_rerun_of_a_changed_definition_runs_the_current_one_and_says_so(world: SimpleNamespace) -> None:
     s = world
     old = Saga("cli_evolving", [s.reserve, s.charge])
