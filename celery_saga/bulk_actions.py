@@ -31,11 +31,12 @@ from .admin import epoch_seconds, purge_saga, retry_saga
 from .errors import SagaDefinitionError, SagaNotFound, SagaRecordCorrupt, SagaStateError
 from .rerun import rerun_saga
 from .result import SagaResult
+from .search import parse_where
 from .shutdown import stop_requested
 from .state import SagaStatus
 from .stores import store_for
 
-__all__ = ["ACTIONS", "BulkReport", "bulk", "parse_where"]
+__all__ = ["ACTIONS", "BulkReport", "bulk"]
 
 #: What a bulk run can do to each saga it matches, and the statuses it looks in unless told.
 ACTIONS: dict[str, tuple[SagaStatus, ...]] = {
@@ -132,21 +133,6 @@ def _same(value: Any, wanted: str) -> bool:
     if isinstance(value, bool):
         return wanted.lower() == str(value).lower()
     return str(value) == wanted
-
-
-def parse_where(items: Iterable[str]) -> tuple[tuple[str, str], ...]:
-    """``["order_id=7", ...]`` as pairs.
-
-    Raises:
-        ValueError: an item is not KEY=VALUE.
-    """
-    pairs = []
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"{item!r} is not KEY=VALUE")
-        pairs.append((key, value))
-    return tuple(pairs)
 
 
 def bulk(

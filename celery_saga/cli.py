@@ -298,7 +298,7 @@ def _run_bulk(ctx: click.Context, action: str, saga_id: str | None, **filters: A
     if not given:
         raise click.UsageError(f"give a saga id, or filters for a bulk {action} (--name, --status, --since ...)")
     try:
-        where = bulk_actions.parse_where(given.pop("where", ()))
+        where = search.parse_where(given.pop("where", ()))
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--where") from exc
     statuses = given.pop("statuses", None)

@@ -24,7 +24,16 @@ from .errors import SagaDataError, SagaDefinitionError
 from .state import search_pairs
 from .store import SagaStore
 
-__all__ = ["MAX_SEARCH_KEYS", "Collector", "find", "matches", "search_keys_of", "search_values", "where_pairs"]
+__all__ = [
+    "MAX_SEARCH_KEYS",
+    "Collector",
+    "find",
+    "matches",
+    "parse_where",
+    "search_keys_of",
+    "search_values",
+    "where_pairs",
+]
 
 logger = logging.getLogger("celery_saga")
 
@@ -86,17 +95,7 @@ def where_pairs(where: Mapping[str, Any] | Iterable[str]) -> tuple[tuple[str, st
     Raises:
         ValueError: an item is not KEY=VALUE, or a value cannot be a business key's.
     """
-    items: Iterable[tuple[Any, Any]]
-    if isinstance(where, Mapping):
-        items = where.items()
-    else:
-        split = []
-        for item in where:
-            key, sep, value = str(item).partition("=")
-            if not sep or not key:
-                raise ValueError(f"{item!r} is not KEY=VALUE (as in order_id=7)")
-            split.append((key, value))
-        items = split
+    items = where.items() if isinstance(where, Mapping) else parse_where(where)
     pairs = []
     for key, value in items:
         if not isinstance(key, str) or not _KEY.fullmatch(key):
@@ -105,6 +104,21 @@ def where_pairs(where: Mapping[str, Any] | Iterable[str]) -> tuple[tuple[str, st
             pairs.append((key, _text(value, f"where {key}")))
         except SagaDataError as exc:
             raise ValueError(str(exc)) from None
+    return tuple(pairs)
+
+
+def parse_where(items: Iterable[str]) -> tuple[tuple[str, str], ...]:
+    """``["order_id=7", ...]`` as (key, value) pairs, the values as written.
+
+    Raises:
+        ValueError: an item is not KEY=VALUE.
+    """
+    pairs = []
+    for item in items:
+        key, sep, value = str(item).partition("=")
+        if not sep or not key:
+            raise ValueError(f"{item!r} is not KEY=VALUE (as in order_id=7)")
+        pairs.append((key, value))
     return tuple(pairs)
 
 

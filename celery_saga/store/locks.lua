@@ -272,18 +272,19 @@ lock_sweep = function()
   return nil
 end
 
--- The next time a sweeper should look at the saga for its locks ("" if never).
+-- The next time a sweeper should look at the saga for its locks (nil if
+-- never), and whether it waits for them.
 lock_deadline = function()
   local lks = hget('lks')
   if lks == 'wait' then
     local look = num(NOW) + LOCK_RECHECK_MS
     local dl = num(hget('lkdl'))
     if dl and dl < look then look = dl end
-    return look
+    return look, true
   end
+  if lks ~= 'held' then return nil, false end
   local adm = num(hget('adm'))
-  if lks == 'held' and adm then return adm + ADMIT_LOOK_MS end
-  return nil
+  return adm and adm + ADMIT_LOOK_MS, false
 end
 
 -- ARGV: none. An operator gives back the locks of a FAILED saga (the

@@ -634,9 +634,10 @@ local function next_deadline()
     if x and (not best or x < best) then best = x end
   end
   local st = live
-  consider(lock_deadline())
+  local lock_look, waiting = lock_deadline()
+  consider(lock_look)
   -- Waiting for its locks, nothing of it runs: only its locks have deadlines.
-  if hget('lks') == 'wait' then return string.format('%.0f', best) end
+  if waiting then return string.format('%.0f', best) end
   if st == 'PENDING' or st == 'RUNNING' then consider(hget('sdl')) end
   if pending_callback() then consider(num(hget('status_at')) + CALLBACK_GRACE_MS) end
   local shortest = nil
@@ -1092,8 +1093,8 @@ end
 -- record's "sk" values, purge removes them, sweepers remove those of
 -- expired records. The bucket is store/keys.py search_bucket, on one sha1.
 local SEARCH_BUCKETS = 4
-local function index_search(add)
-  local sk = hget('sk')
+local function index_search(add, sk)
+  sk = sk or hget('sk')
   if not SHARD or not sk or sk == '' then return end
   local ok, keys = pcall(cjson.decode, sk)
   if not ok or type(keys) ~= 'table' then return end
@@ -1148,7 +1149,7 @@ OPS.start = function()
   if f['!def'] then redis.call('SET', KS[3], f['!def'], 'nx') end
   for i = 1, #pairs_, 200 do redis.call('HSET', K, unpack(pairs_, i, math.min(i + 199, #pairs_))) end
   redis.call('HSET', K, 'v', '1', 'gen', gen, 'created', NOW, 'stage', '0', 'copen', '0', 'gaveup', '0')
-  index_search(true)
+  index_search(true, f.sk)
   if f['!watch'] then
     redis.call('ZADD', SHARD .. ':due', 'lt', f['!watch'], SAGA_ID)
   end
