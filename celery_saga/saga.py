@@ -426,11 +426,6 @@ class Saga:
         message_serializer(app)  # raises before anything is written if workers would drop the messages
         settings = settings_of(app)
         store = store_for(app)
-        if locks and not store.indexes_in_transition:
-            raise SagaDefinitionError(
-                f"saga {self.name!r}: locks and max_running need a saga store on one Redis server (or "
-                f"Sentinel); {store.where()} is a cluster"
-            )
         d = self._definition(app, settings)
         # The first deadline can be no sooner than the shortest timeout.
         first = min((x for x in (d.shortest_timeout, saga_timeout) if x is not None), default=None)

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from celery import Celery
 
 from .errors import SagaError, SagaRecordCorrupt, SagaStoreMisconfigured, SagaStoreUnavailable
-from .follow import follow
+from .follow import follow, redrive
 from .liveness import declare_lost_workers
 from .search import Collector
 from .store import Outcome, SagaStore
@@ -46,6 +46,9 @@ logger = logging.getLogger("celery_saga")
 #: How long a claim keeps other sweepers off an entry, seconds. A sweeper
 #: that dies mid-sweep delays that saga's deadlines by at most this much.
 LEASE = 15.0
+#: How often each worker's sweeper repairs a cluster store's locks, seconds
+#: (store/cluster_locks.py: a waiting saga's own sweep repairs its locks sooner).
+LOCK_REPAIR_EVERY = 60.0
 
 
 @dataclass(frozen=True)
@@ -174,6 +177,7 @@ class SweeperThread(threading.Thread):
         self._stop_event = threading.Event()
         # Business key entries of expired records, once a minute (celery_saga.search).
         self._collect = Collector()
+        self._next_lock_repair = 0.0
 
     def run(self) -> None:
         # Each distinct problem is logged once, not every interval.
@@ -187,6 +191,7 @@ class SweeperThread(threading.Thread):
                 if look:
                     looked_for_lost = started
                 self._collect(store_for(self.app))
+                self._repair_locks(store_for(self.app))
                 if failing:
                     logger.warning("celery_saga sweeper: sweeping again")
                 failing = ""
@@ -205,6 +210,18 @@ class SweeperThread(threading.Thread):
                     logger.exception("celery_saga sweeper: unexpected error")
                 failing = repr(exc)
             self._stop_event.wait(max(0.0, self.interval - (time.monotonic() - started)))
+
+    def _repair_locks(self, store: SagaStore) -> None:
+        now = time.monotonic()
+        if now < self._next_lock_repair:
+            return
+        self._next_lock_repair = now + LOCK_REPAIR_EVERY
+        for saga_id in store.repair_locks():
+            try:
+                redrive(self.app, store, saga_id)
+            except Exception:
+                # Its record has the stage dispatched: a sweep publishes it (store/locks.lua adm).
+                logger.exception("saga %s: its locks are free, but its first stage could not be published yet", saga_id)
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stop_event.set()

@@ -343,7 +343,7 @@ def test_no_lock_outlives_its_holders_record_and_a_cancelled_waiter_leaves_the_q
         r.delete(f"{prefix}:undo-broken")
         assert saga_state(app, broken.id).lock_status == "held"
         # When its record expires, the next saga on order 12 takes the lock at once
-        wait_for(lambda: not r.exists(f"{prefix}:{{{broken.id}}}"), what="the FAILED record to expire")
+        wait_for(lambda: store_for(app).load_many([broken.id]) == [None], what="the FAILED record to expire")
         app.conf.saga_failed_retention = None
         holder = iso.place.delay(order_id=12, hold="charge")
         iso.gates.wait_entered("charge")

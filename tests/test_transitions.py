@@ -136,6 +136,15 @@ def pending(store: RedisSagaStore, maxr: int | None = None) -> Saga:
     return saga
 
 
+def waiting_for_lock(store: RedisSagaStore) -> Saga:
+    """A saga waiting for lock ``x``, which another holds."""
+    lock = (("l:x-" + uuid.uuid4().hex[:8], 1),)
+    assert store.start(dataclasses.replace(request(str(uuid.uuid4())), locks=lock)).outcome is Outcome.CREATED
+    saga = Saga(store, str(uuid.uuid4()))
+    assert store.start(dataclasses.replace(request(saga.saga_id), locks=lock)).waiting
+    return saga
+
+
 def running(store: RedisSagaStore, maxr: int | None = None) -> Saga:
     saga = pending(store, maxr)
     assert saga.apply(Op.BEGIN, "a", "0", "").outcome is Outcome.RUN
@@ -582,6 +591,17 @@ CASES = [
     ),
     Case(Op.UNLOCK, failed, (), Outcome.DUPLICATE, SagaStatus.FAILED),  # it names no lock (tests/test_locks.py)
     Case(Op.UNLOCK, running, (), Outcome.NOT_ALLOWED, SagaStatus.RUNNING),
+    # admit: a cluster's lock script let a waiting saga in (tests/test_cluster.py drives it whole)
+    Case(Op.ADMIT, waiting_for_lock, (), Outcome.RECORDED, SagaStatus.PENDING, _step_is("a", StepStatus.DISPATCHED)),
+    Case(Op.ADMIT, pending, (), Outcome.NOT_ALLOWED, SagaStatus.PENDING),  # it waits for nothing
+    Case(
+        Op.ADMIT,
+        waiting_for_lock,
+        (),
+        Outcome.DUPLICATE,
+        SagaStatus.PENDING,
+        prepare=lambda saga: saga.apply(Op.ADMIT, gen="*") and None,
+    ),
     Case(Op.RERUN, completed, ("new-id", ""), Outcome.NOT_ALLOWED, SagaStatus.COMPLETED),
     Case(Op.RERUN, running, ("new-id", ""), Outcome.NOT_ALLOWED, SagaStatus.RUNNING),
     Case(Op.PURGE, compensated, (), Outcome.PURGED, SagaStatus.COMPENSATED, lambda s, t: _gone(s)),
@@ -691,7 +711,7 @@ def test_op(store: RedisSagaStore, case: Case) -> None:
     saga = case.given(store)
     if case.prepare is not None:
         case.prepare(saga)
-    operators = (Op.SWEEP, Op.CANCEL, Op.RETRY, Op.RERUN, Op.UNLOCK, Op.PURGE, Op.SIGNAL, Op.UNWIND)
+    operators = (Op.SWEEP, Op.CANCEL, Op.RETRY, Op.RERUN, Op.UNLOCK, Op.ADMIT, Op.PURGE, Op.SIGNAL, Op.UNWIND)
     gen = "*" if case.op in operators else GEN
     t = saga.apply(case.op, *case.args, gen=gen)
     assert (t.op, t.outcome, t.status) == (case.op, case.outcome, case.status)
@@ -705,6 +725,7 @@ def test_every_op_and_outcome_is_covered() -> None:
     elsewhere |= {Outcome.MISSING, Outcome.STALE, Outcome.CORRUPT}  # refusals every op shares, below
     elsewhere.add(Outcome.REJECTED)  # a message checked against another plan, below
     elsewhere.add(Outcome.LOCKED)  # a start refused by its lock: tests/test_locks.py
+    elsewhere.add(Outcome.RELOCK)  # a cluster's start whose lock call is too old: tests/test_cluster_locks.py
     assert {c.outcome for c in CASES} | elsewhere == set(Outcome)
 
 

@@ -97,6 +97,8 @@ class StartRequest:
     #: "queue" (wait for them) or "reject" (refused, nothing written); how long it waits (None: for ever).
     on_locked: str = "queue"
     lock_timeout: float | None = None
+    #: A cluster: its lock call's answer ("take" or "wait") and when (ms), for the start to write (cluster_locks.py).
+    lock_answer: tuple[str, str] | None = None
 
     def definition(self) -> str:
         """The plan and settings, stored once under ``plan_digest`` rather than in every record."""
@@ -136,6 +138,8 @@ class StartRequest:
                 pairs.append(("!onl", "reject"))
             if self.lock_timeout is not None:
                 pairs.append(("!lkto", f"{self.lock_timeout * 1000:.0f}"))
+            if self.lock_answer is not None:
+                pairs += [("!lkc", self.lock_answer[0]), ("!lkat", self.lock_answer[1])]
         if self.parent is not None:
             pairs += [("parent", self.parent[0]), ("pgen", self.parent[1]), ("pstep", self.parent[2])]
         if self.pivot:
@@ -388,6 +392,13 @@ class SagaStore(abc.ABC):
     @abc.abstractmethod
     def lock_counters(self) -> dict[str, int]:
         """The locks' metrics (store/keys.py ``{locks}:m``)."""
+
+    def repair_locks(self) -> list[str]:
+        """Repair what a crash left between a cluster's lock calls (store/cluster_locks.py); the sagas let start.
+
+        A store whose transitions move the locks themselves has nothing to repair.
+        """
+        return []
 
     @abc.abstractmethod
     def search(self, key: str, value: str) -> set[str]:

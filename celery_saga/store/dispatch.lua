@@ -1,4 +1,4 @@
---[[ celery_saga transitions, part 3 of 3 (after transitions.lua and locks.lua,
+--[[ celery_saga transitions, part 4 of 4 (after transitions.lua, lockqueue.lua and locks.lua,
 loaded as one script: store/redis.py TRANSITION_FILES): the index moves every
 transition makes, and the dispatch of a call to its op. ]]
 
@@ -104,6 +104,7 @@ local function transition(keys, args)
   NOW = string.format('%.0f', tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000))
   STAGES, expanded, ending, purged_name, unindexed = nil, false, false, nil, false
   ADMITTED = {}
+  lock_call()
   CALLBACK_GRACE_MS = num(AV[4]) or 0
   take_enqueue()
   local handler = OPS[op]

@@ -57,11 +57,14 @@ the store was reset, not expired. And the number of index ``shards``, and
 ``lost``: how many sagas workers, sweepers and readers have met lost in the
 reset (their ids, counted once each, are the set ``<prefix>:{meta}:lost``).
 
-Semantic locks and running limits (``store/locks.lua`` draws them): each
-resource (``l:<lock>``, ``n:<saga name>``) has ``<prefix>:{res:<r>}:h``, the set
-of the sagas holding it, and ``<prefix>:{res:<r>}:q``, the sorted set of those
-waiting for it by arrival. ``<prefix>:{locks}`` is the set of resources in
-use, ``<prefix>:{locks}:seq`` the arrival sequence, and ``<prefix>:{locks}:m``
+Semantic locks and running limits (``store/lockqueue.lua`` draws them), all
+under the hash tag ``{locks}``, so that a saga naming several takes them in one
+call on a cluster too: each resource (``l:<lock>``, ``n:<saga name>``) has
+``<prefix>:{locks}:h:<r>``, the set of the sagas holding it, and
+``<prefix>:{locks}:q:<r>``, the sorted set of those waiting for it by arrival.
+On a cluster, ``<prefix>:{locks}:w`` is a hash of what the lock script knows of
+each saga holding or waiting (``store/lockslot.lua``). ``<prefix>:{locks}`` is
+the set of resources in use, ``<prefix>:{locks}:seq`` the arrival sequence, and ``<prefix>:{locks}:m``
 a hash of their metrics: ``waiting:<name>`` (sagas waiting now),
 ``wait:<i>`` (waits that lasted up to ``DURATION_BUCKETS[i - 1]``),
 ``waitsum`` (ms) and ``unlocked`` (operator unlocks).
@@ -245,8 +248,12 @@ class Keys:
 
     def resource(self, resource: str, part: str) -> str:
         """A lock's or running limit's holders (``part`` "h", a set) or waiters ("q", ids by arrival)."""
-        return f"{self.prefix}:{{res:{resource}}}:{part}"
+        return f"{self.locks()}:{part}:{resource}"
 
     def locks(self) -> str:
         """Set of the resources some saga holds or waits for; ``:m`` its metrics hash, ``:seq`` the arrival sequence."""
         return f"{self.prefix}:{{locks}}"
+
+    def lock_metrics(self) -> str:
+        """Hash of the locks' metrics (see above)."""
+        return f"{self.locks()}:m"

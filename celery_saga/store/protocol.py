@@ -43,6 +43,7 @@ class Op(str, Enum):
     RETRY = "retry"
     RERUN = "rerun"
     UNLOCK = "unlock"
+    ADMIT = "admit"
     PURGE = "purge"
 
     def __str__(self) -> str:
@@ -84,6 +85,7 @@ class Outcome(str, Enum):
     STALE = "stale"  # a message of an earlier start of this saga
     REJECTED = "rejected"  # a message whose task was checked against another plan than the record's
     LOCKED = "locked"  # start, on_locked="reject": a lock is held (or waited for); nothing was written
+    RELOCK = "relock"  # start on a cluster: its lock call's answer came too late to trust; nothing was written
 
     def __str__(self) -> str:
         return self.value
@@ -167,6 +169,10 @@ class Transition:
             been published: publish what its record dispatched.
         lock, holder: ``LOCKED``: the resource (``l:<lock>``, ``n:<saga name>``)
             and the saga holding it (or the first waiting for it).
+        release, retake, relook, kept: On a cluster, the lock calls the
+            transition left to its caller (store/cluster_locks.py): resources
+            to give back, running slots to take again, a waiting saga to look
+            at, a FAILED saga keeping its locks.
     """
 
     op: Op
@@ -192,6 +198,10 @@ class Transition:
     redrive: bool = False
     lock: str = ""
     holder: str = ""
+    release: tuple[str, ...] = ()
+    retake: tuple[str, ...] = ()
+    relook: bool = False
+    kept: bool = False
 
     @property
     def ended(self) -> bool:
@@ -211,6 +221,7 @@ class Transition:
         deadline = raw.get("next_deadline")
         step_status = raw.get("step_status")
         outcome = Outcome(raw["outcome"])
+        later = raw.get("later") or {}
         return cls(
             op=op,
             outcome=outcome,
@@ -236,6 +247,10 @@ class Transition:
             redrive=raw.get("redrive") is True,
             lock=str(raw.get("lock") or ""),
             holder=str(raw.get("holder") or ""),
+            release=tuple(str(x) for x in later.get("release") or ()),
+            retake=tuple(str(x) for x in later.get("retake") or ()),
+            relook=later.get("relook") is True,
+            kept=later.get("kept") is True,
         )
 
 

@@ -41,11 +41,12 @@ from ..errors import (
 )
 from ..redis_server import PRIVATE_SERVER_KEY
 from ..state import SagaStatus
-from .base import LostWorker, SagaStore, WorkerInstance
+from .base import LostWorker, SagaStore, StartRequest, WorkerInstance
+from .cluster_locks import ClusterLocks
 from .compact import unpack
 from .connect import Target, connect, mask_url, parse
 from .keys import DEFAULT_SHARDS, SEARCH_BUCKETS, Keys, search_bucket
-from .protocol import EndNotice, Op
+from .protocol import EndNotice, Op, Transition
 
 __all__ = ["RedisSagaStore", "mask_url"]
 
@@ -102,12 +103,14 @@ return n
 #: The transitions, by lifecycle, concatenated in this order into one script
 #: (a function library on Redis 7): the op table and the saga lifecycle, then
 #: the locks, then the dispatch of a call to its op.
-TRANSITION_FILES = ("transitions.lua", "locks.lua", "dispatch.lua")
+TRANSITION_FILES = ("transitions.lua", "lockqueue.lua", "locks.lua", "dispatch.lua")
+#: A cluster's lock script (store/cluster_locks.py): the lock queues, then its ops.
+LOCK_SLOT_FILES = ("lockqueue.lua", "lockslot.lua")
 
 
-def transitions_source() -> str:
-    """The source of the transitions script: `TRANSITION_FILES`, concatenated."""
-    return "".join(resources.files(__package__).joinpath(name).read_text() for name in TRANSITION_FILES)
+def transitions_source(files: Sequence[str] = TRANSITION_FILES) -> str:
+    """The source of the transitions script: `TRANSITION_FILES` (or other ``files``), concatenated."""
+    return "".join(resources.files(__package__).joinpath(name).read_text() for name in files)
 
 
 # Sweepers lease due entries of deadline shards (KEYS: every shard on one
@@ -350,10 +353,29 @@ class RedisSagaStore(SagaStore):
         self._define_script: Script = self.client.register_script(_DEFINE_LUA)
         self._alive_script: Script = self.client.register_script(_ALIVE_LUA)
         self._claim_workers_script: Script = self.client.register_script(_CLAIM_WORKERS_LUA)
+        self._lock_script: Script = self.client.register_script(transitions_source(LOCK_SLOT_FILES))
+        # A cluster: the locks move in calls of their own, beside the transitions.
+        self.cluster_locks = ClusterLocks(self, self.client, self.keys, self._lock_script) if self.cluster else None
         self._subscribers = threading.local()
         self._defined: set[str] = set()
         self._epoch: str | None = None
         self._reset_logged: set[str] = set()
+
+    # -- a cluster's locks (store/cluster_locks.py) ----------------------------
+
+    def start(self, req: StartRequest, messages: Sequence[str] = ()) -> Transition:
+        if self.cluster_locks is None or not req.locks:
+            return super().start(req, messages)
+        return self.cluster_locks.start(req, lambda r: super(RedisSagaStore, self).start(r, messages))
+
+    def apply(self, op: Op, saga_id: str, gen: str, name: str, *args: str, **options: Any) -> Transition:
+        t = super().apply(op, saga_id, gen, name, *args, **options)
+        if self.cluster_locks is None or not (t.release or t.retake or t.relook or t.kept):
+            return t
+        return self.cluster_locks.after(t)
+
+    def repair_locks(self) -> list[str]:
+        return [] if self.cluster_locks is None else self.cluster_locks.repair_all()
 
     # -- calling Redis -------------------------------------------------------
 
@@ -382,6 +404,7 @@ class RedisSagaStore(SagaStore):
         found = _SCRIPT_LINE.search(str(exc))
         scripts = [self._script, self._shard_script, self._claim_script, self._rescore_script, self._lost_script]
         scripts += [self._define_script, self._alive_script, self._claim_workers_script, self._collect_script]
+        scripts.append(self._lock_script)
         sources = {s.sha: str(s.script) for s in scripts}
         sources[self._function] = self._library
         name = None if found is None else found["sha"] or found["function"]
@@ -797,7 +820,7 @@ class RedisSagaStore(SagaStore):
         return sorted(str(r) for r in self._call(lambda: self.client.smembers(self.keys.locks())))
 
     def lock_counters(self) -> dict[str, int]:
-        raw = self._call(lambda: self.client.hgetall(f"{self.keys.locks()}:m"))
+        raw = self._call(lambda: self.client.hgetall(self.keys.lock_metrics()))
         return {str(k): int(v) for k, v in raw.items()}
 
     def search(self, key: str, value: str) -> set[str]:

@@ -44,10 +44,17 @@ REPLY: one JSON object (store/protocol.py: Transition.from_reply)
   heartbeat_timeout  heartbeat, recorded: the step's heartbeat timeout (ms), absent if none
   step_status    duplicate (of a forward step): what the record has
   name, gen      ops called with generation "*": the record's
+  waiting        created, exists: the saga waits for its locks; nothing is dispatched
+  admitted       waiting sagas this call let start (locks.lua): publish their first stage
+  later          a cluster: the lock calls left to the caller (locks.lua): release
+                 (resources to give back), retake (running slots), relook (a sweep),
+                 kept (a FAILED saga keeps its locks)
+  lock, holder   locked: the resource refused and the saga holding (or first waiting for) it
 
 OPS, in lifecycle order
   op             caller                           acts when (saga; step)            replies
-  start          Saga.apply_async                 no record, or a failed start      created | exists | conflict
+  start          Saga.apply_async                 no record, or a failed start      created | exists | conflict |
+                                                                                    locked | relock (locks.lua)
   abort          Saga.apply_async, publish failed PENDING; or a stage-0 sibling ran rollback | aborted
   begin          step wrapper, before the call    step DISPATCHED, RUNNING          run | busy | fenced | duplicate | not_dispatched
   done           step wrapper, after a return     step RUNNING, DISPATCHED (a lost  wait | next_stage | completed | rollback | late | duplicate
@@ -76,6 +83,8 @@ OPS, in lifecycle order
                                                   past the pivot gave up
   rerun          rerun_saga (operator), on the    COMPENSATED, FAILED               recorded | exists | not_allowed
                  saga it re-runs: links the new id
+  unlock         unlock_saga (operator)           FAILED, holding its locks         recorded | duplicate | not_allowed
+  admit          a cluster's lock caller          PENDING, waiting for its locks    recorded | duplicate | not_allowed
   purge          purge_saga (operator)            COMPLETED, COMPENSATED, FAILED    purged | not_allowed
   resend: a step past the pivot (or the pivot, its outcome lost) is sent
   again (its due entry has forward = true), or gave up (the saga is FAILED,
@@ -135,6 +144,7 @@ local expanded, ending, purged_name, unindexed  -- see expand, finish, OPS.purge
 local slot              -- this call's reply slot, a function (see de-duplication)
 local ENQ               -- start, done: the messages they carry (see take_enqueue)
 local ADMITTED          -- the waiters this call let start (locks.lua), for the reply
+local LATER            -- a cluster: the lock calls left to the caller (locks.lua), for the reply
 -- Defined in locks.lua (semantic locks and running limits), called here:
 local lock_check, lock_enter, release_locks, lock_sweep, lock_deadline, retake_slots
 
@@ -372,6 +382,7 @@ local function respond(outcome, changed, fields, raw)
   if changed and changed ~= '' then r.from = changed end
   if r.due and #r.due == 0 then r.due = nil end
   if ADMITTED and #ADMITTED > 0 then r.admitted = ADMITTED end
+  if LATER and next(LATER) then r.later = LATER end
   if gen == '*' then
     if r.name == nil then r.name = hget('name') or '' end
     r.gen = hget('gen') or ''
