@@ -195,3 +195,15 @@ def held_request(store: RedisSagaStore, saga_id: str) -> Any:
         max_retries=None,
         step_fields=(),
     )
+
+
+def test_the_lock_timings_python_uses_are_the_scripts() -> None:
+    # cluster_locks.py schedules a waiter's sweep and an admitted saga's check on the times locks.lua uses
+    import re
+    from importlib import resources
+
+    from celery_saga.store import cluster_locks
+
+    source = resources.files("celery_saga.store").joinpath("locks.lua").read_text()
+    found = {m[0]: int(m[1]) / 1000 for m in re.findall(r"^local (\w+_MS) = (\d+)$", source, re.M)}
+    assert (found["LOCK_RECHECK_MS"], found["ADMIT_LOOK_MS"]) == (cluster_locks.LOCK_RECHECK, cluster_locks.ADMIT_LOOK)

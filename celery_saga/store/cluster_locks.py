@@ -66,6 +66,7 @@ class Acquired:
     at: str
     lock: str = ""
     holder: str = ""
+    queued: bool = False  # the holder named waits first (nobody holds the lock)
 
 
 def holds(resource: str, status: str | None, lks: str | None) -> bool:
@@ -97,13 +98,18 @@ class ClusterLocks:
             f"{float(raw.get('at') or 0):.0f}",
             str(raw.get("lock") or ""),
             str(raw.get("holder") or ""),
+            raw.get("queued") is True,
         )
 
-    def release(self, saga_id: str, resources: Iterable[str], missing: bool = False, unlock: bool = False) -> list[str]:
-        """Give ``resources`` back; the waiters that now hold theirs (their records still to admit)."""
-        raw = json.loads(
-            self._lock("release", saga_id, "missing" if missing else "", "unlock" if unlock else "", *resources)
-        )
+    def release(
+        self, saga_id: str, resources: Iterable[str], missing: bool = False, unlock: bool = False, queued: bool = False
+    ) -> list[str]:
+        """Give ``resources`` back (``queued``: leave their queues only); the waiters that now hold theirs.
+
+        Those waiters' records are still to admit.
+        """
+        how = "unlock" if unlock else "queued" if queued else ""
+        raw = json.loads(self._lock("release", saga_id, "missing" if missing else "", how, *resources))
         admitted = raw.get("admitted")
         return [str(x) for x in admitted] if isinstance(admitted, list) else []
 
@@ -115,7 +121,7 @@ class ClusterLocks:
             got = self.acquire(req.saga_id, req.on_locked, req.name, req.locks)
             # The lock script cannot read the records: a saga in the way may be gone
             # (one server prunes those in the start itself, store/locks.lua).
-            if got.how != "take" and got.holder not in ("", req.saga_id) and self._gone(got.holder, got.lock):
+            if got.how != "take" and got.holder not in ("", req.saga_id) and self._gone(got):
                 got = self.acquire(req.saga_id, req.on_locked, req.name, req.locks)
             if got.how == "locked":
                 return Transition(
@@ -216,12 +222,12 @@ class ClusterLocks:
             return
         self.admit(self.release(saga_id, resources))
 
-    def _gone(self, holder: str, resource: str) -> bool:
-        """A holder that refuses a start no longer holds ``resource``: give it back (True if that freed it)."""
-        got = self._records([holder])[0]
-        if got is not None and (holds(resource, *got) or got == ("PENDING", "wait")):
+    def _gone(self, blocked: Acquired) -> bool:
+        """The saga a start waits for (or is refused by) is gone: it lets go (True), or it is there (False)."""
+        got = self._records([blocked.holder])[0]
+        if got is not None and (holds(blocked.lock, *got) or got == ("PENDING", "wait")):
             return False  # (waiting, or let in by the lock script and still to admit: it does hold it)
-        self.admit(self.release(holder, [resource], missing=got is None))
+        self.admit(self.release(blocked.holder, [blocked.lock], missing=got is None, queued=blocked.queued))
         return True
 
     def repair(self, resources: Sequence[str]) -> list[str]:
@@ -253,7 +259,8 @@ class ClusterLocks:
                 got = records[w]
                 if got == ("PENDING", "wait"):
                     break  # the first live waiter: the queue moves when it starts
-                admit += self.release(w, (), missing=got is None)
+                # Out of the queue only: its record may have moved on because it was let in since.
+                admit += self.release(w, (), missing=got is None, queued=True)
         return self.admit(dict.fromkeys(admit))
 
     def repair_all(self) -> list[str]:

@@ -20,11 +20,14 @@ ARGV[1]  the op; the op's own arguments follow.
            A saga already holding all its resources answers "take", one
            already waiting "wait", with the time of its first call: the
            call may be sent again, and a sweeper asks again (a relook).
-  release  id, "missing" or "", "unlock" or "", resources ... (none: all it has)
-           Gives the resources back (holding or waiting), then lets their
-           first waiters take them. "missing": the caller found no record,
-           which a start writes after its lock call: only once that call is
-           MISSING_GRACE_MS old, or the saga is known to have ended (kept). "unlock" counts an operator's unlock.
+  release  id, "missing" or "", "unlock" or "queued" or "", resources ...
+           (none: all it has). Gives the resources back (holding or
+           waiting), then lets their first waiters take them. "missing": the
+           caller found no record, which a start writes after its lock call:
+           only once that call is MISSING_GRACE_MS old, or the saga is known
+           to have ended (kept). "unlock" counts an operator's unlock.
+           "queued": leave the queues only: a repair that read a waiter's
+           record after it was let in must not take what it now holds.
            -> {admitted = ids of the waiters that now hold their resources}
   kept     id: the saga ended FAILED, keeping its locks, so its record was
            written: once it is gone (expired), its locks go at once.
@@ -91,7 +94,7 @@ if op == 'acquire' then
       return cjson.encode({how = 'locked', lock = lock, holder = holder, queued = queued})
     end
     how = 'wait'
-    blocked = {lock = lock, holder = holder}
+    blocked = {lock = lock, holder = holder, queued = queued}
   end
   redis.call('HSET', W, id, cjson.encode({at = LOCK_NOW, name = ARGV[4], rs = rs}))
   if how == 'take' then
@@ -100,7 +103,7 @@ if op == 'acquire' then
     enqueue(id, rs)
     redis.call('HINCRBY', LOCKS .. ':m', 'waiting:' .. ARGV[4], 1)
   end
-  return cjson.encode({how = how, at = LOCK_NOW, lock = blocked.lock, holder = blocked.holder})
+  return cjson.encode({how = how, at = LOCK_NOW, lock = blocked.lock, holder = blocked.holder, queued = blocked.queued})
 end
 
 if op == 'release' then
@@ -116,7 +119,7 @@ if op == 'release' then
   end
   local waited = false
   for _, r in ipairs(rs) do
-    redis.call('SREM', res(r, 'h'), id)
+    if ARGV[4] ~= 'queued' then redis.call('SREM', res(r, 'h'), id) end
     if redis.call('ZREM', res(r, 'q'), id) == 1 then waited = true end
   end
   if waited and w then count_wait(w.name or '', w.at) end

@@ -21,6 +21,8 @@ import pytest
 import redis
 
 from celery_saga import SagaStatus, list_locks
+from celery_saga.store import RedisSagaStore
+from celery_saga.stores import store_for
 from tests.helpers import wait_for
 from tests.subprocs import Procs
 
@@ -49,7 +51,7 @@ def test_sagas_on_one_order_never_overlap_through_failures_and_killed_workers(
         ids.append(res.id)
 
     def ended() -> int:
-        statuses = [s for s in _statuses(r, env.prefix, ids) if s in _FINISHED]
+        statuses = [s for s in _statuses(shop, ids) if s in _FINISHED]
         return len(statuses)
 
     # ... and each worker is SIGKILLed mid-run, and replaced
@@ -62,7 +64,7 @@ def test_sagas_on_one_order_never_overlap_through_failures_and_killed_workers(
 
     # Then every saga ends
     wait_for(lambda: ended() == SAGAS, timeout=300, what="every saga to end")
-    statuses = _statuses(r, env.prefix, ids)
+    statuses = _statuses(shop, ids)
     assert set(statuses) <= {SagaStatus.COMPLETED.value, SagaStatus.COMPENSATED.value}, set(statuses)
     assert all(n < SAGAS for n in at_kill)  # both workers were killed with sagas still to run
 
@@ -85,8 +87,11 @@ def test_sagas_on_one_order_never_overlap_through_failures_and_killed_workers(
 _FINISHED = {SagaStatus.COMPLETED.value, SagaStatus.COMPENSATED.value, SagaStatus.FAILED.value}
 
 
-def _statuses(r: redis.Redis, prefix: str, ids: list[str]) -> list[str]:
-    pipe = r.pipeline(transaction=False)
+def _statuses(shop: SimpleNamespace, ids: list[str]) -> list[str]:
+    """Each saga's status, read from its store (one server or a cluster)."""
+    store = store_for(shop.app)
+    assert isinstance(store, RedisSagaStore)
+    pipe = store.client.pipeline(transaction=False)
     for saga_id in ids:
-        pipe.hget(f"{prefix}:{{{saga_id}}}", "status")
+        pipe.hget(store.keys.record(saga_id), "status")
     return [str(s) for s in pipe.execute()]

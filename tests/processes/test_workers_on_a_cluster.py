@@ -1,4 +1,4 @@
-"""Worker crashes with the saga store on a 3-master Redis Cluster: the same scenarios as test_workers.py.
+"""Worker crashes with the saga store on a 3-master Redis Cluster: the scenarios of test_workers and test_isolation.
 
 The scenarios are imported, so pytest runs them here with this module's
 ``env``: the same broker, the saga store on the cluster.
@@ -11,6 +11,9 @@ from types import SimpleNamespace
 import pytest
 
 from tests.deployments import Cluster
+from tests.processes.test_isolation import (  # noqa: F401 - collected here, with this module's env
+    test_sagas_on_one_order_never_overlap_through_failures_and_killed_workers,
+)
 from tests.processes.test_workers import (  # noqa: F401 - collected here, with this module's env
     test_pool_child_killed_mid_step_compensates,
     test_worker_killed_between_record_and_publish,
@@ -19,6 +22,8 @@ from tests.subprocs import proc_env
 
 
 @pytest.fixture
-def env(redis_url: str, ns: str, cluster: Cluster) -> SimpleNamespace:
-    """The test's Redis (broker), prefix and queue, with its saga store on the cluster."""
-    return proc_env(redis_url, f"sagaproc-{ns}", f"q-{ns}", {"saga_redis_url": cluster.url, "saga_index_shards": 8})
+def env(redis_url: str, ns: str, cluster: Cluster, request: pytest.FixtureRequest) -> SimpleNamespace:
+    """The test's Redis (broker), prefix and queue, with its saga store on the cluster (and its ``saga_conf``)."""
+    mark = request.node.get_closest_marker("saga_conf")
+    conf = {**(mark.args[0] if mark else {}), "saga_redis_url": cluster.url, "saga_index_shards": 8}
+    return proc_env(redis_url, f"sagaproc-{ns}", f"q-{ns}", conf)
