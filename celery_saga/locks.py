@@ -6,7 +6,9 @@ formats the same lock waits (or, ``on_locked="reject"``, is refused with
 `SagaLocked`). ``max_running=N`` is a shared resource of N slots per saga
 name. The resources live in the store and move with the saga's own
 transitions (``store/locks.lua``): taken at its start, given back by the
-transition that ends it, which also lets the next waiters start.
+transition that ends it, which also lets the next waiters start. (On a Redis
+Cluster, by a lock script called beside those transitions, whose crash
+points sweepers repair: ``store/cluster_locks.py``.)
 
 This module turns a definition into the resources a start names, and reads
 them back for operators: `lock_status`, `list_locks`, `unlock_saga`.

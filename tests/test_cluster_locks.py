@@ -207,3 +207,23 @@ def test_the_lock_timings_python_uses_are_the_scripts() -> None:
     source = resources.files("celery_saga.store").joinpath("locks.lua").read_text()
     found = {m[0]: int(m[1]) / 1000 for m in re.findall(r"^local (\w+_MS) = (\d+)$", source, re.M)}
     assert (found["LOCK_RECHECK_MS"], found["ADMIT_LOOK_MS"]) == (cluster_locks.LOCK_RECHECK, cluster_locks.ADMIT_LOOK)
+
+
+def test_a_repair_that_saw_a_waiter_before_it_was_let_in_leaves_it_its_lock(
+    app: Celery, iso: SimpleNamespace, store: RedisSagaStore
+) -> None:
+    assert store.cluster_locks is not None
+    # Given a holder on order 25 and a saga waiting behind it, and a repair that saw the queue then
+    holder = iso.cancel.delay(order_id=25)
+    waiter = iso.cancel.delay(order_id=25)
+    seen = store.cluster_locks.look(["l:order:25"])
+    assert seen.waiters == {"l:order:25": [waiter.id]}
+    # When the holder ends, and its lock goes to the waiter, before the repair reads the records
+    assert store.cancel(holder.id, "cancelled by a test").admitted == (waiter.id,)
+    assert saga_state(app, waiter.id).lock_status == "held"
+    # Then the repair, finding the waiter's record no longer waiting, leaves it holding its lock
+    store.cluster_locks.repair_seen(seen)
+    assert list_locks(app, "order:25")[0].holders == (waiter.id,)
+    # ... and a saga on order 25 now waits for it
+    after = iso.cancel.delay(order_id=25)
+    assert saga_state(app, after.id).lock_status == "wait"

@@ -76,6 +76,14 @@ def holds(resource: str, status: str | None, lks: str | None) -> bool:
     return not (status == "FAILED" and resource.startswith("n:"))
 
 
+@dataclass(frozen=True)
+class Seen:
+    """What a repair saw in the lock slot: each resource's holders, and its first waiters in order."""
+
+    holders: dict[str, list[str]]
+    waiters: dict[str, list[str]]
+
+
 class ClusterLocks:
     """The lock calls of a cluster store (see the module docstring)."""
 
@@ -232,8 +240,10 @@ class ClusterLocks:
 
     def repair(self, resources: Sequence[str]) -> list[str]:
         """Give back resources whose holders are gone, drop waiters that are, admit who may start; those started."""
-        if not resources:
-            return []
+        return self.repair_seen(self.look(resources)) if resources else []
+
+    def look(self, resources: Sequence[str]) -> Seen:
+        """Who holds each resource, and who waits for it first, in one pipelined read of the lock slot."""
 
         def read() -> list[Any]:
             pipe = self.client.pipeline(transaction=False)
@@ -243,23 +253,29 @@ class ClusterLocks:
             return list(pipe.execute())
 
         found = self.store._call(read)
-        holders = {r: sorted(str(x) for x in found[2 * i]) for i, r in enumerate(resources)}
-        waiters = {r: [str(x) for x in found[2 * i + 1]] for i, r in enumerate(resources)}
-        ids = sorted({x for v in holders.values() for x in v} | {x for v in waiters.values() for x in v})
+        return Seen(
+            {r: sorted(str(x) for x in found[2 * i]) for i, r in enumerate(resources)},
+            {r: [str(x) for x in found[2 * i + 1]] for i, r in enumerate(resources)},
+        )
+
+    def repair_seen(self, seen: Seen) -> list[str]:
+        """Repair what `look` saw, judged by the records read now: the lock script may have moved on since."""
+        ids = sorted({x for v in seen.holders.values() for x in v} | {x for v in seen.waiters.values() for x in v})
         records = dict(zip(ids, self._records(ids), strict=True))
         admit: list[str] = []
-        for r in resources:
-            for h in holders[r]:
+        for r, holders in seen.holders.items():
+            for h in holders:
                 got = records[h]
                 if got == ("PENDING", "wait"):
                     admit.append(h)  # the lock script let it in; its record never heard
                 elif got is None or not holds(r, *got):
                     admit += self.release(h, [r], missing=got is None)
-            for w in waiters[r]:
+        for waiters in seen.waiters.values():
+            for w in waiters:
                 got = records[w]
                 if got == ("PENDING", "wait"):
                     break  # the first live waiter: the queue moves when it starts
-                # Out of the queue only: its record may have moved on because it was let in since.
+                # Out of the queues only: its record may have moved on because it was let in since.
                 admit += self.release(w, (), missing=got is None, queued=True)
         return self.admit(dict.fromkeys(admit))
 

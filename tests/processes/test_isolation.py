@@ -27,6 +27,14 @@ from tests.helpers import wait_for
 from tests.subprocs import Procs
 
 SAGAS = int(os.environ.get("CELERY_SAGA_ISOLATION_SAGAS", "1000"))
+
+
+@pytest.fixture
+def sagas() -> int:
+    """How many sagas the scenario submits (a module that imports it may run fewer)."""
+    return SAGAS
+
+
 ORDERS = 10
 # Quick detection of the killed workers: their RUNNING steps are declared lost, not left to their deadline.
 CONF = {"saga_worker_heartbeat": 0.5, "saga_worker_lost_after": 2.0}
@@ -35,15 +43,15 @@ CONF = {"saga_worker_heartbeat": 0.5, "saga_worker_lost_after": 2.0}
 @pytest.mark.saga_conf(CONF)
 @pytest.mark.timeout(600)
 def test_sagas_on_one_order_never_overlap_through_failures_and_killed_workers(
-    env: SimpleNamespace, procs: Procs, shop: SimpleNamespace, r: redis.Redis
+    env: SimpleNamespace, procs: Procs, shop: SimpleNamespace, r: redis.Redis, sagas: int
 ) -> None:
     rng = random.Random(7)
     # Given two workers
     workers = [procs.worker(), procs.worker()]
-    # When 1,000 sagas over 10 orders are submitted, one in eight set to fail in a step
+    # When 1,000 sagas (`sagas`) over 10 orders are submitted, one in eight set to fail in a step
     submitted: dict[str, list[str]] = defaultdict(list)
     ids = []
-    for _ in range(SAGAS):
+    for _ in range(sagas):
         order = rng.randrange(ORDERS)
         fail = rng.choice(["reserve", "charge"]) if rng.random() < 1 / 8 else None
         res = shop.iso_order.apply_async(kwargs={"order_id": order, "fail": fail})
@@ -57,16 +65,16 @@ def test_sagas_on_one_order_never_overlap_through_failures_and_killed_workers(
     # ... and each worker is SIGKILLed mid-run, and replaced
     at_kill: list[int] = []
     for share in (0.3, 0.6):
-        wait_for(lambda s=share: ended() >= SAGAS * s, timeout=300, what=f"{share:.0%} of the sagas to end")
+        wait_for(lambda s=share: ended() >= sagas * s, timeout=300, what=f"{share:.0%} of the sagas to end")
         at_kill.append(ended())
         procs.kill(workers.pop(0))
         workers.append(procs.worker())
 
     # Then every saga ends
-    wait_for(lambda: ended() == SAGAS, timeout=300, what="every saga to end")
+    wait_for(lambda: ended() == sagas, timeout=300, what="every saga to end")
     statuses = _statuses(shop, ids)
     assert set(statuses) <= {SagaStatus.COMPLETED.value, SagaStatus.COMPENSATED.value}, set(statuses)
-    assert all(n < SAGAS for n in at_kill)  # both workers were killed with sagas still to run
+    assert all(n < sagas for n in at_kill)  # both workers were killed with sagas still to run
 
     # ... no two sagas of one order ever ran at once: one unbroken block of entries per saga
     by_order: dict[str, list[str]] = defaultdict(list)
@@ -79,7 +87,7 @@ def test_sagas_on_one_order_never_overlap_through_failures_and_killed_workers(
         ran = set(blocks)
         assert blocks == [x for x in submitted[order] if x in ran], f"order {order}: not in submission order"
     # (a saga whose first step was lost with a killed worker ran no step, and left no entry)
-    assert sum(len(set(e)) for e in by_order.values()) >= SAGAS * 0.95
+    assert sum(len(set(e)) for e in by_order.values()) >= sagas * 0.95
     # ... and no lock is left held or waited for
     assert list_locks(shop.app) == []
 

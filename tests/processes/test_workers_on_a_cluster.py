@@ -22,6 +22,12 @@ from tests.subprocs import proc_env
 
 
 @pytest.fixture
+def sagas() -> int:
+    """The held isolation scenario with half its sagas: every lock start and end is a call more on a cluster."""
+    return 500
+
+
+@pytest.fixture
 def env(redis_url: str, ns: str, cluster: Cluster, request: pytest.FixtureRequest) -> SimpleNamespace:
     """The test's Redis (broker), prefix and queue, with its saga store on the cluster (and its ``saga_conf``)."""
     mark = request.node.get_closest_marker("saga_conf")
