@@ -64,8 +64,8 @@ call on a cluster too: each resource (``l:<lock>``, ``n:<saga name>``) has
 ``<prefix>:{locks}:q:<r>``, the sorted set of those waiting for it by arrival.
 On a cluster, ``<prefix>:{locks}:w`` is a hash of what the lock script knows of
 each saga holding or waiting (``store/lockslot.lua``). ``<prefix>:{locks}`` is
-the set of resources in use, ``<prefix>:{locks}:seq`` the arrival sequence, and ``<prefix>:{locks}:m``
-a hash of their metrics: ``waiting:<name>`` (sagas waiting now),
+the set of resources in use, ``<prefix>:{locks}:seq`` the arrival sequence,
+and ``<prefix>:{locks}:m`` a hash of their metrics: ``waiting:<name>`` (sagas waiting now),
 ``wait:<i>`` (waits that lasted up to ``DURATION_BUCKETS[i - 1]``),
 ``waitsum`` (ms) and ``unlocked`` (operator unlocks).
 

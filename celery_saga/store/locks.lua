@@ -171,7 +171,7 @@ release_locks = function(new)
   if not lks then return end
   local rs = resources(K)
   if not rs then return end
-  local freed, keep_ = {}, false
+  local freed, keep = {}, false
   if lks == 'wait' then
     for _, rc in ipairs(rs) do
       if not ELSEWHERE then redis.call('ZREM', res(rc[1], 'q'), SAGA_ID) end
@@ -181,8 +181,7 @@ release_locks = function(new)
     redis.call('HDEL', K, 'lks', 'lkt', 'lkto', 'lkdl', 'shb')
   else
     -- A start whose publish failed ran nothing: it keeps nothing either.
-    local keep = new == 'FAILED' and hget('startfail') ~= '1'
-    keep_ = keep
+    keep = new == 'FAILED' and hget('startfail') ~= '1'
     for _, rc in ipairs(rs) do
       local slot_ = string.sub(rc[1], 1, 2) == 'n:'
       if (new == 'unlock' and not slot_) or (new ~= 'unlock' and (not keep or slot_)) then
@@ -194,7 +193,7 @@ release_locks = function(new)
   end
   if ELSEWHERE then
     if #freed > 0 then LATER.release = freed end
-    if keep_ then LATER.kept = true end
+    if keep then LATER.kept = true end
     return
   end
   for _, r in ipairs(freed) do grant(r, waiter, admit, full) end

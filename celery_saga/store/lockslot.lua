@@ -40,7 +40,8 @@ LOCK_NOW = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 local W = LOCKS .. ':w'
 -- A start writes its record within locks.lua's LOCK_FENCE_MS of its lock
 -- call, or not at all: twice that, and a lock whose saga has no record is
--- given back. (Node clocks of one cluster agree to much better than that.)
+-- given back. (Two clocks compare here, this node's and the record's node's:
+-- the margin holds while they are less than 30 s apart.)
 local MISSING_GRACE_MS = 60000
 local ADMITTED = {}
 local op, id = ARGV[1], ARGV[2]

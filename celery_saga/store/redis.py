@@ -101,16 +101,20 @@ return n
 """
 
 #: The transitions, by lifecycle, concatenated in this order into one script
-#: (a function library on Redis 7): the op table and the saga lifecycle, then
-#: the locks, then the dispatch of a call to its op.
+#: (a function library on Redis 7): the op table and the saga lifecycle, the
+#: lock queues, a saga's locks, then the dispatch of a call to its op.
 TRANSITION_FILES = ("transitions.lua", "lockqueue.lua", "locks.lua", "dispatch.lua")
-#: A cluster's lock script (store/cluster_locks.py): the lock queues, then its ops.
+#: A cluster's lock script (store/cluster_locks.py): the same lock queues, then its ops.
 LOCK_SLOT_FILES = ("lockqueue.lua", "lockslot.lua")
 
 
-def transitions_source(files: Sequence[str] = TRANSITION_FILES) -> str:
-    """The source of the transitions script: `TRANSITION_FILES` (or other ``files``), concatenated."""
+def _lua(files: Sequence[str]) -> str:
     return "".join(resources.files(__package__).joinpath(name).read_text() for name in files)
+
+
+def transitions_source() -> str:
+    """The source of the transitions script: `TRANSITION_FILES`, concatenated."""
+    return _lua(TRANSITION_FILES)
 
 
 # Sweepers lease due entries of deadline shards (KEYS: every shard on one
@@ -353,7 +357,7 @@ class RedisSagaStore(SagaStore):
         self._define_script: Script = self.client.register_script(_DEFINE_LUA)
         self._alive_script: Script = self.client.register_script(_ALIVE_LUA)
         self._claim_workers_script: Script = self.client.register_script(_CLAIM_WORKERS_LUA)
-        self._lock_script: Script = self.client.register_script(transitions_source(LOCK_SLOT_FILES))
+        self._lock_script: Script = self.client.register_script(_lua(LOCK_SLOT_FILES))
         # A cluster: the locks move in calls of their own, beside the transitions.
         self.cluster_locks = ClusterLocks(self, self.client, self.keys, self._lock_script) if self.cluster else None
         self._subscribers = threading.local()
