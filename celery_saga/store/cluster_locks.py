@@ -36,17 +36,14 @@ import math
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from redis.commands.core import Script
 
 from ..errors import SagaStoreUnavailable
-from .base import StartRequest
+from .base import SagaStore, StartRequest
 from .keys import Keys
 from .protocol import Op, Outcome, Transition
-
-if TYPE_CHECKING:
-    from .redis import RedisSagaStore
 
 __all__ = ["ClusterLocks"]
 
@@ -87,8 +84,12 @@ class Seen:
 class ClusterLocks:
     """The lock calls of a cluster store (see the module docstring)."""
 
-    def __init__(self, store: RedisSagaStore, client: Any, keys: Keys, script: Script) -> None:
+    def __init__(
+        self, store: SagaStore, call: Callable[[Callable[[], Any]], Any], client: Any, keys: Keys, script: Script
+    ) -> None:
         self.store = store
+        # The store's way to call Redis: its errors become the store's (SagaStoreUnavailable ...).
+        self.call = call
         self.client = client
         self.keys = keys
         self.script = script
@@ -96,7 +97,7 @@ class ClusterLocks:
     # -- the lock script -----------------------------------------------------
 
     def _lock(self, *args: str) -> Any:
-        return self.store._call(lambda: self.script(keys=[self.keys.locks()], args=list(args)))
+        return self.call(lambda: self.script(keys=[self.keys.locks()], args=list(args)))
 
     def acquire(self, saga_id: str, on_locked: str, name: str, resources: Sequence[tuple[str, int]]) -> Acquired:
         """Take a saga's resources, queue it for them, or refuse (``on_locked="reject"``)."""
@@ -219,7 +220,7 @@ class ClusterLocks:
                 pipe.hmget(self.keys.record(saga_id), "status", "lks")
             return list(pipe.execute())
 
-        return [None if got[0] is None else (got[0], got[1]) for got in self.store._call(read)]
+        return [None if got[0] is None else (got[0], got[1]) for got in self.call(read)]
 
     def _settle(self, saga_id: str, resources: Sequence[str]) -> None:
         """Give back what a saga's lock call took, unless its record holds or waits for it."""
@@ -252,7 +253,7 @@ class ClusterLocks:
                 pipe.zrange(self.keys.resource(r, "q"), 0, REPAIR_WAITERS - 1)
             return list(pipe.execute())
 
-        found = self.store._call(read)
+        found = self.call(read)
         return Seen(
             {r: sorted(str(x) for x in found[2 * i]) for i, r in enumerate(resources)},
             {r: [str(x) for x in found[2 * i + 1]] for i, r in enumerate(resources)},
@@ -281,7 +282,7 @@ class ClusterLocks:
 
     def repair_all(self) -> list[str]:
         """Repair every resource in use (a sweeper, once a minute); the sagas this let start."""
-        resources = sorted(str(r) for r in self.store._call(lambda: self.client.smembers(self.keys.locks())))
+        resources = sorted(str(r) for r in self.call(lambda: self.client.smembers(self.keys.locks())))
         started: list[str] = []
         for i in range(0, len(resources), 100):
             started += self.repair(resources[i : i + 100])

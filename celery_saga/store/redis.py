@@ -359,7 +359,9 @@ class RedisSagaStore(SagaStore):
         self._claim_workers_script: Script = self.client.register_script(_CLAIM_WORKERS_LUA)
         self._lock_script: Script = self.client.register_script(_lua(LOCK_SLOT_FILES))
         # A cluster: the locks move in calls of their own, beside the transitions.
-        self.cluster_locks = ClusterLocks(self, self.client, self.keys, self._lock_script) if self.cluster else None
+        self.cluster_locks = (
+            ClusterLocks(self, self._call, self.client, self.keys, self._lock_script) if self.cluster else None
+        )
         self._subscribers = threading.local()
         self._defined: set[str] = set()
         self._epoch: str | None = None
