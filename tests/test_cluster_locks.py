@@ -18,7 +18,7 @@ import pytest
 import redis
 from celery import Celery
 
-from celery_saga import SagaLocked, SagaStatus, list_locks, saga_state
+from celery_saga import Saga, SagaLocked, SagaStatus, list_locks, retry_saga, saga_state
 from celery_saga.store import Op, Outcome, RedisSagaStore, SagaStore
 from celery_saga.stores import store_for
 from celery_saga.sweeper import sweep
@@ -227,3 +227,29 @@ def test_a_repair_that_saw_a_waiter_before_it_was_let_in_leaves_it_its_lock(
     # ... and a saga on order 25 now waits for it
     after = iso.cancel.delay(order_id=25)
     assert saga_state(app, after.id).lock_status == "wait"
+
+
+def test_a_retry_takes_its_running_slot_back_before_it_runs_so_a_crash_between_costs_nothing_lasting(
+    app: Celery, iso: SimpleNamespace, r: redis.Redis, prefix: str, store: RedisSagaStore, worker: Any
+) -> None:
+    assert store.cluster_locks is not None
+    app.conf.saga_compensation_max_retries = 0
+    one = Saga("iso_one", [iso.reserve, iso.charge], max_running=1)
+    r.set(f"{prefix}:undo-broken", 1)
+    with worker():
+        broken = one.delay(order_id=30, fail="charge")
+        assert finished(broken) is SagaStatus.FAILED
+    r.delete(f"{prefix}:undo-broken")
+    slot = "n:iso_one"
+    assert store.lock_queue(slot) == ([], [])  # a FAILED saga keeps its locks, not its running slot
+    # Given a retry that took the slot back and died before its transition: a repair gives it back
+    store.cluster_locks._lock("retake", broken.id, slot)
+    assert store.lock_queue(slot) == ([broken.id], [])
+    assert store.repair_locks() == []
+    assert store.lock_queue(slot) == ([], [])
+    # When the retry runs whole (no worker yet: it stays COMPENSATING), it holds its slot while it compensates
+    retry_saga(app, broken.id)
+    assert store.lock_queue(slot) == ([broken.id], [])
+    with worker():
+        assert finished(broken) is SagaStatus.COMPENSATED
+    assert store.lock_queue(slot) == ([], [])

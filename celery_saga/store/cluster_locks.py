@@ -168,12 +168,27 @@ class ClusterLocks:
             ids += self.release(t.saga_id, t.release, unlock=t.op is Op.UNLOCK)
         if t.kept:
             self._lock("kept", t.saga_id)
-        if t.retake:
-            self._lock("retake", t.saga_id, *t.retake)
         started = self.admit(ids)
         if t.relook:
             started += self.relook(t.saga_id)
         return replace(t, admitted=(*t.admitted, *started)) if started else t
+
+    def retry(self, saga_id: str, run: Callable[[], Transition]) -> Transition:
+        """An operator's retry of a FAILED saga (``run``), which runs again in its running slot.
+
+        The slot is taken back before the transition, not after: a crash
+        between leaves a FAILED saga holding a slot, which a repair gives
+        back, rather than a running saga without one, which nothing would
+        notice.
+        """
+        slots = [r for r, _ in _resources_of(self.store._load(saga_id)) if r.startswith("n:")]
+        if not slots or self._records([saga_id])[0] != ("FAILED", "held"):
+            return run()
+        self._lock("retake", saga_id, *slots)
+        t = run()
+        if t.outcome not in (Outcome.ROLLBACK, Outcome.RESEND):
+            self._settle(saga_id, slots)  # refused: it runs nothing, so it takes no slot
+        return t
 
     def admit(self, ids: Iterable[str]) -> list[str]:
         """Admit each waiter the lock script let take its resources; those that started.

@@ -201,16 +201,12 @@ end
 
 -- An operator retries a FAILED saga: it runs again, in its running slot
 -- again (taken even if the limit is reached meanwhile: it held one before).
+-- On a cluster its caller took it back before this call (store/cluster_locks.py).
 retake_slots = function()
-  if hget('lks') ~= 'held' then return end
-  local slots = {}
+  if ELSEWHERE or hget('lks') ~= 'held' then return end
   for _, rc in ipairs(resources(K) or {}) do
-    if string.sub(rc[1], 1, 2) == 'n:' then
-      slots[#slots + 1] = rc[1]
-      if not ELSEWHERE then redis.call('SADD', res(rc[1], 'h'), SAGA_ID) end
-    end
+    if string.sub(rc[1], 1, 2) == 'n:' then redis.call('SADD', res(rc[1], 'h'), SAGA_ID) end
   end
-  if ELSEWHERE and #slots > 0 then LATER.retake = slots end
 end
 
 -- A sweeper looks at the saga: "timeout" if it waited past its lock

@@ -169,10 +169,9 @@ class Transition:
             been published: publish what its record dispatched.
         lock, holder: ``LOCKED``: the resource (``l:<lock>``, ``n:<saga name>``)
             and the saga holding it (or the first waiting for it).
-        release, retake, relook, kept: On a cluster, the lock calls the
-            transition left to its caller (store/cluster_locks.py): resources
-            to give back, running slots to take again, a waiting saga to look
-            at, a FAILED saga keeping its locks.
+        release, relook, kept: On a cluster, the lock calls the transition
+            left to its caller (store/cluster_locks.py): resources to give
+            back, a waiting saga to look at, a FAILED saga keeping its locks.
     """
 
     op: Op
@@ -199,7 +198,6 @@ class Transition:
     lock: str = ""
     holder: str = ""
     release: tuple[str, ...] = ()
-    retake: tuple[str, ...] = ()
     relook: bool = False
     kept: bool = False
 
@@ -248,7 +246,6 @@ class Transition:
             lock=str(raw.get("lock") or ""),
             holder=str(raw.get("holder") or ""),
             release=tuple(str(x) for x in later.get("release") or ()),
-            retake=tuple(str(x) for x in later.get("retake") or ()),
             relook=later.get("relook") is True,
             kept=later.get("kept") is True,
         )

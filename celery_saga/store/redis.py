@@ -376,9 +376,14 @@ class RedisSagaStore(SagaStore):
 
     def apply(self, op: Op, saga_id: str, gen: str, name: str, *args: str, **options: Any) -> Transition:
         t = super().apply(op, saga_id, gen, name, *args, **options)
-        if self.cluster_locks is None or not (t.release or t.retake or t.relook or t.kept):
+        if self.cluster_locks is None or not (t.release or t.relook or t.kept):
             return t
         return self.cluster_locks.after(t)
+
+    def retry(self, saga_id: str) -> Transition:
+        if self.cluster_locks is None:
+            return super().retry(saga_id)
+        return self.cluster_locks.retry(saga_id, lambda: super(RedisSagaStore, self).retry(saga_id))
 
     def repair_locks(self) -> list[str]:
         return [] if self.cluster_locks is None else self.cluster_locks.repair_all()

@@ -47,8 +47,8 @@ REPLY: one JSON object (store/protocol.py: Transition.from_reply)
   waiting        created, exists: the saga waits for its locks; nothing is dispatched
   admitted       waiting sagas this call let start (locks.lua): publish their first stage
   later          a cluster: the lock calls left to the caller (locks.lua): release
-                 (resources to give back), retake (running slots), relook (a sweep),
-                 kept (a FAILED saga keeps its locks)
+                 (resources to give back), relook (a sweep), kept (a FAILED saga
+                 keeps its locks)
   lock, holder   locked: the resource refused and the saga holding (or first waiting for) it
 
 OPS, in lifecycle order
