@@ -27,6 +27,9 @@ An end (or a purge, a cancelled waiter, an unlock)
   holder whose record still waits. `ClusterLocks.repair` finds both: the
   sweep of a waiting saga (every 30 s) repairs the resources it waits for,
   and each worker's sweeper repairs every resource once a minute.
+
+An operator's retry of a FAILED saga takes its running slot back first,
+then retries: dead between, a FAILED saga holds a slot, which a repair gives back.
 """
 
 from __future__ import annotations
