@@ -16,6 +16,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import redis
 
@@ -52,6 +53,11 @@ class Cluster:
     @property
     def url(self) -> str:
         return "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
+
+    @property
+    def saga_conf(self) -> dict[str, Any]:
+        """The settings that put an app's saga store on this cluster (its broker stays elsewhere)."""
+        return {"saga_redis_url": self.url, "saga_index_shards": 8}
 
     def clients(self) -> list[redis.Redis]:
         return [redis.Redis(port=n.port, decode_responses=True) for n in self.nodes]

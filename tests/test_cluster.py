@@ -40,7 +40,7 @@ from tests.subprocs import ROOT
 @pytest.fixture
 def on_cluster(app: Celery, cluster: Cluster) -> Celery:
     """The test's app, with its saga store on the cluster (its broker stays the plain Redis)."""
-    app.conf.update(saga_redis_url=cluster.url, saga_index_shards=8)
+    app.conf.update(cluster.saga_conf)
     return app
 
 
@@ -113,7 +113,7 @@ def test_the_cli_reads_a_cluster_store(redis_url: str, cluster: Cluster, ns: str
     prefix = f"sagacli-{ns}"
     env = {**cli_env(redis_url, prefix, "q"), cli_app.ENV_STORE: cluster.url}
     shop = cli_app.create(redis_url, prefix, "q")
-    shop.app.conf.update(saga_redis_url=cluster.url, saga_index_shards=8)
+    shop.app.conf.update(cluster.saga_conf)
     try:
         res = shop.order.delay(token="c")  # no worker: it stays PENDING
         out = subprocess.run(

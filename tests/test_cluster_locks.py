@@ -34,12 +34,13 @@ from tests.test_locks import (  # noqa: F401 - collected here, with this module'
     test_sagas_on_one_order_wait_their_turn_and_never_interleave,
     test_sagas_taking_two_locks_in_either_order_never_deadlock,
 )
+from tests.test_transitions import request
 
 
 @pytest.fixture
 def app(app: Celery, cluster: Cluster) -> Celery:
     """The test's app, with its saga store on the cluster (its broker stays the plain Redis)."""
-    app.conf.update(saga_redis_url=cluster.url, saga_index_shards=8)
+    app.conf.update(cluster.saga_conf)
     return app
 
 
@@ -148,11 +149,11 @@ def test_a_waiter_let_in_by_the_lock_script_but_never_admitted_is_started_by_a_s
 
 
 def test_a_start_whose_record_comes_too_late_after_its_lock_call_takes_the_lock_again(
-    app: Celery, iso: SimpleNamespace, store: RedisSagaStore
+    app: Celery, store: RedisSagaStore
 ) -> None:
     assert store.cluster_locks is not None
-    held = iso.cancel.delay(order_id=24)
-    req = dataclasses.replace(held_request(store, held.id), saga_id=str(uuid.uuid4()), locks=(("l:order:24x", 1),))
+    # (A start by hand, as test_transitions.py makes them: nothing of it is published.)
+    req = dataclasses.replace(request(str(uuid.uuid4())), locks=(("l:order:24x", 1),))
     # A start transition told of a lock call older than locks.lua's LOCK_FENCE_MS writes nothing
     late = (store_now(locks_node(store)) - 31) * 1000
     t = SagaStore.start(store, dataclasses.replace(req, lock_answer=("take", f"{late:.0f}")))
@@ -170,31 +171,6 @@ def test_a_start_whose_record_comes_too_late_after_its_lock_call_takes_the_lock_
     t = store.cluster_locks.start(req, stalled_once)
     assert (t.outcome, len(stalls)) == (Outcome.CREATED, 1)
     assert list_locks(app, "order:24x")[0].holders == (req.saga_id,)
-
-
-def held_request(store: RedisSagaStore, saga_id: str) -> Any:
-    """A start request like the one that made ``saga_id`` (same name and plan), to start another by hand."""
-    from celery_saga.store.base import StartRequest
-
-    raw = store.load(saga_id)
-    plan_json, settings_json = store._definition(raw["ph"])
-    return StartRequest(
-        saga_id=saga_id,
-        gen=uuid.uuid4().hex[:12],
-        name=raw["name"],
-        fingerprint=raw["fp"],
-        kwargs_json=raw["kwargs"],
-        plan_json=plan_json,
-        plan_digest=raw["ph"],
-        stages=raw["stages"],
-        retention=60.0,
-        settings_json=settings_json,
-        on_complete="",
-        on_failure="",
-        idempotency_key="",
-        max_retries=None,
-        step_fields=(),
-    )
 
 
 def test_the_lock_timings_python_uses_are_the_scripts() -> None:

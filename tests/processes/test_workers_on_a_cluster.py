@@ -31,5 +31,5 @@ def sagas() -> int:
 def env(redis_url: str, ns: str, cluster: Cluster, request: pytest.FixtureRequest) -> SimpleNamespace:
     """The test's Redis (broker), prefix and queue, with its saga store on the cluster (and its ``saga_conf``)."""
     mark = request.node.get_closest_marker("saga_conf")
-    conf = {**(mark.args[0] if mark else {}), "saga_redis_url": cluster.url, "saga_index_shards": 8}
+    conf = {**(mark.args[0] if mark else {}), **cluster.saga_conf}
     return proc_env(redis_url, f"sagaproc-{ns}", f"q-{ns}", conf)
